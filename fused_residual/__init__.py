@@ -1,0 +1,21 @@
+"""fused_residual: Triton kernels for the residual MLP block, a drop-in for PyTorch models.
+
+``FusedResidualBlock`` / ``FusedResidualNet`` replace the reference ``ResidualBlock`` / ``ResidualNet``
+(same parameters and state_dict keys); ``fuse(model)`` swaps blocks in an existing model.
+"""
+
+from . import functional
+from .backends import ENV_VAR as BACKEND_ENV_VAR
+from .modules import FusedResidualBlock, FusedResidualNet, fuse
+from .reference import ResidualBlock, ResidualNet
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "FusedResidualBlock",
+    "FusedResidualNet",
+    "ResidualBlock",
+    "ResidualNet",
+    "functional",
+    "fuse",
+]
+__version__ = "0.1.0"

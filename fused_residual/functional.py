@@ -1,0 +1,115 @@
+"""Functional forms of the fused ops: validate like ``nn.Linear``, flatten leading dims, call autograd.
+
+- ``residual_block(x, w1, b1, w2, b2)``: ``relu(relu(x W1^T + b1) W2^T + b2 + x)`` (the whole block).
+- ``linear_residual_relu(h, w, b, residual)``: ``relu(h W^T + b + residual)`` (the block's second layer).
+
+Inputs may have any number of leading dims (1-D included) and any strides. Bad input raises what
+``nn.Linear`` raises: TypeError for a non-tensor, RuntimeError for a wrong last dimension, a dtype or a device
+mismatch, each naming what was involved.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import autograd
+from .autograd import LinearResidualReluFunction, ResidualBlockFunction, needs_autograd
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _check_operands(op: str, x: object, required: dict[str, object], optional: dict[str, object]) -> None:
+    """Types, dtypes and devices: every operand must be a tensor like ``x`` (``optional`` ones may be None)."""
+    if isinstance(x, Tensor) and x.dim() > 0 and x.is_floating_point():
+        dtype, device = x.dtype, x.device
+        if all(isinstance(t, Tensor) and t.dtype == dtype and t.device == device for t in required.values()) and all(
+            t is None or (isinstance(t, Tensor) and t.dtype == dtype and t.device == device)
+            for t in optional.values()
+        ):
+            return
+    _raise_operand_error(op, x, {**required, **{k: v for k, v in optional.items() if v is not None}})
+
+
+def _raise_operand_error(op: str, x: object, operands: dict[str, object]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}(): argument 'x' must be a Tensor, not {type(x).__name__}")
+    if x.dim() == 0:
+        raise RuntimeError(f"{op}(): x must have at least 1 dimension, got a 0-d tensor")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"{op}(): expected a floating-point x, got {x.dtype}")
+    for name, t in operands.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}(): argument '{name}' must be a Tensor, not {type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise RuntimeError(
+                f"{op}(): expected x and {name} to have the same dtype, but got {x.dtype} and {t.dtype}"
+            )
+        if t.device != x.device:
+            raise RuntimeError(
+                f"{op}(): expected all tensors to be on the same device, but found x on {x.device} "
+                f"and {name} on {t.device}"
+            )
+
+
+def _check_linear(op: str, in_name: str, in_shape: tuple[int, ...], w: Tensor, w_name: str, b: Tensor | None) -> None:
+    """The shape checks ``F.linear`` makes, with messages that name the operands."""
+    if w.dim() != 2:
+        raise RuntimeError(f"{op}(): {w_name} must be 2-D (out_features, in_features), got shape {_shape(w)}")
+    if in_shape[-1] != w.shape[1]:
+        raise RuntimeError(
+            f"{op}(): {in_name} of shape {tuple(in_shape)} has last dimension {in_shape[-1]}, but {w_name} of "
+            f"shape {_shape(w)} expects in_features={w.shape[1]}"
+        )
+    if b is not None and b.shape != (w.shape[0],):
+        raise RuntimeError(f"{op}(): bias of shape {_shape(b)} does not match {w_name} of shape {_shape(w)}")
+
+
+def residual_block(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    *,
+    shortcut_weight: Tensor | None = None,
+) -> Tensor:
+    """``relu(relu(x @ w1.T + b1) @ w2.T + b2 + s)`` with ``s = x`` or ``s = x @ shortcut_weight.T``.
+
+    Shapes: ``x (..., K)``, ``w1 (N, K)``, ``w2 (N, N)``, ``b1, b2 (N,)`` or None, ``shortcut_weight (N, K)``;
+    without a shortcut weight ``K`` must equal ``N``. Returns ``(..., N)``.
+    """
+    op = "residual_block"
+    _check_operands(op, x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight})
+    _check_linear(op, "x", x.shape, w1, "w1", b1)
+    _check_linear(op, "relu(x @ w1.T + b1)", (*x.shape[:-1], w1.shape[0]), w2, "w2", b2)
+    if shortcut_weight is None:
+        if x.shape[-1] != w2.shape[0]:
+            raise RuntimeError(
+                f"{op}(): the identity shortcut adds x of shape {_shape(x)} to an output with "
+                f"{w2.shape[0]} features; pass shortcut_weight for a learned projection"
+            )
+    else:
+        _check_linear(op, "x", x.shape, shortcut_weight, "shortcut_weight", None)
+        if shortcut_weight.shape[0] != w2.shape[0]:
+            raise RuntimeError(f"{op}(): shortcut_weight of shape {_shape(shortcut_weight)} must give "
+                               f"{w2.shape[0]} output features like w2")
+
+    if needs_autograd(x, w1, b1, w2, b2, shortcut_weight):
+        return ResidualBlockFunction.apply(x, w1, b1, w2, b2, shortcut_weight)
+    return autograd.block_forward(x, w1, b1, w2, b2, shortcut_weight)[0]
+
+
+def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
+    """``relu(h @ w.T + b + residual)``: ``h (..., K)``, ``w (N, K)``, ``b (N,)`` or None, ``residual (..., N)``."""
+    op = "linear_residual_relu"
+    _check_operands(op, h, {"w": w, "residual": residual}, {"b": b})
+    _check_linear(op, "h", h.shape, w, "w", b)
+    out_shape = (*h.shape[:-1], w.shape[0])
+    if residual.shape != out_shape:
+        raise RuntimeError(f"{op}(): residual of shape {_shape(residual)} must have the output's shape "
+                           f"{tuple(out_shape)}")
+    if needs_autograd(h, w, b, residual):
+        return LinearResidualReluFunction.apply(h, w, b, residual)
+    return autograd.linear_residual_relu_forward(h, w, b, residual)

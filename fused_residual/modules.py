@@ -1,0 +1,118 @@
+"""Drop-in modules: same submodules, parameter names, order and init as the reference, fused forward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from .reference import ResidualBlock
+
+
+class FusedResidualBlock(nn.Module):
+    """``out = relu(linear2(relu(linear1(x))) + x)`` computed by the fused kernels.
+
+    ``linear1: in -> out`` and ``linear2: out -> out`` are plain ``nn.Linear`` modules, created in that order,
+    so a seed gives the reference block's parameters and state_dicts load both ways. With
+    ``projection=True`` the shortcut is a learned ``shortcut = nn.Linear(in, out, bias=False)`` and
+    ``in_features`` may differ from ``out_features``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        projection: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features != out_features and not projection:
+            raise ValueError(
+                f"in_features ({in_features}) != out_features ({out_features}): the identity shortcut needs "
+                "equal sizes; pass projection=True for a learned shortcut"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.projection = projection
+        self.linear1 = nn.Linear(in_features, out_features, **factory)
+        self.linear2 = nn.Linear(out_features, out_features, **factory)
+        self.shortcut = nn.Linear(in_features, out_features, bias=False, **factory) if projection else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.residual_block(
+            x,
+            self.linear1.weight,
+            self.linear1.bias,
+            self.linear2.weight,
+            self.linear2.bias,
+            shortcut_weight=None if self.shortcut is None else self.shortcut.weight,
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, projection={self.projection}"
+
+
+class FusedResidualNet(nn.Module):
+    """``linear2(blocks(relu(linear1(x))))``: the reference ``ResidualNet`` with fused blocks."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        num_blocks: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.linear1 = nn.Linear(in_features, hidden_features, **factory)
+        self.blocks = nn.ModuleList(
+            FusedResidualBlock(hidden_features, hidden_features, **factory) for _ in range(num_blocks)
+        )
+        self.linear2 = nn.Linear(hidden_features, out_features, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # linear's output is not saved for its backward, so the ReLU may overwrite it.
+        x = F.relu(self.linear1(x), inplace=True)
+        for block in self.blocks:
+            x = block(x)
+        return self.linear2(x)
+
+
+def _fused_from(block: nn.Module) -> FusedResidualBlock:
+    """A FusedResidualBlock holding ``block``'s own ``linear1``/``linear2`` modules (same Parameters)."""
+    linear1, linear2 = getattr(block, "linear1", None), getattr(block, "linear2", None)
+    if not isinstance(linear1, nn.Linear) or not isinstance(linear2, nn.Linear):
+        raise TypeError(f"fuse(): {type(block).__name__} has no nn.Linear submodules linear1 and linear2")
+    if linear1.in_features != linear2.out_features:
+        raise ValueError(
+            f"fuse(): {type(block).__name__} maps {linear1.in_features} -> {linear2.out_features} features; "
+            "the identity shortcut of a residual block needs them equal"
+        )
+    fused = FusedResidualBlock(linear1.in_features, linear2.out_features, device="meta")
+    fused.linear1, fused.linear2 = linear1, linear2
+    fused.train(block.training)
+    return fused
+
+
+def fuse(model: nn.Module, block_type: type[nn.Module] = ResidualBlock) -> nn.Module:
+    """Swap, in place, every submodule that is a ``block_type`` for a FusedResidualBlock.
+
+    The fused blocks share the original ``nn.Linear`` modules, hence the same Parameter objects: optimizer
+    state stays valid. ``block_type`` may be a user's own class with ``linear1``/``linear2`` submodules and the
+    reference's math. Returns ``model``; if ``model`` itself is a ``block_type``, returns its fused replacement.
+    """
+    if isinstance(model, block_type):
+        return _fused_from(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, block_type):
+            setattr(model, name, _fused_from(child))
+        else:
+            fuse(child, block_type)
+    return model
