@@ -94,7 +94,7 @@ def timing(args: argparse.Namespace) -> None:
     fused = FusedResidualNet(width, width, width, args.blocks, **factory)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(args.batch, width, **factory)
-    backend = backends.name_of(backends.select(args.device))
+    backend = backends.name_of(backends.select(x))
 
     if args.train:
         x.requires_grad_(True)

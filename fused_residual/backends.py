@@ -2,7 +2,8 @@
 
 ``FUSED_RESIDUAL_BACKEND`` (read at every call, so tests and users can switch it at run time):
 
-- ``auto`` (default): Triton for CUDA tensors when Triton imports, the torch backend everywhere else.
+- ``auto`` (default): Triton for CUDA tensors of float16, bfloat16 or float32 when Triton imports; the torch
+  backend everywhere else (CPU tensors, float64: cuBLAS' DGEMM is the right tool there).
 - ``triton``: always the Triton kernels. On CPU tensors they run only under ``TRITON_INTERPRET=1`` (Triton's
   interpreter); anywhere they cannot run this raises RuntimeError saying why. Never a silent fallback.
 - ``torch``: always the pure-PyTorch backend.
@@ -50,9 +51,14 @@ def _triton_backend() -> ModuleType:
     return triton_backend
 
 
-def _why_triton_cannot_run(device: torch.device) -> str | None:
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _why_triton_cannot_run(device: torch.device, dtype: torch.dtype) -> str | None:
     if not triton_available():
         return "the triton package is not installed (pip install triton)"
+    if dtype not in TRITON_DTYPES:
+        return f"the kernels take float16, bfloat16 or float32, not {dtype}"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreter_enabled():
@@ -62,16 +68,17 @@ def _why_triton_cannot_run(device: torch.device) -> str | None:
     return f"the Triton kernels do not support device type {device.type!r}"
 
 
-def select(device: torch.device) -> ModuleType:
-    """The backend module for tensors on ``device``."""
+def select(x: torch.Tensor) -> ModuleType:
+    """The backend module for a call whose input is ``x`` (its device and dtype decide)."""
     choice = requested()
     if choice == "torch":
         return fallback
+    device = x.device
     if choice == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and x.dtype in TRITON_DTYPES and triton_available():
             return _triton_backend()
         return fallback
-    why = _why_triton_cannot_run(device)
+    why = _why_triton_cannot_run(device, x.dtype)
     if why is not None:
         raise RuntimeError(f"{ENV_VAR}=triton was forced but the Triton backend cannot run: {why}")
     return _triton_backend()

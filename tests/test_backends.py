@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,12 +13,12 @@ from fused_residual import backends
 
 def test_auto_uses_torch_on_cpu(use_backend):
     use_backend("auto")
-    assert backends.select(torch.device("cpu")) is backends.fallback
+    assert backends.select(torch.empty(1)) is backends.fallback
 
 
 def test_torch_backend_is_used_when_asked(use_backend):
     use_backend("torch")
-    assert backends.name_of(backends.select(torch.device("cpu"))) == "torch"
+    assert backends.name_of(backends.select(torch.empty(1))) == "torch"
 
 
 def test_unknown_backend_name_is_a_value_error(monkeypatch):
@@ -45,7 +47,16 @@ def test_forced_triton_without_triton_installed_raises(use_backend, monkeypatch)
 def test_auto_without_triton_uses_torch_even_for_cuda(use_backend, monkeypatch):
     use_backend("auto")
     monkeypatch.setattr(backends, "triton_available", lambda: False)
-    assert backends.select(torch.device("cuda")) is backends.fallback
+    cuda_input = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    assert backends.select(cuda_input) is backends.fallback
+
+
+def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend):
+    use_backend("auto")
+    assert backends.select(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) is backends.fallback
+    use_backend("triton")
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32, not torch.float64"):
+        fr.FusedResidualBlock(4, 4).double()(torch.randn(2, 4, dtype=torch.float64))
 
 
 def test_import_works_without_triton():

@@ -1,0 +1,29 @@
+"""Host-side helpers shared by the kernel wrappers: launch device, TF32 policy, autotune-key buckets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def on_interpreter(device: torch.device) -> bool:
+    """Kernels on CPU tensors run in Triton's interpreter (decided when the kernels were decorated)."""
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' GPU, not the current one (multi-GPU safe)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def input_precision(t: torch.Tensor) -> str:
+    """``tl.dot``'s input precision: TF32 for fp32 inputs only where PyTorch's own matmuls may use it."""
+    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
