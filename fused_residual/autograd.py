@@ -2,8 +2,12 @@
 
 Each asks ``backends.select`` once, in forward, and keeps that backend for backward. Inputs keep their leading
 dims: they are flattened to 2-D here, inside the Function, so no view nodes join the autograd graph. Saved for
-backward: ``x`` (only when a weight gradient needs it), ``h`` and ``out`` (the ReLU masks are ``h > 0`` and
-``out > 0``) and the weights; nothing at all when no input needs a gradient.
+backward, through ``save_for_backward`` (so saved-tensor hooks, checkpointing and ``save_on_cpu`` see them):
+``x`` (only when a weight gradient needs it), ``h`` and ``out`` (the ReLU masks are ``h > 0`` and ``out > 0``)
+and the weights; nothing at all when no input needs a gradient.
+
+``save_block`` / ``save_linear`` decide what is kept; the ops registered for ``torch.compile`` (``ops.py``) use
+them too, so eager and compiled runs keep the same tensors.
 """
 
 from __future__ import annotations
@@ -14,43 +18,54 @@ from torch import Tensor
 from . import backends
 
 
-def _rows(t: Tensor) -> Tensor:
+def rows(t: Tensor) -> Tensor:
+    """``t`` as 2-D ``(rows, features)`` (a view where the strides allow it)."""
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _lead(t: Tensor, like: Tensor, features: int) -> Tensor:
+def with_leading_dims(t: Tensor, like: Tensor, features: int) -> Tensor:
     """``t (M, features)`` viewed with the leading dims of ``like``."""
     return t if like.dim() == 2 else t.view(*like.shape[:-1], features)
 
 
 def block_forward(x, w1, b1, w2, b2, ws) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of the whole block without autograd: ``(out with x's leading dims, out 2-D, h 2-D)``."""
-    out, h = backends.select(x.device).block_forward(_rows(x), w1, b1, w2, b2, ws)
-    return _lead(out, x, w2.shape[0]), out, h
+    out, h = backends.select(x).block_forward(rows(x), w1, b1, w2, b2, ws)
+    return with_leading_dims(out, x, w2.shape[0]), out, h
 
 
 def linear_residual_relu_forward(h, w, b, residual) -> Tensor:
-    out = backends.select(h.device).linear_residual_relu_forward(_rows(h), w, b, _rows(residual))
-    return _lead(out, h, w.shape[0])
+    out = backends.select(h).linear_residual_relu_forward(rows(h), w, b, rows(residual))
+    return with_leading_dims(out, h, w.shape[0])
+
+
+def save_block(ctx, x2d: Tensor, h: Tensor, out: Tensor, w1: Tensor, w2: Tensor, ws: Tensor | None) -> None:
+    """Keep what the block's backward needs; ``x`` only if ``dW1`` or ``dWs`` is asked for."""
+    needs = ctx.needs_input_grad
+    if any(needs):
+        ctx.save_for_backward(x2d if needs[1] or needs[5] else None, h, out, w1, w2, ws)
+
+
+def save_linear(ctx, h2d: Tensor, out: Tensor, w: Tensor) -> None:
+    """Keep what the single layer's backward needs; ``h`` only if ``dW`` is asked for."""
+    needs = ctx.needs_input_grad
+    if any(needs):
+        ctx.save_for_backward(h2d if needs[1] else None, out, w)
 
 
 class ResidualBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, ws):  # type: ignore[override]
-        backend = backends.select(x.device)
-        x2d = _rows(x)
+        backend = backends.select(x)
+        x2d = rows(x)
         out, h = backend.block_forward(x2d, w1, b1, w2, b2, ws)
-        ctx.backend = backend
-        if any(ctx.needs_input_grad):
-            need_x_saved = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
-            ctx.save_for_backward(x2d if need_x_saved else None, h, out, w1, w2, ws)
-            ctx.x_shape = x.shape
-        return _lead(out, x, w2.shape[0])
+        ctx.backend, ctx.x_shape = backend, x.shape
+        save_block(ctx, x2d, h, out, w1, w2, ws)
+        return with_leading_dims(out, x, w2.shape[0])
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        x2d, h, out, w1, w2, ws = ctx.saved_tensors
-        grads = ctx.backend.block_backward(_rows(dout), x2d, h, out, w1, w2, ws, ctx.needs_input_grad)
+        grads = ctx.backend.block_backward(rows(dout), *ctx.saved_tensors, ctx.needs_input_grad)
         dx = grads[0]
         if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
@@ -60,19 +75,17 @@ class ResidualBlockFunction(torch.autograd.Function):
 class LinearResidualReluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, residual):  # type: ignore[override]
-        backend = backends.select(h.device)
-        h2d = _rows(h)
-        out = backend.linear_residual_relu_forward(h2d, w, b, _rows(residual))
-        ctx.backend = backend
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(h2d if ctx.needs_input_grad[1] else None, out, w)
-            ctx.h_shape, ctx.residual_shape = h.shape, residual.shape
-        return _lead(out, h, w.shape[0])
+        backend = backends.select(h)
+        h2d = rows(h)
+        out = backend.linear_residual_relu_forward(h2d, w, b, rows(residual))
+        ctx.backend, ctx.h_shape, ctx.residual_shape = backend, h.shape, residual.shape
+        save_linear(ctx, h2d, out, w)
+        return with_leading_dims(out, h, w.shape[0])
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        h2d, out, w = ctx.saved_tensors
-        dh, dw, db, dres = ctx.backend.linear_residual_relu_backward(_rows(dout), h2d, out, w, ctx.needs_input_grad)
+        dh, dw, db, dres = ctx.backend.linear_residual_relu_backward(
+            rows(dout), *ctx.saved_tensors, ctx.needs_input_grad)
         if dh is not None:
             dh = dh.view(ctx.h_shape)
         if dres is not None:

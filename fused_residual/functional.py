@@ -6,14 +6,50 @@
 Inputs may have any number of leading dims (1-D included) and any strides. Bad input raises what
 ``nn.Linear`` raises: TypeError for a non-tensor, RuntimeError for a wrong last dimension, a dtype or a device
 mismatch, each naming what was involved.
+
+Where a call goes:
+
+- eager, grad needed: ``autograd.ResidualBlockFunction`` (one autograd node for the whole block);
+- eager, no grad needed (``no_grad``, ``inference_mode``, frozen weights and input): the backend directly;
+- while ``torch.compile`` / ``torch.export`` traces: the ops registered in ``ops.py``, which call the same backend
+  functions (in eager they would only add dispatcher overhead, so eager calls skip them).
+
+Autocast: under ``torch.autocast`` the block computes what the reference block computes under it. The reference
+runs its linears in the autocast dtype, so ``h`` and ``linear2(h)`` are rounded to it, and ``+ x`` then promotes
+to ``x``'s dtype (a projection shortcut is a linear too: no promotion). Here every operand autocast would cast
+(floating, not float64, on the autocast device) is cast to the autocast dtype, the fused block runs in it, and
+the result is cast to the reference's output dtype.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from . import autograd
+from . import autograd, ops
 from .autograd import LinearResidualReluFunction, ResidualBlockFunction, needs_autograd
+
+# One C call that is False unless some autocast is on: keeps the common, autocast-free call cheap. Private in
+# PyTorch (and folded to a constant by Dynamo); the public per-device check below decides when it is True.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast_dtype(x: object) -> torch.dtype | None:
+    """The dtype autocast runs a linear of ``x`` in, or None where no autocast applies to ``x``'s device."""
+    if not isinstance(x, Tensor):
+        return None
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast(t: object, device_type: str, dtype: torch.dtype) -> object:
+    """``t`` as autocast passes it to a low-precision op: floating tensors on its device, except float64, cast."""
+    if (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type):
+        return t.to(dtype)
+    return t
 
 
 def _shape(t: Tensor) -> str:
@@ -81,6 +117,12 @@ def residual_block(
     without a shortcut weight ``K`` must equal ``N``. Returns ``(..., N)``.
     """
     op = "residual_block"
+    out_dtype = None
+    if _any_autocast_enabled() and (low := _autocast_dtype(x)) is not None:
+        # The reference's last step is linear2(h) + x (promotes to x's dtype) or + shortcut(x) (stays low).
+        out_dtype = low if shortcut_weight is not None else torch.promote_types(low, x.dtype)
+        x, w1, b1, w2, b2, shortcut_weight = (_autocast(t, x.device.type, low)
+                                               for t in (x, w1, b1, w2, b2, shortcut_weight))
     _check_operands(op, x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight})
     _check_linear(op, "x", x.shape, w1, "w1", b1)
     _check_linear(op, "relu(x @ w1.T + b1)", (*x.shape[:-1], w1.shape[0]), w2, "w2", b2)
@@ -96,20 +138,33 @@ def residual_block(
             raise RuntimeError(f"{op}(): shortcut_weight of shape {_shape(shortcut_weight)} must give "
                                f"{w2.shape[0]} output features like w2")
 
-    if needs_autograd(x, w1, b1, w2, b2, shortcut_weight):
-        return ResidualBlockFunction.apply(x, w1, b1, w2, b2, shortcut_weight)
-    return autograd.block_forward(x, w1, b1, w2, b2, shortcut_weight)[0]
+    if torch.compiler.is_compiling():
+        out = ops.residual_block(x, w1, b1, w2, b2, shortcut_weight)
+    elif needs_autograd(x, w1, b1, w2, b2, shortcut_weight):
+        out = ResidualBlockFunction.apply(x, w1, b1, w2, b2, shortcut_weight)
+    else:
+        out = autograd.block_forward(x, w1, b1, w2, b2, shortcut_weight)[0]
+    return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
 
 def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h @ w.T + b + residual)``: ``h (..., K)``, ``w (N, K)``, ``b (N,)`` or None, ``residual (..., N)``."""
     op = "linear_residual_relu"
+    out_dtype = None
+    if _any_autocast_enabled() and (low := _autocast_dtype(h)) is not None:
+        # As F.linear(h, w, b) + residual under autocast: the sum promotes to the residual's dtype.
+        out_dtype = torch.promote_types(low, residual.dtype) if isinstance(residual, Tensor) else None
+        h, w, b, residual = (_autocast(t, h.device.type, low) for t in (h, w, b, residual))
     _check_operands(op, h, {"w": w, "residual": residual}, {"b": b})
     _check_linear(op, "h", h.shape, w, "w", b)
     out_shape = (*h.shape[:-1], w.shape[0])
     if residual.shape != out_shape:
         raise RuntimeError(f"{op}(): residual of shape {_shape(residual)} must have the output's shape "
                            f"{tuple(out_shape)}")
-    if needs_autograd(h, w, b, residual):
-        return LinearResidualReluFunction.apply(h, w, b, residual)
-    return autograd.linear_residual_relu_forward(h, w, b, residual)
+    if torch.compiler.is_compiling():
+        out = ops.linear_residual_relu(h, w, b, residual)
+    elif needs_autograd(h, w, b, residual):
+        out = LinearResidualReluFunction.apply(h, w, b, residual)
+    else:
+        out = autograd.linear_residual_relu_forward(h, w, b, residual)
+    return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
