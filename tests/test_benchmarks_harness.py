@@ -1,0 +1,135 @@
+"""The benchmark suite's own machinery: shape sets, the parity gate, the work model and the memory counters."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import cases, harness  # noqa: E402
+from benchmarks.cases import Case  # noqa: E402
+
+ISSUE_2_CPU_SHAPES = {(16, 10), (4096, 64), (16384, 128), (4096, 512), (1024, 1024), (65536, 32)}
+
+
+class FakeBenchmark:
+    """The parts of pytest-benchmark's fixture the harness uses, disabled (runs the target once)."""
+
+    enabled = False
+
+    def __init__(self) -> None:
+        self.extra_info: dict = {}
+        self.group: str | None = None
+        self.calls = 0
+
+    def pedantic(self, target, rounds=1, iterations=1, warmup_rounds=0):
+        self.calls += 1
+        return target()
+
+
+def test_cpu_timed_set_is_issue_2s_shapes_in_both_modes():
+    block = cases.select("reduced", ["cpu"], "block")
+    assert {(c.rows, c.width) for c in block} == ISSUE_2_CPU_SHAPES
+    assert {c.mode for c in block} == {"forward", "train"} and {c.dtype for c in block} == {"fp32"}
+    assert {c.impl for c in block} == {"eager", "compile", "fused"}
+    assert cases.select("full", ["cpu"], "block") == block
+
+
+@pytest.mark.parametrize("shape_set", cases.SHAPE_SETS)
+def test_case_ids_are_unique_and_start_with_the_device(shape_set):
+    selected = [c for kind in ("block", "net") for c in cases.select(shape_set, ["cpu", "cuda"], kind)]
+    ids = [c.id for c in selected]
+    assert len(ids) == len(set(ids))
+    assert all(c.id.startswith(c.device + "-") for c in selected)
+    assert all("cpu" not in c.id for c in selected if c.device == "cuda")  # `-k cpu` selects CPU cases only
+
+
+def test_full_cuda_set_covers_every_width_row_count_and_dtype():
+    block = cases.select("full", ["cuda"], "block")
+    assert {(c.rows, c.width, c.dtype) for c in block} == {
+        (r, w, d) for r in cases.CUDA_ROWS for w in cases.CUDA_WIDTHS for d in cases.DTYPES
+    }
+    assert {c.impl for c in block} == {"eager", "compile", "max-autotune", "fused", "bare-gemm", "addmm-act"}
+    nets = cases.select("full", ["cuda"], "net")
+    assert {c.width for c in nets} <= set(range(64, 1025)) and {c.blocks for c in nets} <= set(range(4, 9))
+
+
+def test_addmm_activation_is_forward_only_and_gemm_bounds_are_blocks_only():
+    for shape_set in cases.SHAPE_SETS:
+        for kind in ("block", "net"):
+            for c in cases.select(shape_set, ["cpu", "cuda"], kind):
+                if c.impl == "addmm-act":
+                    assert c.mode == "forward" and c.kind == "block" and c.device == "cuda"
+                if c.impl in ("bare-gemm", "max-autotune"):
+                    assert c.device == "cuda"
+                if c.impl == "bare-gemm":
+                    assert c.kind == "block"
+
+
+def test_relative_error_is_scaled_by_the_reference_and_flags_nonfinite_mismatches():
+    expected = torch.tensor([0.0, 2.0, -4.0])
+    assert harness.relative_error(expected.clone(), expected) == 0.0
+    assert harness.relative_error(torch.tensor([0.0, 2.0, -3.0]), expected) == pytest.approx(0.25)
+    assert harness.relative_error(torch.tensor([float("nan"), 2.0, -4.0]), expected) == float("inf")
+    assert harness.relative_error(torch.zeros(2), expected) == float("inf")
+    with_nan = torch.tensor([float("nan"), 1.0])
+    assert harness.relative_error(with_nan.clone(), with_nan) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_parity_gate_fails_a_wrong_answer(mode):
+    case = Case("cpu", "fp32", mode, 64, 16, "fused")
+    reference = harness.build_reference(case)
+    wrong = copy.deepcopy(reference)
+    with torch.no_grad():
+        wrong.linear2.bias.add_(0.05)  # a slightly wrong bias: output and every gradient shift
+    impl = harness.Impl("fused", harness._module_runner(wrong, wrong, mode), wrong)
+    x, dout = harness.make_inputs(case, 1)[0]
+    with pytest.raises(AssertionError, match="differs from the eager reference"):
+        harness.check_parity(case, impl, reference, x, dout)
+    right = harness.build_impl(case, reference)
+    errors = harness.check_parity(case, right, reference, x, dout)
+    assert set(errors) == ({"out"} if mode == "forward" else {
+        "out", "dx", "dlinear1.weight", "dlinear1.bias", "dlinear2.weight", "dlinear2.bias"})
+    assert max(errors.values()) <= harness.PARITY_TOLERANCE[("cpu", "fp32")]
+
+
+def test_work_model_of_a_block():
+    m, h = 1024, 64
+    forward = harness.work(Case("cpu", "fp32", "forward", m, h, "fused"))
+    train = harness.work(Case("cpu", "fp32", "train", m, h, "fused"))
+    assert forward == (4 * m * h * h, 4 * (2 * m * h + 2 * h * h + 2 * h))
+    assert train == (12 * m * h * h, 4 * (8 * m * h + 6 * h * h + 4 * h))
+    flops, nbytes = harness.work(Case("cpu", "fp32", "forward", m, h, "fused", blocks=4))
+    assert flops == 2 * m * h * h * 10 and nbytes is None
+
+
+def test_saved_bytes_of_the_fused_block_do_not_exceed_the_reference():
+    case = Case("cpu", "fp32", "train", 256, 32, "eager")
+    reference = harness.build_reference(case)
+    x, dout = harness.make_inputs(case, 1)[0]
+    eager = harness.saved_tensor_bytes(harness._module_runner(reference, reference, "train"), reference, x, dout)
+    fused = harness.build_impl(Case("cpu", "fp32", "train", 256, 32, "fused"), reference)
+    saved = harness.saved_tensor_bytes(fused.run, fused.module, x, dout)
+    assert 0 < saved["saved_activation_bytes"] <= eager["saved_activation_bytes"]
+    assert saved["saved_bytes"] >= saved["saved_activation_bytes"]
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_smoke_run_records_what_the_report_reads(mode):
+    case = Case("cpu", "fp32", mode, 32, 8, "fused")
+    bench = FakeBenchmark()
+    harness.run_case(case, bench, harness.Settings())
+    info = bench.extra_info
+    assert bench.calls == 1 and bench.group == case.group
+    assert {"impl", "device", "device_name", "dtype", "mode", "kind", "rows", "width", "flops", "bytes"} <= set(info)
+    assert info["parity_max"] <= harness.PARITY_TOLERANCE[("cpu", "fp32")]
+    assert info["backend"] in ("torch", "triton")
+    assert ("saved_activation_bytes" in info) == (mode == "train")

@@ -1,0 +1,143 @@
+"""The benchmark report: ratios, bandwidth and FLOP fractions, summaries and plots from known synthetic results."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report  # noqa: E402
+
+CEILINGS = {"copy_GBps": 2000.0, "matmul_TFLOPs": {"bf16": 800.0, "fp16": 800.0, "fp32": 50.0}, "matmul_n": 8192}
+
+
+def bench(impl: str, median_ms: float, *, device: str = "cpu", device_name: str = "Test CPU", dtype: str = "fp32",
+          mode: str = "forward", rows: int = 1024, width: int = 64, blocks: int = 0, **extra) -> dict:
+    """One benchmark entry shaped like pytest-benchmark's JSON, with the extra_info the harness writes."""
+    info = {"impl": impl, "device": device, "device_name": device_name, "dtype": dtype, "mode": mode,
+            "kind": "net" if blocks else "block", "rows": rows, "width": width, "blocks": blocks, **extra}
+    return {"group": f"{device} {dtype} {mode}", "name": f"test[{impl}]", "extra_info": info,
+            "stats": {"median": median_ms * 1e-3, "rounds": 10}}
+
+
+def write_results(path: Path, benchmarks: list[dict], ceilings: dict | None = None) -> Path:
+    machine = {"fused_residual": {"date": "2030-01-02T03:04:05+00:00", "commit": "0123456789abcdef", "dirty": False,
+                                  "torch": "2.13.0", "triton": "3.9.0", "shape_set": "reduced", "torch_threads": 2,
+                                  "ceilings": {"cuda": ceilings} if ceilings else {}}}
+    path.write_text(json.dumps({"machine_info": machine, "commit_info": {"id": "0123456789abcdef"},
+                                "benchmarks": benchmarks, "datetime": "2030-01-02", "version": "5.2.3"}))
+    return path
+
+
+def only_row(sections: list[report.Section]) -> report.Row:
+    assert len(sections) == 1 and len(sections[0].rows) == 1
+    return next(iter(sections[0].rows.values()))
+
+
+def test_ratios_are_time_over_time_from_the_pytest_medians(tmp_path):
+    path = write_results(tmp_path / "r.json", [bench("eager", 2.0), bench("compile", 3.0), bench("fused", 1.0),
+                                               bench("bare-gemm", 0.5)])
+    sections = report.load([path])
+    timer = report.section_timer(sections[0], "auto")
+    assert timer == "pytest"
+    ratios = report.ratios(only_row(sections), timer)
+    assert ratios["eager/fused"] == pytest.approx(2.0)
+    assert ratios["compile/fused"] == pytest.approx(3.0)
+    assert ratios["fused/bare-gemm"] == pytest.approx(2.0)
+    assert ratios["max-autotune/fused"] is None and ratios["addmm-act/fused"] is None
+
+
+def test_do_bench_medians_are_used_on_cuda_when_every_result_has_them(tmp_path):
+    cuda = {"device": "cuda", "device_name": "Test GPU", "dtype": "bf16"}
+    path = write_results(tmp_path / "r.json", [bench("eager", 9.0, do_bench_ms=3.0, **cuda),
+                                               bench("fused", 9.0, do_bench_ms=1.5, **cuda)])
+    section = report.load([path])[0]
+    assert report.section_timer(section, "auto") == "do_bench"
+    assert report.ratios(only_row([section]), "do_bench")["eager/fused"] == pytest.approx(2.0)
+    assert report.ratios(only_row([section]), "pytest")["eager/fused"] == pytest.approx(1.0)
+
+
+def test_bandwidth_and_flops_are_fractions_of_the_ceilings_measured_in_the_run(tmp_path):
+    cuda = {"device": "cuda", "device_name": "Test GPU", "dtype": "bf16"}
+    fused = bench("fused", 5.0, do_bench_ms=1.0, bytes=10**9, flops=4 * 10**11, **cuda)  # 1 ms
+    path = write_results(tmp_path / "r.json", [bench("eager", 5.0, do_bench_ms=2.0, **cuda), fused], CEILINGS)
+    section = report.load([path])[0]
+    achieved = report.achieved(section, only_row([section]), "do_bench")
+    assert achieved["GBps"] == pytest.approx(1000.0)  # 1e9 bytes in 1 ms
+    assert achieved["GBps_frac"] == pytest.approx(0.5)  # of the 2000 GB/s copy
+    assert achieved["TFLOPs"] == pytest.approx(400.0)
+    assert achieved["TFLOPs_frac"] == pytest.approx(0.5)  # of the 800 TFLOP/s bf16 matmul
+    markdown = report.render([section], "auto", {})
+    assert "1000 (50%)" in markdown and "400.0 (50%)" in markdown and "copy 2000 GB/s" in markdown
+
+
+def test_ceilings_in_extra_info_win_over_machine_info(tmp_path):
+    cuda = {"device": "cuda", "device_name": "Test GPU", "dtype": "fp32"}
+    own = {"copy_GBps": 1000.0, "matmul_TFLOPs": {"fp32": 20.0}}
+    fused = bench("fused", 1.0, bytes=10**9, flops=10**10, ceilings=own, **cuda)
+    section = report.load([write_results(tmp_path / "r.json", [fused], CEILINGS)])[0]
+    achieved = report.achieved(section, only_row([section]), "pytest")
+    assert achieved["GBps_frac"] == pytest.approx(1.0)
+    assert achieved["TFLOPs_frac"] == pytest.approx(0.5)
+
+
+def test_summary_geomean_min_and_the_cpu_target(tmp_path):
+    results = [bench("eager", 1.0, width=64), bench("fused", 1.0, width=64),
+               bench("eager", 4.0, width=128), bench("fused", 1.0, width=128)]
+    section = report.load([write_results(tmp_path / "r.json", results)])[0]
+    (line,) = report.summary(section, "pytest")
+    assert line["shapes"] == 2
+    assert line["geomean eager/fused"] == pytest.approx(2.0)  # sqrt(1 * 4)
+    assert line["min eager/fused"] == pytest.approx(1.0)
+    assert "target" in report._cpu_target(section, "pytest") and ": met" in report._cpu_target(section, "pytest")
+    results[1] = bench("fused", 1.1, width=64)  # 0.91x on one shape
+    section = report.load([write_results(tmp_path / "r.json", results)])[0]
+    assert "NOT met" in report._cpu_target(section, "pytest")
+
+
+def test_geomean_ignores_missing_values():
+    assert report.geomean([2.0, None, 8.0]) == pytest.approx(4.0)
+    assert report.geomean([None]) is None
+    assert math.isclose(report.geomean([3.0]), 3.0)
+
+
+def test_cpu_and_gpu_results_get_separate_sections_and_plots(tmp_path, capsys):
+    cuda = {"device": "cuda", "device_name": "Test GPU", "dtype": "bf16"}
+    cpu_file = write_results(tmp_path / "cpu.json", [bench("eager", 2.0, width=w) for w in (32, 64)]
+                             + [bench("fused", 1.0, width=w) for w in (32, 64)]
+                             + [bench("eager", 3.0, mode="train", blocks=4, saved_activation_bytes=3 << 20),
+                                bench("fused", 2.0, mode="train", blocks=4, saved_activation_bytes=2 << 20)])
+    gpu_file = write_results(tmp_path / "gpu.json", [bench("eager", 2.0, width=w, rows=r, **cuda)
+                                                     for w in (32, 64) for r in (1024, 4096)]
+                             + [bench("fused", 0.5, width=w, rows=r, **cuda) for w in (32, 64) for r in (1024, 4096)],
+                             CEILINGS)
+    out = tmp_path / "out"
+    assert report.main([str(cpu_file), str(gpu_file), "-o", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("\n## ") == 2
+    cpu_part, gpu_part = markdown.split("## cuda: Test GPU")
+    assert "## cpu: Test CPU" in cpu_part and "Test GPU" not in cpu_part
+    assert "2.00x" in cpu_part and "4.00x" in gpu_part
+    assert "| 3.0 MiB | 2.0 MiB | 0.67x |" in cpu_part  # saved activations of the net's training step
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["speedup-cpu-test-cpu-fp32-forward.png", "speedup-cuda-test-gpu-bf16-forward.png"]
+    assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
+    assert all(f"]({name})" in markdown for name in pngs)
+    printed = capsys.readouterr().out
+    assert "cpu: Test CPU" in printed and "cuda: Test GPU" in printed
+
+
+def test_main_rejects_missing_files_and_foreign_json(tmp_path):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "missing.json")])
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"benchmarks": [{"name": "x", "extra_info": {}, "stats": {"median": 1.0}}]}))
+    with pytest.raises(SystemExit):
+        report.main([str(foreign)])
