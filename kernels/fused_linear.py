@@ -38,11 +38,10 @@ import triton.language as tl
 from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Every entry is compiled ahead of time for its
-# architecture and dtype class in tests/test_kernels_aot.py: it must fit shared memory and not spill.
+# architecture, dtype class and epilogue in tests/test_kernels_aot.py: it must fit shared memory and not spill.
 HOPPER_16BIT = [
     (128, 256, 64, 3, 8),
     (128, 128, 64, 4, 8),
-    (128, 128, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
     (64, 64, 64, 4, 4),
@@ -51,7 +50,7 @@ HOPPER_16BIT = [
 ]
 AMPERE_16BIT = [
     (128, 256, 32, 3, 8),
-    (128, 128, 32, 4, 4),
+    (128, 128, 32, 4, 8),
     (64, 128, 32, 4, 4),
     (128, 64, 32, 4, 4),
     (64, 64, 32, 4, 4),
@@ -68,13 +67,23 @@ ANY_32BIT = [
 ]
 # What the interpreter runs (no autotuning there): small tiles keep it quick and exercise the ragged edges.
 INTERPRETER_CONFIG = (32, 32, 16, 1, 4)
+# A residual or gate tile read in the epilogue needs registers next to the accumulator: with it, tiles above
+# 128 x 128 spill, so they are kept for the plain and bias epilogues.
+MAX_TILE_WITH_TILE_EPILOGUE = 128 * 128
 
 
-def config_table(capability: tuple[int, int], element_size: int) -> list[tuple[int, int, int, int, int]]:
-    """The autotune candidates for a device of ``capability`` and inputs of ``element_size`` bytes."""
+def config_table(
+    capability: tuple[int, int], element_size: int, tile_epilogue: bool = False
+) -> list[tuple[int, int, int, int, int]]:
+    """The autotune candidates for a device of ``capability``, inputs of ``element_size`` bytes, and whether
+    the epilogue reads a residual or gate tile."""
     if element_size >= 4:
-        return ANY_32BIT
-    return HOPPER_16BIT if capability[0] >= 9 else AMPERE_16BIT
+        table = ANY_32BIT
+    else:
+        table = HOPPER_16BIT if capability[0] >= 9 else AMPERE_16BIT
+    if tile_epilogue:
+        table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE]
+    return table
 
 
 def _as_config(entry: tuple[int, int, int, int, int]) -> triton.Config:
@@ -93,9 +102,11 @@ def _capability(index: int) -> tuple[int, int]:
 
 def _prune(configs, named_args, **kwargs):
     """Keep the candidates of this device and dtype, and drop tiles far larger than the problem."""
-    a = named_args["a_ptr"]
-    allowed = set(config_table(_capability(a.device.index or 0), a.element_size()))
-    m, n, k = named_args["M"], named_args["N"], max(named_args["K"], named_args["K2"])
+    args = {**named_args, **kwargs}  # the flags arrive as keywords
+    a = args["a_ptr"]
+    tile_epilogue = args["HAS_RESIDUAL"] or args["HAS_GATE"]
+    allowed = set(config_table(_capability(a.device.index or 0), a.element_size(), tile_epilogue))
+    m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if _config_key(c) in allowed]
     small = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(n))
              and c.kwargs["BLOCK_K"] <= max(16, next_power_of_2(k))
@@ -130,14 +141,15 @@ def fused_linear_kernel(
     pid_m = first_m + (pid % tiles_per_group) % group_rows
     pid_n = (pid % tiles_per_group) // group_rows
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit tile origins, 32-bit offsets inside a tile (the host keeps every stride * tile size < 2^31):
+    # full int64 pointer arithmetic per element would double the registers the epilogue needs.
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
-    ks = offs_k.to(tl.int64)
+    mask_m = tile_m < M - row0
+    mask_n = tile_n < N - col0
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -146,12 +158,14 @@ def fused_linear_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = min(K, k_start + k_per_split)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + ks)[None, :] * stride_ak
-    b_ptrs = b_ptr + (k_start + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
-    a_step = BLOCK_K * stride_ak.to(tl.int64)
-    b_step = BLOCK_K * stride_bk.to(tl.int64)
-    for k in range(k_start, k_end, BLOCK_K):
-        mask_k = (k + offs_k) < k_end
+    a_ptrs = (a_ptr + row0 * stride_am + tl.cast(k_start, tl.int64) * stride_ak
+              + (tile_m[:, None] * stride_am + offs_k[None, :] * stride_ak))
+    b_ptrs = (b_ptr + tl.cast(k_start, tl.int64) * stride_bk + col0 * stride_bn
+              + (offs_k[:, None] * stride_bk + tile_n[None, :] * stride_bn))
+    a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
+    for k in range(0, tl.cdiv(k_end - k_start, BLOCK_K)):
+        mask_k = offs_k < k_end - k_start - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -161,12 +175,12 @@ def fused_linear_kernel(
         b_ptrs += b_step
 
     if HAS_SECOND:
-        a2_ptrs = a2_ptr + rows[:, None] * stride_a2m + ks[None, :] * stride_a2k
-        b2_ptrs = b2_ptr + ks[:, None] * stride_b2k + cols[None, :] * stride_b2n
-        a2_step = BLOCK_K * stride_a2k.to(tl.int64)
-        b2_step = BLOCK_K * stride_b2k.to(tl.int64)
+        a2_ptrs = a2_ptr + row0 * stride_a2m + (tile_m[:, None] * stride_a2m + offs_k[None, :] * stride_a2k)
+        b2_ptrs = b2_ptr + col0 * stride_b2n + (offs_k[:, None] * stride_b2k + tile_n[None, :] * stride_b2n)
+        a2_step = BLOCK_K * tl.cast(stride_a2k, tl.int64)
+        b2_step = BLOCK_K * tl.cast(stride_b2k, tl.int64)
         for k in range(0, K2, BLOCK_K):
-            mask_k = (k + offs_k) < K2
+            mask_k = offs_k < K2 - k
             a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b2 = tl.load(b2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a2, b2, acc, input_precision=INPUT_PRECISION)
@@ -175,20 +189,23 @@ def fused_linear_kernel(
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + col0 + tile_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask_mn, other=0.0)
-        acc += res.to(tl.float32)
+        res_ptrs = (res_ptr + row0 * stride_rm + col0 * stride_rn
+                    + (tile_m[:, None] * stride_rm + tile_n[None, :] * stride_rn))
+        acc += tl.load(res_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask_mn, other=0.0)
-        acc = tl.where(gate <= 0, 0.0, acc)
+        gate_ptrs = (gate_ptr + row0 * stride_gm + col0 * stride_gn
+                     + (tile_m[:, None] * stride_gm + tile_n[None, :] * stride_gn))
+        acc = tl.where(tl.load(gate_ptrs, mask=mask_mn, other=0.0) <= 0, 0.0, acc)
     if APPLY_RELU:
         acc = tl.where(acc < 0, 0.0, acc)
-    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    c_ptrs = (c_ptr + tl.cast(pid_k, tl.int64) * stride_cs + row0 * stride_cm + col0 * stride_cn
+              + (tile_m[:, None] * stride_cm + tile_n[None, :] * stride_cn))
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_mn)
     if HAS_ROWSUM:
         if pid_n == 0:
-            tl.store(rowsum_ptr + pid_k.to(tl.int64) * stride_rowsum_s + rows, rowsum, mask=mask_m)
+            tl.store(rowsum_ptr + tl.cast(pid_k, tl.int64) * stride_rowsum_s + row0 + tile_m, rowsum, mask=mask_m)
 
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "K2", "HAS_SECOND", "HAS_BIAS", "HAS_RESIDUAL", "HAS_GATE",
@@ -204,6 +221,17 @@ def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * dims
 
 
+# In-tile offsets are int32: stride * tile size must stay below 2^31 (tiles are at most 256 wide).
+_MAX_STRIDE = 2**31 // 256
+
+
+def _tile_safe(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a row-major copy of it in the rare case that a stride is too large for int32 in-tile offsets."""
+    if t is None or max(t.stride(), default=0) < _MAX_STRIDE:
+        return t
+    return t.contiguous()
+
+
 def fused_linear(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -217,26 +245,32 @@ def fused_linear(
     rowsum: bool = False,
     split_k: int = 1,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
     config: tuple[int, int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``C = epilogue(a @ b [+ a2 @ b2])`` as documented above; returns ``(C, rowsum or None)``.
 
     ``a (M, K)`` and ``b (K, N)`` are any strided views (pass ``w.t()`` for ``x @ w.T``). ``C`` is a new
-    row-major ``(M, N)`` tensor of ``out_dtype`` (default ``a.dtype``); ``rowsum`` is fp32 ``(M,)``.
+    row-major ``(M, N)`` tensor of ``out_dtype`` (default ``a.dtype``), or ``out`` when given (any strides;
+    not with split-K); ``rowsum`` is fp32 ``(M,)``.
     ``config`` forces one ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` instead of autotuning (the
     interpreter always uses a fixed one).
     """
+    a, b, a2, b2, residual, gate = (_tile_safe(t) for t in (a, b, a2, b2, residual, gate))
     M, K = a.shape
     N = b.shape[1]
     K2 = a2.shape[1] if a2 is not None else 0
-    if split_k > 1 and (a2 is not None or bias is not None or residual is not None or gate is not None or relu):
+    has_epilogue = bias is not None or residual is not None or gate is not None or relu
+    if split_k > 1 and (out is not None or a2 is not None or has_epilogue):
         raise ValueError("fused_linear: split-K takes no epilogue and no second operand")
     out_dtype = out_dtype or a.dtype
     if split_k > 1:
         c = torch.empty((split_k, M, N), device=a.device, dtype=torch.float32)
         c_strides = c.stride()
     else:
-        c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+        if out is not None and max(out.stride()) >= _MAX_STRIDE:
+            raise ValueError(f"fused_linear: out strides {out.stride()} are too large for in-tile offsets")
+        c = out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
         c_strides = (0, *c.stride())
     sums = torch.empty((split_k, M), device=a.device, dtype=torch.float32) if rowsum else None
     if M == 0 or N == 0:

@@ -1,0 +1,134 @@
+"""Ahead-of-time compile of every kernel x autotune config x dtype for sm_90 and sm_80, with no GPU.
+
+Run as a script (``python tests/aot_compile.py OUT.json``) in a process where TRITON_INTERPRET is unset, since
+kernels decorated under the interpreter cannot be compiled. For each case it records whether it compiled, the
+shared memory it needs, the registers and spill bytes that ``ptxas -v`` (shipped with triton) reports, and whether
+the PTX uses ``wgmma``. ``tests/test_kernels_aot.py`` asserts on the result.
+
+A case mirrors a real launch at a typical shape (sizes and strides multiples of 16): those arguments carry the
+divisibility hint the runtime gives them, and unit strides are specialised to 1 as the runtime does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+ARCHS = {90: 232448, 80: 166912}  # compute capability -> shared memory per block (opt-in maximum), bytes
+DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+# Kernel variants: (name, flags, layout). Layouts say which operand strides are 1:
+#   "x_wT":  A row-major (stride_ak = 1), B = W^T read through W's strides (stride_bk = 1)   forward layers
+#   "g_W":   A row-major, B = W row-major (stride_bn = 1)                                      backward dh / dx
+#   "gT_x":  A = g^T (stride_am = 1), B = x row-major (stride_bn = 1)                          weight gradients
+FUSED_LINEAR_VARIANTS = [
+    ("forward_bias_residual_relu", {"HAS_BIAS": True, "HAS_RESIDUAL": True, "APPLY_RELU": True}, "x_wT"),
+    ("forward_projection", {"HAS_SECOND": True, "HAS_BIAS": True, "APPLY_RELU": True}, "x_wT"),
+    ("backward_gate", {"HAS_GATE": True}, "g_W"),
+    ("backward_dx_projection", {"HAS_SECOND": True}, "g_W"),
+    ("backward_dx_residual", {"HAS_RESIDUAL": True}, "g_W"),
+    ("weight_grad_split_k", {"HAS_ROWSUM": True, "SPLIT_K": 4}, "gT_x"),
+]
+UNIT_STRIDES = {
+    "x_wT": ("stride_ak", "stride_bk", "stride_a2k", "stride_b2k", "stride_rn", "stride_gn", "stride_cn"),
+    "g_W": ("stride_ak", "stride_bn", "stride_a2k", "stride_b2n", "stride_rn", "stride_gn", "stride_cn"),
+    "gT_x": ("stride_am", "stride_bn", "stride_a2m", "stride_b2n", "stride_rn", "stride_gn", "stride_cn"),
+}
+
+
+def fused_linear_cases():
+    from fused_residual.kernels import fused_linear as fl
+
+    for cap in ARCHS:
+        for dtype, size in DTYPES.items():
+            for name, flags, layout in FUSED_LINEAR_VARIANTS:
+                tile_epilogue = flags.get("HAS_RESIDUAL", False) or flags.get("HAS_GATE", False)
+                for config in fl.config_table((cap // 10, cap % 10), size, tile_epilogue):
+                    yield {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags,
+                           "cap": cap, "dtype": dtype, "config": list(config)}
+
+
+def _compile(case: dict) -> dict:
+    import triton
+    from fused_residual.kernels import fused_linear as fl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = fl.fused_linear_kernel
+    names = list(kernel.arg_names)
+    block_m, block_n, block_k, stages, warps = case["config"]
+    flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "HAS_GATE": False,
+             "APPLY_RELU": False, "HAS_ROWSUM": False, "SPLIT_K": 1, **case["flags"]}
+    precision = "tf32" if case["dtype"] == "fp32" else "ieee"
+    constexprs = {**flags, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                  "BLOCK_K": block_k, "GROUP_M": 8}
+    constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]]})
+    signature, attrs = {}, {}
+    for i, arg in enumerate(names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32" if arg in ("rowsum_ptr",) or (arg == "c_ptr" and flags["SPLIT_K"] > 1) \
+                else f"*{case['dtype']}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride") or arg in ("M", "N", "K", "K2"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    result = dict(case)
+    try:
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", case["cap"], 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+    except Exception as err:  # recorded, and the test fails on it
+        result.update(ok=False, error=f"{type(err).__name__}: {str(err)[:2000]}")
+        return result
+    ptx = compiled.asm["ptx"]
+    result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx, **_ptxas_report(ptx, case["cap"]))
+    return result
+
+
+def _ptxas_path(cap: int) -> str:
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(cap).path  # triton >= 3.5 picks the ptxas per architecture
+    except TypeError:
+        return compiler.get_ptxas().path
+
+
+def _ptxas_report(ptx: str, cap: int) -> dict:
+    """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX."""
+    arch = "sm_90a" if cap == 90 else f"sm_{cap}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_ptxas_path(cap), "-v", f"--gpu-name={arch}", path, "-o", path + ".o"],
+                              capture_output=True, text=True)
+    log = proc.stderr + proc.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return {"ptxas_ok": proc.returncode == 0, "registers": int(regs.group(1)) if regs else None,
+            "spill_bytes": sum(spills) if spills else None, "ptxas_log": log[-600:]}
+
+
+def main(out_path: str) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("aot_compile.py must run without TRITON_INTERPRET")
+    only = os.environ.get("AOT_ONLY", "")  # substring filter on "cap-dtype-config-variant", for development
+    cases = [c for c in fused_linear_cases()
+             if only in f"{c['cap']}-{c['dtype']}-{c['config']}-{c['variant']}"]
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(_compile, cases, chunksize=4))
+    with open(out_path, "w") as f:
+        json.dump({"arch_shared_limit": ARCHS, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

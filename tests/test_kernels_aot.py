@@ -1,0 +1,83 @@
+"""Every kernel x autotune config x dtype compiled ahead of time for sm_90 (H100) and sm_80 (A100), no GPU needed.
+
+The compiles run once, in a subprocess without TRITON_INTERPRET (see aot_compile.py); each test reads its cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fused_residual import backends
+
+pytestmark = pytest.mark.aot
+
+if not backends.triton_available():
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = Path(__file__).with_name("aot_compile.py")
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    return data["results"], {int(k): v for k, v in data["arch_shared_limit"].items()}
+
+
+def _name(case):
+    return f"sm{case['cap']}-{case['dtype']}-{'x'.join(map(str, case['config']))}-{case['variant']}"
+
+
+def test_every_case_compiles(compiled):
+    results, _ = compiled
+    failed = [f"{_name(c)}: {c['error'][:400]}" for c in results if not c["ok"]]
+    assert not failed, "\n".join(failed)
+    assert not [_name(c) for c in results if not c["ptxas_ok"]], "ptxas rejected some kernels"
+
+
+def test_every_arch_dtype_and_variant_is_covered(compiled):
+    results, limits = compiled
+    seen = {(c["cap"], c["dtype"], c["variant"]) for c in results}
+    variants = {c["variant"] for c in results}
+    assert {cap for cap, _, _ in seen} == set(limits) == {90, 80}
+    assert len(seen) == len(limits) * 3 * len(variants) and len(variants) >= 6
+
+
+def test_shared_memory_fits_the_device(compiled):
+    results, limits = compiled
+    too_big = [f"{_name(c)}: {c['shared']} > {limits[c['cap']]}" for c in results
+               if c["ok"] and c["shared"] > limits[c["cap"]]]
+    assert not too_big, "\n".join(too_big)
+
+
+def test_no_register_spills(compiled):
+    results, _ = compiled
+    spilling = [f"{_name(c)}: {c['spill_bytes']} spill bytes at {c['registers']} registers" for c in results
+                if c["ok"] and c["spill_bytes"] != 0]
+    assert not spilling, "\n".join(spilling)
+
+
+def test_hopper_half_precision_gemms_use_wgmma(compiled):
+    results, _ = compiled
+    slow = [_name(c) for c in results if c["ok"] and c["cap"] == 90 and c["dtype"] != "fp32" and not c["wgmma"]]
+    assert not slow, "sm_90 fp16/bf16 kernels without wgmma:\n" + "\n".join(slow)
+
+
+def test_hopper_pipelines_its_loads(compiled):
+    """Multi-stage configs must really be software-pipelined: their shared memory holds every stage."""
+    results, _ = compiled
+    for c in results:
+        block_m, block_n, block_k, stages, _ = c["config"]
+        element = 4 if c["dtype"] == "fp32" else 2
+        if c["ok"] and c["cap"] == 90 and stages > 1:
+            assert c["shared"] >= (stages - 1) * (block_m + block_n) * block_k * element, _name(c)
