@@ -16,7 +16,9 @@ Why ``custom_op`` and not ``triton_op``: the ops are opaque to Inductor, so the 
 ``FUSED_RESIDUAL_BACKEND`` at every call), the Triton launch code and its autotuning run exactly as in eager,
 on any device; tensors written by Triton and saved for backward need no special handling, and no Python
 float is turned into an fp64 kernel argument by Inductor's codegen (the schemas have no float arguments).
-A backward op returns a list holding only the gradients asked for, since a custom op cannot return None.
+A backward op returns a list holding only the gradients asked for, since a custom op cannot return None. The
+fakes promise row-major outputs; the backends write them so (for any layout of ``dout``), and opcheck in the
+tests holds them to it.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ def block_backward(
     needs: list[bool],
 ) -> list[Tensor]:
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
-    dout = dout.contiguous()  # so every gradient is row-major, as the fake promises
     grads = backends.select(dout).block_backward(dout, x, h, out, w1, w2, ws, tuple(needs))
     return [g for g in grads if g is not None]
 
@@ -122,7 +123,6 @@ def linear_residual_relu_backward(
     dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: list[bool]
 ) -> list[Tensor]:
     """The gradients ``(dh, dw, db, dresidual)`` that ``needs`` asks for, in that order."""
-    dout = dout.contiguous()  # so every gradient is row-major, as the fake promises
     grads = backends.select(dout).linear_residual_relu_backward(dout, h, out, w, tuple(needs))
     return [g for g in grads if g is not None]
 
