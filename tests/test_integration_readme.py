@@ -1,0 +1,56 @@
+"""The examples of README.md's "Using it in your model" run as written (CPU; the torch backend by default)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Compiling goes through a deprecated torch.jit helper in recent PyTorch; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION = "## Using it in your model"
+
+
+def examples() -> list[str]:
+    text = README.read_text()
+    assert SECTION in text, f"README.md has no section {SECTION!r}"
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+
+
+SINGLE_PROCESS = [code for code in examples() if "init_process_group" not in code]
+DISTRIBUTED = [code for code in examples() if "init_process_group" in code]
+
+
+def test_the_section_has_an_example_for_each_topic():
+    code = "\n".join(examples())
+    for needle in ("fr.fuse(", "torch.compile(", "torch.autocast(", "checkpoint(", "save_on_cpu(",
+                   "inference_mode(", "torch.save(", "torch.load(", "copy.deepcopy(", "DistributedDataParallel(",
+                   "fully_shard("):
+        assert needle in code, needle
+
+
+@pytest.mark.parametrize("code", SINGLE_PROCESS, ids=[f"example{i}" for i in range(len(SINGLE_PROCESS))])
+def test_example_runs(code, tmp_path, monkeypatch, use_backend):
+    use_backend("auto")
+    monkeypatch.chdir(tmp_path)  # examples that save files write them here
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.__version__ < "2.8", reason="FSDP2 on CPU needs gloo's reduce_scatter (PyTorch >= 2.8)")
+def test_distributed_example_runs_under_torchrun(tmp_path):
+    (code,) = DISTRIBUTED
+    script = tmp_path / "train.py"
+    script.write_text(code)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
