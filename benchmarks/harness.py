@@ -469,6 +469,8 @@ def run_case(case: Case, benchmark, settings: Settings) -> None:
                 flops=flops, bytes=nbytes)
     if case.impl == "fused":
         info["backend"] = backend_name(case)
+    if hasattr(os, "getloadavg"):
+        info["loadavg_1m"] = os.getloadavg()[0]  # other work on the machine makes timings noisy
 
     budget = 512 << 20
     if cuda:

@@ -326,6 +326,11 @@ def render(sections: list[Section], timer: str, plots: dict[str, list[str]]) -> 
     for section in sections:
         t = section_timer(section, timer)
         out += [f"## {section.title}", "", *_source_lines(section), "", f"Timer: {_timer_text(t)}.", ""]
+        loads = [r.extra["loadavg_1m"] for row in section.rows.values() for r in row.records.values()
+                 if r.extra.get("loadavg_1m") is not None]
+        if loads:
+            out += [f"Machine load (1-minute average) when each benchmark started: {min(loads):.2f} to "
+                    f"{max(loads):.2f} (other processes share the cores: read ratios with that in mind).", ""]
         ordered = [section.rows[k] for k in sorted(section.rows)]
         for kind, title in (("block", "Residual block"), ("net", "Whole net (blocks x rows x width)")):
             rows = [r for r in ordered if r.kind == kind]
@@ -397,6 +402,9 @@ def plot(section: Section, timer: str, out_dir: Path) -> list[str]:
             continue
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
+        widths = sorted({r.width for r in rows})
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.minorticks_off()
         ax.set_xlabel("width (in = out features)")
         ax.set_ylabel("speed-up of fused (time ratio)")
         ax.set_title(f"{section.device_name} ({section.device}), {dtype}, {mode}", fontsize=10)
