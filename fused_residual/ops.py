@@ -16,9 +16,10 @@ Why ``custom_op`` and not ``triton_op``: the ops are opaque to Inductor, so the 
 ``FUSED_RESIDUAL_BACKEND`` at every call), the Triton launch code and its autotuning run exactly as in eager,
 on any device; tensors written by Triton and saved for backward need no special handling, and no Python
 float is turned into an fp64 kernel argument by Inductor's codegen (the schemas have no float arguments).
-A backward op returns a list holding only the gradients asked for, since a custom op cannot return None. The
-fakes promise row-major outputs; the backends write them so (for any layout of ``dout``), and opcheck in the
-tests holds them to it.
+A backward op returns a list holding only the gradients asked for, since a custom op cannot return None.
+The fakes promise row-major outputs, which Inductor plans its memory by; the backends promise no layout (eager
+autograd takes any), so the ops make sure with ``.contiguous()`` (free for the row-major tensors both backends
+write today).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """``(out, h)`` of the block for 2-D ``x``."""
-    return backends.select(x).block_forward(x, w1, b1, w2, b2, ws)
+    out, h = backends.select(x).block_forward(x, w1, b1, w2, b2, ws)
+    return out.contiguous(), h.contiguous()
 
 
 @block_forward.register_fake
@@ -69,7 +71,7 @@ def block_backward(
 ) -> list[Tensor]:
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
     grads = backends.select(dout).block_backward(dout, x, h, out, w1, w2, ws, tuple(needs))
-    return [g for g in grads if g is not None]
+    return [g.contiguous() for g in grads if g is not None]
 
 
 @block_backward.register_fake
@@ -88,7 +90,7 @@ def _setup_block(ctx, inputs, output) -> None:
 
 
 def _block_backward(ctx, dout, _dh):
-    needs = ctx.needs_input_grad
+    needs = tuple(ctx.needs_input_grad[:6])  # (older PyTorch appended a flag for an internal argument)
     if dout is None:
         return (None,) * len(needs)
     return _spread(torch.ops.fused_residual.block_backward(dout, *ctx.saved_tensors, list(needs)), needs)
@@ -106,7 +108,7 @@ block_forward.register_autograd(_block_backward, setup_context=_setup_block)
 )
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h @ w.T + b + residual)`` for 2-D ``h`` and ``residual``."""
-    return backends.select(h).linear_residual_relu_forward(h, w, b, residual)
+    return backends.select(h).linear_residual_relu_forward(h, w, b, residual).contiguous()
 
 
 @linear_residual_relu_forward.register_fake
@@ -124,7 +126,7 @@ def linear_residual_relu_backward(
 ) -> list[Tensor]:
     """The gradients ``(dh, dw, db, dresidual)`` that ``needs`` asks for, in that order."""
     grads = backends.select(dout).linear_residual_relu_backward(dout, h, out, w, tuple(needs))
-    return [g for g in grads if g is not None]
+    return [g.contiguous() for g in grads if g is not None]
 
 
 @linear_residual_relu_backward.register_fake
@@ -141,7 +143,7 @@ def _setup_linear(ctx, inputs, output) -> None:
 
 
 def _linear_backward(ctx, dout):
-    needs = ctx.needs_input_grad
+    needs = tuple(ctx.needs_input_grad[:4])
     if dout is None:
         return (None,) * len(needs)
     return _spread(torch.ops.fused_residual.linear_residual_relu_backward(dout, *ctx.saved_tensors, list(needs)), needs)

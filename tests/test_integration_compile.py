@@ -18,6 +18,9 @@ import fused_residual as fr
 from fused_residual import ops
 
 HAS_TRITON_BACKEND = importlib.util.find_spec("fused_residual.triton_backend") is not None
+# The device of the backend-parametrized tests: CUDA where there is one, else the CPU, where the Triton kernels
+# run in the interpreter (conftest sets TRITON_INTERPRET=1 there).
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 # The torch backend everywhere; the Triton kernels too where they can run (here: the interpreter, float32).
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not HAS_TRITON_BACKEND, reason="fused_residual/triton_backend.py is not in this checkout yet"))]
@@ -66,7 +69,7 @@ def assert_matches_reference(model, compiled, x, dout, scale=2.0):
 
 
 def make_block_inputs(rows=7, in_features=6, features=6, projection=False, bias=True, requires_grad=True,
-                      device="cpu", dtype=torch.float32):
+                      device=DEVICE, dtype=torch.float32):
     torch.manual_seed(0)
 
     def make(*shape):
@@ -109,7 +112,7 @@ def test_opcheck_block_ops(use_backend, backend, variant):
 def test_opcheck_single_layer_ops(use_backend, backend):
     use_backend(backend)
     torch.manual_seed(0)
-    h, w, b, r = (torch.randn(*s, requires_grad=True) for s in ((5, 4), (6, 4), (6,), (5, 6)))
+    h, w, b, r = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((5, 4), (6, 4), (6,), (5, 6)))
     torch.library.opcheck(LINEAR_OPS[0], (h, w, b, r))
     torch.library.opcheck(LINEAR_OPS[0], (h, w, None, r.detach()))
     out = ops.linear_residual_relu_forward(h.detach(), w.detach(), b.detach(), r.detach())
@@ -132,10 +135,10 @@ def test_op_schemas_take_no_float_scalars():
 def test_compiled_net_has_our_ops_in_one_graph_and_matches_eager(use_backend, backend):
     use_backend(backend)
     torch.manual_seed(1)
-    net = fr.FusedResidualNet(5, 16, 3, 2)
+    net = fr.FusedResidualNet(5, 16, 3, 2, device=DEVICE)
     graphs: list = []
     compiled = torch.compile(net, fullgraph=True, backend=graph_recorder(graphs))  # fullgraph: a break raises
-    assert_matches_reference(net, compiled, torch.randn(9, 5), torch.randn(9, 3))
+    assert_matches_reference(net, compiled, torch.randn(9, 5, device=DEVICE), torch.randn(9, 3, device=DEVICE))
     assert len(graphs) == 2, "one forward and one backward graph"
     assert set(BLOCK_OPS) <= called_ops(graphs)
     forward_ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
