@@ -2,8 +2,8 @@
 
 ``functional`` routes here only while Dynamo traces (``torch.compiler.is_compiling()``); eager calls go
 straight to ``autograd`` (a registered op costs a dispatcher round trip per call). The ops hold no math: each
-implementation is one call into ``backends.select(device)``, the same functions the eager path calls, and
-their autograd uses the eager path's saving and gradient helpers (``autograd.save_block`` and friends).
+implementation is one call into ``backends.select(x)``, the same functions the eager path calls, and their
+autograd keeps the same tensors as the eager path (``autograd.save_block`` / ``autograd.save_linear``).
 
 Ops (all tensors 2-D; ``functional`` validates and ``residual_block`` / ``linear_residual_relu`` below flatten):
 
@@ -12,14 +12,17 @@ Ops (all tensors 2-D; ``functional`` validates and ``residual_block`` / ``linear
 - ``fused_residual::linear_residual_relu_forward(h, w, b?, residual) -> out``
 - ``fused_residual::linear_residual_relu_backward(dout, h?, out, w, needs) -> [the grads ``needs`` asks for]``
 
+Unlike the eager ``autograd.Function``, which keeps its forward's backend for backward, the backward ops ask
+``backends.select`` again when they run (a compiled graph cannot carry a module object): both backends keep the
+same tensors, so changing ``FUSED_RESIDUAL_BACKEND`` between a forward and its backward is still correct.
+
 Why ``custom_op`` and not ``triton_op``: the ops are opaque to Inductor, so the backend (read from
 ``FUSED_RESIDUAL_BACKEND`` at every call), the Triton launch code and its autotuning run exactly as in eager,
 on any device; tensors written by Triton and saved for backward need no special handling, and no Python
 float is turned into an fp64 kernel argument by Inductor's codegen (the schemas have no float arguments).
 A backward op returns a list holding only the gradients asked for, since a custom op cannot return None.
 The fakes promise row-major outputs, which Inductor plans its memory by; the backends promise no layout (eager
-autograd takes any), so the ops make sure with ``.contiguous()`` (free for the row-major tensors both backends
-write today).
+autograd takes any), so the ops make sure with ``.contiguous()`` (free where a backend wrote them row-major).
 """
 
 from __future__ import annotations
