@@ -48,11 +48,13 @@ def linear_residual_relu_backward(
 
 
 def block_forward(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
+    need_h: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """``h = relu(x W1^T + b1)``; ``out = relu(h W2^T + b2 + shortcut)``, shortcut ``x`` or ``x Ws^T``.
 
-    Returns ``(out, h)``.
+    Returns ``(out, h)``. ``need_h=False`` says the caller will not keep ``h`` (inference): a backend may then
+    return None for it (this one always has it).
     """
     h = linear_relu(x, w1, b1)
     if ws is None:

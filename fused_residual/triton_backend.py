@@ -13,6 +13,11 @@ backward  g2  = dout * (out > 0)                        one elementwise pass (at
           dW1 = g1^T x, db1 = rows of g1^T              same;  dWs = g2^T x
 
 Zero-size batches return before any launch.
+
+Whole-block kernels (``kernels/whole_block.py``) replace the two-GEMM sequence where the weights fit on chip.
+The one rule: identity shortcut, and the width padded to a power of two >= 16 is at most
+``MAX_FORWARD_WIDTH[element size]`` (forward; also its shared-memory bound within the device's opt-in shared
+memory per block, read from the device) or ``max_backward_width(device capability)`` (backward).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
+from .kernels import whole_block
 from .kernels.fused_linear import fused_linear
 
 _relu_backward = torch.ops.aten.threshold_backward
@@ -41,10 +47,43 @@ def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residua
     return fused_linear(h, w.t(), bias=b, residual=residual, relu=True)[0]
 
 
+@functools.cache
+def _max_shared_memory(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device`` (the interpreter has no limit that matters)."""
+    if device.type != "cuda":
+        return 1 << 30
+    import triton
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def whole_block_forward_fits(x: Tensor, ws: Tensor | None) -> bool:
+    if ws is not None:
+        return False
+    width, size = whole_block.padded_width(x.shape[1]), x.element_size()
+    return (width <= whole_block.MAX_FORWARD_WIDTH[size]
+            and whole_block.forward_shared_bytes(width, 128, size) <= _max_shared_memory(x.device))
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+
+
+def whole_block_backward_fits(out: Tensor, ws: Tensor | None) -> bool:
+    return ws is None and (whole_block.padded_width(out.shape[1])
+                           <= whole_block.max_backward_width(_capability(out.device)))
+
+
 def block_forward(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """``(out, h)`` of the block; see ``fallback.block_forward``."""
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
+    need_h: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``(out, h)`` of the block; see ``fallback.block_forward``. ``h`` is None when not ``need_h`` and the
+    whole-block kernel kept it on chip."""
+    if whole_block_forward_fits(x, ws):
+        return whole_block.forward(x, w1, b1, w2, b2, store_h=need_h)
     h = linear_relu(x, w1, b1)
     if ws is None:
         return linear_residual_relu_forward(h, w2, b2, x), h
@@ -99,6 +138,12 @@ def block_backward(
 ) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``fallback.block_backward``."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
+    need_weights = need_w1 or need_b1 or need_w2 or need_b2
+    if whole_block_backward_fits(out, ws) and (need_x or need_weights):
+        dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, h, x, w1, w2, need_dx=need_x,
+                                                      need_weights=need_weights)
+        return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
+                db2 if need_b2 else None, None)
     g2 = _relu_backward(dout, out, 0)
     dw2, db2 = _weight_grad(g2, h, need_w2, need_b2, w2.dtype)
     dws = _weight_grad(g2, x, True, False, ws.dtype)[0] if need_ws else None

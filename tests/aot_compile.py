@@ -53,34 +53,75 @@ def fused_linear_cases():
                            "cap": cap, "dtype": dtype, "config": list(config)}
 
 
+def whole_block_cases():
+    from fused_residual.kernels import whole_block as wb
+
+    for cap in ARCHS:
+        for dtype, size in DTYPES.items():
+            for width in (16, 32, 64, 128):
+                if width <= wb.MAX_FORWARD_WIDTH[size]:
+                    for block_m, warps in wb.forward_configs(width):
+                        yield {"kernel": "whole_block_forward", "variant": f"width{width}", "cap": cap,
+                               "dtype": dtype, "config": [block_m, width, width, 1, warps],
+                               "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_H": True, "WIDTH": width,
+                                         "BLOCK_M": block_m}}
+                if width <= wb.max_backward_width((cap // 10, cap % 10)):
+                    block_m, warps = wb.backward_config(width, size)
+                    yield {"kernel": "whole_block_backward", "variant": f"width{width}", "cap": cap,
+                           "dtype": dtype, "config": [block_m, width, width, 1, warps],
+                           "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "WIDTH": width, "BLOCK_M": block_m}}
+
+
 def _compile(case: dict) -> dict:
-    import triton
+    if case["kernel"] != "fused_linear":
+        return _compile_whole_block(case)
+
     from fused_residual.kernels import fused_linear as fl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     kernel = fl.fused_linear_kernel
     names = list(kernel.arg_names)
-    block_m, block_n, block_k, stages, warps = case["config"]
+    block_m, block_n, block_k, _, _ = case["config"]
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "HAS_GATE": False,
              "APPLY_RELU": False, "HAS_ROWSUM": False, "SPLIT_K": 1, **case["flags"]}
-    precision = "tf32" if case["dtype"] == "fp32" else "ieee"
-    constexprs = {**flags, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                  "BLOCK_K": block_k, "GROUP_M": 8}
+    constexprs = {**flags, "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee",
+                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
     constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]]})
+    fp32_out = ("rowsum_ptr",) + (("c_ptr",) if flags["SPLIT_K"] > 1 else ())
+    return _build(case, kernel, names, constexprs, lambda arg: "*fp32" if arg in fp32_out else f"*{case['dtype']}")
+
+
+def _compile_whole_block(case: dict) -> dict:
+    """The whole-block kernels at a typical launch: row-major tensors (unit feature strides)."""
+    from fused_residual.kernels import whole_block as wb
+
+    forward = case["kernel"] == "whole_block_forward"
+    kernel = wb.whole_block_forward_kernel if forward else wb.whole_block_backward_kernel
+    names = list(kernel.arg_names)
+    constexprs = {**case["flags"], "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee"}
+    constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith(("f", "k"))})
+    float_workspaces = ("dw1_ptr", "dw2_ptr", "db1_ptr", "db2_ptr")
+    return _build(case, kernel, names, constexprs, lambda arg: "*fp32" if arg in float_workspaces
+                  else f"*{case['dtype']}")
+
+
+def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     signature, attrs = {}, {}
     for i, arg in enumerate(names):
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg in ("rowsum_ptr",) or (arg == "c_ptr" and flags["SPLIT_K"] > 1) \
-                else f"*{case['dtype']}"
+            signature[arg] = pointer_type(arg)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "i32"
-            if arg.startswith("stride") or arg in ("M", "N", "K", "K2"):
+            if arg.startswith("stride") or arg in ("M", "N", "K", "K2", "F"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     result = dict(case)
+    _, _, _, stages, warps = case["config"]
     try:
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", case["cap"], 32),
@@ -122,7 +163,7 @@ def main(out_path: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("aot_compile.py must run without TRITON_INTERPRET")
     only = os.environ.get("AOT_ONLY", "")  # substring filter on "cap-dtype-config-variant", for development
-    cases = [c for c in fused_linear_cases()
+    cases = [c for c in (*fused_linear_cases(), *whole_block_cases())
              if only in f"{c['cap']}-{c['dtype']}-{c['config']}-{c['variant']}"]
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         results = list(pool.map(_compile, cases, chunksize=4))

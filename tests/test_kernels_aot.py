@@ -46,11 +46,23 @@ def test_every_case_compiles(compiled):
 
 
 def test_every_arch_dtype_and_variant_is_covered(compiled):
+    from fused_residual.kernels import fused_linear, whole_block
+
     results, limits = compiled
-    seen = {(c["cap"], c["dtype"], c["variant"]) for c in results}
-    variants = {c["variant"] for c in results}
-    assert {cap for cap, _, _ in seen} == set(limits) == {90, 80}
-    assert len(seen) == len(limits) * 3 * len(variants) and len(variants) >= 6
+    assert set(limits) == {90, 80}
+    seen = {(c["kernel"], c["cap"], c["dtype"], c["variant"]) for c in results}
+    for cap in limits:
+        for dtype, size in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+            for variant in {v for k, _, _, v in seen if k == "fused_linear"}:
+                assert ("fused_linear", cap, dtype, variant) in seen
+            configs = {tuple(c["config"]) for c in results
+                       if c["kernel"] == "fused_linear" and c["cap"] == cap and c["dtype"] == dtype}
+            assert configs == set(fused_linear.config_table((cap // 10, 0), size))
+            for width in (16, 32, 64, 128):
+                forward = ("whole_block_forward", cap, dtype, f"width{width}") in seen
+                assert forward == (width <= whole_block.MAX_FORWARD_WIDTH[size])
+                backward = ("whole_block_backward", cap, dtype, f"width{width}") in seen
+                assert backward == (width <= whole_block.max_backward_width((cap // 10, 0)))
 
 
 def test_shared_memory_fits_the_device(compiled):

@@ -137,7 +137,9 @@ def test_empty_problems_launch_nothing_and_are_correct(monkeypatch):
 
 
 def count_launches(monkeypatch):
-    """Counts launches of the fused-linear kernel (autotuned or fixed-config)."""
+    """Counts launches of every Triton kernel of the package (autotuned or fixed-config)."""
+    from fused_residual.kernels import whole_block
+
     count = {"n": 0}
 
     class Counting:
@@ -148,23 +150,30 @@ def count_launches(monkeypatch):
             count["n"] += 1
             return self.kernel[grid]
 
-    monkeypatch.setattr(fl, "fused_linear_kernel", Counting(fl.fused_linear_kernel))
-    monkeypatch.setattr(fl, "fused_linear_autotuned", Counting(fl.fused_linear_autotuned))
+    for module, names in ((fl, ("fused_linear_kernel", "fused_linear_autotuned")),
+                          (whole_block, ("whole_block_forward_kernel", "whole_block_forward_autotuned",
+                                         "whole_block_backward_kernel"))):
+        for name in names:
+            monkeypatch.setattr(module, name, Counting(getattr(module, name)))
     return lambda: count["n"]
 
 
-def test_the_block_really_runs_the_kernels(monkeypatch, use_backend):
+@pytest.mark.parametrize("width,forward_launches,backward_launches", [(12, 1, 1), (200, 2, 4)],
+                         ids=["whole_block", "two_gemm"])
+def test_the_block_really_runs_the_kernels(monkeypatch, use_backend, width, forward_launches, backward_launches):
     import fused_residual as fr
 
     use_backend("triton")
     launches = count_launches(monkeypatch)
     torch.manual_seed(0)
-    block = fr.FusedResidualBlock(12, 12, device=DEVICE)
-    x = torch.randn(9, 12, device=DEVICE, requires_grad=True)
+    block = fr.FusedResidualBlock(width, width, device=DEVICE)
+    x = torch.randn(9, width, device=DEVICE, requires_grad=True)
     out = block(x)
-    assert launches() == 2  # linear1 + ReLU, linear2 + residual + ReLU
+    # whole block: one kernel; two GEMMs: linear1 + ReLU, linear2 + residual + ReLU
+    assert launches() == forward_launches
     out.sum().backward()
-    assert launches() == 2 + 4  # g1, dx, dW2 (+db2), dW1 (+db1)
+    # whole block: one kernel; two GEMMs: g1, dx, dW2 (+db2), dW1 (+db1)
+    assert launches() == forward_launches + backward_launches
     with torch.no_grad():
-        block(torch.randn(0, 12, device=DEVICE))
-    assert launches() == 6  # an empty batch launches nothing
+        block(torch.randn(0, width, device=DEVICE))
+    assert launches() == forward_launches + backward_launches  # an empty batch launches nothing

@@ -25,16 +25,24 @@ import fused_residual as fr
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 HALF = (torch.float16, torch.bfloat16)
 # (backend, dtype) pairs that make sense on this machine; the interpreter has no bfloat16 and fp64 dot.
-CASES = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32), ("triton", torch.float16)]
+# "triton" takes the whole-block kernels where the width allows (all widths here); "triton-gemm" forces the
+# two-GEMM kernels.
+CASES = [("torch", torch.float64), ("torch", torch.float32)] + [
+    (b, d) for b in ("triton", "triton-gemm") for d in (torch.float32, torch.float16)]
 if HAS_CUDA:
-    CASES += [("torch", torch.bfloat16), ("triton", torch.bfloat16)]
+    CASES += [("torch", torch.bfloat16), ("triton", torch.bfloat16), ("triton-gemm", torch.bfloat16)]
 CASE_IDS = [f"{b}-{str(d).removeprefix('torch.')}" for b, d in CASES]
 
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
-def case(request, use_backend):
+def case(request, use_backend, monkeypatch):
     backend, dtype = request.param
-    use_backend(backend)
+    use_backend(backend.removesuffix("-gemm"))
+    if backend == "triton-gemm":
+        from fused_residual import triton_backend
+
+        monkeypatch.setattr(triton_backend, "whole_block_forward_fits", lambda x, ws: False)
+        monkeypatch.setattr(triton_backend, "whole_block_backward_fits", lambda out, ws: False)
     if dtype in (torch.float16, torch.bfloat16) and DEVICE == "cpu" and backend == "torch":
         pytest.skip("half precision on the CPU torch backend is not a target")
     return backend, dtype

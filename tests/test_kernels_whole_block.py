@@ -1,0 +1,120 @@
+"""The whole-block kernels (forward with h kept on chip or stored; fused backward), in the interpreter or on GPU.
+
+Checked against float64 math written here, on odd and tiny widths (padded inside the kernel), ragged row
+counts, non-contiguous inputs and NaN-poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, RELU_TIE_BAND, assert_close
+
+from fused_residual import backends
+
+pytestmark = pytest.mark.interpreter
+
+if not backends.triton_available():
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from fused_residual.kernels import whole_block  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+WIDTHS = [1, 5, 10, 17, 48, 64]
+ROWS = [1, 33, 130]
+
+
+def params(width, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: (torch.randn(*shape, generator=g) / max(1, width) ** 0.5).to(DEVICE, dtype)
+    x = torch.randn(max(ROWS), width, generator=g).to(DEVICE, dtype)
+    return x, make(width, width), make(width), make(width, width), make(width)
+
+
+def nan_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("width", WIDTHS + [128])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("store_h", [True, False], ids=["training", "inference"])
+def test_forward(dtype, width, rows, store_h):
+    if width > whole_block.MAX_FORWARD_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
+        pytest.skip("wider than the forward kernel takes at this dtype")
+    x, w1, b1, w2, b2 = params(width, dtype, seed=width * 100 + rows)
+    x = x[:rows]
+    out, h = nan_like(x), nan_like(x)
+    got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_h=store_h, out=out, h=h if store_h else None)
+    assert got_out is out and (got_h is h if store_h else got_h is None)
+    assert not out.isnan().any(), "unwritten output elements"
+    h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
+    out64 = torch.relu(h64 @ w2.double().t() + b2.double() + x.double())
+    scale = max(1.0, width / 16)
+    assert_close(out, out64, "out", scale=scale)
+    if store_h:
+        assert not h.isnan().any()
+        assert_close(h, h64, "h", scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["all", "dx", "weights"])
+def test_backward(dtype, width, rows, needs):
+    need_dx, need_weights = needs
+    x, w1, b1, w2, b2 = params(width, dtype, seed=width * 7 + rows)
+    x = x[:rows]
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_h=True)
+    dout = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)).to(DEVICE, dtype)
+    dx_out = nan_like(x) if need_dx else None
+    dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, h, x, w1, w2, need_dx=need_dx,
+                                                  need_weights=need_weights, dx=dx_out)
+
+    # float64 gradients of the block at the kernels' own h and out; ReLU decisions within the dtype's rounding
+    # band of 0 follow the kernels (see conftest.block_reference), all others are float64's.
+    band = RELU_TIE_BAND[dtype]
+    leaves = [t.double().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+    xd, w1d, b1d, w2d, b2d = leaves
+    pre1 = xd @ w1d.t() + b1d
+    hd = pre1 * torch.where(pre1.abs() <= band, h.double() > 0, pre1 > 0)
+    pre2 = hd @ w2d.t() + b2d + xd
+    outd = pre2 * torch.where(pre2.abs() <= band, out.double() > 0, pre2 > 0)
+    expected = torch.autograd.grad(outd, leaves, dout.double())
+    scale = max(4.0, rows / 8)
+    if need_dx:
+        assert dx is dx_out and not dx.isnan().any()
+        assert_close(dx, expected[0], "dx", scale=scale)
+    else:
+        assert dx is None
+    if need_weights:
+        for name, got, want in zip(("dW1", "db1", "dW2", "db2"), (dw1, db1, dw2, db2), expected[1:], strict=True):
+            assert got.dtype == dtype
+            assert_close(got, want, name, scale=scale)
+        again = whole_block.backward(dout, out, h, x, w1, w2, need_dx=False, need_weights=True)
+        assert all(torch.equal(a, b) for a, b in zip(again[1:], (dw1, db1, dw2, db2), strict=True)), \
+            "weight gradients must be deterministic"
+    else:
+        assert dw1 is None and dw2 is None
+
+
+def test_non_contiguous_operands():
+    dtype, width, rows = torch.float32, 24, 50
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(width, rows, generator=g).to(DEVICE).t()  # transposed
+    w1 = torch.randn(width, 2 * width, generator=g).to(DEVICE)[:, ::2] / 5
+    w2 = torch.randn(width, width, generator=g).to(DEVICE).t() / 5
+    b1, b2 = torch.randn(width, generator=g).to(DEVICE), torch.randn(width, generator=g).to(DEVICE)
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_h=True)
+    h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
+    assert_close(out, torch.relu(h64 @ w2.double().t() + b2.double() + x.double()), "out", scale=2)
+    assert out.dtype == dtype
+
+
+def test_empty_batch():
+    x, w1, b1, w2, b2 = params(8, torch.float32, seed=0)
+    out, h = whole_block.forward(x[:0], w1, b1, w2, b2, store_h=True)
+    assert out.shape == h.shape == (0, 8)
+    dx, dw1, db1, dw2, db2 = whole_block.backward(out, out, h, x[:0], w1, w2, need_dx=True, need_weights=True)
+    assert dx.shape == (0, 8) and not dw1.any() and not db2.any()
