@@ -3,8 +3,8 @@
 1. Modules: the eager reference from one seed; every other implementation loads its state_dict (or shares its
    weights), so all compute the same function.
 2. Inputs: rotated among enough copies to leave the last-level cache (L2 on CUDA), fixed ``dout`` per copy.
-3. Parity before timing: output (and in training every gradient) against the eager reference, as
-   ``max |impl - eager| / max |eager|`` per tensor; over ``PARITY_TOLERANCE`` the benchmark fails.
+3. Parity before timing: the output element-wise and every tensor (gradients in training) norm-wise against
+   the eager reference; over ``PARITY_TOLERANCE`` the benchmark fails.
 4. Memory: peak CUDA memory of one step; on CPU the bytes the training step saves for backward
    (saved-tensor hooks, unique storages).
 5. Timing: warm-up calls absorb compilation, autotuning and CUDA-graph recording; pytest-benchmark times
@@ -37,14 +37,17 @@ from .cases import REFERENCE, Case
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# max |impl - eager| / max |eager| per tensor, by (device, dtype). CUDA fp32 admits TF32 (Triton's default for
-# float32 dots), fp16/bf16 the rounding of both sides through a net's blocks. A wrong answer (a missing bias,
-# residual or mask, an unwritten tail) is off by O(1).
+# (output tolerance, norm-wise tolerance) by (device, dtype). The output is compared element-wise,
+# ``max |impl - eager| / max |eager|``: an unwritten tail or a missing bias shows. Every tensor, gradients
+# included, is also compared norm-wise, ``||impl - eager|| / ||eager||``: two correct implementations may round
+# a pre-activation within ~1 ulp of zero to opposite sides, and that ReLU mask flip changes a whole row of dx
+# (seen: one flip in 16384 x 64 x 8 blocks, fp32, gave a 4e-2 element-wise error in dx, 5e-4 norm-wise in dx and
+# 3e-3 in that layer's weight gradient). CUDA fp32 admits TF32 (Triton's default for float32 dots).
 PARITY_TOLERANCE = {
-    ("cpu", "fp32"): 1e-4,
-    ("cuda", "fp32"): 5e-3,
-    ("cuda", "fp16"): 2e-2,
-    ("cuda", "bf16"): 5e-2,
+    ("cpu", "fp32"): (1e-4, 2e-2),
+    ("cuda", "fp32"): (5e-3, 2e-2),
+    ("cuda", "fp16"): (2e-2, 5e-2),
+    ("cuda", "bf16"): (5e-2, 1e-1),
 }
 SEED = 0
 MIN_ROUNDS, MAX_ROUNDS = 5, 5000
@@ -224,10 +227,10 @@ def working_set_bytes(case: Case) -> int:
 # ------------------------------------------------------------------------------------------------ parity
 
 
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    """``max |actual - expected| / max |expected|`` over finite entries; inf if shapes or non-finite entries
-    differ."""
-    a, e = actual.detach().float(), expected.detach().float()
+def relative_error(actual: Tensor, expected: Tensor, norm: str = "max") -> float:
+    """``max |a - e| / max |e|`` (``norm="max"``) or ``||a - e|| / ||e||`` (``norm="l2"``) over the finite
+    entries; inf if the shapes differ or the non-finite entries do not match exactly."""
+    a, e = actual.detach().double(), expected.detach().double()
     if a.shape != e.shape:
         return math.inf
     finite = torch.isfinite(e)
@@ -235,9 +238,12 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
         return math.inf
     if not finite.any():
         return 0.0
-    diff = (a[finite] - e[finite]).abs().max().item()
-    scale = e[finite].abs().max().item()
-    return diff / scale if scale > 0 else diff
+    diff, ref = a[finite] - e[finite], e[finite]
+    if norm == "l2":
+        num, den = diff.norm().item(), ref.norm().item()
+    else:
+        num, den = diff.abs().max().item(), ref.abs().max().item()
+    return num / den if den > 0 else num
 
 
 def _results(run: Runner, module: nn.Module | None, x: Tensor, dout: Tensor | None) -> dict[str, Tensor]:
@@ -252,19 +258,22 @@ def _results(run: Runner, module: nn.Module | None, x: Tensor, dout: Tensor | No
 
 
 def check_parity(case: Case, impl: Impl, reference: nn.Module, x: Tensor, dout: Tensor | None) -> dict[str, float]:
-    """Relative error of each output/gradient against the eager reference; raises if one is off."""
+    """Errors of the output (element-wise and norm-wise) and of each gradient (norm-wise) against the eager
+    reference, as ``{"out": .., "out_l2": .., "dx_l2": .., ...}``; raises AssertionError if one is over its
+    tolerance."""
     expected = _results(_module_runner(reference, reference, case.mode), reference, x, dout)
     actual = _results(impl.run, impl.module, x, dout)
-    tolerance = PARITY_TOLERANCE[(case.device, case.dtype)]
-    errors = {name: relative_error(actual[name], want) if name in actual else math.inf
-              for name, want in expected.items()}
-    bad = {name: err for name, err in errors.items() if not err <= tolerance}
+    out_tol, l2_tol = PARITY_TOLERANCE[(case.device, case.dtype)]
+    missing = math.inf
+    errors = {"out": relative_error(actual["out"], expected["out"])}
+    tolerances = {"out": out_tol}
+    for name, want in expected.items():
+        errors[f"{name}_l2"] = relative_error(actual[name], want, "l2") if name in actual else missing
+        tolerances[f"{name}_l2"] = l2_tol
+    bad = {name: err for name, err in errors.items() if not err <= tolerances[name]}
     if bad:
-        listing = ", ".join(f"{name}: {err:.2e}" for name, err in bad.items())
-        raise AssertionError(
-            f"{case.id}: differs from the eager reference (max |diff| / max |ref|, tolerance {tolerance:.0e}): "
-            f"{listing}"
-        )
+        listing = ", ".join(f"{name}: {err:.2e} (tolerance {tolerances[name]:.0e})" for name, err in bad.items())
+        raise AssertionError(f"{case.id}: differs from the eager reference: {listing}")
     return errors
 
 
@@ -497,7 +506,7 @@ def run_case(case: Case, benchmark, settings: Settings) -> None:
     if impl.checks_parity:
         errors = check_parity(case, impl, reference, x0, dout0)
         info["parity"] = errors
-        info["parity_max"] = max(errors.values())
+        info["parity_out"] = errors["out"]
     if impl.compiled:
         info["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
         assert info["compiled_graphs"] > 0, f"{case.id}: torch.compile captured no graph"

@@ -12,6 +12,7 @@ fraction of the ceilings measured in the same run (a 1 GiB device-to-device copy
 
 Timer: ``auto`` (default) takes the do_bench medians (CUDA events, L2 flushed) for a device whose results all
 have them, else the pytest-benchmark medians (host clock around step + synchronize); or choose one.
+``--stat min`` uses the pytest-benchmark minimum instead of the median (steadier on a shared machine).
 Reads only extra_info written by ``benchmarks/harness.py``: impl, device, device_name, dtype, mode, kind,
 rows, width, blocks, flops, bytes, peak_bytes, saved_bytes, do_bench_ms, ceilings.
 """
@@ -55,7 +56,7 @@ class Record:
     width: int
     blocks: int
     impl: str
-    median_s: float | None
+    host_s: float | None  # the chosen pytest-benchmark statistic (default: median), seconds
     do_bench_ms: float | None
     extra: dict = field(default_factory=dict)
 
@@ -88,6 +89,7 @@ class Section:
 
     device: str
     device_name: str
+    stat: str = "median"  # the pytest-benchmark statistic used as host-clock time
     rows: dict[tuple, Row] = field(default_factory=dict)
     sources: list[dict] = field(default_factory=list)  # per JSON file: environment + ceilings
 
@@ -103,7 +105,7 @@ class Section:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _record(bench: dict) -> Record | None:
+def _record(bench: dict, stat: str = "median") -> Record | None:
     info = bench.get("extra_info") or {}
     if "impl" not in info:
         return None  # not one of ours
@@ -111,12 +113,13 @@ def _record(bench: dict) -> Record | None:
     return Record(
         device=info["device"], device_name=info.get("device_name") or info["device"], dtype=info["dtype"],
         mode=info["mode"], kind=info.get("kind", "block"), rows=int(info["rows"]), width=int(info["width"]),
-        blocks=int(info.get("blocks") or 0), impl=info["impl"], median_s=stats.get("median"),
+        blocks=int(info.get("blocks") or 0), impl=info["impl"], host_s=stats.get(stat),
         do_bench_ms=info.get("do_bench_ms"), extra=info,
     )
 
 
-def load(paths: Iterable[Path]) -> list[Section]:
+def load(paths: Iterable[Path], stat: str = "median") -> list[Section]:
+    """Results grouped by device; ``stat``: which pytest-benchmark statistic is the host-clock time."""
     sections: dict[tuple[str, str], Section] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -134,11 +137,11 @@ def load(paths: Iterable[Path]) -> list[Section]:
             "ceilings": (machine.get("ceilings") or {}).get("cuda"),
         }
         for bench in data.get("benchmarks", []):
-            record = _record(bench)
+            record = _record(bench, stat)
             if record is None:
                 continue
             section = sections.setdefault((record.device, record.device_name),
-                                          Section(record.device, record.device_name))
+                                          Section(record.device, record.device_name, stat=stat))
             if source not in section.sources:
                 section.sources.append(source)
             key = record.row_key
@@ -164,7 +167,7 @@ def seconds(record: Record | None, timer: str) -> float | None:
         return None
     if timer == "do_bench":
         return None if record.do_bench_ms is None else record.do_bench_ms * 1e-3
-    return record.median_s
+    return record.host_s
 
 
 def ratios(row: Row, timer: str) -> dict[str, float | None]:
@@ -313,9 +316,9 @@ def _source_lines(section: Section) -> list[str]:
     return lines
 
 
-def _timer_text(timer: str) -> str:
+def _timer_text(timer: str, stat: str = "median") -> str:
     return ("`triton.testing.do_bench` median (CUDA events, L2 flushed before each call)" if timer == "do_bench"
-            else "pytest-benchmark median (host clock around one step plus synchronize)")
+            else f"pytest-benchmark {stat} over rounds (host clock around one step plus synchronize)")
 
 
 def render(sections: list[Section], timer: str, plots: dict[str, list[str]]) -> str:
@@ -325,7 +328,7 @@ def render(sections: list[Section], timer: str, plots: dict[str, list[str]]) -> 
            "no epilogues): 1.00x is the floor.", ""]
     for section in sections:
         t = section_timer(section, timer)
-        out += [f"## {section.title}", "", *_source_lines(section), "", f"Timer: {_timer_text(t)}.", ""]
+        out += [f"## {section.title}", "", *_source_lines(section), "", f"Timer: {_timer_text(t, section.stat)}.", ""]
         loads = [r.extra["loadavg_1m"] for row in section.rows.values() for r in row.records.values()
                  if r.extra.get("loadavg_1m") is not None]
         if loads:
@@ -424,7 +427,8 @@ def plot(section: Section, timer: str, out_dir: Path) -> list[str]:
 def print_summary(sections: list[Section], timer: str, file=None) -> None:
     file = file or sys.stdout
     for section in sections:
-        print(f"{section.title} ({_timer_text(section_timer(section, timer)).split(' (')[0]})", file=file)
+        text = _timer_text(section_timer(section, timer), section.stat).split(" (")[0]
+        print(f"{section.title} ({text})", file=file)
         print("\n".join(_summary_table(summary(section, section_timer(section, timer)))), file=file)
         if section.device == "cpu":
             print(_cpu_target(section, section_timer(section, timer)), file=file)
@@ -437,13 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out-dir", type=Path, default=None,
                         help="where to write (default: the first JSON's folder)")
     parser.add_argument("--timer", choices=TIMERS, default="auto", help="which medians to use (default: auto)")
+    parser.add_argument("--stat", choices=("median", "min", "mean"), default="median",
+                        help="pytest-benchmark statistic for host-clock times (default: median; min resists "
+                             "other load on a shared machine)")
     parser.add_argument("--no-plots", action="store_true", help="markdown only")
     args = parser.parse_args(argv)
     for path in args.results:
         if not path.is_file():
             parser.error(f"{path}: no such file")
     try:
-        sections = load(args.results)
+        sections = load(args.results, args.stat)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         parser.error(f"cannot read the results: {err!r}")
     if not sections:

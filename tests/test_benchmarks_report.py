@@ -141,3 +141,12 @@ def test_main_rejects_missing_files_and_foreign_json(tmp_path):
     foreign.write_text(json.dumps({"benchmarks": [{"name": "x", "extra_info": {}, "stats": {"median": 1.0}}]}))
     with pytest.raises(SystemExit):
         report.main([str(foreign)])
+
+
+def test_stat_option_picks_the_pytest_benchmark_statistic(tmp_path):
+    eager, fused = bench("eager", 2.0), bench("fused", 1.0)
+    eager["stats"]["min"] = fused["stats"]["min"] = 1e-3
+    path = write_results(tmp_path / "r.json", [eager, fused])
+    assert report.ratios(only_row(report.load([path])), "pytest")["eager/fused"] == pytest.approx(2.0)
+    assert report.ratios(only_row(report.load([path], "min")), "pytest")["eager/fused"] == pytest.approx(1.0)
+    assert "pytest-benchmark min" in report.render(report.load([path], "min"), "auto", {})
