@@ -121,7 +121,8 @@ def residual_block(
     if _any_autocast_enabled() and (low := _autocast_dtype(x)) is not None:
         # The reference's last step is linear2(h) + x (promotes to x's dtype) or + shortcut(x) (stays low).
         out_dtype = low if shortcut_weight is not None else torch.promote_types(low, x.dtype)
-        x, w1, b1, w2, b2, shortcut_weight = (_autocast(t, x.device.type, low)
+        device_type = x.device.type
+        x, w1, b1, w2, b2, shortcut_weight = (_autocast(t, device_type, low)
                                                for t in (x, w1, b1, w2, b2, shortcut_weight))
     _check_operands(op, x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight})
     _check_linear(op, "x", x.shape, w1, "w1", b1)
@@ -154,7 +155,8 @@ def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tenso
     if _any_autocast_enabled() and (low := _autocast_dtype(h)) is not None:
         # As F.linear(h, w, b) + residual under autocast: the sum promotes to the residual's dtype.
         out_dtype = torch.promote_types(low, residual.dtype) if isinstance(residual, Tensor) else None
-        h, w, b, residual = (_autocast(t, h.device.type, low) for t in (h, w, b, residual))
+        device_type = h.device.type
+        h, w, b, residual = (_autocast(t, device_type, low) for t in (h, w, b, residual))
     _check_operands(op, h, {"w": w, "residual": residual}, {"b": b})
     _check_linear(op, "h", h.shape, w, "w", b)
     out_shape = (*h.shape[:-1], w.shape[0])
