@@ -28,10 +28,29 @@ def with_leading_dims(t: Tensor, like: Tensor, features: int) -> Tensor:
     return t if like.dim() == 2 else t.view(*like.shape[:-1], features)
 
 
-def block_forward(x, w1, b1, w2, b2, ws) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward of the whole block without autograd: ``(out with x's leading dims, out 2-D, h 2-D)``."""
-    out, h = backends.select(x).block_forward(rows(x), w1, b1, w2, b2, ws)
-    return with_leading_dims(out, x, w2.shape[0]), out, h
+def block_forward(x, w1, b1, w2, b2, ws) -> Tensor:
+    """Forward of the whole block without autograd (``h`` may then stay on chip): ``out``, x's leading dims."""
+    out, _ = backends.select(x).block_forward(rows(x), w1, b1, w2, b2, ws, need_h=False)
+    return with_leading_dims(out, x, w2.shape[0])
+
+
+def net_forward(x, w_in, b_in, blocks, w_out, b_out) -> Tensor:
+    """Forward of the whole net without autograd: ``linear(blocks(relu(linear(x))))``, x's leading dims.
+
+    ``blocks`` is a sequence of ``(w1, b1, w2, b2)``. Where the backend has a whole-net kernel that takes these
+    widths, it is one launch; otherwise layer after layer with the backend's fused layers.
+    """
+    backend = backends.select(x)
+    x2d = rows(x)
+    hidden = w_in.shape[0]
+    if getattr(backend, "whole_net_fits", lambda *a: False)(x2d, hidden, w_out.shape[0], b_in, blocks, b_out):
+        y = backend.whole_net_forward(x2d, w_in, b_in, blocks, w_out, b_out)
+    else:
+        a = backend.linear_relu(x2d, w_in, b_in)
+        for w1, b1, w2, b2 in blocks:
+            a, _ = backend.block_forward(a, w1, b1, w2, b2, None, need_h=False)
+        y = backend.linear(a, w_out, b_out)
+    return with_leading_dims(y, x, w_out.shape[0])
 
 
 def linear_residual_relu_forward(h, w, b, residual) -> Tensor:

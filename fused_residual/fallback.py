@@ -22,10 +22,14 @@ def _mask_inplace(grad: Tensor, activation: Tensor) -> Tensor:
     return _relu_backward.grad_input(grad, activation, 0, grad_input=grad)
 
 
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w.T + b``."""
+    return x.mm(w.t()) if b is None else torch.addmm(b, x, w.t())
+
+
 def linear_relu(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``relu(x @ w.T + b)``."""
-    h = x.mm(w.t()) if b is None else torch.addmm(b, x, w.t())
-    return h.relu_()
+    return linear(x, w, b).relu_()
 
 
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:

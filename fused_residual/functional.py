@@ -34,6 +34,11 @@ from .autograd import LinearResidualReluFunction, ResidualBlockFunction, needs_a
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
+def autocast_enabled() -> bool:
+    """Whether any autocast is on (then modules take the per-layer paths that follow its casting rules)."""
+    return _any_autocast_enabled()
+
+
 def _autocast_dtype(x: object) -> torch.dtype | None:
     """The dtype autocast runs a linear of ``x`` in, or None where no autocast applies to ``x``'s device."""
     if not isinstance(x, Tensor):
@@ -144,8 +149,37 @@ def residual_block(
     elif needs_autograd(x, w1, b1, w2, b2, shortcut_weight):
         out = ResidualBlockFunction.apply(x, w1, b1, w2, b2, shortcut_weight)
     else:
-        out = autograd.block_forward(x, w1, b1, w2, b2, shortcut_weight)[0]
+        out = autograd.block_forward(x, w1, b1, w2, b2, shortcut_weight)
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
+
+
+def residual_net_inference(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
+    w_out: Tensor,
+    b_out: Tensor | None,
+) -> Tensor:
+    """``linear(blocks(relu(linear(x))))`` for inference: no autograd, no autocast (callers check both).
+
+    ``blocks`` holds each block's ``(w1, b1, w2, b2)``. Where the widths allow, the Triton backend runs the
+    whole net in one kernel (activations never leave the chip).
+    """
+    op = "residual_net"
+    weights = {"w_in": w_in, "w_out": w_out}
+    biases = {"b_in": b_in, "b_out": b_out}
+    for i, (w1, b1, w2, b2) in enumerate(blocks):
+        weights.update({f"blocks.{i}.w1": w1, f"blocks.{i}.w2": w2})
+        biases.update({f"blocks.{i}.b1": b1, f"blocks.{i}.b2": b2})
+    _check_operands(op, x, weights, biases)
+    _check_linear(op, "x", x.shape, w_in, "w_in", b_in)
+    hidden_shape = (*x.shape[:-1], w_in.shape[0])
+    for i, (w1, b1, w2, b2) in enumerate(blocks):
+        _check_linear(op, "hidden", hidden_shape, w1, f"blocks.{i}.w1", b1)
+        _check_linear(op, "hidden", hidden_shape, w2, f"blocks.{i}.w2", b2)
+    _check_linear(op, "hidden", hidden_shape, w_out, "w_out", b_out)
+    return autograd.net_forward(x, w_in, b_in, blocks, w_out, b_out)
 
 
 def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:

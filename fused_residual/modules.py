@@ -89,11 +89,26 @@ class FusedResidualNet(nn.Module):
         self.linear2 = nn.Linear(hidden_features, out_features, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._inference_fast_path(x):
+            return functional.residual_net_inference(
+                x, *_weight_and_bias(self.linear1),
+                [(*_weight_and_bias(b.linear1), *_weight_and_bias(b.linear2)) for b in self.blocks],
+                *_weight_and_bias(self.linear2),
+            )
         # linear's output is not saved for its backward, so the ReLU may overwrite it.
         x = F.relu(self.linear1(x), inplace=True)
         for block in self.blocks:
             x = block(x)
         return self.linear2(x)
+
+    def _inference_fast_path(self, x: object) -> bool:
+        """No autograd, no autocast, not being compiled, only our own block type: the net runs as one unit
+        (one kernel where the Triton backend takes its widths)."""
+        if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or functional.autocast_enabled():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return all(type(b) is FusedResidualBlock and b.shortcut is None for b in self.blocks)
 
 
 def _fused_from(block: nn.Module) -> FusedResidualBlock:

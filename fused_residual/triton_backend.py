@@ -27,10 +27,17 @@ import functools
 import torch
 from torch import Tensor
 
-from .kernels import whole_block
+from .kernels import whole_block, whole_net
 from .kernels.fused_linear import fused_linear
 
 _relu_backward = torch.ops.aten.threshold_backward
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w.T + b``."""
+    if x.shape[0] == 0:
+        return x.new_empty((0, w.shape[0]))
+    return fused_linear(x, w.t(), bias=b)[0]
 
 
 def linear_relu(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -157,3 +164,21 @@ def block_backward(
             else:
                 dx = fused_linear(g1, w1, a2=g2, b2=ws)[0]
     return dx, dw1, db1, dw2, db2, dws
+
+
+def whole_net_fits(x: Tensor, hidden: int, out_features: int, b_in, blocks, b_out) -> bool:
+    """The whole-net kernel takes every padded width within the block kernel's forward limit, and biases."""
+    has_biases = b_in is not None and b_out is not None and all(b1 is not None and b2 is not None
+                                                                 for _, b1, _, b2 in blocks)
+    return has_biases and whole_net.fits(x.shape[1], hidden, out_features, x.element_size())
+
+
+def whole_net_forward(x: Tensor, w_in: Tensor, b_in: Tensor, blocks, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """The whole net in one launch (block parameters stacked per call: a few small copies, no activations)."""
+    if blocks:
+        w1, b1, w2, b2 = (torch.stack(ts) for ts in zip(*blocks, strict=True))
+    else:
+        hidden = w_in.shape[0]
+        w1 = w2 = x.new_empty((0, hidden, hidden))
+        b1 = b2 = x.new_empty((0, hidden))
+    return whole_net.forward(x, w_in, b_in, w1, b1, w2, b2, w_out, b_out)

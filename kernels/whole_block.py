@@ -244,6 +244,7 @@ def backward(dout, out, h, x, w1, w2, *, need_dx: bool, need_weights: bool, dx=N
         for t in (dw1, dw2, db1, db2):
             t.zero_()
     dtype = w1.dtype
-    return (dx, dw1.sum(0)[:F, :F].to(dtype), db1.sum(0)[:F].to(dtype),
-            dw2.sum(0)[:F, :F].to(dtype), db2.sum(0)[:F].to(dtype))
+    # Fixed-order sums over the programs' slices, of the unpadded part only: contiguous results.
+    return (dx, dw1[:, :F, :F].sum(0).to(dtype), db1[:, :F].sum(0).to(dtype),
+            dw2[:, :F, :F].sum(0).to(dtype), db2[:, :F].sum(0).to(dtype))
 

@@ -72,7 +72,26 @@ def whole_block_cases():
                            "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "WIDTH": width, "BLOCK_M": block_m}}
 
 
+def whole_net_cases():
+    from fused_residual.kernels import whole_block as wb
+    from fused_residual.kernels import whole_net as wn
+
+    for cap in ARCHS:
+        for dtype, size in DTYPES.items():
+            for hidden in (16, 64, 128):
+                if hidden > wb.MAX_FORWARD_WIDTH[size]:
+                    continue
+                for in_width, out_width in sorted({(16, 16), (hidden, hidden)}):
+                    for block_m, warps in wn.configs(hidden):
+                        yield {"kernel": "whole_net_forward", "variant": f"in{in_width}-h{hidden}-out{out_width}",
+                               "cap": cap, "dtype": dtype, "config": [block_m, hidden, hidden, 1, warps],
+                               "flags": {"IN_WIDTH": in_width, "H_WIDTH": hidden, "OUT_WIDTH": out_width,
+                                         "BLOCK_M": block_m}}
+
+
 def _compile(case: dict) -> dict:
+    if case["kernel"] == "whole_net_forward":
+        return _compile_whole_net(case)
     if case["kernel"] != "fused_linear":
         return _compile_whole_block(case)
 
@@ -104,6 +123,17 @@ def _compile_whole_block(case: dict) -> dict:
                   else f"*{case['dtype']}")
 
 
+def _compile_whole_net(case: dict) -> dict:
+    """The whole-net kernel with row-major activations and weights."""
+    from fused_residual.kernels import whole_net as wn
+
+    kernel = wn.whole_net_forward_kernel
+    names = list(kernel.arg_names)
+    constexprs = {**case["flags"], "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee",
+                  "stride_xk": 1, "stride_win_k": 1, "stride_wout_k": 1, "stride_yn": 1}
+    return _build(case, kernel, names, constexprs, lambda arg: f"*{case['dtype']}")
+
+
 def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -118,7 +148,7 @@ def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "i32"
-            if arg.startswith("stride") or arg in ("M", "N", "K", "K2", "F"):
+            if arg.startswith("stride") or arg in ("M", "N", "K", "K2", "F", "IN", "H", "OUT"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     result = dict(case)
     _, _, _, stages, warps = case["config"]
@@ -163,7 +193,7 @@ def main(out_path: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("aot_compile.py must run without TRITON_INTERPRET")
     only = os.environ.get("AOT_ONLY", "")  # substring filter on "cap-dtype-config-variant", for development
-    cases = [c for c in (*fused_linear_cases(), *whole_block_cases())
+    cases = [c for c in (*fused_linear_cases(), *whole_block_cases(), *whole_net_cases())
              if only in f"{c['cap']}-{c['dtype']}-{c['config']}-{c['variant']}"]
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         results = list(pool.map(_compile, cases, chunksize=4))

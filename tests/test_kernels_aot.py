@@ -63,6 +63,8 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
                 assert forward == (width <= whole_block.MAX_FORWARD_WIDTH[size])
                 backward = ("whole_block_backward", cap, dtype, f"width{width}") in seen
                 assert backward == (width <= whole_block.max_backward_width((cap // 10, 0)))
+                net = ("whole_net_forward", cap, dtype, f"in16-h{width}-out16") in seen
+                assert net == (width != 32 and width <= whole_block.MAX_FORWARD_WIDTH[size])
 
 
 def test_shared_memory_fits_the_device(compiled):
