@@ -8,7 +8,8 @@
 4. Memory: peak CUDA memory of one step; on CPU the bytes the training step saves for backward
    (saved-tensor hooks, unique storages).
 5. Timing: warm-up calls absorb compilation, autotuning and CUDA-graph recording; pytest-benchmark times
-   ``step + synchronize``; on CUDA ``triton.testing.do_bench`` (events, L2 flushed) adds medians to extra_info.
+   ``step + synchronize``; on CUDA ``triton.testing.do_bench`` (events, L2 flushed) adds medians to extra_info;
+   on CPU each implementation is also timed in alternation with the eager reference (``paired_timing``).
 """
 
 from __future__ import annotations
@@ -329,6 +330,34 @@ def _choose_rounds(timed: Callable[[], object], seconds: float) -> int:
     return int(min(MAX_ROUNDS, max(MIN_ROUNDS, seconds / max(per_call, 1e-9))))
 
 
+def paired_timing(reference: Runner, impl: Runner, inputs: list[tuple[Tensor, Tensor | None]],
+                  seconds: float) -> dict[str, float]:
+    """The eager reference and ``impl`` timed in alternation (A B B A ...): load from other processes that comes
+    and goes hits both alike, so the median of the per-pair ratios stays steady on a shared machine."""
+    cycle = itertools.cycle(inputs)
+    ref_times: list[float] = []
+    impl_times: list[float] = []
+
+    def once(run: Runner, into: list[float]) -> None:
+        x, dout = next(cycle)
+        t0 = time.perf_counter()
+        run(x, dout)
+        into.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    while len(ref_times) < MIN_ROUNDS or (time.perf_counter() - start < seconds and len(ref_times) < MAX_ROUNDS):
+        first, second = ((reference, ref_times), (impl, impl_times))[:: 1 if len(ref_times) % 2 == 0 else -1]
+        once(*first)
+        once(*second)
+    ratios = sorted(r / i for r, i in zip(ref_times, impl_times, strict=True))
+    return {
+        "paired_rounds": len(ratios),
+        "paired_eager_s": sorted(ref_times)[len(ref_times) // 2],
+        "paired_impl_s": sorted(impl_times)[len(impl_times) // 2],
+        "paired_eager_over_impl": ratios[len(ratios) // 2],
+    }
+
+
 def do_bench_ms(step: Callable[[], object]) -> dict[str, float]:
     """``triton.testing.do_bench`` (CUDA events, L2 flushed before each call): median, p20, p80 in ms."""
     from triton.testing import do_bench
@@ -510,6 +539,11 @@ def run_case(case: Case, benchmark, settings: Settings) -> None:
     if impl.compiled:
         info["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
         assert info["compiled_graphs"] > 0, f"{case.id}: torch.compile captured no graph"
+    # CPU: the eager reference again, to time in alternation with this implementation (see paired_timing).
+    paired_reference = None
+    if not cuda and timing and impl.checks_parity and case.impl != REFERENCE:
+        twin = copy.deepcopy(reference)
+        paired_reference = _module_runner(twin, twin, case.mode)
     del reference
 
     cycle = itertools.cycle(inputs)
@@ -544,3 +578,5 @@ def run_case(case: Case, benchmark, settings: Settings) -> None:
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
     if cuda:
         info.update(do_bench_ms(step))
+    if paired_reference is not None:
+        info.update(paired_timing(paired_reference, impl.run, inputs, seconds))

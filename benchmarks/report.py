@@ -7,8 +7,10 @@ are never mixed.
 
 Per (shape, dtype, mode) the table gives median times (ms) and the ratios eager/fused, compile/fused,
 max-autotune/fused, addmm-act/fused (> 1: fused is faster) and fused/bare-gemm (the fused block's cost over
-its GEMMs alone; 1 is the floor). On CUDA also the fused block's achieved bandwidth and FLOP rate, as a
-fraction of the ceilings measured in the same run (a 1 GiB device-to-device copy, 8192^3 matrix products).
+its GEMMs alone; 1 is the floor). CPU runs add "eager/fused paired": the two timed in alternation, the median
+of the per-pair ratios (steadier when other processes share the cores). On CUDA also the fused block's
+achieved bandwidth and FLOP rate, as a fraction of the ceilings measured in the same run (a 1 GiB
+device-to-device copy, 8192^3 matrix products).
 
 Timer: ``auto`` (default) takes the do_bench medians (CUDA events, L2 flushed) for a device whose results all
 have them, else the pytest-benchmark medians (host clock around step + synchronize); or choose one.
@@ -38,6 +40,7 @@ RATIOS = (
     ("addmm-act/fused", "addmm-act", "fused"),
     ("fused/bare-gemm", "fused", "bare-gemm"),
 )
+PAIRED = "eager/fused paired"  # median of per-pair ratios, eager and fused timed in alternation
 TIMERS = ("auto", "pytest", "do_bench")
 DTYPE_ORDER = {"bf16": 0, "fp16": 1, "fp32": 2}
 MODE_ORDER = {"forward": 0, "train": 1}
@@ -171,11 +174,14 @@ def seconds(record: Record | None, timer: str) -> float | None:
 
 
 def ratios(row: Row, timer: str) -> dict[str, float | None]:
-    """Each RATIOS column: time(numerator) / time(denominator), None where one is missing."""
+    """Each RATIOS column: time(numerator) / time(denominator), None where one is missing; and PAIRED, the
+    eager/fused ratio timed in alternation (CPU runs record it)."""
     out: dict[str, float | None] = {}
     for name, num, den in RATIOS:
         a, b = seconds(row.records.get(num), timer), seconds(row.records.get(den), timer)
         out[name] = a / b if a is not None and b else None
+    fused = row.records.get("fused")
+    out[PAIRED] = None if fused is None else fused.extra.get("paired_eager_over_impl")
     return out
 
 
@@ -221,10 +227,13 @@ def summary(section: Section, timer: str) -> list[dict]:
     for (kind, dtype, mode), rows in groups.items():
         per_row = [ratios(r, timer) for r in rows]
         speedups = [r["eager/fused"] for r in per_row if r["eager/fused"] is not None]
+        paired = [r[PAIRED] for r in per_row if r[PAIRED] is not None]
         lines.append({
             "kind": kind, "dtype": dtype, "mode": mode, "shapes": len(speedups),
             "geomean eager/fused": geomean(speedups),
             "min eager/fused": min(speedups) if speedups else None,
+            f"geomean {PAIRED}": geomean(paired),
+            f"min {PAIRED}": min(paired) if paired else None,
             "geomean compile/fused": geomean(r["compile/fused"] for r in per_row),
             "geomean fused/bare-gemm": geomean(r["fused/bare-gemm"] for r in per_row),
         })
@@ -263,6 +272,8 @@ def _present(rows: list[Row], names: Iterable[str]) -> list[str]:
 def _speed_table(section: Section, rows: list[Row], timer: str) -> list[str]:
     impls = _present(rows, IMPLS)
     ratio_cols = [name for name, num, den in RATIOS if num in impls and den in impls]
+    if any(ratios(r, timer)[PAIRED] is not None for r in rows):
+        ratio_cols.insert(1, PAIRED)
     cuda = section.device == "cuda"
     header = ["shape", "dtype", "mode", *[f"{i} ms" for i in impls], *ratio_cols]
     if cuda:
@@ -352,22 +363,28 @@ def render(sections: list[Section], timer: str, plots: dict[str, list[str]]) -> 
 
 def _summary_table(lines: list[dict]) -> list[str]:
     header = ["kind", "dtype", "mode", "shapes", "geomean eager/fused", "min eager/fused",
-              "geomean compile/fused", "geomean fused/bare-gemm"]
+              f"geomean {PAIRED}", f"min {PAIRED}", "geomean compile/fused", "geomean fused/bare-gemm"]
     header = [h for h in header if any(line[h] is not None for line in lines)]
     return _table(header, [[str(line[h]) if h in ("kind", "dtype", "mode", "shapes") else _x(line[h])
                             for h in header] for line in lines])
 
 
 def _cpu_target(section: Section, timer: str) -> str:
-    """Issue 2's CPU target on the block shapes: eager/fused >= 0.95 everywhere, geomean >= 1.2."""
-    speedups = [ratios(r, timer)["eager/fused"] for r in section.rows.values() if r.kind == "block"]
-    speedups = [s for s in speedups if s is not None]
-    if not speedups:
+    """Issue 2's CPU target on the block shapes: eager/fused >= 0.95 everywhere, geomean >= 1.2; judged on each
+    of the ratios the run has (separate benchmarks, and timed in alternation)."""
+    blocks = [ratios(r, timer) for r in section.rows.values() if r.kind == "block"]
+    verdicts = []
+    for column in ("eager/fused", PAIRED):
+        speedups = [r[column] for r in blocks if r[column] is not None]
+        if speedups:
+            worst, mean = min(speedups), geomean(speedups)
+            met = worst >= 0.95 and mean >= 1.2
+            verdicts.append(f"{column}: {'met' if met else 'NOT met'} (min {worst:.2f}x, geomean {mean:.2f}x over "
+                            f"{len(speedups)} shapes)")
+    if not verdicts:
         return ""
-    worst, mean = min(speedups), geomean(speedups)
-    met = worst >= 0.95 and mean >= 1.2
-    return (f"Issue 2 target (blocks, both modes): eager/fused >= 0.95x on every shape and >= 1.20x geomean: "
-            f"{'met' if met else 'NOT met'} (min {worst:.2f}x, geomean {mean:.2f}x over {len(speedups)} shapes).")
+    return ("Issue 2 target (blocks, both modes): eager/fused >= 0.95x on every shape and >= 1.20x geomean. "
+            + "; ".join(verdicts) + ".")
 
 
 # ------------------------------------------------------------------------------------------------- plots

@@ -150,3 +150,17 @@ def test_stat_option_picks_the_pytest_benchmark_statistic(tmp_path):
     assert report.ratios(only_row(report.load([path])), "pytest")["eager/fused"] == pytest.approx(2.0)
     assert report.ratios(only_row(report.load([path], "min")), "pytest")["eager/fused"] == pytest.approx(1.0)
     assert "pytest-benchmark min" in report.render(report.load([path], "min"), "auto", {})
+
+
+def test_paired_ratio_is_reported_and_judged_beside_the_separate_one(tmp_path):
+    results = [bench("eager", 3.0, width=64), bench("fused", 1.0, width=64, paired_eager_over_impl=1.1),
+               bench("eager", 2.0, width=128), bench("fused", 1.0, width=128, paired_eager_over_impl=0.9)]
+    section = report.load([write_results(tmp_path / "r.json", results)])[0]
+    rows = [section.rows[k] for k in sorted(section.rows)]
+    assert [report.ratios(r, "pytest")[report.PAIRED] for r in rows] == [1.1, 0.9]
+    (line,) = report.summary(section, "pytest")
+    assert line[f"min {report.PAIRED}"] == pytest.approx(0.9)
+    assert line[f"geomean {report.PAIRED}"] == pytest.approx((1.1 * 0.9) ** 0.5)
+    target = report._cpu_target(section, "pytest")
+    assert "eager/fused: met" in target and f"{report.PAIRED}: NOT met" in target
+    assert "| eager/fused | eager/fused paired |" in report.render([section], "auto", {})
