@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -429,10 +430,12 @@ def environment() -> dict[str, object]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    # A copy of the tree without .git (e.g. on a lent GPU machine) can name its commit in FUSED_RESIDUAL_COMMIT.
+    commit = _git("rev-parse", "HEAD") or os.environ.get("FUSED_RESIDUAL_COMMIT") or None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": commit,
         "dirty": None if status is None else bool(status),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -491,7 +494,7 @@ def measured_ceilings() -> dict[str, dict[str, object]]:
 # ------------------------------------------------------------------------------------------------- a case
 
 
-def run_case(case: Case, benchmark, settings: Settings) -> None:
+def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
     """Build, check, measure and time ``case``; everything measured goes to ``benchmark.extra_info``.
 
     With benchmarks disabled (smoke mode) the case is built, checked and run once, nothing is timed.

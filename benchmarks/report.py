@@ -1,9 +1,9 @@
 """``python -m benchmarks.report RESULTS.json [...] [-o OUTDIR]``: pytest-benchmark JSON -> markdown + plots.
 
 Writes ``OUTDIR/report.md`` (default OUTDIR: the first JSON's folder) and one PNG per (device, dtype, mode):
-the fused block's speed-up over the eager reference against width, one line per row count (dashed: over
-torch.compile). Prints a short summary table. Each device gets its own section and plots: CPU and GPU results
-are never mixed.
+the fused block's speed-up over the eager reference (the paired ratio where recorded) against width, one line
+per row count (dashed: over torch.compile). Prints a short summary table. Each device gets its own section
+and plots: CPU and GPU results are never mixed.
 
 Per (shape, dtype, mode) the table gives median times (ms) and the ratios eager/fused, compile/fused,
 max-autotune/fused, addmm-act/fused (> 1: fused is faster) and fused/bare-gemm (the fused block's cost over
@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 IMPLS = ("eager", "compile", "max-autotune", "fused", "bare-gemm", "addmm-act")
 # (column, numerator impl, denominator impl): time ratios.
@@ -391,7 +392,8 @@ def _cpu_target(section: Section, timer: str) -> str:
 
 
 def plot(section: Section, timer: str, out_dir: Path) -> list[str]:
-    """One PNG per (dtype, mode): eager/fused (solid) and compile/fused (dashed) against width, per row count."""
+    """One PNG per (dtype, mode): eager/fused (solid; the paired ratio where recorded) and compile/fused
+    (dashed) against width, one line per row count."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,9 +410,13 @@ def plot(section: Section, timer: str, out_dir: Path) -> list[str]:
         row_counts = sorted({r.rows for r in rows})
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         plotted = False
+        # vs eager: the paired ratio where every point has one (CPU runs), else the separate benchmarks'.
+        eager = PAIRED if all(ratios(r, timer)[PAIRED] is not None for r in rows) else "eager/fused"
+        lines = ((eager, "-o", "vs eager" + (" (paired)" if eager == PAIRED else "")),
+                 ("compile/fused", "--s", "vs compile"))
         for i, n in enumerate(row_counts):
             series = sorted((r for r in rows if r.rows == n), key=lambda r: r.width)
-            for column, style, label in (("eager/fused", "-o", "vs eager"), ("compile/fused", "--s", "vs compile")):
+            for column, style, label in lines:
                 points = [(r.width, ratios(r, timer)[column]) for r in series]
                 points = [(w, v) for w, v in points if v is not None]
                 if points:
@@ -441,7 +447,7 @@ def plot(section: Section, timer: str, out_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def print_summary(sections: list[Section], timer: str, file=None) -> None:
+def print_summary(sections: list[Section], timer: str, file: TextIO | None = None) -> None:
     file = file or sys.stdout
     for section in sections:
         text = _timer_text(section_timer(section, timer), section.stat).split(" (")[0]

@@ -170,3 +170,37 @@ def test_smoke_run_records_what_the_report_reads(mode):
     assert info["parity_out"] <= harness.PARITY_TOLERANCE[("cpu", "fp32")][0]
     assert info["backend"] in ("torch", "triton")
     assert ("saved_activation_bytes" in info) == (mode == "train")
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_bare_gemm_and_addmm_activation_runners(mode):
+    """CUDA-only in the suite; their math runs on any device, so check it here."""
+    case = Case("cpu", "fp32", mode, 32, 8, "bare-gemm")
+    reference = harness.build_reference(case)
+    x, dout = harness.make_inputs(case, 1)[0]
+    bare = harness.build_impl(case, reference)
+    w1, w2 = reference.linear1.weight, reference.linear2.weight
+    torch.testing.assert_close(bare.run(x, dout), (x @ w1.t()) @ w2.t())
+    assert not bare.checks_parity and bare.module is None
+    if mode == "forward":
+        addmm = harness.build_impl(Case("cpu", "fp32", mode, 32, 8, "addmm-act"), reference)
+        errors = harness.check_parity(case, addmm, reference, x, dout)
+        assert errors["out"] <= harness.PARITY_TOLERANCE[("cpu", "fp32")][0]
+
+
+def test_timed_run_records_rounds_and_the_paired_ratio():
+    case = Case("cpu", "fp32", "forward", 16, 10, "fused")
+    bench = FakeBenchmark()
+    bench.enabled = True
+    harness.run_case(case, bench, harness.Settings(seconds=0.05))
+    info = bench.extra_info
+    assert info["rounds"] >= harness.MIN_ROUNDS and info["rotated_inputs"] > 1
+    assert info["paired_rounds"] >= harness.MIN_ROUNDS and info["paired_eager_over_impl"] > 0
+
+
+def test_environment_names_versions_and_commit(monkeypatch):
+    monkeypatch.setattr(harness, "_git", lambda *args: None)
+    monkeypatch.setenv("FUSED_RESIDUAL_COMMIT", "abc123")
+    env = harness.environment()
+    assert env["commit"] == "abc123" and env["dirty"] is None
+    assert env["torch"] == torch.__version__ and env["date"].endswith("+00:00")
