@@ -27,11 +27,19 @@ ENV_VAR = "FUSED_RESIDUAL_BACKEND"
 CHOICES = ("auto", "triton", "torch")
 
 
+_parsed: tuple[str | None, str] = (None, "auto")  # (raw value, choice): parse only when the variable changes
+
+
 def requested() -> str:
     """The backend asked for by ``FUSED_RESIDUAL_BACKEND`` (validated)."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    global _parsed
+    raw = os.environ.get(ENV_VAR)
+    if raw == _parsed[0]:
+        return _parsed[1]
+    choice = (raw or "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")
+    _parsed = (raw, choice)
     return choice
 
 

@@ -63,14 +63,22 @@ def _shape(t: Tensor) -> str:
 
 def _check_operands(op: str, x: object, required: dict[str, object], optional: dict[str, object]) -> None:
     """Types, dtypes and devices: every operand must be a tensor like ``x`` (``optional`` ones may be None)."""
-    if isinstance(x, Tensor) and x.dim() > 0 and x.is_floating_point():
-        dtype, device = x.dtype, x.device
-        if all(isinstance(t, Tensor) and t.dtype == dtype and t.device == device for t in required.values()) and all(
-            t is None or (isinstance(t, Tensor) and t.dtype == dtype and t.device == device)
-            for t in optional.values()
-        ):
-            return
-    _raise_operand_error(op, x, {**required, **{k: v for k, v in optional.items() if v is not None}})
+    if not _same_kind(x, required.values(), optional.values()):
+        _raise_operand_error(op, x, {**required, **{k: v for k, v in optional.items() if v is not None}})
+
+
+def _same_kind(x: object, required, optional) -> bool:
+    """The common case, as plain loops: this runs on every call, where a 16-row block takes ~20 us in all."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or not x.is_floating_point():
+        return False
+    dtype, device = x.dtype, x.device
+    for t in required:
+        if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device:
+            return False
+    for t in optional:
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != dtype or t.device != device):
+            return False
+    return True
 
 
 def _raise_operand_error(op: str, x: object, operands: dict[str, object]) -> None:
