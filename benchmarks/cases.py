@@ -123,6 +123,11 @@ def cuda_cases(shape_set: str) -> list[Case]:
             + _block_cases("cuda", ["fp16", "fp32"], [(65536, 256)], compiled=False)
             + _block_cases("cuda", ["bf16"], [(65536, 1024)], modes=("forward",), max_autotune=True)
             + _net_cases("cuda", ["bf16"], [(16384, 256, 4)])
+            # Issue 6's on-chip targets: blocks at widths 64-128 (inference vs max-autotune, and training) and
+            # the 8-block width-64 net at 2^20 rows.
+            + _block_cases("cuda", ["bf16"], [(65536, 128)])
+            + _block_cases("cuda", ["bf16"], [(65536, 64), (65536, 128)], modes=("forward",), max_autotune=True)
+            + _net_cases("cuda", ["bf16"], [(1 << 20, 64, 8)], modes=("forward",), max_autotune=True)
         )
     shapes = [(rows, width) for width in CUDA_WIDTHS for rows in CUDA_ROWS]
     return _block_cases("cuda", DTYPES, shapes, max_autotune=True) + _net_cases(
