@@ -1,12 +1,13 @@
 """Whole residual block in one kernel, for widths whose weights fit on chip: forward and fused backward.
 
-Forward, per tile of BLOCK_M rows (``F`` = in = out features, padded to WIDTH, a power of two >= 16; the pad is
+Forward, per tile of BLOCK_M rows (a program per tile, or a persistent grid whose programs load the weights once
+and loop over tiles: an autotune choice) (``F`` = in = out features, padded to WIDTH, a power of two >= 16; the pad is
 masked to zero on load, never copied):
 
     h   = relu(x W1^T + b1)               fp32 accumulator, rounded to the input dtype (as the two-GEMM path)
     out = relu(h W2^T + b2 + x)           the x tile already on chip is the residual
     x read once, out written once; h written only when STORE_H (training), else it never leaves the chip.
-    Both weights are read per tile from L2 (they are at most 2 * 128 * 128 elements).
+    Both weights are read once per program from L2 (they are at most 2 * 128 * 128 elements).
 
 Backward, a persistent grid of P programs, each looping over row tiles with the weights on chip:
 
@@ -19,7 +20,8 @@ Backward, a persistent grid of P programs, each looping over row tiles with the 
 
 Shapes: x, out, h, dout, dx (M, F) with any strides; W1, W2 (F, F); b1, b2 (F,). Offsets: int64 tile origins,
 int32 inside a tile.
-Grids: forward ``(cdiv(M, BLOCK_M),)``; backward ``(P,)`` with ``P = min(tiles, 2 * SMs)``.
+Grids: forward ``(cdiv(M, BLOCK_M),)`` or ``(min(tiles, PROGRAMS_PER_SM * SMs),)``; backward ``(P,)`` with
+``P = min(tiles, 2 * SMs)``.
 FLOPs: forward ``4 M F^2``; backward ``4 M F^2`` for dx, ``+ 4 M F^2`` for the weight gradients.
 Bytes: forward ``2 M F`` elements (``3 M F`` with h); backward ``M F * (3 + [dx] + [x])`` elements plus
 ``P * 2 (F^2 + F)`` fp32 partials, against ~13 passes of ``M F`` for the two-GEMM backward.
@@ -33,9 +35,11 @@ import triton.language as tl
 
 from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
 
-# (BLOCK_M, num_warps); num_stages is irrelevant (no K loop). Every choice below is compiled ahead of time for
-# sm_90 and sm_80 in tests/test_kernels_aot.py, which measured the registers that decided them.
-FORWARD_CONFIGS = [(64, 4), (128, 4), (128, 8)]
+# Forward: (BLOCK_M, num_warps, programs per SM), 0 programs per SM meaning one program per row tile, else a
+# persistent grid that loads the weights once per program: the autotuner measures which pays. Backward:
+# (BLOCK_M, num_warps). num_stages is irrelevant (no K loop). Every choice is compiled ahead of time for sm_90
+# and sm_80 in tests/test_kernels_aot.py, whose register reports decided them.
+FORWARD_CONFIGS = [(64, 4, 0), (128, 4, 0), (128, 8, 0), (64, 4, 2), (128, 8, 2)]
 INTERPRETER_BLOCK_M = 32
 
 # Widest padded feature count each kernel takes. Forward, by element size: shared memory for both weights and
@@ -54,9 +58,11 @@ def forward_shared_bytes(width: int, block_m: int, element_size: int) -> int:
     return (2 * block_m * width + 2 * width * width) * element_size
 
 
-def forward_configs(width: int) -> list[tuple[int, int]]:
-    """Forward candidates at a padded width: 128 rows on 4 warps spill from width 32 up."""
-    return FORWARD_CONFIGS if width <= 16 else [c for c in FORWARD_CONFIGS if c != (128, 4)]
+def forward_configs(width: int) -> list[tuple[int, int, int]]:
+    """Forward candidates at a padded width: 128 rows on 4 warps spill from width 32 up, and persistent
+    programs (weights live across tiles) at width 128."""
+    configs = FORWARD_CONFIGS if width <= 16 else [c for c in FORWARD_CONFIGS if c[:2] != (128, 4)]
+    return configs if width <= 64 else [c for c in configs if c[2] == 0]
 
 
 def max_backward_width(capability: tuple[int, int]) -> int:
@@ -70,7 +76,35 @@ def backward_config(width: int, element_size: int) -> tuple[int, int]:
 
 def _prune(configs, named_args, **kwargs):
     allowed = set(forward_configs({**named_args, **kwargs}["WIDTH"]))
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in allowed]
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps, c.kwargs["PROGRAMS_PER_SM"]) in allowed]
+
+
+@triton.jit
+def _forward_tile(tile, x_ptr, out_ptr, h_ptr, w1t, w2t, b1, b2, M, F,
+                  stride_xm, stride_xf, stride_om, stride_of, stride_hm, stride_hf,
+                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One row tile of the block, the weights already on chip."""
+    rows = tl.arange(0, BLOCK_M)
+    feats = tl.arange(0, WIDTH)
+    row0 = tl.cast(tile, tl.int64) * BLOCK_M
+    tile_mask = (rows < M - row0)[:, None] & (feats < F)[None, :]
+    x = tl.load(x_ptr + row0 * stride_xm + (rows[:, None] * stride_xm + feats[None, :] * stride_xf),
+                mask=tile_mask, other=0.0)
+    acc = tl.dot(x, w1t, input_precision=INPUT_PRECISION)
+    if HAS_B1:
+        acc += b1[None, :]
+    # Padded columns are 0 * x, NaN where x is infinite: zero them so they cannot reach the real ones.
+    h = tl.where((acc < 0) | (feats >= F)[None, :], 0.0, acc).to(x.dtype)
+    if STORE_H:
+        tl.store(h_ptr + row0 * stride_hm + (rows[:, None] * stride_hm + feats[None, :] * stride_hf), h,
+                 mask=tile_mask)
+    acc = tl.dot(h, w2t, input_precision=INPUT_PRECISION) + x.to(tl.float32)
+    if HAS_B2:
+        acc += b2[None, :]
+    out = tl.where(acc < 0, 0.0, acc)
+    tl.store(out_ptr + row0 * stride_om + (rows[:, None] * stride_om + feats[None, :] * stride_of),
+             out.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -82,39 +116,30 @@ def whole_block_forward_kernel(
     M_BUCKET,  # autotune key only
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # 0: a program per tile; else a persistent grid of this many per SM
 ):
-    row0 = (tl.program_id(0) * BLOCK_M).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
     feats = tl.arange(0, WIDTH)
-    mask_m = rows < M - row0
     mask_f = feats < F
-    tile_mask = mask_m[:, None] & mask_f[None, :]
     weight_mask = mask_f[:, None] & mask_f[None, :]
-
-    x = tl.load(x_ptr + row0 * stride_xm + (rows[:, None] * stride_xm + feats[None, :] * stride_xf),
-                mask=tile_mask, other=0.0)
-    # W^T as a (k, n) tile: element (k, n) = W[n, k].
+    # Both weights as W^T tiles (element (k, n) = W[n, k]) and both biases, once per program.
     w1t = tl.load(w1_ptr + feats[:, None] * stride_w1k + feats[None, :] * stride_w1n, mask=weight_mask, other=0.0)
-    acc = tl.dot(x, w1t, input_precision=INPUT_PRECISION)
-    if HAS_B1:
-        acc += tl.load(b1_ptr + feats, mask=mask_f, other=0.0).to(tl.float32)[None, :]
-    # Padded columns are 0 * x, which is NaN where x is infinite: zero them so they cannot reach the real ones.
-    h = tl.where((acc < 0) | (feats >= F)[None, :], 0.0, acc).to(x.dtype)
-    if STORE_H:
-        tl.store(h_ptr + row0 * stride_hm + (rows[:, None] * stride_hm + feats[None, :] * stride_hf), h,
-                 mask=tile_mask)
-
     w2t = tl.load(w2_ptr + feats[:, None] * stride_w2k + feats[None, :] * stride_w2n, mask=weight_mask, other=0.0)
-    acc = tl.dot(h, w2t, input_precision=INPUT_PRECISION) + x.to(tl.float32)
-    if HAS_B2:
-        acc += tl.load(b2_ptr + feats, mask=mask_f, other=0.0).to(tl.float32)[None, :]
-    out = tl.where(acc < 0, 0.0, acc)
-    tl.store(out_ptr + row0 * stride_om + (rows[:, None] * stride_om + feats[None, :] * stride_of),
-             out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    b1 = tl.load(b1_ptr + feats, mask=mask_f & HAS_B1, other=0.0).to(tl.float32)
+    b2 = tl.load(b2_ptr + feats, mask=mask_f & HAS_B2, other=0.0).to(tl.float32)
+    if PROGRAMS_PER_SM == 0:
+        _forward_tile(tl.program_id(0), x_ptr, out_ptr, h_ptr, w1t, w2t, b1, b2, M, F,
+                      stride_xm, stride_xf, stride_om, stride_of, stride_hm, stride_hf,
+                      HAS_B1, HAS_B2, STORE_H, INPUT_PRECISION, WIDTH, BLOCK_M)
+    else:
+        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+            _forward_tile(tile, x_ptr, out_ptr, h_ptr, w1t, w2t, b1, b2, M, F,
+                          stride_xm, stride_xf, stride_om, stride_of, stride_hm, stride_hf,
+                          HAS_B1, HAS_B2, STORE_H, INPUT_PRECISION, WIDTH, BLOCK_M)
 
 
 whole_block_forward_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=1) for m, w in FORWARD_CONFIGS],
+    configs=[triton.Config({"BLOCK_M": m, "PROGRAMS_PER_SM": p}, num_warps=w, num_stages=1)
+             for m, w, p in FORWARD_CONFIGS],
     key=["M_BUCKET", "F", "HAS_B1", "HAS_B2", "STORE_H", "INPUT_PRECISION", "WIDTH"],
     prune_configs_by={"early_config_prune": _prune},
 )(whole_block_forward_kernel)
@@ -175,7 +200,7 @@ def whole_block_backward_kernel(
         tl.store(db2_ptr + tl.cast(pid, tl.int64) * WIDTH + feats, db2)
 
 
-def forward(x, w1, b1, w2, b2, *, store_h: bool, out=None, h=None, config: tuple[int, int] | None = None):
+def forward(x, w1, b1, w2, b2, *, store_h: bool, out=None, h=None, config: tuple[int, int, int] | None = None):
     """``(out, h or None)`` of the identity-shortcut block for 2-D ``x`` of width ``F <= MAX_FORWARD_WIDTH``.
 
     ``out`` / ``h`` may be given (any strides), else they are allocated row-major.
@@ -194,21 +219,31 @@ def forward(x, w1, b1, w2, b2, *, store_h: bool, out=None, h=None, config: tuple
     flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_H": store_h,
              "INPUT_PRECISION": input_precision(x), "WIDTH": width}
     if config is None and on_interpreter(x.device):
-        config = (INTERPRETER_BLOCK_M, 4)
+        config = (INTERPRETER_BLOCK_M, 4, 0)
+    sms = _multiprocessors(x.device)
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"])
+        per_sm = meta["PROGRAMS_PER_SM"]
+        return (min(tiles, per_sm * sms) if per_sm else tiles,)
+
     with launch_device(x.device):
         if config is None:
-            whole_block_forward_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](*args, **flags)
+            whole_block_forward_autotuned[grid](*args, **flags)
         else:
-            block_m, warps = config
-            whole_block_forward_kernel[(triton.cdiv(M, block_m),)](*args, **flags, BLOCK_M=block_m,
-                                                                   num_warps=warps, num_stages=1)
+            block_m, warps, per_sm = config
+            meta = {"BLOCK_M": block_m, "PROGRAMS_PER_SM": per_sm}
+            whole_block_forward_kernel[grid(meta)](*args, **flags, **meta, num_warps=warps, num_stages=1)
     return out, h
 
 
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of ``device`` (the interpreter pretends 2, so that persistent loops run several tiles)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _programs(device: torch.device, tiles: int) -> int:
-    if device.type == "cuda":
-        return max(1, min(tiles, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(tiles, 4))
+    return max(1, min(tiles, 2 * _multiprocessors(device)))
 
 
 def backward(dout, out, h, x, w1, w2, *, need_dx: bool, need_weights: bool, dx=None,

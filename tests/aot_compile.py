@@ -60,11 +60,11 @@ def whole_block_cases():
         for dtype, size in DTYPES.items():
             for width in (16, 32, 64, 128):
                 if width <= wb.MAX_FORWARD_WIDTH[size]:
-                    for block_m, warps in wb.forward_configs(width):
+                    for block_m, warps, per_sm in wb.forward_configs(width):
                         yield {"kernel": "whole_block_forward", "variant": f"width{width}", "cap": cap,
                                "dtype": dtype, "config": [block_m, width, width, 1, warps],
                                "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_H": True, "WIDTH": width,
-                                         "BLOCK_M": block_m}}
+                                         "BLOCK_M": block_m, "PROGRAMS_PER_SM": per_sm}}
                 if width <= wb.max_backward_width((cap // 10, cap % 10)):
                     block_m, warps = wb.backward_config(width, size)
                     yield {"kernel": "whole_block_backward", "variant": f"width{width}", "cap": cap,

@@ -40,13 +40,20 @@ def nan_like(t):
 @pytest.mark.parametrize("width", WIDTHS + [128])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("store_h", [True, False], ids=["training", "inference"])
-def test_forward(dtype, width, rows, store_h):
+@pytest.mark.parametrize("grid", ["tile_per_program", "persistent"])
+def test_forward(dtype, width, rows, store_h, grid):
     if width > whole_block.MAX_FORWARD_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
         pytest.skip("wider than the forward kernel takes at this dtype")
     x, w1, b1, w2, b2 = params(width, dtype, seed=width * 100 + rows)
     x = x[:rows]
     out, h = nan_like(x), nan_like(x)
-    got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_h=store_h, out=out, h=h if store_h else None)
+    # persistent: 1 program per SM (the interpreter pretends 2 SMs), so programs loop over several tiles
+    if HAS_CUDA:
+        config = (64, 4, 0) if grid == "tile_per_program" else (64, 4, 1)
+    else:
+        config = (32, 4, 0) if grid == "tile_per_program" else (16, 4, 1)
+    got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_h=store_h, out=out, h=h if store_h else None,
+                                         config=config)
     assert got_out is out and (got_h is h if store_h else got_h is None)
     assert not out.isnan().any(), "unwritten output elements"
     h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
