@@ -1,7 +1,8 @@
 """The ``triton`` backend: the block's forward and backward as fused-epilogue GEMM kernels.
 
-Same interface, saved tensors and semantics as ``fallback.py``; each function is a short sequence of
-``kernels.fused_linear`` launches (the kernel file documents the math, bytes and grid):
+Same interface, saved tensors and semantics as ``fallback.py``. Each function is one whole-block launch where
+the rule below allows it, else a short sequence of ``kernels.fused_linear`` launches (the kernel files document
+the math, bytes and grid):
 
 forward   h   = relu(x W1^T + b1)                       bias + ReLU epilogue
           out = relu(h W2^T + b2 + x)                   bias + residual + ReLU epilogue

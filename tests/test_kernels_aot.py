@@ -95,3 +95,17 @@ def test_hopper_pipelines_its_loads(compiled):
         element = 4 if c["dtype"] == "fp32" else 2
         if c["ok"] and c["cap"] == 90 and stages > 1:
             assert c["shared"] >= (stages - 1) * (block_m + block_n) * block_k * element, _name(c)
+
+
+def test_whole_block_shared_memory_bound_holds(compiled):
+    """The dispatcher's shared-memory estimate for the whole-block forward bounds what the compiler allocates."""
+    from fused_residual.kernels import whole_block
+
+    results, _ = compiled
+    element = {"fp16": 2, "bf16": 2, "fp32": 4}
+    cases = [c for c in results if c["ok"] and c["kernel"] == "whole_block_forward"]
+    assert cases
+    for c in cases:
+        block_m, width = c["config"][0], c["flags"]["WIDTH"]
+        bound = whole_block.forward_shared_bytes(width, max(block_m, 128), element[c["dtype"]])
+        assert c["shared"] <= bound, f"{_name(c)}: {c['shared']} > estimated {bound}"
