@@ -1,0 +1,86 @@
+"""On a GPU: every autotune candidate of every kernel, forced one at a time, against float64 math.
+
+Autotuning picks one config per shape, so a config that miscompiles could hide behind a faster one until a new
+shape selects it. The ahead-of-time tests prove each compiles without spills; these prove each computes right.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_close
+
+from fused_residual import backends
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+
+if not backends.triton_available():
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from fused_residual.kernels import fused_linear as fl  # noqa: E402
+from fused_residual.kernels import whole_block, whole_net  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _capability():
+    return torch.cuda.get_device_capability()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("tile_epilogue", [False, True], ids=["bias_relu", "residual_gate"])
+def test_fused_linear_every_config(dtype, tile_epilogue):
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 300, 200, 130
+    a = torch.randn(m, k, generator=g).cuda().to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).cuda().to(dtype)
+    bias = torch.randn(n, generator=g).cuda().to(dtype)
+    extra = torch.randn(m, n, generator=g).cuda().to(dtype)
+    kwargs = {"residual": extra, "gate": extra} if tile_epilogue else {}
+    acc = a.double() @ w.double().t() + bias.double() + (extra.double() if tile_epilogue else 0)
+    if tile_epilogue:
+        acc = torch.where(extra.double() <= 0, 0.0, acc)
+    expected = torch.relu(acc)
+    element = torch.empty(0, dtype=dtype).element_size()
+    for config in fl.config_table(_capability(), element, tile_epilogue):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        fl.fused_linear(a, w.t(), bias=bias, relu=True, out=out, config=config, **kwargs)
+        assert_close(out, expected, f"config {config}", scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_weight_gradient_every_config(dtype):
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(5000, 96, generator=g).cuda().to(dtype)
+    a = torch.randn(5000, 80, generator=g).cuda().to(dtype)
+    element = torch.empty(0, dtype=dtype).element_size()
+    for config in fl.config_table(_capability(), element):
+        dw, db = fl.fused_linear(grad.t(), a, rowsum=True, split_k=4, out_dtype=dtype, config=config)
+        assert_close(dw, grad.double().t() @ a.double(), f"dW {config}", scale=16)
+        assert_close(db, grad.double().sum(0), f"db {config}", dtype=dtype, scale=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("features", [10, 30, 64, 100])
+def test_whole_block_and_net_every_config(dtype, features):
+    element = torch.empty(0, dtype=dtype).element_size()
+    width = whole_block.padded_width(features)
+    if width > whole_block.MAX_FORWARD_WIDTH[element]:
+        pytest.skip("wider than the forward kernel takes at this dtype")
+    g = torch.Generator().manual_seed(features)
+    x = torch.randn(1000, features, generator=g).cuda().to(dtype)
+    w1, w2 = ((torch.randn(features, features, generator=g) / features**0.5).cuda().to(dtype) for _ in range(2))
+    b1, b2 = (torch.randn(features, generator=g).cuda().to(dtype) for _ in range(2))
+    h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
+    out64 = torch.relu(h64 @ w2.double().t() + b2.double() + x.double())
+    for config in whole_block.forward_configs(width):
+        out, h = whole_block.forward(x, w1, b1, w2, b2, store_h=True, config=config)
+        assert_close(out, out64, f"block out {config}", scale=4)
+        assert_close(h, h64, f"block h {config}", scale=4)
+    for config in whole_net.configs(width):
+        stack = lambda t: t.unsqueeze(0).expand(3, *t.shape)  # noqa: E731
+        y = whole_net.forward(x, w1, b1, stack(w1), stack(b1), stack(w2), stack(b2), w2, b2, config=config)
+        a = h64
+        for _ in range(3):
+            a = torch.relu(torch.relu(a @ w1.double().t() + b1.double()) @ w2.double().t() + b2.double() + a)
+        assert_close(y, a @ w2.double().t() + b2.double(), f"net {config}", scale=16)
