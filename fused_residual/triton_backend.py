@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .kernels import whole_block, whole_net
+from .kernels._common import multiprocessors
 from .kernels.fused_linear import fused_linear
 
 _relu_backward = torch.ops.aten.threshold_backward
@@ -100,15 +101,10 @@ def block_forward(
     return fused_linear(h, w2.t(), a2=x, b2=ws.t(), bias=b2, relu=True)[0], h
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
     """Slices of K for a weight-gradient GEMM: enough tiles to fill the GPU, each slice >= 1024 rows deep."""
     tiles = -(-rows // 128) * -(-cols // 128)
-    want = max(1, 2 * _multiprocessors(device) // tiles)
+    want = max(1, 2 * multiprocessors(device) // tiles)
     return max(1, min(want, k // 1024, 64))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -27,3 +28,10 @@ def input_precision(t: torch.Tensor) -> str:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """SMs of ``device``, cached: launch grids read it on every call. The interpreter pretends 2, so that
+    persistent loops run several tiles."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2

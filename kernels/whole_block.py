@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
+from ._common import input_precision, launch_device, multiprocessors, next_power_of_2, on_interpreter
 
 # Forward: (BLOCK_M, num_warps, programs per SM), 0 programs per SM meaning one program per row tile, else a
 # persistent grid that loads the weights once per program: the autotuner measures which pays. Backward:
@@ -220,7 +220,7 @@ def forward(x, w1, b1, w2, b2, *, store_h: bool, out=None, h=None, config: tuple
              "INPUT_PRECISION": input_precision(x), "WIDTH": width}
     if config is None and on_interpreter(x.device):
         config = (INTERPRETER_BLOCK_M, 4, 0)
-    sms = _multiprocessors(x.device)
+    sms = multiprocessors(x.device)
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"])
@@ -237,13 +237,8 @@ def forward(x, w1, b1, w2, b2, *, store_h: bool, out=None, h=None, config: tuple
     return out, h
 
 
-def _multiprocessors(device: torch.device) -> int:
-    """SMs of ``device`` (the interpreter pretends 2, so that persistent loops run several tiles)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def _programs(device: torch.device, tiles: int) -> int:
-    return max(1, min(tiles, 2 * _multiprocessors(device)))
+    return max(1, min(tiles, 2 * multiprocessors(device)))
 
 
 def backward(dout, out, h, x, w1, w2, *, need_dx: bool, need_weights: bool, dx=None,
