@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 import fused_residual as fr
-from fused_residual import backends
+from fused_residual import routing
+from fused_residual.activations import SEED_FORM
 
 from .cases import REFERENCE, Case
 
@@ -400,11 +401,13 @@ def _git(*args: str) -> str | None:
 
 
 def backend_name(case: Case) -> str:
-    """Which backend the fused modules dispatch to for this case's inputs ("triton" or "torch")."""
-    probe = torch.empty(0, device=case.device, dtype=TORCH_DTYPES[case.dtype])
+    """The route the fused modules take for this case's inputs (e.g. "triton:whole_block", "torch", "composite")."""
+    dtype = TORCH_DTYPES[case.dtype]
     try:
-        return backends.name_of(backends.select(probe))
-    except (TypeError, AttributeError):  # metadata only: never fail a benchmark over it
+        probe = torch.empty(1, case.width, device=case.device, dtype=dtype).expand(case.rows, case.width)
+        weight = torch.empty(case.width, case.width, device=case.device, dtype=dtype)
+        return routing.route(probe, weight, None, SEED_FORM, case.mode == "train").name
+    except (TypeError, AttributeError, RuntimeError):  # metadata only: never fail a benchmark over it
         return "unknown"
 
 

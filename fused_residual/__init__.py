@@ -5,9 +5,9 @@
 """
 
 from . import functional
-from .backends import ENV_VAR as BACKEND_ENV_VAR
 from .modules import FusedResidualBlock, FusedResidualNet, fuse
 from .reference import ResidualBlock, ResidualNet
+from .routing import ENV_VAR as BACKEND_ENV_VAR
 
 __all__ = [
     "BACKEND_ENV_VAR",

@@ -1,24 +1,18 @@
-"""Functional forms of the fused ops: validate like ``nn.Linear``, flatten leading dims, call autograd.
+"""Functional forms of the fused ops: validate like ``nn.Linear``, apply autocast's casts, hand over to routing.
 
-- ``residual_block(x, w1, b1, w2, b2)``: ``relu(relu(x W1^T + b1) W2^T + b2 + x)`` (the whole block).
+- ``residual_block(x, w1, b1, w2, b2)``: ``relu(relu(x W1^T + b1) W2^T + b2 + x)`` (the whole block), and its other
+  forms: ``shortcut_weight`` (a learned projection), ``activation``, ``final_activation=None`` (the transformer
+  FFN ``x + linear2(act(linear1(x)))``).
 - ``linear_residual_relu(h, w, b, residual)``: ``relu(h W^T + b + residual)`` (the block's second layer).
 
-Inputs may have any number of leading dims (1-D included) and any strides. Bad input raises what
-``nn.Linear`` raises: TypeError for a non-tensor, RuntimeError for a wrong last dimension, a dtype or a device
-mismatch, each naming what was involved.
+Inputs may have any number of leading dims (1-D included) and any strides. Bad input raises what ``nn.Linear``
+raises: TypeError for a non-tensor, RuntimeError for a wrong last dimension, a dtype or a device mismatch, each
+naming what was involved; sparse tensors are refused with a RuntimeError.
 
-Where a call goes:
-
-- eager, grad needed: ``autograd.ResidualBlockFunction`` (one autograd node for the whole block);
-- eager, no grad needed (``no_grad``, ``inference_mode``, frozen weights and input): the backend directly;
-- while ``torch.compile`` / ``torch.export`` traces: the ops registered in ``ops.py``, which call the same backend
-  functions (in eager they would only add dispatcher overhead, so eager calls skip them).
-
-Autocast: under ``torch.autocast`` the block computes what the reference block computes under it. The reference
-runs its linears in the autocast dtype, so ``h`` and ``linear2(h)`` are rounded to it, and ``+ x`` then promotes
-to ``x``'s dtype (a projection shortcut is a linear too: no promotion). Here every operand autocast would cast
-(floating, not float64, on the autocast device) is cast to the autocast dtype, the fused block runs in it, and
-the result is cast to the reference's output dtype.
+Autocast: under ``torch.autocast`` the block computes what the reference block computes under it. The linears
+run in the autocast dtype: weights and biases are cast to it here (``x`` is cast for its GEMMs by the backends).
+The shortcut adds ``x`` itself, un-rounded; the result has the reference's dtype (``activations.Form
+.output_dtype``): the seed block adds in place (``out += x``), so its output keeps the autocast dtype.
 """
 
 from __future__ import annotations
@@ -26,80 +20,113 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import autograd, ops
-from .autograd import LinearResidualReluFunction, ResidualBlockFunction, needs_autograd
+from . import routing
+from .activations import SEED_FORM, Form, check_form
 
 # One C call that is False unless some autocast is on: keeps the common, autocast-free call cheap. Private in
-# PyTorch (and folded to a constant by Dynamo); the public per-device check below decides when it is True.
+# PyTorch (and folded to a constant by Dynamo); the per-device checks below decide when it is True.
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+# Device types with an autocast, found outside any compiled region: torch.amp.is_autocast_available is not
+# traceable by Dynamo on every torch version this runs on (2.11 graph-breaks on it).
+_AUTOCAST_DEVICE_TYPES: dict[str, bool] = {
+    t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
+}
 
 
 def autocast_enabled() -> bool:
-    """Whether any autocast is on (then modules take the per-layer paths that follow its casting rules)."""
+    """Whether any autocast is on (modules then take the per-layer paths that follow its casting rules)."""
     return _any_autocast_enabled()
 
 
-def _autocast_dtype(x: object) -> torch.dtype | None:
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast runs a linear of ``x`` in, or None where no autocast applies to ``x``'s device."""
-    if not isinstance(x, Tensor):
-        return None
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    available = _AUTOCAST_DEVICE_TYPES.get(device_type)
+    if available is None:
+        if torch.compiler.is_compiling():
+            return None
+        available = _AUTOCAST_DEVICE_TYPES[device_type] = torch.amp.is_autocast_available(device_type)
+    if not available or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
+def _autocast_eligible(t: object, device_type: str) -> bool:
+    """Whether autocast casts ``t`` for a low-precision op: a floating tensor on its device, except float64."""
+    return (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type)
+
+
 def _autocast(t: object, device_type: str, dtype: torch.dtype) -> object:
-    """``t`` as autocast passes it to a low-precision op: floating tensors on its device, except float64, cast."""
-    if (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-            and t.device.type == device_type):
-        return t.to(dtype)
-    return t
+    return t.to(dtype) if _autocast_eligible(t, device_type) else t  # type: ignore[union-attr]
 
 
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _check_operands(op: str, x: object, required: dict[str, object], optional: dict[str, object]) -> None:
-    """Types, dtypes and devices: every operand must be a tensor like ``x`` (``optional`` ones may be None)."""
-    if not _same_kind(x, required.values(), optional.values()):
-        _raise_operand_error(op, x, {**required, **{k: v for k, v in optional.items() if v is not None}})
+def _check_operands(op: str, x_name: str, x: object, required: dict[str, object], optional: dict[str, object],
+                    x_may_be_wider: bool = False) -> None:
+    """Types, layouts, dtypes and devices: every operand must be a dense tensor like ``x`` (``optional`` ones may
+    be None). ``x_may_be_wider``: under autocast ``x`` keeps its own floating dtype."""
+    if not _same_kind(x, required.values(), optional.values(), x_may_be_wider):
+        _raise_operand_error(op, x_name, x, {**required, **{k: v for k, v in optional.items() if v is not None}},
+                             x_may_be_wider)
 
 
-def _same_kind(x: object, required, optional) -> bool:
+def _same_kind(x: object, required, optional, x_may_be_wider: bool) -> bool:
     """The common case, as plain loops: this runs on every call, where a 16-row block takes ~20 us in all."""
-    if not isinstance(x, Tensor) or x.dim() == 0 or not x.is_floating_point():
+    if not isinstance(x, Tensor) or x.dim() == 0 or not x.is_floating_point() or x.layout != torch.strided:
         return False
-    dtype, device = x.dtype, x.device
+    device = x.device
+    dtype = None if x_may_be_wider else x.dtype  # under autocast the weights set the dtype
     for t in required:
-        if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device:
+        if not isinstance(t, Tensor) or t.device != device or t.layout != torch.strided:
+            return False
+        if dtype is None:
+            dtype = t.dtype
+        elif t.dtype != dtype:
             return False
     for t in optional:
-        if t is not None and (not isinstance(t, Tensor) or t.dtype != dtype or t.device != device):
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != dtype or t.device != device
+                              or t.layout != torch.strided):
             return False
-    return True
+    # Autocast leaves float64 alone: a float64 x with low-precision weights is F.linear's dtype error.
+    return x.dtype != torch.float64 or dtype == torch.float64
 
 
-def _raise_operand_error(op: str, x: object, operands: dict[str, object]) -> None:
+def _raise_operand_error(op: str, x_name: str, x: object, operands: dict[str, object], x_may_be_wider: bool) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{op}(): argument 'x' must be a Tensor, not {type(x).__name__}")
+        raise TypeError(f"{op}(): argument '{x_name}' must be a Tensor, not {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise RuntimeError(f"{op}(): {x_name} must be a dense (strided) tensor, got layout {x.layout}; "
+                           f"pass {x_name}.to_dense()")
     if x.dim() == 0:
-        raise RuntimeError(f"{op}(): x must have at least 1 dimension, got a 0-d tensor")
+        raise RuntimeError(f"{op}(): {x_name} must have at least 1 dimension, got a 0-d tensor")
     if not x.dtype.is_floating_point:
-        raise RuntimeError(f"{op}(): expected a floating-point x, got {x.dtype}")
+        raise RuntimeError(f"{op}(): expected a floating-point {x_name}, got {x.dtype}")
+    reference_name, reference_dtype = x_name, x.dtype
     for name, t in operands.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}(): argument '{name}' must be a Tensor, not {type(t).__name__}")
-        if t.dtype != x.dtype:
-            raise RuntimeError(
-                f"{op}(): expected x and {name} to have the same dtype, but got {x.dtype} and {t.dtype}"
-            )
+        if t.layout != torch.strided:
+            raise RuntimeError(f"{op}(): {name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.device != x.device:
             raise RuntimeError(
-                f"{op}(): expected all tensors to be on the same device, but found x on {x.device} "
+                f"{op}(): expected all tensors to be on the same device, but found {x_name} on {x.device} "
                 f"and {name} on {t.device}"
             )
+        if x_may_be_wider and reference_name == x_name:
+            reference_name, reference_dtype = name, t.dtype  # autocast: the weights set the dtype
+            continue
+        if t.dtype != reference_dtype:
+            raise RuntimeError(f"{op}(): expected {reference_name} and {name} to have the same dtype, but got "
+                               f"{reference_dtype} and {t.dtype}")
+    # Autocast leaves float64 alone: F.linear would refuse float64 x with low-precision weights.
+    if x_may_be_wider and x.dtype == torch.float64 and reference_dtype != torch.float64:
+        raise RuntimeError(f"{op}(): expected {x_name} and the weights to have the same dtype, but got "
+                           f"{x.dtype} and {reference_dtype} (autocast does not cast float64)")
 
 
 def _check_linear(op: str, in_name: str, in_shape: tuple[int, ...], w: Tensor, w_name: str, b: Tensor | None) -> None:
@@ -123,23 +150,31 @@ def residual_block(
     b2: Tensor | None,
     *,
     shortcut_weight: Tensor | None = None,
+    activation: str = "relu",
+    final_activation: str | None = "relu",
 ) -> Tensor:
-    """``relu(relu(x @ w1.T + b1) @ w2.T + b2 + s)`` with ``s = x`` or ``s = x @ shortcut_weight.T``.
+    """``final(act(x @ w1.T + b1) @ w2.T + b2 + s)`` with ``s = x`` or ``s = x @ shortcut_weight.T``.
 
-    Shapes: ``x (..., K)``, ``w1 (N, K)``, ``w2 (N, N)``, ``b1, b2 (N,)`` or None, ``shortcut_weight (N, K)``;
-    without a shortcut weight ``K`` must equal ``N``. Returns ``(..., N)``.
+    Shapes: ``x (..., K)``, ``w1 (H, K)``, ``w2 (N, H)``, ``b1 (H,)``, ``b2 (N,)`` or None,
+    ``shortcut_weight (N, K)``; without a shortcut weight ``K`` must equal ``N``. Returns ``(..., N)``.
+    ``activation``: ``"relu"`` (the seed block), ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``; ``final_activation``:
+    ``"relu"`` (the seed block) or None (the transformer FFN form).
     """
     op = "residual_block"
+    form = Form(activation, final_activation)
+    if form != SEED_FORM:
+        form = check_form(activation, final_activation)
     out_dtype = None
-    if _any_autocast_enabled() and (low := _autocast_dtype(x)) is not None:
-        # The reference's last step is linear2(h) + x (promotes to x's dtype) or + shortcut(x) (stays low).
-        out_dtype = low if shortcut_weight is not None else torch.promote_types(low, x.dtype)
+    if _any_autocast_enabled() and isinstance(x, Tensor) and (low := _autocast_dtype(x)) is not None:
         device_type = x.device.type
-        x, w1, b1, w2, b2, shortcut_weight = (_autocast(t, device_type, low)
-                                               for t in (x, w1, b1, w2, b2, shortcut_weight))
-    _check_operands(op, x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight})
+        w1, b1, w2, b2, shortcut_weight = (_autocast(t, device_type, low) for t in (w1, b1, w2, b2, shortcut_weight))
+        _check_operands(op, "x", x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight},
+                        x_may_be_wider=True)
+        out_dtype = form.output_dtype(x.dtype, w1.dtype, shortcut_weight is not None)
+    else:
+        _check_operands(op, "x", x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight})
     _check_linear(op, "x", x.shape, w1, "w1", b1)
-    _check_linear(op, "relu(x @ w1.T + b1)", (*x.shape[:-1], w1.shape[0]), w2, "w2", b2)
+    _check_linear(op, f"{activation}(x @ w1.T + b1)", (*x.shape[:-1], w1.shape[0]), w2, "w2", b2)
     if shortcut_weight is None:
         if x.shape[-1] != w2.shape[0]:
             raise RuntimeError(
@@ -151,13 +186,7 @@ def residual_block(
         if shortcut_weight.shape[0] != w2.shape[0]:
             raise RuntimeError(f"{op}(): shortcut_weight of shape {_shape(shortcut_weight)} must give "
                                f"{w2.shape[0]} output features like w2")
-
-    if torch.compiler.is_compiling():
-        out = ops.residual_block(x, w1, b1, w2, b2, shortcut_weight)
-    elif needs_autograd(x, w1, b1, w2, b2, shortcut_weight):
-        out = ResidualBlockFunction.apply(x, w1, b1, w2, b2, shortcut_weight)
-    else:
-        out = autograd.block_forward(x, w1, b1, w2, b2, shortcut_weight)
+    out = routing.residual_block(x, w1, b1, w2, b2, shortcut_weight, form)
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
 
@@ -169,46 +198,49 @@ def residual_net_inference(
     w_out: Tensor,
     b_out: Tensor | None,
 ) -> Tensor:
-    """``linear(blocks(relu(linear(x))))`` for inference: no autograd, no autocast (callers check both).
-
-    ``blocks`` holds each block's ``(w1, b1, w2, b2)``. Where the widths allow, the Triton backend runs the
-    whole net in one kernel (activations never leave the chip).
-    """
+    """``linear(blocks(relu(linear(x))))`` of seed-form blocks for inference: no autograd, no autocast (callers
+    check both). ``blocks`` holds each block's ``(w1, b1, w2, b2)``. Where the widths allow, the Triton backend
+    runs the whole net in one kernel (activations never leave the chip)."""
     op = "residual_net"
     weights = {"w_in": w_in, "w_out": w_out}
     biases = {"b_in": b_in, "b_out": b_out}
     for i, (w1, b1, w2, b2) in enumerate(blocks):
         weights.update({f"blocks.{i}.w1": w1, f"blocks.{i}.w2": w2})
         biases.update({f"blocks.{i}.b1": b1, f"blocks.{i}.b2": b2})
-    _check_operands(op, x, weights, biases)
+    _check_operands(op, "x", x, weights, biases)
     _check_linear(op, "x", x.shape, w_in, "w_in", b_in)
     hidden_shape = (*x.shape[:-1], w_in.shape[0])
     for i, (w1, b1, w2, b2) in enumerate(blocks):
         _check_linear(op, "hidden", hidden_shape, w1, f"blocks.{i}.w1", b1)
-        _check_linear(op, "hidden", hidden_shape, w2, f"blocks.{i}.w2", b2)
+        _check_linear(op, f"blocks.{i} hidden", (*x.shape[:-1], w1.shape[0]), w2, f"blocks.{i}.w2", b2)
+        if w2.shape[0] != w_in.shape[0]:
+            raise RuntimeError(f"{op}(): blocks.{i}.w2 of shape {_shape(w2)} must give {w_in.shape[0]} features "
+                               "(the identity shortcut)")
     _check_linear(op, "hidden", hidden_shape, w_out, "w_out", b_out)
-    return autograd.net_forward(x, w_in, b_in, blocks, w_out, b_out)
+    return routing.residual_net(x, w_in, b_in, blocks, w_out, b_out)
 
 
 def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """``relu(h @ w.T + b + residual)``: ``h (..., K)``, ``w (N, K)``, ``b (N,)`` or None, ``residual (..., N)``."""
+    """``relu(h @ w.T + b + residual)``: ``h (..., K)``, ``w (N, K)``, ``b (N,)`` or None, ``residual (..., N)``.
+
+    Under autocast the linear runs in the autocast dtype and the sum promotes to the residual's dtype, as
+    ``F.linear(h, w, b) + residual`` does there.
+    """
     op = "linear_residual_relu"
-    out_dtype = None
-    if _any_autocast_enabled() and (low := _autocast_dtype(h)) is not None:
-        # As F.linear(h, w, b) + residual under autocast: the sum promotes to the residual's dtype.
-        out_dtype = torch.promote_types(low, residual.dtype) if isinstance(residual, Tensor) else None
-        device_type = h.device.type
-        h, w, b, residual = (_autocast(t, device_type, low) for t in (h, w, b, residual))
-    _check_operands(op, h, {"w": w, "residual": residual}, {"b": b})
+    if _any_autocast_enabled() and isinstance(h, Tensor) and (low := _autocast_dtype(h)) is not None:
+        w, b = (_autocast(t, h.device.type, low) for t in (w, b))
+        _check_operands(op, "h", h, {"w": w}, {"b": b}, x_may_be_wider=True)
+        if not _autocast_eligible(residual, h.device.type) and isinstance(residual, Tensor):
+            _check_operands(op, "h", h, {"residual": residual}, {})
+    else:
+        _check_operands(op, "h", h, {"w": w, "residual": residual}, {"b": b})
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"{op}(): argument 'residual' must be a Tensor, not {type(residual).__name__}")
     _check_linear(op, "h", h.shape, w, "w", b)
     out_shape = (*h.shape[:-1], w.shape[0])
     if residual.shape != out_shape:
         raise RuntimeError(f"{op}(): residual of shape {_shape(residual)} must have the output's shape "
                            f"{tuple(out_shape)}")
-    if torch.compiler.is_compiling():
-        out = ops.linear_residual_relu(h, w, b, residual)
-    elif needs_autograd(h, w, b, residual):
-        out = LinearResidualReluFunction.apply(h, w, b, residual)
-    else:
-        out = autograd.linear_residual_relu_forward(h, w, b, residual)
-    return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
+    if h.dtype != w.dtype:  # autocast: the GEMM operand in the weights' dtype
+        h = h.to(w.dtype)
+    return routing.linear_residual_relu(h, w, b, residual)

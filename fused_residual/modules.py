@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
+from . import composite, functional, routing
+from .activations import Form, check_form
 from .reference import ResidualBlock
 
 
-def _weight_and_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(linear.weight, linear.bias)``; for a plain nn.Linear read from its parameter dict directly.
-
-    ``nn.Module.__getattr__`` costs about a microsecond a lookup, a quarter of a tiny block's time. Subclasses
-    (parametrized modules, wrappers) and modules whose weight is not a registered parameter take the attribute.
-    """
-    params = linear._parameters
-    if type(linear) is nn.Linear and "weight" in params:
-        return params["weight"], params.get("bias")
-    return linear.weight, linear.bias
-
-
 class FusedResidualBlock(nn.Module):
-    """``out = relu(linear2(relu(linear1(x))) + x)`` computed by the fused kernels.
+    """``out = relu(linear2(relu(linear1(x))) + x)`` computed by the fused kernels, and its other forms.
 
-    ``linear1: in -> out`` and ``linear2: out -> out`` are plain ``nn.Linear`` modules, created in that order,
-    so a seed gives the reference block's parameters and state_dicts load both ways. With
-    ``projection=True`` the shortcut is a learned ``shortcut = nn.Linear(in, out, bias=False)`` and
-    ``in_features`` may differ from ``out_features``.
+    ``linear1: in -> hidden`` and ``linear2: hidden -> out`` are plain ``nn.Linear`` modules, created in that
+    order (``hidden_features`` defaults to ``out_features``, the reference block), so a seed gives the reference
+    block's parameters and state_dicts load both ways. Other forms:
+
+    - ``projection=True``: a learned shortcut ``shortcut = nn.Linear(in, out, bias=False)``, ``in`` may differ
+      from ``out``: ``out = relu(linear2(h) + shortcut(x))``;
+    - ``activation``: the hidden activation, ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``;
+    - ``final_activation=None``: the transformer FFN ``out = x + linear2(act(linear1(x)))``, e.g.
+      ``FusedResidualBlock(d, d, hidden_features=4 * d, activation="gelu", final_activation=None)``.
+
+    If a submodule is not what the kernels compute (hooks on it, an ``nn.Linear`` subclass with its own
+    ``forward``, a replaced submodule), the block calls its submodules instead, with the same math.
     """
 
     def __init__(
@@ -36,6 +35,9 @@ class FusedResidualBlock(nn.Module):
         in_features: int,
         out_features: int,
         *,
+        hidden_features: int | None = None,
+        activation: str = "relu",
+        final_activation: str | None = "relu",
         projection: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -46,29 +48,47 @@ class FusedResidualBlock(nn.Module):
                 f"in_features ({in_features}) != out_features ({out_features}): the identity shortcut needs "
                 "equal sizes; pass projection=True for a learned shortcut"
             )
+        check_form(activation, final_activation)
+        self.activation = activation
+        self.final_activation = final_activation
+        hidden = out_features if hidden_features is None else hidden_features
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
+        self.hidden_features = hidden
         self.projection = projection
-        self.linear1 = nn.Linear(in_features, out_features, **factory)
-        self.linear2 = nn.Linear(out_features, out_features, **factory)
+        self.linear1 = nn.Linear(in_features, hidden, **factory)
+        self.linear2 = nn.Linear(hidden, out_features, **factory)
         self.shortcut = nn.Linear(in_features, out_features, bias=False, **factory) if projection else None
 
+    @property
+    def form(self) -> Form:
+        return Form(self.activation, self.final_activation)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = self._modules  # what self.linear1 reads, without nn.Module.__getattr__'s cost
-        w1, b1 = _weight_and_bias(modules["linear1"])
-        w2, b2 = _weight_and_bias(modules["linear2"])
-        shortcut = modules.get("shortcut")
-        return functional.residual_block(
-            x, w1, b1, w2, b2, shortcut_weight=None if shortcut is None else _weight_and_bias(shortcut)[0]
-        )
+        params = routing.block_parameters(self)
+        if params is None:
+            return composite.block(x, self.linear1, self.linear2, self.shortcut, self.form)
+        w1, b1, w2, b2, ws = params
+        return functional.residual_block(x, w1, b1, w2, b2, shortcut_weight=ws, activation=self.activation,
+                                         final_activation=self.final_activation)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, projection={self.projection}"
+        text = f"in_features={self.in_features}, out_features={self.out_features}"
+        if self.hidden_features != self.out_features:
+            text += f", hidden_features={self.hidden_features}"
+        if self.activation != "relu" or self.final_activation != "relu":
+            text += f", activation={self.activation!r}, final_activation={self.final_activation!r}"
+        return text + f", projection={self.projection}"
 
 
 class FusedResidualNet(nn.Module):
-    """``linear2(blocks(relu(linear1(x))))``: the reference ``ResidualNet`` with fused blocks."""
+    """``linear2(blocks(relu(linear1(x))))``: the reference ``ResidualNet`` with fused blocks.
+
+    Without autograd (and outside autocast and ``torch.compile``) the net runs as one unit, one kernel where the
+    widths allow, when every part is what the kernels compute (plain ``nn.Linear`` layers and blocks, no hooks);
+    otherwise it calls its submodules.
+    """
 
     def __init__(
         self,
@@ -89,40 +109,63 @@ class FusedResidualNet(nn.Module):
         self.linear2 = nn.Linear(hidden_features, out_features, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._inference_fast_path(x):
-            return functional.residual_net_inference(
-                x, *_weight_and_bias(self.linear1),
-                [(*_weight_and_bias(b.linear1), *_weight_and_bias(b.linear2)) for b in self.blocks],
-                *_weight_and_bias(self.linear2),
-            )
-        # linear's output is not saved for its backward, so the ReLU may overwrite it.
+        params = routing.net_parameters(self, x)
+        if params is not None:
+            return functional.residual_net_inference(x, *params)
+        # linear's output is not saved for its backward, so the ReLU may overwrite it (as the reference's does).
         x = F.relu(self.linear1(x), inplace=True)
         for block in self.blocks:
             x = block(x)
         return self.linear2(x)
 
-    def _inference_fast_path(self, x: object) -> bool:
-        """No autograd, no autocast, not being compiled, only our own block type: the net runs as one unit
-        (one kernel where the Triton backend takes its widths)."""
-        if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or functional.autocast_enabled():
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        return all(type(b) is FusedResidualBlock and b.shortcut is None for b in self.blocks)
+
+# Hook dicts of nn.Module that fuse() hands over to the fused block (shared, so a handle's remove() still works).
+_CARRIED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+                  "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                  "_load_state_dict_post_hooks")
 
 
-def _fused_from(block: nn.Module) -> FusedResidualBlock:
-    """A FusedResidualBlock holding ``block``'s own ``linear1``/``linear2`` modules (same Parameters)."""
+def _why_not_fusable(block: nn.Module, block_type: type[nn.Module]) -> str | None:
+    """Why ``block`` cannot be swapped for a fused block that computes exactly the same, or None."""
+    if type(block).forward is not block_type.forward:
+        return f"{type(block).__name__} overrides forward"
+    if block._backward_hooks and not block._is_full_backward_hook:
+        return "it has a non-full backward hook (register_backward_hook), which sees a different autograd node"
+    modules = block._modules
+    for name in ("linear1", "linear2"):
+        why = routing.why_not_plain(name, modules.get(name))
+        if why is not None:
+            return why
+    for name, child in modules.items():
+        if name not in ("linear1", "linear2") and child is not None and any(
+                routing._has_hooks(m) for m in child.modules()):
+            return f"its submodule {name} has hooks, and the fused block does not call it"
+    return None
+
+
+def _fused_from(block: nn.Module, block_type: type[nn.Module], path: str) -> FusedResidualBlock | None:
+    """A FusedResidualBlock holding ``block``'s own ``linear1``/``linear2`` (same Parameters) and its hooks; None,
+    with a warning that says why, where the fused block would not compute exactly what ``block`` does."""
     linear1, linear2 = getattr(block, "linear1", None), getattr(block, "linear2", None)
-    if not isinstance(linear1, nn.Linear) or not isinstance(linear2, nn.Linear):
-        raise TypeError(f"fuse(): {type(block).__name__} has no nn.Linear submodules linear1 and linear2")
-    if linear1.in_features != linear2.out_features:
+    if not isinstance(linear1, nn.Module) or not isinstance(linear2, nn.Module):
+        raise TypeError(f"fuse(): {type(block).__name__} has no submodules linear1 and linear2")
+    why = _why_not_fusable(block, block_type)
+    if why is not None:
+        warnings.warn(f"fuse(): left {path or 'the model'} ({type(block).__name__}) unfused: {why}", stacklevel=3)
+        return None
+    if linear1.in_features != linear2.out_features or linear1.out_features != linear2.in_features:
         raise ValueError(
-            f"fuse(): {type(block).__name__} maps {linear1.in_features} -> {linear2.out_features} features; "
-            "the identity shortcut of a residual block needs them equal"
+            f"fuse(): {type(block).__name__} maps {linear1.in_features} -> {linear1.out_features} -> "
+            f"{linear2.in_features} -> {linear2.out_features} features; a residual block needs "
+            "linear1.in == linear2.out (the identity shortcut) and linear1.out == linear2.in"
         )
-    fused = FusedResidualBlock(linear1.in_features, linear2.out_features, device="meta")
+    fused = FusedResidualBlock(linear1.in_features, linear2.out_features, hidden_features=linear1.out_features,
+                               device="meta")
     fused.linear1, fused.linear2 = linear1, linear2
+    for name in _CARRIED_HOOKS:
+        setattr(fused, name, getattr(block, name))
+    fused._is_full_backward_hook = block._is_full_backward_hook
     fused.train(block.training)
     return fused
 
@@ -131,14 +174,32 @@ def fuse(model: nn.Module, block_type: type[nn.Module] = ResidualBlock) -> nn.Mo
     """Swap, in place, every submodule that is a ``block_type`` for a FusedResidualBlock.
 
     The fused blocks share the original ``nn.Linear`` modules, hence the same Parameter objects: optimizer
-    state stays valid. ``block_type`` may be a user's own class with ``linear1``/``linear2`` submodules and the
-    reference's math. Returns ``model``; if ``model`` itself is a ``block_type``, returns its fused replacement.
+    state stays valid; they take over the block's own hooks. A block used in several places becomes one fused
+    block used in the same places. ``block_type`` may be a user's own class with ``linear1``/``linear2``
+    submodules and the reference's math. A block the fused one would not compute exactly (its own ``forward``,
+    hooks on its linears, ``weight_norm``/``spectral_norm``, a linear subclass with its own ``forward``) is left
+    as it is, with a warning that says why. Returns ``model``; if ``model`` itself is a ``block_type``, returns
+    its fused replacement (or ``model``, if it stays).
     """
+    memo: dict[int, nn.Module] = {}
     if isinstance(model, block_type):
-        return _fused_from(model)
-    for name, child in list(model.named_children()):
-        if isinstance(child, block_type):
-            setattr(model, name, _fused_from(child))
-        else:
-            fuse(child, block_type)
+        return _fused_from(model, block_type, "") or model
+    _fuse_children(model, block_type, memo, "")
     return model
+
+
+def _fuse_children(module: nn.Module, block_type: type[nn.Module], memo: dict[int, nn.Module], prefix: str) -> None:
+    # _modules, not named_children(): that lists a module used twice only once.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        replacement = memo.get(id(child))
+        if replacement is None:
+            if isinstance(child, block_type):
+                replacement = _fused_from(child, block_type, prefix + name) or child
+            else:
+                replacement = child
+                _fuse_children(child, block_type, memo, f"{prefix}{name}.")
+            memo[id(child)] = replacement
+        if replacement is not child:
+            setattr(module, name, replacement)

@@ -1,28 +1,29 @@
 """The fused ops registered with ``torch.library``, so ``torch.compile`` keeps them in one graph.
 
-``functional`` routes here only while Dynamo traces (``torch.compiler.is_compiling()``); eager calls go
-straight to ``autograd`` (a registered op costs a dispatcher round trip per call). The ops hold no math: each
-implementation is one call into ``backends.select(x)``, the same functions the eager path calls, and their
-autograd keeps the same tensors as the eager path (``autograd.save_block`` / ``autograd.save_linear``).
+``routing`` sends a call here only while Dynamo traces (``torch.compiler.is_compiling()``); eager calls go
+straight to the Functions of ``autograd.py`` (a registered op costs a dispatcher round trip per call). The ops hold
+no math: each implementation asks ``routing.route`` for the call's backend, the same decision an eager call
+gets (the plain-composite route runs the ``torch`` backend here: inside an op there is no autograd to see it), and
+their autograd keeps the same tensors as the eager path (``autograd.save_block`` / ``autograd.save_linear``).
 
-Ops (all tensors 2-D; ``functional`` validates and ``residual_block`` / ``linear_residual_relu`` below flatten):
+Ops (all tensors 2-D; ``residual_block`` / ``linear_residual_relu`` below flatten):
 
-- ``fused_residual::block_forward(x, w1, b1?, w2, b2?, ws?) -> (out, h)``
-- ``fused_residual::block_backward(dout, x?, h, out, w1, w2, ws?, needs) -> [the grads ``needs`` asks for]``
+- ``fused_residual::block_forward(x, w1, b1?, w2, b2?, ws?, activation, final_activation?) -> (out, saved)``
+- ``fused_residual::block_backward(dout, x?, saved, out?, w1, w2, ws?, activation, final_activation?, needs,
+  dx_dtype) -> [the grads needs asks for]``
 - ``fused_residual::linear_residual_relu_forward(h, w, b?, residual) -> out``
-- ``fused_residual::linear_residual_relu_backward(dout, h?, out, w, needs) -> [the grads ``needs`` asks for]``
+- ``fused_residual::linear_residual_relu_backward(dout, h?, out, w, needs, dh_dtype) -> [the grads needs asks for]``
 
-Unlike the eager ``autograd.Function``, which keeps its forward's backend for backward, the backward ops ask
-``backends.select`` again when they run (a compiled graph cannot carry a module object): both backends keep the
-same tensors, so changing ``FUSED_RESIDUAL_BACKEND`` between a forward and its backward is still correct.
+The backward ops route again when they run (a compiled graph cannot carry a backend object): every backend keeps
+the same tensors, so changing ``FUSED_RESIDUAL_BACKEND`` between a forward and its backward is still correct.
 
 Why ``custom_op`` and not ``triton_op``: the ops are opaque to Inductor, so the backend (read from
-``FUSED_RESIDUAL_BACKEND`` at every call), the Triton launch code and its autotuning run exactly as in eager,
-on any device; tensors written by Triton and saved for backward need no special handling, and no Python
-float is turned into an fp64 kernel argument by Inductor's codegen (the schemas have no float arguments).
-A backward op returns a list holding only the gradients asked for, since a custom op cannot return None.
-The fakes promise row-major outputs, which Inductor plans its memory by; the backends promise no layout (eager
-autograd takes any), so the ops make sure with ``.contiguous()`` (free where a backend wrote them row-major).
+``FUSED_RESIDUAL_BACKEND`` at every call), the Triton launch code and its autotuning run exactly as in eager, on
+any device, the Triton interpreter included; tensors written by Triton and saved for backward need no special
+handling, and no Python float is turned into an fp64 kernel argument by Inductor's codegen (the schemas have no
+float arguments). A backward op returns a list holding only the gradients asked for, since a custom op cannot
+return None. The fakes promise row-major outputs, which Inductor plans its memory by; backends promise
+row-major outputs too, and the ops make sure with ``.contiguous()`` (free where a backend wrote them row-major).
 """
 
 from __future__ import annotations
@@ -30,9 +31,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import autograd, backends
+from . import backends, composite, routing
+from ._tensors import rows, with_leading_dims
+from .activations import Form
+from .autograd import save_block, save_linear
 
 _NAMESPACE = "fused_residual"
+
+
+def _backend(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> tuple[backends.Backend, str | None]:
+    chosen = routing.route(x, w1, ws, form, training=True)
+    return chosen.backend or backends.get("torch"), chosen.variant
 
 
 def _spread(grads: list[Tensor], needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
@@ -46,57 +55,74 @@ def _spread(grads: list[Tensor], needs: tuple[bool, ...]) -> tuple[Tensor | None
 @torch.library.custom_op(
     f"{_NAMESPACE}::block_forward",
     mutates_args=(),
-    schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? ws) -> (Tensor, Tensor)",
+    schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? ws, str activation, "
+    "str? final_activation) -> (Tensor, Tensor)",
 )
 def block_forward(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, activation: str,
+    final_activation: str | None,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, h)`` of the block for 2-D ``x``."""
-    out, h = backends.select(x).block_forward(x, w1, b1, w2, b2, ws)
-    return out.contiguous(), h.contiguous()
+    """``(out, saved)`` of the block for 2-D ``x``."""
+    form = Form(activation, final_activation)
+    backend, variant = _backend(x, w1, ws, form)
+    out, saved = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=True, variant=variant)
+    return out.contiguous(), saved.contiguous()
 
 
 @block_forward.register_fake
-def _(x, w1, b1, w2, b2, ws):
-    rows, features = x.shape[0], w1.shape[0]
-    return x.new_empty(rows, features), x.new_empty(rows, features)
+def _(x, w1, b1, w2, b2, ws, activation, final_activation):
+    out_dtype = Form(activation, final_activation).output_dtype(x.dtype, w1.dtype, ws is not None)
+    return x.new_empty(x.shape[0], w2.shape[0], dtype=out_dtype), x.new_empty(x.shape[0], w1.shape[0],
+                                                                               dtype=w1.dtype)
 
 
 @torch.library.custom_op(
     f"{_NAMESPACE}::block_backward",
     mutates_args=(),
-    schema="(Tensor dout, Tensor? x, Tensor h, Tensor out, Tensor w1, Tensor w2, Tensor? ws, bool[] needs) "
-    "-> Tensor[]",
+    schema="(Tensor dout, Tensor? x, Tensor saved, Tensor? out, Tensor w1, Tensor w2, Tensor? ws, str activation, "
+    "str? final_activation, bool[] needs, ScalarType dx_dtype) -> Tensor[]",
 )
 def block_backward(
-    dout: Tensor, x: Tensor | None, h: Tensor, out: Tensor, w1: Tensor, w2: Tensor, ws: Tensor | None,
-    needs: list[bool],
+    dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
+    activation: str, final_activation: str | None, needs: list[bool], dx_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
-    grads = backends.select(dout).block_backward(dout, x, h, out, w1, w2, ws, tuple(needs))
+    form = Form(activation, final_activation)
+    backend, variant = _backend(dout if x is None else x, w1, ws, form)
+    grads = backend.block_backward(dout, x, saved, out, w1, w2, ws, form, tuple(needs), dx_dtype=dx_dtype,
+                                   variant=variant)
     return [g.contiguous() for g in grads if g is not None]
 
 
 @block_backward.register_fake
-def _(dout, x, h, out, w1, w2, ws, needs):
-    rows = dout.shape[0]
-    shapes = [(rows, w1.shape[1]), w1.shape, w1.shape[:1], w2.shape, w2.shape[:1], None if ws is None else ws.shape]
-    return [dout.new_empty(shape) for shape, need in zip(shapes, needs, strict=True) if need]
+def _(dout, x, saved, out, w1, w2, ws, activation, final_activation, needs, dx_dtype):
+    rows_ = dout.shape[0]
+    shapes = [(rows_, w1.shape[1]), w1.shape, w1.shape[:1], w2.shape, w2.shape[:1], None if ws is None else ws.shape]
+    dtypes = [dx_dtype, *(w1.dtype,) * 5]
+    return [dout.new_empty(shape, dtype=dtype)
+            for shape, dtype, need in zip(shapes, dtypes, needs, strict=True) if need]
 
 
 def _setup_block(ctx, inputs, output) -> None:
-    x, w1, _, w2, _, ws = inputs
-    out, h = output
-    ctx.mark_non_differentiable(h)
+    x, w1, b1, w2, b2, ws, activation, final_activation = inputs
+    out, saved = output
+    ctx.form, ctx.x_dtype = Form(activation, final_activation), x.dtype
+    ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)
-    autograd.save_block(ctx, x, h, out, w1, w2, ws)
+    save_block(ctx, ctx.form, x, saved, out, w1, b1, w2, b2, ws)
 
 
-def _block_backward(ctx, dout, _dh):
-    needs = tuple(ctx.needs_input_grad[:6])  # (older PyTorch appended a flag for an internal argument)
+def _block_backward(ctx, dout, _dsaved):
+    needs = tuple(ctx.needs_input_grad[:6])
     if dout is None:
-        return (None,) * len(needs)
-    return _spread(torch.ops.fused_residual.block_backward(dout, *ctx.saved_tensors, list(needs)), needs)
+        return (None,) * 8
+    saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*composite.block_grads(dout, saved, ctx.form, needs, ctx.x_dtype), None, None)
+    x, hidden, out, w1, _, w2, _, ws = saved
+    grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, w1, w2, ws, *ctx.form, list(needs),
+                                                    ctx.x_dtype)
+    return (*_spread(grads, needs), None, None)
 
 
 block_forward.register_autograd(_block_backward, setup_context=_setup_block)
@@ -111,61 +137,69 @@ block_forward.register_autograd(_block_backward, setup_context=_setup_block)
 )
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h @ w.T + b + residual)`` for 2-D ``h`` and ``residual``."""
-    return backends.select(h).linear_residual_relu_forward(h, w, b, residual).contiguous()
+    backend, _ = _backend(h, w, None, routing.SEED_FORM)
+    return backend.linear_residual_relu_forward(h, w, b, residual).contiguous()
 
 
 @linear_residual_relu_forward.register_fake
 def _(h, w, b, residual):
-    return h.new_empty(h.shape[0], w.shape[0])
+    return h.new_empty(h.shape[0], w.shape[0], dtype=torch.promote_types(h.dtype, residual.dtype))
 
 
 @torch.library.custom_op(
     f"{_NAMESPACE}::linear_residual_relu_backward",
     mutates_args=(),
-    schema="(Tensor dout, Tensor? h, Tensor out, Tensor w, bool[] needs) -> Tensor[]",
+    schema="(Tensor dout, Tensor? h, Tensor out, Tensor w, bool[] needs, ScalarType dh_dtype) -> Tensor[]",
 )
 def linear_residual_relu_backward(
-    dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: list[bool]
+    dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: list[bool], dh_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dh, dw, db, dresidual)`` that ``needs`` asks for, in that order."""
-    grads = backends.select(dout).linear_residual_relu_backward(dout, h, out, w, tuple(needs))
+    backend, _ = _backend(dout, w, None, routing.SEED_FORM)
+    grads = backend.linear_residual_relu_backward(dout, h, out, w, tuple(needs), dh_dtype=dh_dtype)
     return [g.contiguous() for g in grads if g is not None]
 
 
 @linear_residual_relu_backward.register_fake
-def _(dout, h, out, w, needs):
-    rows = dout.shape[0]
-    shapes = [(rows, w.shape[1]), w.shape, w.shape[:1], dout.shape]
-    return [dout.new_empty(shape) for shape, need in zip(shapes, needs, strict=True) if need]
+def _(dout, h, out, w, needs, dh_dtype):
+    rows_ = dout.shape[0]
+    shapes = [(rows_, w.shape[1]), w.shape, w.shape[:1], dout.shape]
+    dtypes = [dh_dtype, w.dtype, w.dtype, out.dtype]
+    return [dout.new_empty(shape, dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needs, strict=True)
+            if need]
 
 
 def _setup_linear(ctx, inputs, output) -> None:
     h, w, _, _ = inputs
+    ctx.h_dtype = h.dtype
     ctx.set_materialize_grads(False)
-    autograd.save_linear(ctx, h, output, w)
+    save_linear(ctx, h, output, w)
 
 
 def _linear_backward(ctx, dout):
     needs = tuple(ctx.needs_input_grad[:4])
     if dout is None:
         return (None,) * len(needs)
-    return _spread(torch.ops.fused_residual.linear_residual_relu_backward(dout, *ctx.saved_tensors, list(needs)), needs)
+    h, out, w = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return composite.linear_grads(dout, h, out, w, needs, ctx.h_dtype)
+    grads = torch.ops.fused_residual.linear_residual_relu_backward(dout, h, out, w, list(needs), ctx.h_dtype)
+    return _spread(grads, needs)
 
 
 linear_residual_relu_forward.register_autograd(_linear_backward, setup_context=_setup_linear)
 
 
-# ---- what functional calls while compiling ---------------------------------------------------------------
+# ---- what routing calls while compiling ------------------------------------------------------------------
 
-def residual_block(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None
-) -> Tensor:
+def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
+                   form: Form) -> Tensor:
     """The block through the registered op: ``x`` of any leading dims, output with the same leading dims."""
-    out, _ = torch.ops.fused_residual.block_forward(autograd.rows(x), w1, b1, w2, b2, ws)
-    return autograd.with_leading_dims(out, x, w2.shape[0])
+    out, _ = torch.ops.fused_residual.block_forward(rows(x), w1, b1, w2, b2, ws, *form)
+    return with_leading_dims(out, x, w2.shape[0])
 
 
 def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """The single layer through the registered op, leading dims kept like ``residual_block``."""
-    out = torch.ops.fused_residual.linear_residual_relu_forward(autograd.rows(h), w, b, autograd.rows(residual))
-    return autograd.with_leading_dims(out, h, w.shape[0])
+    out = torch.ops.fused_residual.linear_residual_relu_forward(rows(h), w, b, rows(residual))
+    return with_leading_dims(out, h, w.shape[0])

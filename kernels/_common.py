@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the kernel wrappers: launch device, TF32 policy, autotune-key buckets."""
+"""Host-side helpers shared by the kernel wrappers: interpreter and device facts, launch device, TF32 policy,
+autotune-key buckets. Imports no triton (``fused_residual.routing`` reads the interpreter setting here)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,21 @@ import os
 import torch
 
 
+def interpreter_enabled() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET``): the one place that reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def on_interpreter(device: torch.device) -> bool:
     """Kernels on CPU tensors run in Triton's interpreter (decided when the kernels were decorated)."""
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return device.type == "cpu" and interpreter_enabled()
+
+
+@functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA ``device`` (the one place that reads it); (9, 0) for the interpreter, whose
+    kernels take the Hopper limits."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 def launch_device(device: torch.device) -> contextlib.AbstractContextManager:

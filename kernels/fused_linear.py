@@ -29,13 +29,11 @@ FLOPs: ``2 M N (K + K2)``. Bytes moved (each operand once; A is re-read per colu
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
+from ._common import capability, input_precision, launch_device, next_power_of_2, on_interpreter
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Every entry is compiled ahead of time for its
 # architecture, dtype class and epilogue in tests/test_kernels_aot.py: it must fit shared memory and not spill.
@@ -95,17 +93,12 @@ def _as_config(entry: tuple[int, int, int, int, int]) -> triton.Config:
 _ALL_ENTRIES = list(dict.fromkeys(HOPPER_16BIT + AMPERE_16BIT + ANY_32BIT))
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def _prune(configs, named_args, **kwargs):
     """Keep the candidates of this device and dtype, and drop tiles far larger than the problem."""
     args = {**named_args, **kwargs}  # the flags arrive as keywords
     a = args["a_ptr"]
     tile_epilogue = args["HAS_RESIDUAL"] or args["HAS_GATE"]
-    allowed = set(config_table(_capability(a.device.index or 0), a.element_size(), tile_epilogue))
+    allowed = set(config_table(capability(a.device), a.element_size(), tile_epilogue))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if _config_key(c) in allowed]
     small = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(n))

@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fused_residual as fr  # noqa: E402
-from fused_residual import backends  # noqa: E402
+from fused_residual import backends, routing  # noqa: E402
+from fused_residual.activations import SEED_FORM  # noqa: E402
 
 # (atol, rtol) for a result in `dtype` compared with a float64 computation of the same math.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -25,6 +26,7 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 HAS_CUDA = torch.cuda.is_available()
+TRITON_INSTALLED = backends.missing_requirement("triton") is None
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor",
@@ -67,10 +69,12 @@ def block_reference(block: fr.FusedResidualBlock, x: torch.Tensor, dout: torch.T
     x2d = x.reshape(-1, x.shape[-1])
     params = dict(block.named_parameters())
     with torch.no_grad():
-        backend = backends.select(x2d)
+        chosen = routing.route(x2d, params["linear1.weight"], params.get("shortcut.weight"), SEED_FORM, True)
+        backend = chosen.backend or backends.get("torch")
         out_lp, h_lp = backend.block_forward(x2d, params["linear1.weight"], params["linear1.bias"],
                                              params["linear2.weight"], params["linear2.bias"],
-                                             params.get("shortcut.weight"))
+                                             params.get("shortcut.weight"), SEED_FORM, save=True,
+                                             variant=chosen.variant)
     p64 = {name: t.detach().double().requires_grad_(True) for name, t in params.items()}
     x64 = x2d.detach().double().requires_grad_(True)
     pre1 = x64 @ p64["linear1.weight"].t() + p64["linear1.bias"]
@@ -91,16 +95,33 @@ def device_params():
                                                    pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]
 
 
+def backend_choices() -> list[str]:
+    """Every registered backend whose packages are installed, and each of its non-default kernel variants
+    (``name:variant``): what the parity tests run."""
+    choices = []
+    for name in backends.names():
+        if backends.missing_requirement(name) is None:
+            choices.append(name)
+            choices += [f"{name}:{variant}" for variant in backends.get(name).VARIANTS[1:]]
+    return choices
+
+
 @pytest.fixture
 def use_backend(monkeypatch):
-    """``use_backend("torch" | "triton" | "auto")`` sets FUSED_RESIDUAL_BACKEND for one test."""
+    """``use_backend(choice)`` sets FUSED_RESIDUAL_BACKEND for one test: ``"auto"``, a backend's name or
+    ``name:variant``; ``"composite"`` keeps ``auto`` but routes every call to the plain composite."""
 
     def set_backend(name: str) -> None:
-        if name == "triton" and not backends.triton_available():
+        if name.startswith("triton") and not TRITON_INSTALLED:
             pytest.skip("triton is not installed")
-        monkeypatch.setenv(backends.ENV_VAR, name)
+        if name == "composite":
+            monkeypatch.setattr(routing, "_auto", lambda *args: routing.COMPOSITE)
+            name = "auto"
+        monkeypatch.setenv(routing.ENV_VAR, name)
+        routing.reset()
 
-    return set_backend
+    yield set_backend
+    routing.reset()
 
 
 def seeded_pair(in_features: int, out_features: int, seed: int = 0, **factory):

@@ -16,9 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import HAS_CUDA, assert_close, float64_reference, seeded_pair, to_reference
+from fused_residual.kernels._common import interpreter_enabled
 
 import fused_residual as fr
-from fused_residual import backends
+from fused_residual import routing
 
 # (device, autocast dtype, backend): CPU autocast in bfloat16 with the torch backend; float16 with the Triton
 # kernels in the interpreter (which has no bfloat16); CUDA in both half types with the default backend.
@@ -26,7 +27,7 @@ CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
 CASES = [
     pytest.param(("cpu", torch.bfloat16, "torch"), id="cpu-bf16-torch"),
     pytest.param(("cpu", torch.float16, "triton"), id="cpu-fp16-triton", marks=pytest.mark.skipif(
-        not backends.interpreter_enabled(), reason="CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 "
+        not interpreter_enabled(), reason="CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 "
         "(conftest sets it where there is no CUDA)")),
     pytest.param(("cuda", torch.float16, "auto"), id="cuda-fp16", marks=CUDA),
     pytest.param(("cuda", torch.bfloat16, "auto"), id="cuda-bf16", marks=CUDA),
@@ -91,8 +92,30 @@ def test_block_under_autocast_matches_the_reference_under_autocast(autocast_case
     torch.manual_seed(10)
     x = (0.3 * torch.randn(24, 32, device=device)).to(low if x_dtype == "low" else x_dtype)
     out = check_against_reference(to_reference(fused), fused, x, torch.randn(24, 32, device=device), device, low)
-    # linear2(h) + x promotes to x's dtype, whatever the autocast dtype.
-    assert out.dtype == x.dtype
+    # The seed block adds x in place into linear2's output: the autocast dtype, whatever x's dtype.
+    assert out.dtype == low
+
+
+def test_block_under_autocast_is_at_least_as_accurate_as_the_seed_block(autocast_case):
+    """x far from 0 (100 + rand): rounding x to the autocast dtype before the add would cost ~0.5 there. The
+    fused block adds the un-rounded x; its error against float32 math must not exceed the seed block's."""
+    device, low = autocast_case
+    reference, fused = seeded_pair(32, 32, device=device)
+    torch.manual_seed(14)
+    x = 100 + torch.rand(64, 32, device=device)
+    with torch.no_grad():
+        exact = reference.double()(x.double())
+        reference.float()
+        with torch.autocast(device, dtype=low):
+            seed_out, fused_out = reference(x), fused(x)
+    assert seed_out.dtype == fused_out.dtype == low
+    seed_err = (seed_out.double() - exact).abs().max().item()
+    fused_err = (fused_out.double() - exact).abs().max().item()
+    assert fused_err <= seed_err, (fused_err, seed_err)
+    # One rounding to the output dtype at most: half a unit in the last place of the largest output.
+    assert fused_err <= 0.5 * torch.finfo(low).eps * exact.abs().max().item() * 2 + 1e-3, fused_err
+    if routing.requested() == "torch" and device == "cpu":  # the same ops as the seed block: the same bits
+        assert torch.equal(fused_out, seed_out)
 
 
 def test_projection_block_under_autocast_stays_in_the_autocast_dtype(autocast_case):
@@ -173,5 +196,5 @@ def test_compiled_block_under_autocast_matches_eager_under_autocast(use_backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager, ref_out = fused(x), reference(x)
         out = compiled(x)
-    assert out.dtype == eager.dtype == ref_out.dtype == torch.float32
+    assert out.dtype == eager.dtype == ref_out.dtype == torch.bfloat16
     torch.testing.assert_close(out, eager)

@@ -6,20 +6,16 @@ reference in float64 (``conftest.float64_reference``).
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close, float64_reference, run_with_grads
+from conftest import HAS_CUDA, assert_close, backend_choices, float64_reference, run_with_grads
 from torch.utils.checkpoint import checkpoint
 
 import fused_residual as fr
-from fused_residual import backends
+from fused_residual import backends, routing
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    importlib.util.find_spec("fused_residual.triton_backend") is None,
-    reason="fused_residual/triton_backend.py is not in this checkout yet"))]
+BACKENDS = backend_choices()
 
 
 class CheckpointedNet(torch.nn.Module):
@@ -39,12 +35,12 @@ class CheckpointedNet(torch.nn.Module):
 def count_block_forwards(monkeypatch) -> list:
     """Counts calls of the selected backend's ``block_forward`` (whichever backend the test runs)."""
     calls: list = []
-    backend = backends.select(torch.empty(0, device=DEVICE))
+    backend = backends.get(routing.requested().partition(":")[0])
     original = backend.block_forward
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(backend, "block_forward", counting)
     return calls
@@ -107,9 +103,10 @@ def test_saved_tensors_go_through_saved_tensor_hooks(use_backend, backend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out, grads = run_with_grads(block, x, dout)
-    # x, h, out, W1, W2 (the shortcut weight is None without a projection).
-    assert len(packed) == len(unpacked) == 5
-    assert {tuple(t.shape) for t in packed} == {(7, 12), (12, 12)}
+    # x, h, out, W1, b1, W2, b2 (the shortcut weight is None without a projection; the biases serve the
+    # recompute of a double backward).
+    assert len(packed) == len(unpacked) == 7
+    assert {tuple(t.shape) for t in packed} == {(7, 12), (12, 12), (12,)}
     assert_close(out, expected, "out")
     for name, grad in grads.items():
         assert_close(grad, expected_grads[name], f"grad {name}", scale=4)

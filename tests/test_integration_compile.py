@@ -8,22 +8,19 @@ distinct shape is a compilation.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close, device_params, float64_reference
+from conftest import HAS_CUDA, assert_close, backend_choices, device_params, float64_reference
 
 import fused_residual as fr
 from fused_residual import ops
+from fused_residual.activations import SEED_FORM
 
-HAS_TRITON_BACKEND = importlib.util.find_spec("fused_residual.triton_backend") is not None
 # The device of the backend-parametrized tests: CUDA where there is one, else the CPU, where the Triton kernels
 # run in the interpreter (conftest sets TRITON_INTERPRET=1 there).
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # The torch backend everywhere; the Triton kernels too where they can run (here: the interpreter, float32).
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON_BACKEND, reason="fused_residual/triton_backend.py is not in this checkout yet"))]
+BACKENDS = backend_choices()
 
 # opcheck's schema test goes through a deprecated torch.jit helper in recent PyTorch; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -92,20 +89,21 @@ def test_opcheck_block_ops(use_backend, backend, variant):
         w1, b1, w2, b2 = (t.detach() for t in (w1, b1, w2, b2))
     if variant == "weights_only":
         x = x.detach()
-    torch.library.opcheck(BLOCK_OPS[0], (x, w1, b1, w2, b2, ws))
+    torch.library.opcheck(BLOCK_OPS[0], (x, w1, b1, w2, b2, ws, *SEED_FORM))
     # The backward op alone, for each set of gradients autograd may ask for.
-    out, h = ops.block_forward(*(t if t is None else t.detach() for t in (x, w1, b1, w2, b2, ws)))
+    out, h = ops.block_forward(*(t if t is None else t.detach() for t in (x, w1, b1, w2, b2, ws)), *SEED_FORM)
     dout = torch.randn_like(out)
     ws = None if ws is None else ws.detach()
     for needs in ([True] * 5 + [ws is not None], [True, False, False, False, False, False],
                   [False, True, False, True, True, False]):
-        torch.library.opcheck(BLOCK_OPS[1], (dout, x.detach(), h, out, w1.detach(), w2.detach(), ws, needs))
+        torch.library.opcheck(BLOCK_OPS[1], (dout, x.detach(), h, out, w1.detach(), w2.detach(), ws, *SEED_FORM,
+                                             needs, x.dtype))
     # A column-major gradient from downstream: the gradients still come out row-major, as the fake says.
     torch.library.opcheck(BLOCK_OPS[1], (dout.t().contiguous().t(), x.detach(), h, out, w1.detach(), w2.detach(),
-                                         ws, [True] * 5 + [ws is not None]))
+                                         ws, *SEED_FORM, [True] * 5 + [ws is not None], x.dtype))
     # x is not saved when no weight gradient needs it: the op takes None there.
-    torch.library.opcheck(BLOCK_OPS[1], (dout, None, h, out, w1.detach(), w2.detach(), ws,
-                                         [True, False, False, True, True, False]))
+    torch.library.opcheck(BLOCK_OPS[1], (dout, None, h, out, w1.detach(), w2.detach(), ws, *SEED_FORM,
+                                         [True, False, False, True, True, False], x.dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,9 +115,10 @@ def test_opcheck_single_layer_ops(use_backend, backend):
     torch.library.opcheck(LINEAR_OPS[0], (h, w, None, r.detach()))
     out = ops.linear_residual_relu_forward(h.detach(), w.detach(), b.detach(), r.detach())
     for needs in ([True, True, True, True], [False, True, False, False]):
-        torch.library.opcheck(LINEAR_OPS[1], (torch.randn_like(out), h.detach(), out, w.detach(), needs))
+        torch.library.opcheck(LINEAR_OPS[1], (torch.randn_like(out), h.detach(), out, w.detach(), needs, h.dtype))
     column_major = torch.randn_like(out).t().contiguous().t()
-    torch.library.opcheck(LINEAR_OPS[1], (column_major, h.detach(), out, w.detach(), [True, True, True, True]))
+    torch.library.opcheck(LINEAR_OPS[1], (column_major, h.detach(), out, w.detach(), [True, True, True, True],
+                                          h.dtype))
 
 
 def test_op_schemas_take_no_float_scalars():

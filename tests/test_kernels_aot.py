@@ -17,7 +17,7 @@ from fused_residual import backends
 
 pytestmark = pytest.mark.aot
 
-if not backends.triton_available():
+if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 

@@ -14,7 +14,7 @@ from fused_residual import backends
 
 pytestmark = pytest.mark.interpreter
 
-if not backends.triton_available():
+if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from fused_residual.kernels import whole_block  # noqa: E402

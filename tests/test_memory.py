@@ -7,15 +7,18 @@ import torch
 from conftest import seeded_pair
 
 
-def saved_bytes(fn) -> tuple[int, int]:
-    """(unique saved bytes, count of saved tensors) while ``fn`` runs, through saved-tensor hooks."""
+def saved_bytes(fn, parameters=()) -> tuple[int, int]:
+    """(unique saved bytes, count of saved tensors) while ``fn`` runs, through saved-tensor hooks. Storages of
+    ``parameters`` are not counted: the module holds them anyway, so saving them costs no memory."""
+    held = {p.untyped_storage().data_ptr() for p in parameters}
     storages: dict[int, int] = {}
     count = 0
 
     def pack(t):
         nonlocal count
         count += 1
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in held:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -28,12 +31,11 @@ def test_saved_bytes_do_not_exceed_the_reference(use_backend, rows, width):
     use_backend("torch")
     reference, fused = seeded_pair(width, width)
     x = torch.randn(rows, width, requires_grad=True)
-    ref_bytes, _ = saved_bytes(lambda: reference(x))
-    fused_bytes, _ = saved_bytes(lambda: fused(x))
+    ref_bytes, _ = saved_bytes(lambda: reference(x), reference.parameters())
+    fused_bytes, _ = saved_bytes(lambda: fused(x), fused.parameters())
     assert fused_bytes <= ref_bytes, (fused_bytes, ref_bytes)
-    # x, h and out, plus the weights: the activations are 3 of (rows x width).
-    activations = 3 * rows * width * 4
-    assert fused_bytes <= activations + 2 * width * width * 4 + 1024
+    # x, h and out: 3 of (rows x width).
+    assert fused_bytes <= 3 * rows * width * 4
 
 
 def test_nothing_is_saved_when_no_input_needs_grad(use_backend):

@@ -67,7 +67,7 @@ def count_net_launches(monkeypatch):
     return lambda: count["n"]
 
 
-@pytest.mark.skipif(not backends.triton_available(), reason="needs triton")
+@pytest.mark.skipif(backends.missing_requirement("triton") is not None, reason="needs triton")
 def test_one_launch_for_the_whole_net_when_widths_fit(use_backend, monkeypatch):
     use_backend("triton")
     launches = count_net_launches(monkeypatch)

@@ -14,6 +14,7 @@ from conftest import (
     HAS_CUDA,
     RELU_TIE_BAND,
     assert_close,
+    backend_choices,
     block_reference,
     float64_reference,
     run_with_grads,
@@ -24,28 +25,20 @@ import fused_residual as fr
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 HALF = (torch.float16, torch.bfloat16)
-# (backend, dtype) pairs that make sense on this machine; the interpreter has no bfloat16 and fp64 dot.
-# "triton" takes the whole-block kernels where the width allows (all widths here); "triton-gemm" forces the
-# two-GEMM kernels.
-CASES = [("torch", torch.float64), ("torch", torch.float32)] + [
-    (b, d) for b in ("triton", "triton-gemm") for d in (torch.float32, torch.float16)]
-if HAS_CUDA:
-    CASES += [("torch", torch.bfloat16), ("triton", torch.bfloat16), ("triton-gemm", torch.bfloat16)]
-CASE_IDS = [f"{b}-{str(d).removeprefix('torch.')}" for b, d in CASES]
+# (choice, dtype) pairs that make sense on this machine: every registered backend and each of its non-default
+# kernel variants (e.g. triton:two_gemm), plus the plain composite; the interpreter has no bfloat16 and no fp64 dot.
+CASES = [(c, d) for c in (*backend_choices(), "composite") for d in (torch.float64, torch.float32, *HALF)
+         if not (d == torch.bfloat16 and not HAS_CUDA)
+         and not (d == torch.float64 and c.startswith("triton"))
+         and not (d in HALF and DEVICE == "cpu" and not c.startswith("triton"))]
+CASE_IDS = [f"{c.replace(':', '-')}-{str(d).removeprefix('torch.')}" for c, d in CASES]
 
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
-def case(request, use_backend, monkeypatch):
-    backend, dtype = request.param
-    use_backend(backend.removesuffix("-gemm"))
-    if backend == "triton-gemm":
-        from fused_residual import triton_backend
-
-        monkeypatch.setattr(triton_backend, "whole_block_forward_fits", lambda x, ws: False)
-        monkeypatch.setattr(triton_backend, "whole_block_backward_fits", lambda out, ws: False)
-    if dtype in (torch.float16, torch.bfloat16) and DEVICE == "cpu" and backend == "torch":
-        pytest.skip("half precision on the CPU torch backend is not a target")
-    return backend, dtype
+def case(request, use_backend):
+    choice, dtype = request.param
+    use_backend(choice)
+    return choice, dtype
 
 
 def check_block(fused, x, dtype):

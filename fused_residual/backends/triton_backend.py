@@ -1,0 +1,208 @@
+"""The ``triton`` backend: the block's forward and backward as fused-epilogue GEMM kernels.
+
+Same contract, saved tensors and semantics as ``torch_backend``. Each function is one whole-block launch where the
+variant allows it, else a short sequence of ``kernels.fused_linear`` launches (the kernel files document the
+math, bytes and grid):
+
+forward   h   = relu(x W1^T + b1)                       bias + ReLU epilogue
+          out = relu(h W2^T + b2 + x)                   bias + residual + ReLU epilogue
+                relu([h | x] [W2 | Ws]^T + b2)          projection: the shortcut joins the GEMM along K
+backward  g2  = dout * (out > 0)                        one elementwise pass (aten.threshold_backward)
+          g1  = (g2 W2) * (h > 0)                       gate epilogue
+          dx  = g1 W1 + g2        | [g1 | g2] [W1; Ws]  residual epilogue | second operand
+          dW2 = g2^T h, db2 = rows of g2^T              split-K GEMM with fused row sums (deterministic)
+          dW1 = g1^T x, db1 = rows of g1^T              same;  dWs = g2^T x
+
+Zero-size batches return before any launch.
+
+Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kernels/whole_block.py``) wherever
+they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, one dtype (no
+autocast widening), and the width padded to a power of two >= 16 at most ``MAX_FORWARD_WIDTH[element size]``
+(forward; also its shared-memory bound within the device's opt-in shared memory per block) or
+``max_backward_width(device capability)`` (backward).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ..activations import Form
+from ..kernels import whole_block, whole_net
+from ..kernels._common import capability, interpreter_enabled, multiprocessors
+from ..kernels.fused_linear import fused_linear
+
+NAME = "triton"
+VARIANTS = ("whole_block", "two_gemm")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_relu_backward = torch.ops.aten.threshold_backward
+
+
+def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
+    if dtype not in DTYPES:
+        return f"the kernels take float16, bfloat16 or float32, not {dtype}"
+    if form != Form():
+        return f"the kernels compute the seed form (relu, relu) only, not {tuple(form)}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if interpreter_enabled() else (
+            "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1")
+    return f"the Triton kernels do not support device type {device.type!r}"
+
+
+def _vector(b: Tensor | None) -> Tensor | None:
+    """A bias the kernels can read with unit stride (a strided or expanded one is copied: N elements)."""
+    return b if b is None or b.stride(0) == 1 else b.contiguous()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
+    """``act(x @ w.T + b)``; ReLU or none."""
+    if activation not in (None, "relu"):
+        raise NotImplementedError(f"the Triton linear applies relu or nothing, not {activation!r}")
+    if x.shape[0] == 0:
+        return x.new_empty((0, w.shape[0]))
+    return fused_linear(x, w.t(), bias=_vector(b), relu=activation == "relu")[0]
+
+
+def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
+    """``relu(h @ w.T + b + residual)`` in ``promote(h, residual)``'s dtype (the residual read un-rounded)."""
+    out_dtype = torch.promote_types(h.dtype, residual.dtype)
+    if h.shape[0] == 0:
+        return h.new_empty((0, w.shape[0]), dtype=out_dtype)
+    return fused_linear(h, w.t(), bias=_vector(b), residual=residual, relu=True, out_dtype=out_dtype)[0]
+
+
+@functools.cache
+def _max_shared_memory(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device`` (the interpreter has no limit that matters)."""
+    if device.type != "cuda":
+        return 1 << 30
+    import triton
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
+    """The block has the shape the whole-block kernels compute: identity shortcut, square w1, one dtype."""
+    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and x.dtype == w1.dtype
+
+
+def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
+    if not _whole_block_shape(x, w1, ws):
+        return False
+    width, size = whole_block.padded_width(x.shape[1]), x.element_size()
+    return (width <= whole_block.MAX_FORWARD_WIDTH[size]
+            and whole_block.forward_shared_bytes(width, 128, size) <= _max_shared_memory(x.device))
+
+
+def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
+    return (_whole_block_shape(dout, w1, ws)
+            and whole_block.padded_width(dout.shape[1]) <= whole_block.max_backward_width(capability(dout.device)))
+
+
+def block_forward(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, form: Form,
+    *, save: bool, variant: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(out, h)`` of the block; see ``Backend.block_forward``. ``h`` is None when not ``save`` and the
+    whole-block kernel kept it on chip."""
+    b1, b2 = _vector(b1), _vector(b2)
+    if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws):
+        return whole_block.forward(x, w1, b1, w2, b2, store_h=save)
+    x_lo = _as(x, w1.dtype)
+    h = linear(x_lo, w1, b1, "relu")
+    if x.shape[0] == 0:
+        return x_lo.new_empty((0, w2.shape[0])), h
+    if ws is None:
+        return fused_linear(h, w2.t(), bias=b2, residual=x, relu=True)[0], h
+    return fused_linear(h, w2.t(), a2=x_lo, b2=ws.t(), bias=b2, relu=True)[0], h
+
+
+def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
+    """Slices of K for a weight-gradient GEMM: enough tiles to fill the GPU, each slice >= 1024 rows deep."""
+    tiles = -(-rows // 128) * -(-cols // 128)
+    want = max(1, 2 * multiprocessors(device) // tiles)
+    return max(1, min(want, k // 1024, 64))
+
+
+def _weight_grad(g: Tensor, a: Tensor, need_w: bool, need_b: bool, dtype: torch.dtype):
+    """``(g^T a, column sums of g)``, each only if asked, in ``dtype``."""
+    if g.shape[0] == 0:  # an empty batch: zero gradients, no launch
+        zeros = g.new_zeros((g.shape[1],), dtype=dtype)
+        return (g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None), (zeros if need_b else None)
+    if not need_w:
+        return None, (g.sum(0, dtype=torch.float32).to(dtype) if need_b else None)
+    split = _split_k(g.shape[1], a.shape[1], g.shape[0], g.device)
+    dw, db = fused_linear(g.t(), a, rowsum=need_b, split_k=split, out_dtype=dtype)
+    return dw, (db.to(dtype) if db is not None else None)
+
+
+def linear_residual_relu_backward(
+    dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: tuple[bool, bool, bool, bool], *,
+    dh_dtype: torch.dtype,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dh, dw, db, dresidual)``; see ``torch_backend.linear_residual_relu_backward``."""
+    g = _relu_backward(dout, out, 0)
+    g_lo = _as(g, w.dtype)
+    dh = fused_linear(g_lo, w, out_dtype=dh_dtype)[0] if needs[0] else None
+    dw, db = _weight_grad(g_lo, h, needs[1], needs[2], w.dtype)
+    return dh, dw, db, (g if needs[3] else None)
+
+
+def block_backward(
+    dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
+    form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
+) -> tuple[Tensor | None, ...]:
+    """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``."""
+    need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
+    h = saved
+    need_weights = need_w1 or need_b1 or need_w2 or need_b2
+    if (variant != "two_gemm" and (need_x or need_weights) and dx_dtype == dout.dtype
+            and whole_block_backward_fits(dout, w1, ws)):
+        dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, h, x, w1, w2, need_dx=need_x,
+                                                      need_weights=need_weights)
+        return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
+                db2 if need_b2 else None, None)
+    lo = w1.dtype
+    g2 = _relu_backward(dout, out, 0)
+    x_lo = None if x is None else _as(x, lo)
+    dw2, db2 = _weight_grad(g2, h, need_w2, need_b2, w2.dtype)
+    dws = _weight_grad(g2, x_lo, True, False, ws.dtype)[0] if need_ws else None
+    dx = dw1 = db1 = None
+    if need_x or need_w1 or need_b1:
+        g1 = fused_linear(g2, w2, gate=h)[0]
+        dw1, db1 = _weight_grad(g1, x_lo, need_w1, need_b1, w1.dtype)
+        if need_x:
+            if ws is None:
+                dx = fused_linear(g1, w1, residual=g2, out_dtype=dx_dtype)[0]
+            else:
+                dx = fused_linear(g1, w1, a2=g2, b2=ws, out_dtype=dx_dtype)[0]
+    return dx, dw1, db1, dw2, db2, dws
+
+
+def net_forward(
+    x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
+    w_out: Tensor, b_out: Tensor | None,
+) -> Tensor | None:
+    """The whole net in one launch where every padded width fits the whole-net kernel, else None (the caller
+    then runs it layer by layer). Block parameters are stacked per call: a few small copies, no activations."""
+    hidden = w_in.shape[0]
+    has_biases = b_in is not None and b_out is not None and all(
+        b1 is not None and b2 is not None and w1.shape[0] == hidden for w1, b1, _, b2 in blocks)
+    if not (has_biases and whole_net.fits(x.shape[1], w_in.shape[0], w_out.shape[0], x.element_size())):
+        return None
+    if blocks:
+        w1, b1, w2, b2 = (torch.stack(ts) for ts in zip(*blocks, strict=True))
+    else:
+        w1 = w2 = x.new_empty((0, hidden, hidden))
+        b1 = b2 = x.new_empty((0, hidden))
+    return whole_net.forward(x, w_in, _vector(b_in), w1, b1, w2, b2, w_out, _vector(b_out))

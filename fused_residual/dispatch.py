@@ -1,0 +1,140 @@
+"""Which implementation computes a block on a CUDA GPU: measured winners first, a conservative rule elsewhere.
+
+Candidates (``CANDIDATES``): ``triton:whole_block`` (the whole block per row tile, ``h`` on chip), ``triton:two_gemm``
+(two fused-epilogue GEMM kernels), ``torch`` (the cuBLAS composite under the block's autograd Function) and
+``composite`` (the reference's own ops under PyTorch's autograd).
+
+Dispatch tables are JSON files written by ``python -m fused_residual.tune`` on a GPU: the device, its compute
+capability, the torch/triton versions, the date and commit they were measured at, and one entry per measured
+(dtype, padded width, padded hidden width, row bucket, mode) with every candidate's wall time per call and the
+winner. Tables are read from, in this order: the file named by ``FUSED_RESIDUAL_DISPATCH_TABLE``, the user's
+tuned tables (``~/.cache/fused_residual/`` or ``$FUSED_RESIDUAL_CACHE``), and the tables shipped in
+``fused_residual/dispatch_tables/``. A table of the same device name is preferred to one of the same compute
+capability. For a call, the entry of the same dtype, widths and mode whose row bucket is nearest (in powers of
+two) decides.
+
+Without an entry, the conservative rule decides (``conservative``): it takes the Triton kernels only where the
+first GPU measurement (H200, commit 44834e3, ``benchmarks/results`` and the design notes) found them faster in
+wall time per call, and the cuBLAS composite everywhere else, since the composite runs the reference's own ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CANDIDATES = ("triton:whole_block", "triton:two_gemm", "torch", "composite")
+MODES = ("forward", "train")
+TABLE_ENV_VAR = "FUSED_RESIDUAL_DISPATCH_TABLE"
+CACHE_ENV_VAR = "FUSED_RESIDUAL_CACHE"
+SHIPPED = Path(__file__).with_name("dispatch_tables")
+FORMAT = 1
+
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (>= 1): the row bucket of a call."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def padded(width: int) -> int:
+    return max(16, bucket(width))
+
+
+@dataclass(frozen=True)
+class Table:
+    device: str
+    capability: tuple[int, int]
+    source: str
+    entries: dict[tuple[str, int, int, str], dict[int, str]]
+    """(dtype, padded width, padded hidden, mode) -> {row bucket: winner}"""
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "fused_residual")
+
+
+def parse(data: dict, source: str) -> Table:
+    """A table from its JSON object (ValueError if it is not one this version reads)."""
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{source}: dispatch table format {data.get('format')!r}, expected {FORMAT}")
+    entries: dict[tuple[str, int, int, str], dict[int, str]] = {}
+    for e in data["entries"]:
+        if e["winner"] not in CANDIDATES or e["mode"] not in MODES:
+            raise ValueError(f"{source}: bad entry {e}")
+        key = (e["dtype"], padded(e["width"]), padded(e.get("hidden", e["width"])), e["mode"])
+        entries.setdefault(key, {})[bucket(e["rows"])] = e["winner"]
+    return Table(data["device"], tuple(data["capability"]), source, entries)
+
+
+def _read(path: Path) -> Table:
+    return parse(json.loads(path.read_text()), str(path))
+
+
+@functools.cache
+def tables() -> tuple[Table, ...]:
+    """Every readable table, highest precedence first (see the module docstring)."""
+    paths: list[Path] = []
+    if os.environ.get(TABLE_ENV_VAR):
+        paths.append(Path(os.environ[TABLE_ENV_VAR]))
+    for folder in (user_cache_dir(), SHIPPED):
+        if folder.is_dir():
+            paths.extend(sorted(folder.glob("dispatch-*.json")))
+    return tuple(_read(p) for p in paths)
+
+
+def reset() -> None:
+    tables.cache_clear()
+    _device_tables.cache_clear()
+
+
+@functools.cache
+def _device_tables(device: torch.device) -> tuple[Table, ...]:
+    name = torch.cuda.get_device_name(device)
+    cap = torch.cuda.get_device_capability(device)
+    same_name = [t for t in tables() if t.device == name]
+    same_arch = [t for t in tables() if t.device != name and tuple(t.capability) == tuple(cap)]
+    return tuple(same_name + same_arch)
+
+
+def lookup(found: tuple[Table, ...], dtype: torch.dtype, width: int, hidden: int, rows: int, mode: str) -> str | None:
+    """The winner of the nearest measured row bucket in the first table that has this (dtype, widths, mode)."""
+    key = (DTYPE_NAMES.get(dtype, str(dtype)), padded(width), padded(hidden), mode)
+    target = bucket(rows).bit_length()
+    for table in found:
+        measured = table.entries.get(key)
+        if measured:
+            nearest = min(measured, key=lambda b: (abs(b.bit_length() - target), b))
+            return measured[nearest]
+    return None
+
+
+# The first GPU measurement's wall-time wins of the Triton kernels (H200, torch 2.11, triton 3.6, 2026-11-26,
+# ../shared/measurements): the whole-block forward at width 128 and 65536 rows, bf16 1.56x and fp16 1.39x. It
+# lost at widths 32 and 64 (host cost per launch), every two-GEMM shape and every training step.
+MEASURED_WINS = {("forward", torch.bfloat16, 128), ("forward", torch.float16, 128)}
+MEASURED_ROWS = 1 << 16
+
+
+def conservative(dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool, training: bool) -> str:
+    mode = "train" if training else "forward"
+    if (not projection and width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS
+            and rows >= MEASURED_ROWS):
+        return "triton:whole_block"
+    return "composite" if training else "torch"
+
+
+def winner(device: torch.device, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
+           training: bool) -> str:
+    """The implementation for a seed-form block call on CUDA ``device``: a table's winner, else the rule."""
+    if not projection:
+        found = lookup(_device_tables(device), dtype, width, hidden, rows, "train" if training else "forward")
+        if found is not None:
+            return found
+    return conservative(dtype, width, hidden, rows, projection, training)
