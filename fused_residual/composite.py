@@ -29,8 +29,10 @@ def block(x: Tensor, linear1: Callable[[Tensor], Tensor], linear2: Callable[[Ten
     s = x if shortcut is None else shortcut(x)
     if form.final_activation is None:
         return s + y
-    y += s
-    return torch.relu_(y)
+    # The seed's `out += identity` keeps linear2's dtype; written out of place, since linear2's output may be a
+    # view that autograd forbids modifying (a module with a full backward hook returns one).
+    out = y + s
+    return torch.relu_(out if out.dtype == y.dtype else out.to(y.dtype))
 
 
 def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,

@@ -280,7 +280,7 @@ def net_parameters(net: nn.Module, x: object):
     params = []
     for block in blocks:
         if (type(block) is not FusedResidualBlock or block.activation != "relu"
-                or block.final_activation != "relu"):
+                or block.final_activation != "relu" or _has_hooks(block)):
             return None
         inner = block_parameters(block)
         if inner is None or inner[4] is not None or inner[0].shape != inner[2].shape:

@@ -76,3 +76,38 @@ def test_biases_may_be_none():
         4, 4, dtype=torch.float64)
     expected = torch.relu(torch.relu(x @ w1.t()) @ w2.t() + x)
     torch.testing.assert_close(functional.residual_block(x, w1, None, w2, None), expected)
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
+def test_sparse_input_is_refused_with_a_clear_error(layout):
+    _, block = both()
+    x = torch.randn(4, 6)
+    x = x.to_sparse() if layout == "sparse_coo" else x.to_sparse_csr()
+    with pytest.raises(RuntimeError, match=r"x must be a dense \(strided\) tensor.*x\.to_dense\(\)"):
+        block(x)
+    with pytest.raises(RuntimeError, match=r"w1 must be a dense \(strided\) tensor"):
+        functional.residual_block(torch.randn(4, 6), block.linear1.weight.detach().to_sparse(), None,
+                                  block.linear2.weight, None)
+
+
+def test_single_layer_errors_name_its_first_argument_h():
+    w, b, r = torch.randn(4, 4), torch.randn(4), torch.randn(3, 4)
+    with pytest.raises(TypeError, match="argument 'h' must be a Tensor"):
+        functional.linear_residual_relu([1.0], w, b, r)
+    with pytest.raises(RuntimeError, match=r"h of shape \(3, 5\) has last dimension 5"):
+        functional.linear_residual_relu(torch.randn(3, 5), w, b, r)
+    with pytest.raises(RuntimeError, match=r"expected h and w to have the same dtype"):
+        functional.linear_residual_relu(torch.randn(3, 4, dtype=torch.float64), w, b, r)
+
+
+def test_main_command_prints_no_numpy_warning():
+    """`python -m fused_residual` on a fresh install: numpy is a dependency, so torch finds it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c",
+                           "import importlib.metadata as m, fused_residual, torch; "
+                           "print('numpy' in ' '.join(m.requires('fused_residual') or [])); torch.zeros(1).numpy()"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

@@ -198,3 +198,16 @@ def test_compiled_block_under_autocast_matches_eager_under_autocast(use_backend)
         out = compiled(x)
     assert out.dtype == eager.dtype == ref_out.dtype == torch.bfloat16
     torch.testing.assert_close(out, eager)
+
+
+def test_compiling_under_autocast_calls_no_untraceable_autocast_check(use_backend, monkeypatch):
+    """torch 2.11's Dynamo cannot trace torch.amp.is_autocast_available (it graph-breaks, so fullgraph=True
+    raises). Make it untraceable here too: the compiled block must not call it."""
+    use_backend("torch")
+    monkeypatch.setattr(torch.amp, "is_autocast_available", torch._dynamo.disable(torch.amp.is_autocast_available))
+    torch._dynamo.reset()
+    _, fused = seeded_pair(16, 16)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(torch.randn(6, 16))
+    assert out.dtype == torch.bfloat16

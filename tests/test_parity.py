@@ -220,3 +220,27 @@ def test_deepcopy_behaves_the_same(case):
     _, fused = seeded_pair(16, 16, device=DEVICE, dtype=dtype)
     x = torch.randn(5, 16, device=DEVICE, dtype=dtype)
     torch.testing.assert_close(copy.deepcopy(fused)(x), fused(x))
+
+
+@pytest.mark.parametrize("hidden", [4, 40], ids=["narrower", "wider"])
+def test_bottleneck_block_with_hidden_width_unlike_the_input(case, hidden):
+    """w1 (hidden, in) with hidden != in: every route computes it (the whole-block kernels leave it to the
+    two-GEMM path)."""
+    _, dtype = case
+    torch.manual_seed(5)
+    fused = fr.FusedResidualBlock(16, 16, hidden_features=hidden, device=DEVICE, dtype=dtype)
+    check_block(fused, torch.randn(11, 16, device=DEVICE), dtype)
+
+
+def test_strided_and_broadcast_biases_are_read_through_their_strides(case):
+    _, dtype = case
+    torch.manual_seed(6)
+    x, h, r = (torch.randn(9, 16, device=DEVICE, dtype=dtype) for _ in range(3))
+    w1, w2 = (0.3 * torch.randn(16, 16, device=DEVICE, dtype=dtype) for _ in range(2))
+    b1 = torch.tensor(0.3, device=DEVICE, dtype=dtype).expand(16)  # stride 0
+    b2 = torch.randn(32, device=DEVICE, dtype=dtype)[::2]  # stride 2
+    d = [t.double() for t in (x, w1, b1, w2, b2)]
+    expected = torch.relu(torch.relu(d[0] @ d[1].t() + d[2]) @ d[3].t() + d[4] + d[0])
+    assert_close(fr.functional.residual_block(x, w1, b1, w2, b2), expected, "block", scale=2)
+    expected = torch.relu(h.double() @ d[3].t() + d[4] + r.double())
+    assert_close(fr.functional.linear_residual_relu(h, w2, b2, r), expected, "single layer", scale=2)
