@@ -1,4 +1,4 @@
-"""Which implementation computes a block on a CUDA GPU: measured winners first, a conservative rule elsewhere.
+"""Which implementation computes a block: measured winners first, a conservative rule elsewhere.
 
 Candidates (``CANDIDATES``): ``triton:whole_block`` (the whole block per row tile, ``h`` on chip), ``triton:two_gemm``
 (two fused-epilogue GEMM kernels), ``torch`` (the cuBLAS composite under the block's autograd Function) and
@@ -35,7 +35,8 @@ CACHE_ENV_VAR = "FUSED_RESIDUAL_CACHE"
 SHIPPED = Path(__file__).with_name("dispatch_tables")
 FORMAT = 1
 
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+               torch.float64: "float64"}
 
 
 def bucket(n: int) -> int:
@@ -94,12 +95,18 @@ def reset() -> None:
     _device_tables.cache_clear()
 
 
+def device_identity(device: torch.device) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) a table is matched by: the CUDA device's, or ("cpu", (0, 0)) for any CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
+    return device.type, (0, 0)
+
+
 @functools.cache
 def _device_tables(device: torch.device) -> tuple[Table, ...]:
-    name = torch.cuda.get_device_name(device)
-    cap = torch.cuda.get_device_capability(device)
+    name, cap = device_identity(device)
     same_name = [t for t in tables() if t.device == name]
-    same_arch = [t for t in tables() if t.device != name and tuple(t.capability) == tuple(cap)]
+    same_arch = [t for t in tables() if t.device != name and device.type == "cuda" and tuple(t.capability) == cap]
     return tuple(same_name + same_arch)
 
 
@@ -122,8 +129,14 @@ MEASURED_WINS = {("forward", torch.bfloat16, 128), ("forward", torch.float16, 12
 MEASURED_ROWS = 1 << 16
 
 
-def conservative(dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool, training: bool) -> str:
+def conservative(device_type: str, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
+                 training: bool) -> str:
+    """The rule where no table has an entry. CUDA: the measured Triton wins above, else the cuBLAS composite
+    (the torch backend without autograd; in training the reference's own ops under PyTorch's autograd). CPU:
+    the torch backend (the previous CPU measurements: ``benchmarks/results/cpu-*``)."""
     mode = "train" if training else "forward"
+    if device_type != "cuda":
+        return "torch"
     if (not projection and width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS
             and rows >= MEASURED_ROWS):
         return "triton:whole_block"
@@ -132,9 +145,9 @@ def conservative(dtype: torch.dtype, width: int, hidden: int, rows: int, project
 
 def winner(device: torch.device, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
            training: bool) -> str:
-    """The implementation for a seed-form block call on CUDA ``device``: a table's winner, else the rule."""
+    """The implementation for a seed-form block call on ``device``: a table's winner, else the rule."""
     if not projection:
         found = lookup(_device_tables(device), dtype, width, hidden, rows, "train" if training else "forward")
         if found is not None:
             return found
-    return conservative(dtype, width, hidden, rows, projection, training)
+    return conservative(device.type, dtype, width, hidden, rows, projection, training)

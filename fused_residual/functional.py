@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import routing
-from .activations import SEED_FORM, Form, check_form
+from .activations import SEED_FORM, check_form
 
 # One C call that is False unless some autocast is on: keeps the common, autocast-free call cheap. Private in
 # PyTorch (and folded to a constant by Dynamo); the per-device checks below decide when it is True.
@@ -66,13 +66,16 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _check_operands(op: str, x_name: str, x: object, required: dict[str, object], optional: dict[str, object],
-                    x_may_be_wider: bool = False) -> None:
+def _check_operands(op: str, x_name: str, x: object, names: tuple[str, ...], required: tuple[object, ...],
+                    optional_names: tuple[str, ...], optional: tuple[object, ...], x_may_be_wider: bool = False,
+                    ) -> None:
     """Types, layouts, dtypes and devices: every operand must be a dense tensor like ``x`` (``optional`` ones may
-    be None). ``x_may_be_wider``: under autocast ``x`` keeps its own floating dtype."""
-    if not _same_kind(x, required.values(), optional.values(), x_may_be_wider):
-        _raise_operand_error(op, x_name, x, {**required, **{k: v for k, v in optional.items() if v is not None}},
-                             x_may_be_wider)
+    be None). ``x_may_be_wider``: under autocast ``x`` keeps its own floating dtype. Names and operands come as
+    parallel tuples: nothing is built on the common path."""
+    if not _same_kind(x, required, optional, x_may_be_wider):
+        operands = {**dict(zip(names, required, strict=True)),
+                    **{k: v for k, v in zip(optional_names, optional, strict=True) if v is not None}}
+        _raise_operand_error(op, x_name, x, operands, x_may_be_wider)
 
 
 def _same_kind(x: object, required, optional, x_may_be_wider: bool) -> bool:
@@ -142,6 +145,37 @@ def _check_linear(op: str, in_name: str, in_shape: tuple[int, ...], w: Tensor, w
         raise RuntimeError(f"{op}(): bias of shape {_shape(b)} does not match {w_name} of shape {_shape(w)}")
 
 
+_BLOCK_WEIGHTS = ("w1", "w2")
+_BLOCK_OPTIONAL = ("b1", "b2", "shortcut_weight")
+
+
+def _block_shapes_fit(xs: torch.Size, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                      ws: Tensor | None) -> bool:
+    """The common case of ``_check_block_shapes`` in one expression (this runs on every call)."""
+    w1s, w2s = w1.shape, w2.shape
+    return (len(w1s) == 2 and len(w2s) == 2 and xs[-1] == w1s[1] and w2s[1] == w1s[0]
+            and (b1 is None or b1.shape == w1s[:1]) and (b2 is None or b2.shape == w2s[:1])
+            and (w2s[0] == xs[-1] if ws is None else ws.shape == (w2s[0], xs[-1])))
+
+
+def _check_block_shapes(op: str, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                        ws: Tensor | None, activation: str) -> None:
+    """The shape checks of the block's two linears and its shortcut: RuntimeError naming what does not fit."""
+    _check_linear(op, "x", x.shape, w1, "w1", b1)
+    _check_linear(op, f"{activation}(x @ w1.T + b1)", (*x.shape[:-1], w1.shape[0]), w2, "w2", b2)
+    if ws is None:
+        if x.shape[-1] != w2.shape[0]:
+            raise RuntimeError(
+                f"{op}(): the identity shortcut adds x of shape {_shape(x)} to an output with "
+                f"{w2.shape[0]} features; pass shortcut_weight for a learned projection"
+            )
+    else:
+        _check_linear(op, "x", x.shape, ws, "shortcut_weight", None)
+        if ws.shape[0] != w2.shape[0]:
+            raise RuntimeError(f"{op}(): shortcut_weight of shape {_shape(ws)} must give "
+                               f"{w2.shape[0]} output features like w2")
+
+
 def residual_block(
     x: Tensor,
     w1: Tensor,
@@ -161,31 +195,19 @@ def residual_block(
     ``"relu"`` (the seed block) or None (the transformer FFN form).
     """
     op = "residual_block"
-    form = Form(activation, final_activation)
-    if form != SEED_FORM:
-        form = check_form(activation, final_activation)
+    form = SEED_FORM if activation == "relu" and final_activation == "relu" else check_form(activation,
+                                                                                          final_activation)
     out_dtype = None
     if _any_autocast_enabled() and isinstance(x, Tensor) and (low := _autocast_dtype(x)) is not None:
         device_type = x.device.type
         w1, b1, w2, b2, shortcut_weight = (_autocast(t, device_type, low) for t in (w1, b1, w2, b2, shortcut_weight))
-        _check_operands(op, "x", x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight},
+        _check_operands(op, "x", x, _BLOCK_WEIGHTS, (w1, w2), _BLOCK_OPTIONAL, (b1, b2, shortcut_weight),
                         x_may_be_wider=True)
         out_dtype = form.output_dtype(x.dtype, w1.dtype, shortcut_weight is not None)
     else:
-        _check_operands(op, "x", x, {"w1": w1, "w2": w2}, {"b1": b1, "b2": b2, "shortcut_weight": shortcut_weight})
-    _check_linear(op, "x", x.shape, w1, "w1", b1)
-    _check_linear(op, f"{activation}(x @ w1.T + b1)", (*x.shape[:-1], w1.shape[0]), w2, "w2", b2)
-    if shortcut_weight is None:
-        if x.shape[-1] != w2.shape[0]:
-            raise RuntimeError(
-                f"{op}(): the identity shortcut adds x of shape {_shape(x)} to an output with "
-                f"{w2.shape[0]} features; pass shortcut_weight for a learned projection"
-            )
-    else:
-        _check_linear(op, "x", x.shape, shortcut_weight, "shortcut_weight", None)
-        if shortcut_weight.shape[0] != w2.shape[0]:
-            raise RuntimeError(f"{op}(): shortcut_weight of shape {_shape(shortcut_weight)} must give "
-                               f"{w2.shape[0]} output features like w2")
+        _check_operands(op, "x", x, _BLOCK_WEIGHTS, (w1, w2), _BLOCK_OPTIONAL, (b1, b2, shortcut_weight))
+    if not _block_shapes_fit(x.shape, w1, b1, w2, b2, shortcut_weight):
+        _check_block_shapes(op, x, w1, b1, w2, b2, shortcut_weight, activation)
     out = routing.residual_block(x, w1, b1, w2, b2, shortcut_weight, form)
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
@@ -207,7 +229,7 @@ def residual_net_inference(
     for i, (w1, b1, w2, b2) in enumerate(blocks):
         weights.update({f"blocks.{i}.w1": w1, f"blocks.{i}.w2": w2})
         biases.update({f"blocks.{i}.b1": b1, f"blocks.{i}.b2": b2})
-    _check_operands(op, "x", x, weights, biases)
+    _check_operands(op, "x", x, tuple(weights), tuple(weights.values()), tuple(biases), tuple(biases.values()))
     _check_linear(op, "x", x.shape, w_in, "w_in", b_in)
     hidden_shape = (*x.shape[:-1], w_in.shape[0])
     for i, (w1, b1, w2, b2) in enumerate(blocks):
@@ -229,11 +251,11 @@ def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tenso
     op = "linear_residual_relu"
     if _any_autocast_enabled() and isinstance(h, Tensor) and (low := _autocast_dtype(h)) is not None:
         w, b = (_autocast(t, h.device.type, low) for t in (w, b))
-        _check_operands(op, "h", h, {"w": w}, {"b": b}, x_may_be_wider=True)
+        _check_operands(op, "h", h, ("w",), (w,), ("b",), (b,), x_may_be_wider=True)
         if not _autocast_eligible(residual, h.device.type) and isinstance(residual, Tensor):
-            _check_operands(op, "h", h, {"residual": residual}, {})
+            _check_operands(op, "h", h, ("residual",), (residual,), (), ())
     else:
-        _check_operands(op, "h", h, {"w": w, "residual": residual}, {"b": b})
+        _check_operands(op, "h", h, ("w", "residual"), (w, residual), ("b",), (b,))
     if not isinstance(residual, Tensor):
         raise TypeError(f"{op}(): argument 'residual' must be a Tensor, not {type(residual).__name__}")
     _check_linear(op, "h", h.shape, w, "w", b)

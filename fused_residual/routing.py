@@ -12,12 +12,14 @@ A call of the block goes one of these ways, decided here and nowhere else:
 
 Which route: ``FUSED_RESIDUAL_BACKEND`` (read at every call, so tests and users can switch at run time):
 
-- ``auto`` (default): on CUDA the measured winner for the call's (GPU architecture, dtype, width, row bucket,
-  forward/training) from the dispatch tables (``dispatch.py``), else its conservative rule; float64 and CPU
-  tensors take the ``torch`` backend or the plain composite (``cpu_route``).
-- the name of a registered backend (``torch``, ``triton``): always that backend. A forced backend that cannot run
-  the call raises RuntimeError saying why, never a silent fallback. The Triton kernels run on CPU tensors only
-  under ``TRITON_INTERPRET=1``.
+- ``auto`` (default): the measured winner for the call's (device, dtype, width, row bucket, forward/training) in
+  the dispatch tables (``dispatch.py``), else its conservative rule: on CUDA the Triton kernels only where a
+  measurement found them faster, the cuBLAS composite elsewhere; on the CPU the ``torch`` backend or the plain
+  composite.
+- the name of a registered backend (``torch``, ``triton``), optionally with one of its kernel variants
+  (``triton:two_gemm``): always that backend. A forced backend that cannot run the call raises RuntimeError saying
+  why, never a silent fallback. The Triton kernels run on CPU tensors only under ``TRITON_INTERPRET=1``.
+- ``composite``: always the plain composite (the reference's own ops under PyTorch's autograd).
 
 Modules: a fused module runs its own submodules (``nn.Linear`` calls, with their hooks) instead of the kernels
 unless each is exactly what the kernels compute (``plain_linear``); ``FusedResidualNet`` runs as one unit only
@@ -58,6 +60,7 @@ class Route(NamedTuple):
 
 
 COMPOSITE = Route(None)
+COMPOSITE_CHOICE = "composite"
 
 _parsed: tuple[str | None, str] = (None, AUTO)  # (raw value, choice): parse only when the variable changes
 
@@ -70,9 +73,9 @@ def requested() -> str:
     if raw == _parsed[0]:
         return _parsed[1]
     choice = (raw or AUTO).strip().lower() or AUTO
-    if choice != AUTO and choice.partition(":")[0] not in backends.names():
-        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join((AUTO, *backends.names()))} "
-                         "(optionally as name:variant)")
+    if choice not in (AUTO, COMPOSITE_CHOICE) and choice.partition(":")[0] not in backends.names():
+        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join((AUTO, COMPOSITE_CHOICE, *backends.names()))}"
+                         " (a backend optionally as name:variant)")
     _parsed = (raw, choice)
     return choice
 
@@ -109,6 +112,8 @@ def route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) 
     if chosen is None:
         if choice == AUTO:
             chosen = _auto(x, w1, ws, form, training, rows_)
+        elif choice == COMPOSITE_CHOICE:
+            chosen = COMPOSITE
         else:
             chosen = forced(choice, x.device, w1.dtype, form)
         _routes[key] = chosen
@@ -116,26 +121,24 @@ def route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) 
 
 
 def _auto(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, rows_: int) -> Route:
-    dtype = w1.dtype
-    if x.device.type != "cuda" or dtype == torch.float64:
-        return cpu_route(rows_, x.shape[-1], w1.shape[0], training) if x.device.type == "cpu" else Route(
-            backends.get("torch"))
-    if backends.missing_requirement("triton") is None:
+    """``auto``: the dispatch tables' winner for a seed-form call (``dispatch.winner``), among the candidates
+    that can run it; the conservative rule for other forms and where the Triton kernels cannot run."""
+    dtype, device = w1.dtype, x.device
+    triton_backend = None
+    if device.type == "cuda" and backends.missing_requirement("triton") is None:
         triton_backend = backends.get("triton")
-        if triton_backend.unavailable(x.device, dtype, form) is None:
-            winner = dispatch.winner(x.device, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None, training)
-            if winner.startswith("triton"):
-                return Route(triton_backend, winner.partition(":")[2] or None)
-            if winner == "composite":
-                return COMPOSITE
-    return Route(backends.get("torch")) if not training else COMPOSITE
-
-
-def cpu_route(rows_: int, width: int, hidden: int, training: bool) -> Route:
-    """On the CPU: the ``torch`` backend under the block's Function, except where the Function's fixed cost (a
-    Python ``autograd.Function`` call, ~10 us here) exceeds what it saves; there the plain composite."""
-    del rows_, width, hidden, training
-    return Route(backends.get("torch"))
+        if triton_backend.unavailable(device, dtype, form) is not None:
+            triton_backend = None
+    if form == SEED_FORM:
+        winner = dispatch.winner(device, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None, training)
+    else:
+        winner = dispatch.conservative(device.type, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None,
+                                       training)
+    if winner.startswith("triton"):
+        if triton_backend is not None:
+            return Route(triton_backend, winner.partition(":")[2] or None)
+        winner = dispatch.conservative("cuda", dtype, 0, 0, 0, True, training)
+    return COMPOSITE if winner == "composite" else Route(backends.get("torch"))
 
 
 def reset() -> None:
@@ -203,7 +206,7 @@ def residual_net(x: Tensor, w_in: Tensor, b_in: Tensor | None,
     measured win yet, see ``dispatch``)."""
     choice = requested()
     x2d = rows(x)
-    if choice == AUTO:
+    if choice in (AUTO, COMPOSITE_CHOICE):
         a = torch.relu_(F.linear(x2d, w_in, b_in))
         for w1, b1, w2, b2 in blocks:
             a = residual_block(a, w1, b1, w2, b2, None, SEED_FORM)

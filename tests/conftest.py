@@ -108,15 +108,12 @@ def backend_choices() -> list[str]:
 
 @pytest.fixture
 def use_backend(monkeypatch):
-    """``use_backend(choice)`` sets FUSED_RESIDUAL_BACKEND for one test: ``"auto"``, a backend's name or
-    ``name:variant``; ``"composite"`` keeps ``auto`` but routes every call to the plain composite."""
+    """``use_backend(choice)`` sets FUSED_RESIDUAL_BACKEND for one test: ``"auto"``, ``"composite"``, a backend's
+    name or ``name:variant``."""
 
     def set_backend(name: str) -> None:
         if name.startswith("triton") and not TRITON_INSTALLED:
             pytest.skip("triton is not installed")
-        if name == "composite":
-            monkeypatch.setattr(routing, "_auto", lambda *args: routing.COMPOSITE)
-            name = "auto"
         monkeypatch.setenv(routing.ENV_VAR, name)
         routing.reset()
 

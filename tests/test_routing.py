@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from types import SimpleNamespace
 
@@ -33,7 +34,7 @@ def test_a_named_backend_is_used_when_asked(use_backend):
 
 def test_unknown_backend_name_is_a_value_error(use_backend):
     use_backend("cudnn")
-    with pytest.raises(ValueError, match="'cudnn' is not one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="'cudnn' is not one of auto, composite, torch, triton"):
         fr.FusedResidualBlock(4, 4)(torch.randn(2, 4))
 
 
@@ -62,13 +63,19 @@ def test_forced_triton_without_triton_installed_raises(use_backend, monkeypatch)
         fr.FusedResidualBlock(4, 4)(torch.randn(2, 4))
 
 
+@pytest.fixture
+def no_tables(monkeypatch):
+    """No dispatch tables: the conservative rule decides (and no CUDA device is asked for its name)."""
+    monkeypatch.setattr(dispatch, "_device_tables", functools.cache(lambda device: ()))
+
+
 def _fake_cuda(dtype=torch.float32, rows=65536, width=128):
     x = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(rows, width), numel=lambda: rows * width)
     w = SimpleNamespace(dtype=dtype, shape=(width, width))
     return x, w
 
 
-def test_auto_without_triton_uses_torch_or_the_composite_even_for_cuda(use_backend, monkeypatch):
+def test_auto_without_triton_uses_torch_or_the_composite_even_for_cuda(use_backend, monkeypatch, no_tables):
     use_backend("auto")
     monkeypatch.setattr(backends, "missing_requirement", lambda name: "triton" if name == "triton" else None)
     x, w = _fake_cuda()
@@ -96,7 +103,7 @@ def test_auto_on_cuda_follows_the_dispatch_winner(use_backend, monkeypatch):
     assert len(seen) == 2
 
 
-def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend):
+def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend, no_tables):
     use_backend("auto")
     x, w = _fake_cuda(torch.float64)
     assert routing.route(x, w, None, SEED_FORM, False).name == "torch"
@@ -190,3 +197,51 @@ def test_form_validation_names_the_choices():
         fr.FusedResidualBlock(4, 4, final_activation="gelu")
     assert Form("gelu", None).output_dtype(torch.float32, torch.bfloat16, False) == torch.float32
     assert Form().output_dtype(torch.float32, torch.bfloat16, False) == torch.bfloat16
+
+
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
+def test_conservative_rule_takes_triton_only_where_the_first_measurement_found_it_faster(use_backend, no_tables):
+    use_backend("auto")
+    for dtype in (torch.bfloat16, torch.float16):
+        x, w = _fake_cuda(dtype, rows=65536, width=128)
+        assert routing.route(x, w, None, SEED_FORM, False).name == "triton:whole_block"
+        assert routing.route(x, w, None, SEED_FORM, True) is routing.COMPOSITE
+        for rows, width in ((1024, 128), (65536, 64), (65536, 256)):
+            x, w = _fake_cuda(dtype, rows=rows, width=width)
+            assert routing.route(x, w, None, SEED_FORM, False).name == "torch"
+    x, w = _fake_cuda(torch.float32, rows=65536, width=128)
+    assert routing.route(x, w, None, SEED_FORM, False).name == "torch"
+
+
+def test_dispatch_table_lookup_takes_the_nearest_row_bucket_of_the_same_widths(tmp_path, monkeypatch):
+    table = {"format": 1, "device": "NVIDIA TEST", "capability": [9, 0], "torch": "x", "triton": "x",
+             "date": "2026-01-01", "commit": "test", "entries": [
+                 {"dtype": "bfloat16", "width": 64, "rows": 1024, "mode": "forward", "winner": "torch"},
+                 {"dtype": "bfloat16", "width": 64, "rows": 65536, "mode": "forward",
+                  "winner": "triton:whole_block"},
+                 {"dtype": "bfloat16", "width": 64, "rows": 65536, "mode": "train", "winner": "triton:two_gemm"}]}
+    path = tmp_path / "dispatch-test.json"
+    path.write_text(__import__("json").dumps(table))
+    monkeypatch.setenv(dispatch.TABLE_ENV_VAR, str(path))
+    dispatch.reset()
+    try:
+        found = dispatch.tables()
+        assert found[0].device == "NVIDIA TEST"
+        lookup = dispatch.lookup
+        assert lookup(found, torch.bfloat16, 64, 64, 900, "forward") == "torch"
+        assert lookup(found, torch.bfloat16, 60, 60, 40000, "forward") == "triton:whole_block"  # padded to 64
+        assert lookup(found, torch.bfloat16, 64, 64, 8192, "forward") == "torch"  # 2^13: nearer 2^10 than 2^16
+        assert lookup(found, torch.bfloat16, 64, 64, 100, "train") == "triton:two_gemm"
+        assert lookup(found, torch.float16, 64, 64, 65536, "forward") is None
+        assert lookup(found, torch.bfloat16, 128, 128, 65536, "forward") is None
+    finally:
+        monkeypatch.delenv(dispatch.TABLE_ENV_VAR)
+        dispatch.reset()
+
+
+def test_a_malformed_dispatch_table_is_an_error_not_a_silent_default():
+    with pytest.raises(ValueError, match="format"):
+        dispatch.parse({"format": 99, "entries": []}, "t.json")
+    with pytest.raises(ValueError, match="bad entry"):
+        dispatch.parse({"format": 1, "device": "d", "capability": [9, 0], "entries": [
+            {"dtype": "bfloat16", "width": 64, "rows": 1, "mode": "forward", "winner": "fastest"}]}, "t.json")
