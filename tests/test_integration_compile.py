@@ -254,3 +254,33 @@ def test_inductor_on_cuda_in_half_precision_matches_eager(dtype):
     assert compiled.dtype == dtype
     assert_close(compiled, expected, "compiled out", scale=4)
     assert_close(compiled, eager.double(), "compiled vs eager", scale=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("choice", ["auto", "triton", "triton:two_gemm", "torch"])
+@pytest.mark.parametrize("training", [False, True], ids=["forward", "train"])
+def test_reduce_overhead_captures_cuda_graphs_with_no_host_sync(use_backend, choice, training):
+    """torch.compile(mode="reduce-overhead") records CUDA graphs around our ops: no op may sync with the host or
+    be skipped by cudagraph trees, and replays must give the eager results."""
+    from torch._dynamo.utils import counters
+
+    use_backend(choice)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(10)
+    net = fr.FusedResidualNet(64, 64, 32, 2, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=training)
+    for step in range(4):  # warm-up, record, then replays
+        if step == 3:
+            torch.cuda.set_sync_debug_mode("error")  # a host sync in a replayed step raises
+        try:
+            out = compiled(x)
+            if training:
+                out.float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach().float(), net(x.detach()).float(), atol=5e-2, rtol=5e-2)
