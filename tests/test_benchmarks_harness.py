@@ -313,6 +313,21 @@ def test_gpu_time_sums_device_activity_per_call_and_counts_kernels_and_launches(
     assert nothing["gpu_ms"] is None and "no device activity" in nothing["gpu_note"]
 
 
+def test_gpu_time_reads_real_profiler_events_and_never_reports_a_zero_gpu_clock():
+    """On the CPU torch.profiler records host events only: the summary reads their real attributes and says it saw
+    no device activity instead of a GPU time of 0."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            torch.mm(a, a)
+    events = prof.events()
+    assert any(e.name == "aten::mm" for e in events)
+    summary = harness.device_time_summary(events, calls=3)
+    assert summary["gpu_ms"] is None and summary["kernels_per_call"] is None
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("impl, module_type", [("reduce-overhead", "ResidualBlock"),
                                                 ("fused-reduce-overhead", "FusedResidualBlock")])
