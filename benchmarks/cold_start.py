@@ -45,7 +45,6 @@ def child(device: str, dtype: str, rows: int, width: int) -> dict[str, Any]:
     import torch
 
     import fused_residual as fr
-    from fused_residual import backends
 
     imported = time.perf_counter()
     cuda = device == "cuda"
@@ -59,7 +58,8 @@ def child(device: str, dtype: str, rows: int, width: int) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    from .harness import PARITY_TOLERANCE, SEED, TORCH_DTYPES, device_name, environment, relative_error
+    from .cases import FUSED, Case
+    from .harness import PARITY_TOLERANCE, SEED, TORCH_DTYPES, backend_name, device_name, environment, relative_error
 
     factory = {"device": device, "dtype": TORCH_DTYPES[dtype]}
     torch.manual_seed(SEED)
@@ -91,7 +91,7 @@ def child(device: str, dtype: str, rows: int, width: int) -> dict[str, Any]:
         "outcome": "passed" if ok else "failed",
         "message": None if ok else f"differs from the eager reference: {errors}",
         "device_name": device_name(device),
-        "backend_used": backends.name_of(backends.select(x)),
+        "backend_used": backend_name(Case(device, dtype, "train", rows, width, FUSED)),
         "import_s": imported - start,
         "cuda_init_s": ready - imported if cuda else None,
         "first_step_s": first_s,
