@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_check.sh OUTDIR [--full]
 #
-# On a CUDA machine: the CUDA tests, the rest of the test suite, the benchmark suite (pytest-benchmark JSON) and
-# its report, everything written into OUTDIR; a short summary table is printed last. Installs nothing: run it
-# after `pip install --no-deps --no-build-isolation -e .` where torch, triton, pytest, pytest-benchmark and
-# matplotlib are already installed. The reduced shape set by default, within a time budget of
-# GPU_CHECK_BUDGET_S seconds (default 450, under 8 minutes on an H100): each test step gets at most 120 s, the
-# benchmarks what is left less 30 s for the report, and a step stopped at its limit keeps what it wrote (pytest
-# writes the benchmark JSON of the cases that ran). --full: every shape, no budget (hours: max-autotune
-# compiles each shape).
+# On a CUDA machine: the CUDA tests, the rest of the test suite, [the dispatch-table tuner, once it exists], the
+# benchmark suite, the cold start and the report, everything written into OUTDIR; a compact table of both clocks
+# (wall / host / GPU time per shape, eager vs fused) is printed last. Installs nothing: run it after
+# `pip install --no-deps --no-build-isolation -e .` where torch, triton, pytest, pytest-benchmark and matplotlib
+# are already installed.
+#
+# Time: one budget of GPU_CHECK_BUDGET_S seconds (default 450; the lender allows 8 minutes for the whole script)
+# shared by the steps in order; each step gets at most its cap and leaves the reserve of the steps after it
+# (a step past its limit gets SIGINT, then SIGKILL 10 s later). The benchmark step runs the reduced shape set in
+# priority order (cases.priority: the measurement file's shapes, eager vs fused, first) and appends a JSON line
+# per finished case to bench.jsonl, so when the budget stops it, everything it measured is kept and reported
+# (steps.txt says `rc=stop`; that is not a failure). --full: every shape, no budget (hours).
+#
+# GPU_CHECK_SKIP="tests-cuda tests-general ...": steps to leave out (e.g. to give the benchmarks the whole budget).
+# GPU_CHECK_CPU_DRY_RUN=1: checks this script's plumbing on a CPU machine (tiny CPU benchmarks, a CPU cold start).
+# FUSED_RESIDUAL_COMMIT: the commit of this tree, where it is not its own git checkout (env.json records it).
 #
 # OUTDIR gets: env.json (device, versions, date, commit), nvidia-smi.txt, tests-cuda.log, tests-general.log,
-# bench.log, bench.json, report.md, speedup-*.png, report.log, steps.txt. Exit status: 0 if every step passed.
-# GPU_CHECK_CPU_DRY_RUN=1 checks this script's plumbing on a CPU machine (tiny CPU benchmarks, no CUDA).
+# [tune.log, dispatch_table.json], bench.log, bench.jsonl (a line per finished case), bench.json
+# (pytest-benchmark's, only if the step finished), cold-start.log, cold_start.jsonl, report.md, speedup-*.png,
+# report.log, steps.txt. Exit status: 0 if every step that ran passed.
 set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
 
 usage() { echo "usage: $0 OUTDIR [--full]" >&2; exit 2; }
@@ -27,6 +36,13 @@ for arg in "$@"; do
     *) usage ;;
   esac
 done
+# Caps (seconds) of the steps after the benchmarks, and the least the benchmarks keep when the tuner runs.
+# Default budget, about: tests-cuda 120, tests-general 85, bench 110 (the 32 pairs of the measured shapes),
+# cold-start 90, report 30.
+COLD_CAP=90
+REPORT_CAP=30
+BENCH_MIN=110
+KILL_AFTER=10
 
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
@@ -35,6 +51,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 STARTED=$(date +%s)
 : > "$OUT/steps.txt"
+rm -f "$OUT/bench.jsonl" "$OUT/bench.json" "$OUT/cold_start.jsonl"  # results of this run only
 
 # limit CAP RESERVE: seconds a step may take: at most CAP, and RESERVE left over for the steps after it.
 limit() {
@@ -44,25 +61,38 @@ limit() {
   echo "$left"
 }
 
-# step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, output to OUTDIR/NAME.log, status to steps.txt.
+wanted() { [[ " ${GPU_CHECK_SKIP:-} " != *" $1 "* ]]; }
+
+skipped() { printf '%-14s skipped   %s\n' "$1" "$2" | tee -a "$OUT/steps.txt"; }
+
+# step NAME LIMIT COMMAND...: runs COMMAND with a time limit, output to OUTDIR/NAME.log, status to steps.txt.
+# STOP_OK=1 step ...: being stopped at the limit is expected (the step keeps what it finished): rc=stop.
 step() {
   local name=$1 limit=$2
   shift 2
   local start rc
   start=$(date +%s)
   echo "== $name (limit ${limit}s): $*"
-  timeout --signal=INT --kill-after=30 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
-  [ "$rc" -eq 124 ] && echo "   $name: stopped at its ${limit}s limit" >> "$OUT/$name.log"
-  printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - start ))" \
-    "$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/$name.log" | tail -n 1)" >> "$OUT/steps.txt"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "   $name: stopped at its ${limit}s limit" >> "$OUT/$name.log"
+    [ "${STOP_OK:-0}" = 1 ] && rc=stop
+  fi
+  printf '%-14s rc=%-4s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - start ))" \
+    "$(grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran|stopped at its' "$OUT/$name.log" \
+      | tail -n 1)" \
+    >> "$OUT/steps.txt"
   tail -n 2 "$OUT/$name.log"
   return 0
 }
 
+DRY=${GPU_CHECK_CPU_DRY_RUN:-0}
 BENCH_SELECT=(-m cuda --bench-shapes "$SHAPES")
-if [ "${GPU_CHECK_CPU_DRY_RUN:-0}" = 1 ]; then
+COLD_ARGS=()
+if [ "$DRY" = 1 ]; then
   BENCH_SELECT=(-m "not cuda" -k "16x10 and not compile" --bench-shapes smoke --bench-seconds 0.1)
+  COLD_ARGS=(--device cpu)
 elif ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: torch sees no CUDA device; run this on a GPU machine" >&2
   exit 1
@@ -81,27 +111,74 @@ fi
 "$PY" -m benchmarks.env_info "$OUT/env.json" > /dev/null
 command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-step tests-cuda "$(limit 120 240)" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
-# The CPU-side tests in parallel where pytest-xdist is installed (the GPU image has it).
-XDIST=()
-"$PY" -c 'import xdist' 2> /dev/null && XDIST=(-n "$(( $(nproc) > 8 ? 8 : $(nproc) ))")
-step tests-general "$(limit 120 180)" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -m "not cuda" tests
-step bench "$(limit "$BUDGET" 30)" "$PY" -m pytest -q -p no:cacheprovider benchmarks "${BENCH_SELECT[@]}" \
-  --benchmark-json "$OUT/bench.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
-if [ -s "$OUT/bench.json" ]; then
-  step report 60 "$PY" -m benchmarks.report "$OUT/bench.json" -o "$OUT"
+AFTER_BENCH=$(( COLD_CAP + REPORT_CAP + KILL_AFTER ))  # what the benchmark step leaves for the rest
+if wanted tests-cuda; then
+  step tests-cuda "$(limit 120 $(( BENCH_MIN + AFTER_BENCH )))" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 else
-  echo "report         rc=-   no bench.json: the benchmark step wrote no results" >> "$OUT/steps.txt"
+  skipped tests-cuda "GPU_CHECK_SKIP"
+fi
+if wanted tests-general; then
+  # The CPU-side tests in parallel where pytest-xdist is installed (the GPU image has it).
+  XDIST=()
+  "$PY" -c 'import xdist' 2> /dev/null && XDIST=(-n "$(( $(nproc) > 8 ? 8 : $(nproc) ))")
+  step tests-general "$(limit 120 $(( BENCH_MIN + AFTER_BENCH )))" \
+    "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -m "not cuda" tests
+else
+  skipped tests-general "GPU_CHECK_SKIP"
+fi
+
+# ---- Optional step: the dispatch-table tuner (issue 9, `python -m fused_residual.tune`, <= 5 min). --------------
+# A slot until fused_residual/tune.py exists: skipped while the module is missing. It runs before the benchmarks
+# so that they could use its table; it never takes the benchmarks' last BENCH_MIN seconds.
+if ! wanted tune; then
+  skipped tune "GPU_CHECK_SKIP"
+elif [ "$DRY" = 1 ]; then
+  skipped tune "CPU dry run"
+elif ! "$PY" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("fused_residual.tune") else 1)' \
+    2> /dev/null; then
+  skipped tune "fused_residual.tune does not exist yet"
+else
+  step tune "$(limit 300 $(( BENCH_MIN + AFTER_BENCH )))" "$PY" -m fused_residual.tune --out "$OUT/dispatch_table.json"
+fi
+
+if wanted bench; then
+  STOP_OK=1 step bench "$(limit "$BUDGET" "$AFTER_BENCH")" "$PY" -m pytest -q -p no:cacheprovider benchmarks \
+    "${BENCH_SELECT[@]}" --bench-jsonl "$OUT/bench.jsonl" --benchmark-json "$OUT/bench.json" \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+else
+  skipped bench "GPU_CHECK_SKIP"
+fi
+
+if wanted cold-start; then
+  cold_limit=$(limit "$COLD_CAP" $(( REPORT_CAP + KILL_AFTER )))
+  # Two processes (empty, then warm Triton cache), each stopped after half the step's limit.
+  step cold-start "$cold_limit" "$PY" -m benchmarks.cold_start "${COLD_ARGS[@]}" \
+    --timeout "$(( (cold_limit - 10) / 2 ))" --out "$OUT/cold_start.jsonl"
+else
+  skipped cold-start "GPU_CHECK_SKIP"
+fi
+
+RESULTS=()
+for name in bench.jsonl cold_start.jsonl; do
+  [ -s "$OUT/$name" ] && RESULTS+=("$OUT/$name")
+done
+if [ ! -s "$OUT/bench.jsonl" ] && [ -s "$OUT/bench.json" ]; then
+  RESULTS+=("$OUT/bench.json")
+fi
+if [ ${#RESULTS[@]} -gt 0 ]; then
+  step report "$(limit "$REPORT_CAP" 0)" "$PY" -m benchmarks.report "${RESULTS[@]}" -o "$OUT"
+else
+  echo "report         rc=-    no results: neither the benchmark nor the cold-start step wrote any" >> "$OUT/steps.txt"
 fi
 
 echo
 where=$("$PY" -c 'import json, sys; d = json.load(open(sys.argv[1]))
-print(d["gpu"], "| torch", d["torch"], "| triton", d["triton"], "| commit", (d["commit"] or "?")[:12])' \
+print(d["gpu"] or d["cpu"], "| torch", d["torch"], "| triton", d["triton"], "| commit", (d["commit"] or "?")[:12])' \
   "$OUT/env.json" 2>/dev/null)
 echo "== gpu_check: $where | shapes $SHAPES | $(( $(date +%s) - STARTED ))s | results in $OUT"
 cat "$OUT/steps.txt"
 echo
 if [ -f "$OUT/report.log" ]; then
-  grep -v '^wrote ' "$OUT/report.log"
+  grep -v '^wrote ' "$OUT/report.log"  # ends with the compact table of both clocks
 fi
 ! grep -qE 'rc=([1-9]|-)' "$OUT/steps.txt"

@@ -8,8 +8,12 @@
 4. Memory: peak CUDA memory of one step; on CPU the bytes the training step saves for backward
    (saved-tensor hooks, unique storages).
 5. Timing: warm-up calls absorb compilation, autotuning and CUDA-graph recording; pytest-benchmark times
-   ``step + synchronize``; on CUDA ``triton.testing.do_bench`` (events, L2 flushed) adds medians to extra_info;
-   on CPU each implementation is also timed in alternation with the eager reference (``paired_timing``).
+   ``step + synchronize``; on CPU each implementation is also timed in alternation with the eager reference
+   (``paired_timing``). On CUDA, both clocks (wall time = host time + the GPU time the host could not hide):
+   - wall: ``triton.testing.do_bench`` of the whole Python call (CUDA events, L2 flushed), ``do_bench_ms``;
+   - host: ``perf_counter`` around N calls without synchronizing, ``host_ms`` (``host_time``);
+   - GPU: the sum of the kernel (and memset/memcpy) times torch.profiler records over N calls, ``gpu_ms``, with
+     the kernels per call (``gpu_time``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ import fused_residual as fr
 from fused_residual import routing
 from fused_residual.activations import SEED_FORM
 
-from .cases import REFERENCE, Case
+from .cases import REFERENCE, RO_FUSED, RO_REFERENCE, Case
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,7 +59,9 @@ PARITY_TOLERANCE = {
 SEED = 0
 MIN_ROUNDS, MAX_ROUNDS = 5, 5000
 MAX_COPIES = 256  # rotated input sets
-DEFAULT_SECONDS = {"cpu": 1.0, "cuda": 0.5}
+DEFAULT_SECONDS = {"cpu": 1.0, "cuda": 0.25}  # CUDA: do_bench, host and GPU clocks follow the pytest timing
+HOST_CALLS = 30  # calls timed without synchronizing (the measurement file's count)
+PROFILED_CALLS = 20  # calls under torch.profiler for the GPU clock
 
 Runner = Callable[[Tensor, "Tensor | None"], Tensor]
 
@@ -143,26 +149,36 @@ def _addmm_activation_runner(reference: nn.Module) -> Runner:
     return run
 
 
-def build_impl(case: Case, reference: nn.Module) -> Impl:
+def _fused_module(case: Case, reference: nn.Module) -> nn.Module:
     factory = {"device": case.device, "dtype": TORCH_DTYPES[case.dtype]}
+    w = case.width
+    if case.blocks:
+        module = fr.FusedResidualNet(w, w, w, case.blocks, **factory)
+    else:
+        module = fr.FusedResidualBlock(w, w, **factory)
+    module.load_state_dict(reference.state_dict())
+    return module
+
+
+# impl -> (torch.compile mode, compiles the fused module instead of the reference)
+COMPILED = {"compile": (None, False), "max-autotune": ("max-autotune", False),
+            RO_REFERENCE: ("reduce-overhead", False), RO_FUSED: ("reduce-overhead", True)}
+
+
+def build_impl(case: Case, reference: nn.Module) -> Impl:
     if case.impl == REFERENCE:
         module = copy.deepcopy(reference)
         return Impl(case.impl, _module_runner(module, module, case.mode), module)
-    if case.impl in ("compile", "max-autotune"):
-        module = copy.deepcopy(reference)
+    if case.impl in COMPILED:
+        mode, fused = COMPILED[case.impl]
+        module = _fused_module(case, reference) if fused else copy.deepcopy(reference)
         torch._dynamo.reset()  # a fresh compile: no recompile limit, no guards from earlier cases
-        mode = None if case.impl == "compile" else "max-autotune"
         compiled = torch.compile(module, mode=mode, dynamic=False)
-        # max-autotune replays CUDA graphs: each step starts a new generation of their outputs.
+        # max-autotune and reduce-overhead replay CUDA graphs: each step starts a new generation of their outputs.
         before = torch.compiler.cudagraph_mark_step_begin if mode and case.device == "cuda" else None
         return Impl(case.impl, _module_runner(compiled, module, case.mode, before), module, compiled=True)
     if case.impl == "fused":
-        w = case.width
-        if case.blocks:
-            module = fr.FusedResidualNet(w, w, w, case.blocks, **factory)
-        else:
-            module = fr.FusedResidualBlock(w, w, **factory)
-        module.load_state_dict(reference.state_dict())
+        module = _fused_module(case, reference)
         return Impl(case.impl, _module_runner(module, module, case.mode), module)
     if case.impl == "bare-gemm":
         return Impl(case.impl, _bare_gemm_runner(reference, case.mode), None, checks_parity=False)
@@ -360,6 +376,71 @@ def paired_timing(reference: Runner, impl: Runner, inputs: list[tuple[Tensor, Te
     }
 
 
+def host_time(step: Callable[[], object], calls: int = HOST_CALLS,
+              synchronize: Callable[[], object] = torch.cuda.synchronize) -> dict[str, float]:
+    """Host time per call: ``perf_counter`` around ``calls`` calls without synchronizing (the host's own cost:
+    Python, dispatch, launches, as long as the GPU's queue does not fill), and the same span closed by a
+    synchronize (the GPU's backlog included)."""
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    issued = time.perf_counter()
+    synchronize()
+    done = time.perf_counter()
+    return {"host_ms": (issued - start) * 1e3 / calls, "host_sync_ms": (done - start) * 1e3 / calls,
+            "host_calls": calls}
+
+
+# Device activities that are not kernels: copies and fills (profiler names "Memcpy ..." and "Memset ...").
+_NOT_KERNELS = ("Memcpy", "Memset")
+# Host-side launch API calls (runtime and driver; CUDA graphs launch many kernels with one call).
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchCooperative")
+
+
+def device_time_summary(events: Iterable[Any], calls: int) -> dict[str, float | int | None]:
+    """GPU time and launches per call from torch.profiler events of ``calls`` calls.
+
+    ``gpu_ms``: the sum of the durations of every device event (kernels, memcpy, memset), so kernels that
+    overlapped would count twice (the suite runs on one stream); ``kernels_per_call``: device events that are
+    kernels; ``launch_calls_per_call``: host launch API calls (runtime and driver) the profiler saw. None where the
+    profiler saw no device activity at all (a GPU clock of 0 would be a wrong number, not a fast kernel)."""
+    from torch.autograd import DeviceType
+
+    total_us = 0.0
+    device_ops = kernels = launches = 0
+    for event in events:
+        if event.device_type == DeviceType.CUDA:
+            total_us += event.time_range.end - event.time_range.start
+            device_ops += 1
+            kernels += not event.name.startswith(_NOT_KERNELS)
+        elif event.name.startswith(_LAUNCH_CALLS):
+            launches += 1
+    if device_ops == 0:
+        return {"gpu_ms": None, "kernels_per_call": None, "device_ops_per_call": None,
+                "launch_calls_per_call": None, "profiled_calls": calls,
+                "gpu_note": "torch.profiler recorded no device activity"}
+    return {"gpu_ms": total_us * 1e-3 / calls, "kernels_per_call": kernels / calls,
+            "device_ops_per_call": device_ops / calls, "launch_calls_per_call": launches / calls,
+            "profiled_calls": calls}
+
+
+def gpu_time(step: Callable[[], object], calls: int = PROFILED_CALLS) -> dict[str, float | int | str | None]:
+    """GPU time per call (``device_time_summary``) of ``calls`` calls under torch.profiler. A profiler that cannot
+    run (no CUPTI, say) leaves a note instead of failing the benchmark."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                step()
+            torch.cuda.synchronize()
+        return device_time_summary(prof.events(), calls)
+    except Exception as err:  # metadata only: a profiler that cannot start must not fail the benchmark
+        return {"gpu_ms": None, "gpu_note": f"torch.profiler failed: {err!r}"[:300]}
+
+
 def do_bench_ms(step: Callable[[], object]) -> dict[str, float]:
     """``triton.testing.do_bench`` (CUDA events, L2 flushed before each call): median, p20, p80 in ms."""
     from triton.testing import do_bench
@@ -391,10 +472,13 @@ def work(case: Case) -> tuple[int, int | None]:
 # ----------------------------------------------------------------------------------------- environment
 
 
+COMMIT_ENV = "FUSED_RESIDUAL_COMMIT"
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _git(*args: str) -> str | None:
     try:
-        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=20, check=True)
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()
@@ -425,6 +509,22 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
 
 
+def commit_info() -> tuple[str | None, bool | None]:
+    """(commit, uncommitted changes) of this checkout. ``FUSED_RESIDUAL_COMMIT`` wins when set: a copy of the tree
+    (e.g. on a lent GPU machine) may sit inside some other git repository. Otherwise git, but only when this
+    project's root is the top of the work tree git finds; else (None, None)."""
+    named = os.environ.get(COMMIT_ENV, "").strip() or None
+    top = _git("rev-parse", "--show-toplevel")
+    ours = top is not None and Path(top).resolve() == ROOT
+    head = _git("rev-parse", "HEAD") if ours else None
+    if named is not None and (head is None or not head.startswith(named)):
+        return named, None  # git cannot vouch for the tree's state
+    if head is None:
+        return None, None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return head, None if status is None else bool(status)
+
+
 def environment() -> dict[str, object]:
     """Where and from what a run came: date, versions, devices, git commit."""
     try:
@@ -433,13 +533,11 @@ def environment() -> dict[str, object]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    # A copy of the tree without .git (e.g. on a lent GPU machine) can name its commit in FUSED_RESIDUAL_COMMIT.
-    commit = _git("rev-parse", "HEAD") or os.environ.get("FUSED_RESIDUAL_COMMIT") or None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = commit_info()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
-        "dirty": None if status is None else bool(status),
+        "dirty": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -497,6 +595,15 @@ def measured_ceilings() -> dict[str, dict[str, object]]:
 # ------------------------------------------------------------------------------------------------- a case
 
 
+def compile_counts() -> dict[str, int]:
+    """torch.compile's running totals: graphs captured, graph breaks, CUDA-graph captures Inductor skipped
+    (a reduce-overhead case with skips is not running under CUDA graphs)."""
+    counters = torch._dynamo.utils.counters
+    return {"compiled_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
 def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
     """Build, check, measure and time ``case``; everything measured goes to ``benchmark.extra_info``.
 
@@ -531,7 +638,7 @@ def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
             info["ceilings"] = measure_ceilings(case.device)
 
     reference = build_reference(case)
-    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compile_counts_before = compile_counts()
     impl = build_impl(case, reference)
     inputs = make_inputs(case, rotation_copies(case, budget) if timing else 1)
     info["rotated_inputs"] = len(inputs)
@@ -542,9 +649,6 @@ def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
         errors = check_parity(case, impl, reference, x0, dout0)
         info["parity"] = errors
         info["parity_out"] = errors["out"]
-    if impl.compiled:
-        info["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-        assert info["compiled_graphs"] > 0, f"{case.id}: torch.compile captured no graph"
     # CPU: the eager reference again, to time in alternation with this implementation (see paired_timing).
     paired_reference = None
     if not cuda and timing and impl.checks_parity and case.impl != REFERENCE:
@@ -566,6 +670,10 @@ def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
     warmup = 5 if impl.compiled else 3
     for _ in range(warmup if timing else 1):
         timed()
+    if impl.compiled:  # after the warm-up: the backward graph compiles at the first backward
+        counts = compile_counts()
+        info.update({name: counts[name] - compile_counts_before[name] for name in counts})
+        assert info["compiled_graphs"] > 0, f"{case.id}: torch.compile captured no graph"
 
     _clear_grads(impl.module, inputs)
     if cuda:
@@ -584,5 +692,7 @@ def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
     if cuda:
         info.update(do_bench_ms(step))
+        info.update(host_time(step))
+        info.update(gpu_time(step))
     if paired_reference is not None:
         info.update(paired_timing(paired_reference, impl.run, inputs, seconds))

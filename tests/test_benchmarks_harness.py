@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def test_full_cuda_set_covers_every_width_row_count_and_dtype():
     assert {(c.rows, c.width, c.dtype) for c in block} == {
         (r, w, d) for r in cases.CUDA_ROWS for w in cases.CUDA_WIDTHS for d in cases.DTYPES
     }
-    assert {c.impl for c in block} == {"eager", "compile", "max-autotune", "fused", "bare-gemm", "addmm-act"}
+    assert {c.impl for c in block} == {"eager", "compile", "max-autotune", "fused", "bare-gemm", "addmm-act",
+                                       "reduce-overhead", "fused-reduce-overhead"}
     nets = cases.select("full", ["cuda"], "net")
     assert {c.width for c in nets} <= set(range(64, 1025)) and {c.blocks for c in nets} <= set(range(4, 9))
 
@@ -67,7 +69,7 @@ def test_addmm_activation_is_forward_only_and_gemm_bounds_are_blocks_only():
             for c in cases.select(shape_set, ["cpu", "cuda"], kind):
                 if c.impl == "addmm-act":
                     assert c.mode == "forward" and c.kind == "block" and c.device == "cuda"
-                if c.impl in ("bare-gemm", "max-autotune"):
+                if c.impl in cases.CUDA_ONLY_IMPLS:
                     assert c.device == "cuda"
                 if c.impl == "bare-gemm":
                     assert c.kind == "block"
@@ -204,3 +206,134 @@ def test_environment_names_versions_and_commit(monkeypatch):
     env = harness.environment()
     assert env["commit"] == "abc123" and env["dirty"] is None
     assert env["torch"] == torch.__version__ and env["date"].endswith("+00:00")
+
+
+# -------------------------------------------------------------------- run order, commit, both clocks, compiled
+
+
+def test_reduced_cuda_set_runs_the_measured_shapes_eager_and_fused_pairs_first():
+    run = [c for kind in ("block", "net") for c in cases.select("reduced", ["cuda"], kind)]
+    run.sort(key=cases.priority)
+    first = run[:2 * 2 * len(cases.CUDA_MEASURED_SHAPES)]  # eager and fused, forward and training
+    assert {(c.rows, c.width, c.dtype) for c in first} == set(cases.CUDA_MEASURED_SHAPES)
+    assert {(c.impl, c.mode, c.kind) for c in first} == {(i, m, "block") for i in ("eager", "fused")
+                                                         for m in ("forward", "train")}
+    # Pairs side by side: eager just before fused of the same shape and mode.
+    assert all(a.impl == "eager" and b.impl == "fused" and (a.rows, a.width, a.dtype, a.mode) ==
+               (b.rows, b.width, b.dtype, b.mode) for a, b in zip(first[::2], first[1::2], strict=True))
+    rest = run[len(first):]
+    position = {c: i for i, c in enumerate(rest)}
+    nets = [position[c] for c in rest if c.kind == "net" and c.impl in ("eager", "fused")]
+    compiled = [position[c] for c in rest if c.impl in ("compile", "max-autotune", "reduce-overhead",
+                                                         "fused-reduce-overhead")]
+    extra_dtype = [position[c] for c in rest if c.dtype == "fp32"]
+    assert max(nets) < min(compiled) and max(compiled) < min(extra_dtype)
+    ro = [c for c in run if c.impl in ("reduce-overhead", "fused-reduce-overhead")]
+    assert {c.width for c in ro} and max(c.width for c in ro) <= cases.RO_TARGET_MAX_WIDTH
+    assert {c.mode for c in ro} == {"forward", "train"}
+
+
+def test_collection_puts_benchmarks_in_priority_order_and_leaves_other_tests_in_place():
+    from types import SimpleNamespace
+
+    from benchmarks import conftest as bench_conftest
+
+    def item(case):
+        return SimpleNamespace(callspec=SimpleNamespace(params={"net_case" if case.blocks else "block_case": case}))
+
+    net = Case("cpu", "fp32", "forward", 64, 32, "fused", blocks=4)
+    compiled = Case("cpu", "fp32", "forward", 16, 10, "compile")
+    eager, fused = Case("cpu", "fp32", "train", 16, 10, "eager"), Case("cpu", "fp32", "train", 16, 10, "fused")
+    other = SimpleNamespace(name="a plain test")
+    items = [item(compiled), other, item(net), item(fused), item(eager)]
+    bench_conftest.pytest_collection_modifyitems(None, items)
+    assert items[1] is other
+    assert [bench_conftest.case_of(i) for i in items if i is not other] == [eager, fused, net, compiled]
+
+
+def fake_git(answers: dict):
+    return lambda *args: answers.get(args)
+
+
+def test_commit_from_the_environment_wins_over_an_enclosing_repository(monkeypatch):
+    enclosing = {("rev-parse", "--show-toplevel"): "/", ("rev-parse", "HEAD"): "e" * 40,
+                 ("status", "--porcelain", "--untracked-files=no"): ""}
+    monkeypatch.setattr(harness, "_git", fake_git(enclosing))
+    monkeypatch.delenv(harness.COMMIT_ENV, raising=False)
+    assert harness.commit_info() == (None, None)  # git's answer is some other repository's
+    monkeypatch.setenv(harness.COMMIT_ENV, "abc1234")
+    assert harness.commit_info() == ("abc1234", None)
+    ours = {**enclosing, ("rev-parse", "--show-toplevel"): str(harness.ROOT)}
+    monkeypatch.setattr(harness, "_git", fake_git(ours))
+    assert harness.commit_info() == ("abc1234", None)  # this checkout is at another commit than named
+    monkeypatch.setattr(harness, "_git", fake_git({**ours, ("rev-parse", "HEAD"): "abc1234" + "0" * 33,
+                                                   ("status", "--porcelain", "--untracked-files=no"): " M x.py"}))
+    assert harness.commit_info() == ("abc1234" + "0" * 33, True)
+    monkeypatch.delenv(harness.COMMIT_ENV)
+    assert harness.commit_info() == ("abc1234" + "0" * 33, True)
+
+
+def test_host_time_is_per_call_and_does_not_wait_for_the_device():
+    syncs = []
+
+    def step():
+        time.sleep(0.002)
+
+    host = harness.host_time(step, calls=5, synchronize=lambda: syncs.append(time.perf_counter()))
+    assert len(syncs) == 2 and host["host_calls"] == 5
+    assert 2.0 <= host["host_ms"] < 50.0  # ms per call, not per 5 calls or in seconds
+    assert host["host_sync_ms"] >= host["host_ms"]
+
+
+def profiler_event(name: str, device: str, start_us: float, end_us: float):
+    """The parts of a torch.profiler FunctionEvent that device_time_summary reads (test data, no profiler run)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(name=name, device_type=DeviceType.CUDA if device == "cuda" else DeviceType.CPU,
+                           time_range=SimpleNamespace(start=start_us, end=end_us))
+
+
+def test_gpu_time_sums_device_activity_per_call_and_counts_kernels_and_launches():
+    events = []
+    for call in range(2):
+        t = 100.0 * call
+        events += [profiler_event("aten::addmm", "cpu", t, t + 40),  # host side: not GPU time
+                   profiler_event("cudaLaunchKernel", "cpu", t + 1, t + 5),
+                   profiler_event("cuLaunchKernelEx", "cpu", t + 6, t + 9),
+                   profiler_event("Memset (Device)", "cuda", t + 10, t + 12),
+                   profiler_event("whole_block_forward_kernel", "cuda", t + 12, t + 22),
+                   profiler_event("sm90_xmma_gemm", "cuda", t + 22, t + 30)]
+    summary = harness.device_time_summary(events, calls=2)
+    assert summary["gpu_ms"] == pytest.approx((2 + 10 + 8) * 1e-3)
+    assert summary["kernels_per_call"] == 2 and summary["device_ops_per_call"] == 3
+    assert summary["launch_calls_per_call"] == 2
+    nothing = harness.device_time_summary(events[:3], calls=2)
+    assert nothing["gpu_ms"] is None and "no device activity" in nothing["gpu_note"]
+
+
+def test_gpu_time_reads_real_profiler_events_and_never_reports_a_zero_gpu_clock():
+    """On the CPU torch.profiler records host events only: the summary reads their real attributes and says it saw
+    no device activity instead of a GPU time of 0."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            torch.mm(a, a)
+    events = prof.events()
+    assert any(e.name == "aten::mm" for e in events)
+    summary = harness.device_time_summary(events, calls=3)
+    assert summary["gpu_ms"] is None and summary["kernels_per_call"] is None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("impl, module_type", [("reduce-overhead", "ResidualBlock"),
+                                                ("fused-reduce-overhead", "FusedResidualBlock")])
+def test_reduce_overhead_variants_compile_the_reference_or_the_fused_block(impl, module_type):
+    case = Case("cpu", "fp32", "forward", 32, 8, impl)
+    reference = harness.build_reference(case)
+    built = harness.build_impl(case, reference)  # torch.compile is lazy: nothing compiles here
+    assert built.compiled and type(built.module).__name__ == module_type
+    torch.testing.assert_close(built.module.state_dict(), reference.state_dict())

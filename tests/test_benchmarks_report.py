@@ -164,3 +164,136 @@ def test_paired_ratio_is_reported_and_judged_beside_the_separate_one(tmp_path):
     target = report._cpu_target(section, "pytest")
     assert "eager/fused: met" in target and f"{report.PAIRED}: NOT met" in target
     assert "| eager/fused | eager/fused paired |" in report.render([section], "auto", {})
+
+
+# ------------------------------------------------------------------ JSON lines, both clocks, targets, cold start
+# Every number below is made-up test data for the report's arithmetic, not a measurement.
+
+CUDA = {"device": "cuda", "device_name": "Test GPU", "dtype": "bf16"}
+
+
+def clocks(wall_ms: float, host_ms: float, gpu_ms: float, kernels: float) -> dict:
+    """The CUDA clocks harness.run_case records in extra_info."""
+    return {"do_bench_ms": wall_ms, "host_ms": host_ms, "gpu_ms": gpu_ms, "kernels_per_call": kernels}
+
+
+def line(entry: dict, outcome: str = "passed", message: str | None = None) -> dict:
+    """A ``benchmark`` JSON line (records.py) from a pytest-benchmark-shaped entry."""
+    info = entry["extra_info"]
+    case_id = (f"{info['device']}-{info['dtype']}-{info['mode']}-{info['kind']}-{info['rows']}x{info['width']}-"
+               f"{info['impl']}")
+    return {"type": "benchmark", "id": case_id, "outcome": outcome, "message": message, **entry}
+
+
+def session(planned: list[str]) -> dict:
+    return {"type": "session", "shape_set": "reduced", "timing": True, "planned": planned,
+            "fused_residual": {"date": "2030-01-02T03:04:05+00:00", "commit": "fedcba9876543210", "dirty": False,
+                               "torch": "2.11.0", "triton": "3.6.0"}}
+
+
+def write_lines(path: Path, lines: list[dict], tail: str = "") -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + tail)
+    return path
+
+
+def test_json_lines_of_a_stopped_run_are_reported_with_what_finished(tmp_path):
+    eager = line(bench("eager", 9.0, rows=65536, width=64, **CUDA, **clocks(0.2, 0.1, 0.05, 3)))
+    fused = line(bench("fused", 9.0, rows=65536, width=64, **CUDA, **clocks(0.1, 0.2, 0.025, 1)))
+    failed = line(bench("eager", 9.0, rows=65536, width=128, mode="train", **CUDA), "failed",
+                  "AssertionError: differs from the eager reference")
+    planned = [eager["id"], fused["id"], failed["id"], "cuda-bf16-train-block-65536x128-fused"]
+    # The last line was cut short by a kill in the middle of a write.
+    path = write_lines(tmp_path / "bench.jsonl", [session(planned), eager, fused, failed],
+                       tail='{"type": "benchmark", "id": "cuda-bf16-tr')
+    (section,) = report.load([path])
+    assert report.section_timer(section, "auto") == "do_bench"
+    row = only_row([section])
+    assert report.ratios(row, "do_bench")["eager/fused"] == pytest.approx(2.0)
+    assert report.ratio(row, "eager", "fused", "host") == pytest.approx(0.5)
+    assert report.ratio(row, "eager", "fused", "gpu") == pytest.approx(2.0)
+    assert [u["id"] for u in section.unmeasured] == [failed["id"]]
+    (source,) = section.sources
+    assert source["commit"] == "fedcba9876543210" and source["unreadable_lines"] == 1
+    markdown = report.render([section], "auto", {})
+    assert "3 of 4 planned cases finished (the run stopped before the rest)" in markdown
+    assert "1 unreadable line(s) skipped" in markdown
+    assert f"`{failed['id']}`: failed: AssertionError" in markdown
+
+
+def test_both_clocks_side_by_side_with_a_ratio_each(tmp_path, capsys):
+    results = [bench("eager", 9.0, rows=65536, width=64, **CUDA, **clocks(0.2, 0.1, 0.05, 3)),
+               bench("fused", 9.0, rows=65536, width=64, bytes=10**6, flops=10**9, **CUDA,
+                     **clocks(0.1, 0.2, 0.025, 1)),
+               bench("reduce-overhead", 9.0, rows=65536, width=64, **CUDA, **clocks(0.06, 0.01, 0.05, 3)),
+               bench("fused-reduce-overhead", 9.0, rows=65536, width=64, cudagraph_skips=1, **CUDA,
+                     **clocks(0.04, 0.01, 0.025, 1))]
+    section = report.load([write_results(tmp_path / "r.json", results)])[0]  # pytest-benchmark JSON still reads
+    markdown = report.render([section], "auto", {})
+    # wall 200/100 us, host 100/200 us, GPU 50/25 us; fused moves 1e6 bytes and 1e9 FLOPs in 25 us of GPU time.
+    assert ("| 65536 x 64 | bf16 | forward | 200.0 | 100.0 | 2.00x | 100.0 | 200.0 | 0.50x | 50.0 | 25.0 | 2.00x "
+            "| 3 | 1 | 40 / 40.0 |") in markdown
+    assert "Both clocks, both under torch.compile(mode=\"reduce-overhead\")" in markdown
+    assert "| 60.0 | 40.0 | 1.50x |" in markdown
+    assert "fused-reduce-overhead: Inductor skipped CUDA graphs" in markdown
+    assert report.ratios(only_row([section]), "do_bench")[report.RO] == pytest.approx(1.5)
+    report.print_summary([section], "auto")
+    printed = capsys.readouterr().out.strip().splitlines()
+    # The compact table of both clocks comes last.
+    assert printed[-1] == ("| 65536 x 64 | bf16 | forward | 200.0 / 100.0 | 2.00x | 100.0 / 200.0 | 0.50x "
+                           "| 50.0 / 25.0 | 2.00x | 3 / 1 | 1.50x |")
+
+
+def test_cpu_reports_have_no_clock_tables(tmp_path):
+    path = write_results(tmp_path / "r.json", [bench("eager", 2.0), bench("fused", 1.0)])
+    markdown = report.render(report.load([path]), "auto", {})
+    assert "Both clocks" not in markdown and "Targets" not in markdown
+
+
+def measured_results(speedup: float, ro_speedup: float | None = None) -> list[dict]:
+    """eager and fused at every block shape of the measurement file, both modes, fused `speedup` x faster."""
+    from benchmarks.cases import CUDA_MEASURED_SHAPES
+
+    results = []
+    for rows, width, dtype in CUDA_MEASURED_SHAPES:
+        for mode in ("forward", "train"):
+            shape = {"rows": rows, "width": width, "mode": mode, "device": "cuda", "device_name": "Test GPU",
+                     "dtype": dtype}
+            results += [bench("eager", 1.0, **shape, **clocks(1.0, 0.5, 0.8, 4)),
+                        bench("fused", 1.0, **shape, **clocks(1.0 / speedup, 0.25, 0.4, 1))]
+            if ro_speedup is not None and width <= 256:
+                results += [bench("reduce-overhead", 1.0, **shape, **clocks(0.9, 0.1, 0.8, 4)),
+                            bench("fused-reduce-overhead", 1.0, **shape, **clocks(0.9 / ro_speedup, 0.1, 0.4, 1))]
+    return results
+
+
+def test_issue_9_targets_are_judged_on_the_measured_shapes(tmp_path):
+    section = report.load([write_results(tmp_path / "r.json", measured_results(3.0, ro_speedup=1.25))])[0]
+    targets = "\n".join(report.cuda_targets(section))
+    assert "8 of the 8 block shapes" in targets
+    assert "NOT met" not in targets and targets.count("**met**") == 7
+    section = report.load([write_results(tmp_path / "r.json", measured_results(1.4, ro_speedup=1.1))])[0]
+    targets = report.cuda_targets(section)
+    verdict = {t.split(":")[0]: "NOT met" not in t for t in targets[2:]}
+    assert verdict == {"- fused >= 1.0x eager at every shape, forward and training": True,
+                       "- forward geomean >= 1.5x": False, "- training step geomean >= 1.3x": True,
+                       "- whole-block widths (<= 128) forward >= 2.5x": False,
+                       "- both under reduce-overhead, widths <= 256": False,
+                       "- host time, forward": True, "- host time, training step": True}
+
+
+def test_cold_start_records_get_a_table_and_the_h100_target(tmp_path):
+    def cold(cache: str, first: float) -> dict:
+        return {"type": "cold_start", "cache": cache, "device": "cuda", "device_name": "Test GPU", "dtype": "bf16",
+                "rows": 16384, "width": 256, "backend": "triton", "backend_used": "triton", "outcome": "passed",
+                "message": None, "import_s": 2.0, "first_step_s": first, "second_step_s": 0.001, "process_s": 9.0,
+                "cache_kernels": 12}
+
+    path = write_lines(tmp_path / "cold.jsonl", [cold("empty", 12.5), cold("warm", 3.25)])
+    (section,) = report.load([path])
+    assert not section.rows and len(section.cold_start) == 2
+    markdown = report.render([section], "auto", {})
+    assert "| 16384 x 256 | bf16 | triton | empty | 12.50 | 0.0010 | 9.0 | 2.00 | 12 | passed |" in markdown
+    assert "**met** (at most 12.50 s) (measured on Test GPU, not an H100)" in markdown
+    path = write_lines(tmp_path / "cold.jsonl", [cold("empty", 25.0)])
+    assert "**NOT met**" in report.render(report.load([path]), "auto", {})
+    assert report.main([str(path), "-o", str(tmp_path / "out"), "--no-plots"]) == 0
