@@ -1,39 +1,61 @@
-"""Fused linear: one tiled GEMM whose epilogue applies bias, residual, ReLU-gate and ReLU on the fp32 accumulator.
+"""Fused linear: one tiled GEMM whose epilogue applies bias, residual, activation and activation-backward gates on the
+fp32 accumulator, with ReLU-backward masks applied to its operands on load and split-K reduced inside the launch.
 
 Math, per output element (all arithmetic in fp32, one rounding at the store):
 
-    acc[m, n]  = sum_k A[m, k] B[k, n]
+    A'         = MASK "a" ? (Q <= 0 ? 0 : A) : A  (ReLU backward on load: A = dY, Q = Y, aten.threshold_backward's rule;
+                                                    dY * (Y > 0) is never written to memory)
+    acc[m, n]  = sum_k A'[m, k] B[k, n]
                + sum_k A2[m, k] B2[k, n]          (HAS_SECOND: a second operand pair joins along K, e.g. the
                                                     projection shortcut  x Ws^T  or  g2 Ws  in backward)
     acc       += bias[n]                          (HAS_BIAS)
-    acc       += residual[m, n]                   (HAS_RESIDUAL)
-    acc        = gate[m, n] <= 0 ? 0 : acc        (HAS_GATE: ReLU backward, the rule aten.threshold_backward uses)
-    acc        = acc < 0 ? 0 : acc                (APPLY_RELU: NaN stays NaN, as in torch.relu)
-    C[m, n]    = acc
-    rowsum[m]  = sum_k A[m, k]                    (HAS_ROWSUM: with A = dY^T this is the bias gradient)
+    acc       += R'[m, n]                         (HAS_RESIDUAL; R' = Q <= 0 ? 0 : R with MASK "residual")
+    aux        = act_G(G[m, n])                   (AUX "gate_act": the activation of a saved pre-activation)
+    acc        = act_G'(G[m, n]) * acc            (GATE: backward through activation G; for ReLU, G is its output
+                                                    and acc = G <= 0 ? 0 : acc, the rule aten.threshold_backward uses)
+    aux        = acc                              (AUX "pre": the pre-activation, saved for backward)
+    C[m, n]    = act(acc)                         (ACTIVATION; ReLU keeps NaN, as torch.relu)
+    rowsum[m]  = sum_k A'[m, k]                   (HAS_ROWSUM: with A = dY^T this is the bias gradient)
 
-Every layer of the residual block is one call: forward ``h = relu(x W1^T + b1)``, ``out = relu(h W2^T + b2 + x)``;
-backward ``g1 = (g2 W2) * (h > 0)``, ``dx = g1 W1 + g2``, ``dW = g^T a`` with ``db`` as its row sums.
+Activations (relu, gelu, gelu_tanh, silu, identity) come from ``kernels/activations.py`` by constexpr name.
+Every layer of the residual block is one call: forward ``h = act(x W1^T + b1)`` (and the pre-activation as aux
+in training), ``out = relu(h W2^T + b2 + x)``; backward ``g1 = (dout' W2) * act'``, ``dx = g1 W1 + dout'``,
+``dW = g^T a`` with ``db`` as its row sums, where ``dout' = dout * (out > 0)`` is applied on load.
 
-Shapes: A (M, K), B (K, N), A2 (M, K2), B2 (K2, N), bias (N,), residual / gate / C (M, N). Every stride is
-passed (a weight is read transposed through its strides, never copied); row and column offsets are int64.
+Mixed dtypes (autocast: fp32 activations, fp16/bf16 weights): the wider of A and B (A2 and B2) is rounded to the
+other's dtype on chip, after it is read once in its own dtype; the residual is added un-rounded; C, aux and
+rowsum are stored in their tensors' dtypes.
+
+Shapes: A (M, K), B (K, N), A2 (M, K2), B2 (K2, N), bias (N,), Q like A (MASK "a") or C, residual / gate / aux / C
+(M, N). Every stride is passed (a weight is read transposed through its strides, never copied); tile origins are
+int64, in-tile offsets int32 (the host keeps stride * tile below 2^31).
 Split-K (SPLIT_K > 1, for weight gradients where K is the batch and M x N is small): program (tile, s) sums its
-slice of K and writes fp32 partials into slice s of a (SPLIT_K, M, N) workspace (row sums into (SPLIT_K, M));
-the host sums the slices in a fixed order: deterministic, no atomics. Split-K allows no epilogue.
+slice of K and writes its fp32 partial (tile and row sums) to slot s of the tile's workspace; the last program to
+arrive sums the slots in slot order (two levels, ``_reduce.py``), casts and writes C and rowsum: deterministic,
+no float atomics, no further launch. Split-K allows no epilogue.
 
 Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; tiles walk GROUP_M row-tiles at a time so that the
 B tiles they share stay in L2.
 FLOPs: ``2 M N (K + K2)``. Bytes moved (each operand once; A is re-read per column tile, B per row tile):
-``(M K + K N + M K2 + K2 N) * in_bytes + M N * out_bytes (+ M N * in_bytes per residual / gate, + N for bias)``.
+``(M K + K N + M K2 + K2 N) * in_bytes + M N * out_bytes`` (+ ``M K`` for Q with MASK "a"; + ``M N`` per
+residual, Q with MASK "residual", gate, aux; + N for bias); split-K adds ``~(SPLIT_K + 2 sqrt(SPLIT_K)) M N``
+fp32 partials written and read once.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _reduce
+from ._cast import narrowed
 from ._common import capability, input_precision, launch_device, next_power_of_2, on_interpreter
+from ._launch import CachedLauncher
+from ._reduce import sum_slots_in_order
+from .activations import IDENTITY, apply, gradient
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Every entry is compiled ahead of time for its
 # architecture, dtype class and epilogue in tests/test_kernels_aot.py: it must fit shared memory and not spill.
@@ -68,19 +90,26 @@ INTERPRETER_CONFIG = (32, 32, 16, 1, 4)
 # A residual or gate tile read in the epilogue needs registers next to the accumulator: with it, tiles above
 # 128 x 128 spill, so they are kept for the plain and bias epilogues.
 MAX_TILE_WITH_TILE_EPILOGUE = 128 * 128
+# The ReLU-backward mask on A (two tiles loaded per K step, A modified in registers before the dot) spills with
+# 128 x 64 tiles on 4 warps (sm_90 fp16/bf16 128 bytes, sm_80 bf16 24 bytes; others at 255 registers): dropped
+# for masked-A launches. (Masking through the load's predicate instead keeps registers low but stops Triton from
+# pipelining the A loads.)
+MASKED_A_SPILLS = [(128, 64, 4)]
 
 
 def config_table(
-    capability: tuple[int, int], element_size: int, tile_epilogue: bool = False
+    capability: tuple[int, int], element_size: int, tile_epilogue: bool = False, masked_a: bool = False
 ) -> list[tuple[int, int, int, int, int]]:
-    """The autotune candidates for a device of ``capability``, inputs of ``element_size`` bytes, and whether
-    the epilogue reads a residual or gate tile."""
+    """The autotune candidates for a device of ``capability``, inputs of ``element_size`` bytes, whether the
+    epilogue reads a residual or gate tile, and whether A is masked on load."""
     if element_size >= 4:
         table = ANY_32BIT
     else:
         table = HOPPER_16BIT if capability[0] >= 9 else AMPERE_16BIT
     if tile_epilogue:
         table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE]
+    if masked_a:
+        table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS]
     return table
 
 
@@ -97,8 +126,8 @@ def _prune(configs, named_args, **kwargs):
     """Keep the candidates of this device and dtype, and drop tiles far larger than the problem."""
     args = {**named_args, **kwargs}  # the flags arrive as keywords
     a = args["a_ptr"]
-    tile_epilogue = args["HAS_RESIDUAL"] or args["HAS_GATE"]
-    allowed = set(config_table(capability(a.device), a.element_size(), tile_epilogue))
+    tile_epilogue = args["HAS_RESIDUAL"] or args["GATE"] != IDENTITY
+    allowed = set(config_table(capability(a.device), a.element_size(), tile_epilogue, args["MASK"] == "a"))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if _config_key(c) in allowed]
     small = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(n))
@@ -113,15 +142,18 @@ def _config_key(c: triton.Config) -> tuple[int, int, int, int, int]:
 
 @triton.jit
 def fused_linear_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, gate_ptr, c_ptr, rowsum_ptr,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, aux_ptr, c_ptr, rowsum_ptr,
+    ws_ptr, counters_ptr,
     M, N, K, K2,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_rm, stride_rn, stride_gm, stride_gn,
-    stride_cs, stride_cm, stride_cn, stride_rowsum_s,
+    stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_um, stride_un,
+    stride_cm, stride_cn,
+    reduce_group,  # split-K: partial slices per group of the in-kernel reduction (see _reduce.py)
     M_BUCKET, K_BUCKET,  # autotune keys only: powers of two, so a new batch size reuses a tuned config
-    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-    APPLY_RELU: tl.constexpr, HAS_ROWSUM: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK: tl.constexpr,
+    GATE: tl.constexpr, AUX: tl.constexpr, ACTIVATION: tl.constexpr, HAS_ROWSUM: tl.constexpr,
+    SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -155,12 +187,20 @@ def fused_linear_kernel(
               + (tile_m[:, None] * stride_am + offs_k[None, :] * stride_ak))
     b_ptrs = (b_ptr + tl.cast(k_start, tl.int64) * stride_bk + col0 * stride_bn
               + (offs_k[:, None] * stride_bk + tile_n[None, :] * stride_bn))
+    q_ptrs = (mask_ptr + row0 * stride_qm + tl.cast(k_start, tl.int64) * stride_qk
+              + (tile_m[:, None] * stride_qm + offs_k[None, :] * stride_qk))
     a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
     b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
+    q_step = BLOCK_K * tl.cast(stride_qk, tl.int64)
     for k in range(0, tl.cdiv(k_end - k_start, BLOCK_K)):
         mask_k = offs_k < k_end - k_start - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if MASK == "a":  # A = dY * (Y > 0), the ReLU backward applied on load (aten's rule: 0 where Y <= 0)
+            a = tl.where(tl.load(q_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0) <= 0, 0.0, a)
+            q_ptrs += q_step
+        a = narrowed(a, b)
+        b = narrowed(b, a)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if HAS_ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
@@ -176,38 +216,71 @@ def fused_linear_kernel(
             mask_k = offs_k < K2 - k
             a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b2 = tl.load(b2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a2 = narrowed(a2, b2)
+            b2 = narrowed(b2, a2)
             acc = tl.dot(a2, b2, acc, input_precision=INPUT_PRECISION)
             a2_ptrs += a2_step
             b2_ptrs += b2_step
 
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + col0 + tile_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        res_ptrs = (res_ptr + row0 * stride_rm + col0 * stride_rn
-                    + (tile_m[:, None] * stride_rm + tile_n[None, :] * stride_rn))
-        acc += tl.load(res_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        gate_ptrs = (gate_ptr + row0 * stride_gm + col0 * stride_gn
-                     + (tile_m[:, None] * stride_gm + tile_n[None, :] * stride_gn))
-        acc = tl.where(tl.load(gate_ptrs, mask=mask_mn, other=0.0) <= 0, 0.0, acc)
-    if APPLY_RELU:
-        acc = tl.where(acc < 0, 0.0, acc)
-    c_ptrs = (c_ptr + tl.cast(pid_k, tl.int64) * stride_cs + row0 * stride_cm + col0 * stride_cn
-              + (tile_m[:, None] * stride_cm + tile_n[None, :] * stride_cn))
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_mn)
-    if HAS_ROWSUM:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + tl.cast(pid_k, tl.int64) * stride_rowsum_s + row0 + tile_m, rowsum, mask=mask_m)
+    write = True
+    if SPLIT_K > 1:
+        # This program's fp32 partial goes to its slot of the tile's workspace; the last to arrive gets the sum of
+        # all slots in slot order (deterministic, no float atomics; _reduce.py) and alone writes the result.
+        slot = BLOCK_M * BLOCK_N + BLOCK_M
+        slots = SPLIT_K + tl.cdiv(SPLIT_K, reduce_group) + 1
+        tile_ws = ws_ptr + tl.cast(pid, tl.int64) * (slots * slot)
+        in_tile = tile_m[:, None] * BLOCK_N + tile_n[None, :]
+        tl.store(tile_ws + pid_k * slot + in_tile, acc)
+        tl.store(tile_ws + pid_k * slot + BLOCK_M * BLOCK_N + tile_m, rowsum)
+        write = sum_slots_in_order(tile_ws, counters_ptr + pid * (slots - SPLIT_K), pid_k, SPLIT_K, reduce_group,
+                                   slot, 1024)
+        if write:
+            total = tile_ws + (slots - 1) * slot
+            acc = tl.load(total + in_tile)
+            rowsum = tl.load(total + BLOCK_M * BLOCK_N + tile_m)
+
+    if write:
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + col0 + tile_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            res_ptrs = (res_ptr + row0 * stride_rm + col0 * stride_rn
+                        + (tile_m[:, None] * stride_rm + tile_n[None, :] * stride_rn))
+            residual = tl.load(res_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
+            if MASK == "residual":  # residual = dY * (Y > 0), as MASK "a"
+                mask_tile = (mask_ptr + row0 * stride_qm + col0 * stride_qk
+                             + (tile_m[:, None] * stride_qm + tile_n[None, :] * stride_qk))
+                residual = tl.where(tl.load(mask_tile, mask=mask_mn, other=0.0) <= 0, 0.0, residual)
+            acc += residual
+        aux_ptrs = (aux_ptr + row0 * stride_um + col0 * stride_un
+                    + (tile_m[:, None] * stride_um + tile_n[None, :] * stride_un))
+        if GATE != "identity":  # backward through the activation: acc * act'(saved)
+            gate_ptrs = (gate_ptr + row0 * stride_gm + col0 * stride_gn
+                         + (tile_m[:, None] * stride_gm + tile_n[None, :] * stride_gn))
+            saved = tl.load(gate_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
+            if AUX == "gate_act":  # act(saved pre-activation): the B operand of the next weight gradient
+                tl.store(aux_ptrs, apply(saved, GATE).to(aux_ptr.dtype.element_ty), mask=mask_mn)
+            acc = gradient(acc, saved, GATE)
+        if AUX == "pre":  # the pre-activation, kept for backward
+            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask_mn)
+        acc = apply(acc, ACTIVATION)
+        c_ptrs = (c_ptr + row0 * stride_cm + col0 * stride_cn
+                  + (tile_m[:, None] * stride_cm + tile_n[None, :] * stride_cn))
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_mn)
+        if HAS_ROWSUM:
+            if pid_n == 0:
+                tl.store(rowsum_ptr + row0 + tile_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
 
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "K2", "HAS_SECOND", "HAS_BIAS", "HAS_RESIDUAL", "HAS_GATE",
-                 "APPLY_RELU", "HAS_ROWSUM", "SPLIT_K", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "K2", "HAS_SECOND", "HAS_BIAS", "HAS_RESIDUAL", "MASK", "GATE", "AUX",
+                 "ACTIVATION", "HAS_ROWSUM", "SPLIT_K", "INPUT_PRECISION"]
 fused_linear_autotuned = triton.autotune(
     configs=[_as_config(e) for e in _ALL_ENTRIES],
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(fused_linear_kernel)
+_launch_tuned = CachedLauncher(fused_linear_autotuned)
+_launch_fixed = CachedLauncher(fused_linear_kernel)
 
 
 def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
@@ -225,16 +298,28 @@ def _tile_safe(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
+@functools.lru_cache(maxsize=256)
+def _split_k_sizes(m: int, n: int, split_k: int, config: tuple | None) -> tuple[int, int]:
+    """(fp32 workspace elements, counters) of a split-K launch: the most any candidate tile needs."""
+    slots, counters = _reduce.workspace_slots(split_k), _reduce.counters_needed(split_k)
+    entries = [config] if config is not None else _ALL_ENTRIES
+    tiles = [(triton.cdiv(m, bm) * triton.cdiv(n, bn), bm * bn + bm) for bm, bn, *_ in entries]
+    return max(t * slots * size for t, size in tiles), max(t * counters for t, _ in tiles)
+
+
 def fused_linear(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
-    a2: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
+    second: tuple[torch.Tensor, torch.Tensor] | None = None,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    relu_mask: torch.Tensor | None = None,
+    mask_on: str = "a",
     gate: torch.Tensor | None = None,
-    relu: bool = False,
+    gate_activation: str = "relu",
+    aux: torch.Tensor | None = None,
+    activation: str | None = None,
     rowsum: bool = False,
     split_k: int = 1,
     out_dtype: torch.dtype | None = None,
@@ -243,67 +328,71 @@ def fused_linear(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``C = epilogue(a @ b [+ a2 @ b2])`` as documented above; returns ``(C, rowsum or None)``.
 
-    ``a (M, K)`` and ``b (K, N)`` are any strided views (pass ``w.t()`` for ``x @ w.T``). ``C`` is a new
-    row-major ``(M, N)`` tensor of ``out_dtype`` (default ``a.dtype``), or ``out`` when given (any strides;
-    not with split-K); ``rowsum`` is fp32 ``(M,)``.
-    ``config`` forces one ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` instead of autotuning (the
-    interpreter always uses a fixed one).
+    ``a (M, K)`` and ``b (K, N)`` are any strided views (pass ``w.t()`` for ``x @ w.T``); ``second = (a2, b2)``
+    joins along K. ``relu_mask``: a ReLU's output ``Y`` whose mask ``Y > 0`` multiplies ``a`` on load
+    (``mask_on="a"``, shaped like ``a``) or the residual (``mask_on="residual"``). ``gate``: the saved tensor of
+    ``gate_activation`` (its output for relu, else its input), by whose derivative the result is multiplied.
+    ``aux``: a second ``(M, N)`` output, the pre-activation (with ``activation``) or ``act(gate)`` (with ``gate``).
+    ``activation``: applied last (None: identity). Operands may be wider than the GEMM's dtype (autocast):
+    the wider of ``a`` and ``b`` is rounded to the other's dtype on chip. ``C`` is a new row-major ``(M, N)``
+    tensor of ``out_dtype`` (default ``a.dtype``), or ``out`` when given (any strides); ``rowsum`` ``(M,)`` has
+    ``C``'s dtype. ``config`` forces one ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` instead of
+    autotuning (the interpreter always uses a fixed one).
     """
-    a, b, a2, b2, residual, gate = (_tile_safe(t) for t in (a, b, a2, b2, residual, gate))
+    a2, b2 = second if second is not None else (None, None)
+    a, b, a2, b2, residual, relu_mask, gate = (_tile_safe(t) for t in (a, b, a2, b2, residual, relu_mask, gate))
     M, K = a.shape
     N = b.shape[1]
     K2 = a2.shape[1] if a2 is not None else 0
-    has_epilogue = bias is not None or residual is not None or gate is not None or relu
+    has_epilogue = bias is not None or residual is not None or gate is not None or aux is not None or activation
     if split_k > 1 and (out is not None or a2 is not None or has_epilogue):
         raise ValueError("fused_linear: split-K takes no epilogue and no second operand")
+    if aux is not None and gate is None and activation is None:
+        raise ValueError("fused_linear: aux holds the pre-activation or act(gate): it needs one of them")
     out_dtype = out_dtype or a.dtype
-    if split_k > 1:
-        c = torch.empty((split_k, M, N), device=a.device, dtype=torch.float32)
-        c_strides = c.stride()
-    else:
-        if out is not None and max(out.stride()) >= _MAX_STRIDE:
-            raise ValueError(f"fused_linear: out strides {out.stride()} are too large for in-tile offsets")
-        c = out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
-        c_strides = (0, *c.stride())
-    sums = torch.empty((split_k, M), device=a.device, dtype=torch.float32) if rowsum else None
+    for t in (out, aux):
+        if t is not None and max(t.stride()) >= _MAX_STRIDE:
+            raise ValueError(f"fused_linear: output strides {t.stride()} are too large for in-tile offsets")
+    c = out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
+    sums = torch.empty((M,), device=a.device, dtype=c.dtype) if rowsum else None
     if M == 0 or N == 0:
-        return _finish(c, sums, split_k, out_dtype)
+        return c, sums
     if K == 0 and K2 == 0:
         # No K loop at all: the accumulator is 0 and the epilogue alone decides.
-        a, K = a.new_zeros((M, 1)), 1
+        a, K, relu_mask = a.new_zeros((M, 1)), 1, relu_mask if mask_on == "residual" else None
         b = b.new_zeros((1, N))
-
+    if config is None and on_interpreter(a.device):
+        config = INTERPRETER_CONFIG
+    ws = counters = c
+    if split_k > 1:
+        ws_elements, counter_count = _split_k_sizes(M, N, split_k, config)
+        ws = torch.empty((ws_elements,), device=a.device, dtype=torch.float32)
+        counters = _reduce.arrival_counters(a.device, counter_count)
+    mask = "none" if relu_mask is None else mask_on
     args = (
         a, b, a2 if a2 is not None else a, b2 if b2 is not None else b,
         bias if bias is not None else c, residual if residual is not None else c,
-        gate if gate is not None else c, c, sums if sums is not None else c,
+        relu_mask if relu_mask is not None else c, gate if gate is not None else c, aux if aux is not None else c,
+        c, sums if sums is not None else c, ws, counters,
         M, N, K, K2,
         *a.stride(), *b.stride(), *_strides(a2), *_strides(b2),
-        *_strides(residual), *_strides(gate), *c_strides, sums.stride(0) if sums is not None else 0,
-        next_power_of_2(M), next_power_of_2(K),
+        *_strides(residual), *_strides(relu_mask), *_strides(gate), *_strides(aux), *c.stride(),
+        _reduce.group_size(split_k), next_power_of_2(M), next_power_of_2(K),
     )
     flags = {
         "HAS_SECOND": a2 is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
-        "HAS_GATE": gate is not None, "APPLY_RELU": relu, "HAS_ROWSUM": rowsum, "SPLIT_K": split_k,
-        "INPUT_PRECISION": input_precision(a),
+        "MASK": mask, "GATE": gate_activation if gate is not None else IDENTITY,
+        "AUX": "none" if aux is None else ("gate_act" if gate is not None else "pre"),
+        "ACTIVATION": activation or IDENTITY, "HAS_ROWSUM": rowsum, "SPLIT_K": split_k,
+        "INPUT_PRECISION": input_precision(a if a.element_size() <= b.element_size() else b),
     }
     with launch_device(a.device):
-        if config is None and on_interpreter(a.device):
-            config = INTERPRETER_CONFIG
         if config is None:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-            fused_linear_autotuned[grid](*args, **flags)
+            _launch_tuned(grid, *args, **flags)
         else:
             block_m, block_n, block_k, stages, warps = config
             grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
-            fused_linear_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                      GROUP_M=8, num_stages=stages, num_warps=warps)
-    return _finish(c, sums, split_k, out_dtype)
-
-
-def _finish(c, sums, split_k, out_dtype):
-    if split_k > 1:
-        c = c.sum(0).to(out_dtype)  # fixed-order reduction over the slices: deterministic
-    if sums is not None:
-        sums = sums.sum(0)
+            _launch_fixed(grid, *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                          num_stages=stages, num_warps=warps)
     return c, sums

@@ -1,30 +1,38 @@
 """Whole residual block in one kernel, for widths whose weights fit on chip: forward and fused backward.
 
-Forward, per tile of BLOCK_M rows (a program per tile, or a persistent grid whose programs load the weights once
-and loop over tiles: an autotune choice) (``F`` = in = out features, padded to WIDTH, a power of two >= 16; the pad is
-masked to zero on load, never copied):
+The block ``out = final(act(x W1^T + b1) W2^T + b2 + x)``, ``act`` one of ``kernels/activations.py`` and
+``final`` ReLU (the seed block) or nothing (the FFN form), both constexprs.
 
-    h   = relu(x W1^T + b1)               fp32 accumulator, rounded to the input dtype (as the two-GEMM path)
-    out = relu(h W2^T + b2 + x)           the x tile already on chip is the residual
-    x read once, out written once; h written only when STORE_H (training), else it never leaves the chip.
+Forward, per tile of BLOCK_M rows (a program per tile, or a persistent grid whose programs load the weights once
+and loop over tiles: an autotune choice) (``F`` = in = hidden = out features, padded to WIDTH, a power of two
+>= 16; the pad is masked to zero on load, never copied):
+
+    pre = x W1^T + b1                     fp32 accumulator; x read once in its own dtype, rounded on chip for the
+                                          dot where it is wider than the weights (autocast)
+    h   = act(pre)                        rounded to the weights' dtype (as the two-GEMM path)
+    out = final(h W2^T + b2 + x)          the x tile already on chip is the residual, added un-rounded
+    x read once, out written once (in out's dtype); with STORE_SAVED (training) the saved tensor is written too:
+    h for ReLU, pre for the others (``activations.saved_of``); else h never leaves the chip.
     Both weights are read once per program from L2 (they are at most 2 * 128 * 128 elements).
 
 Backward, a persistent grid of P programs, each looping over row tiles with the weights on chip:
 
-    g2  = dout * (out > 0)                aten's ReLU-backward rule: 0 where out <= 0
-    g1  = (g2 W2) * (h > 0)
-    dx  = g1 W1 + g2                      (NEED_DX)
-    dW2 += g2^T h,  dW1 += g1^T x,  db2 += sum g2,  db1 += sum g1      (NEED_WEIGHTS, fp32, in registers)
-    At the end program p writes its partial sums to slice p of fp32 workspaces; the host adds the P slices in a
-    fixed order: deterministic, no atomics.
+    g2  = dout * (out > 0)                aten's ReLU-backward rule: 0 where out <= 0 (FINAL_RELU; else g2 = dout)
+    g1  = (g2 W2) * act'(saved)           ReLU: 0 where h <= 0
+    dx  = g1 W1 + g2                      (NEED_DX; g2 added un-rounded, dx stored in dx's dtype)
+    dW2 += g2^T act(saved),  dW1 += g1^T x,  db2 += sum g2,  db1 += sum g1   (NEED_WEIGHTS, fp32, in registers)
+    At the end program p writes its partial sums to slot p of an fp32 workspace; the last program to arrive sums
+    the slots in slot order (two levels, ``_reduce.py``) and writes dW1, db1, dW2, db2 in the weights' dtype:
+    deterministic, no float atomics, no further launch.
 
-Shapes: x, out, h, dout, dx (M, F) with any strides; W1, W2 (F, F); b1, b2 (F,). Offsets: int64 tile origins,
-int32 inside a tile.
+Shapes: x, out, saved, dout, dx (M, F) with any strides; W1, W2 (F, F); b1, b2 (F,); gradients as the weights.
+Offsets: int64 tile origins, int32 inside a tile.
 Grids: forward ``(cdiv(M, BLOCK_M),)`` or ``(min(tiles, PROGRAMS_PER_SM * SMs),)``; backward ``(P,)`` with
 ``P = min(tiles, 2 * SMs)``.
 FLOPs: forward ``4 M F^2``; backward ``4 M F^2`` for dx, ``+ 4 M F^2`` for the weight gradients.
-Bytes: forward ``2 M F`` elements (``3 M F`` with h); backward ``M F * (3 + [dx] + [x])`` elements plus
-``P * 2 (F^2 + F)`` fp32 partials, against ~13 passes of ``M F`` for the two-GEMM backward.
+Bytes: forward ``2 M F`` elements (``3 M F`` with the saved tensor); backward ``M F * (3 + [dx] + [x])``
+elements (``- 1`` without a final ReLU: no out) plus ``~(P + 2 sqrt(P)) * 2 (F^2 + F)`` fp32 partials written and
+read once, against ~13 passes of ``M F`` for the two-GEMM backward.
 """
 
 from __future__ import annotations
@@ -33,7 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _reduce
+from ._cast import narrowed
 from ._common import input_precision, launch_device, multiprocessors, next_power_of_2, on_interpreter
+from ._launch import CachedLauncher
+from ._reduce import sum_slots_in_order
+from .activations import apply, gradient, output_from_saved, saved_of
 
 # Forward: (BLOCK_M, num_warps, programs per SM), 0 programs per SM meaning one program per row tile, else a
 # persistent grid that loads the weights once per program: the autotuner measures which pays. Backward:
@@ -80,10 +93,11 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _forward_tile(tile, x_ptr, out_ptr, h_ptr, w1t, w2t, b1, b2, M, F,
-                  stride_xm, stride_xf, stride_om, stride_of, stride_hm, stride_hf,
-                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):
+def _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
+                  stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
+                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+                  FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
     """One row tile of the block, the weights already on chip."""
     rows = tl.arange(0, BLOCK_M)
     feats = tl.arange(0, WIDTH)
@@ -91,31 +105,33 @@ def _forward_tile(tile, x_ptr, out_ptr, h_ptr, w1t, w2t, b1, b2, M, F,
     tile_mask = (rows < M - row0)[:, None] & (feats < F)[None, :]
     x = tl.load(x_ptr + row0 * stride_xm + (rows[:, None] * stride_xm + feats[None, :] * stride_xf),
                 mask=tile_mask, other=0.0)
-    acc = tl.dot(x, w1t, input_precision=INPUT_PRECISION)
+    acc = tl.dot(narrowed(x, w1t), w1t, input_precision=INPUT_PRECISION)
     if HAS_B1:
         acc += b1[None, :]
     # Padded columns are 0 * x, NaN where x is infinite: zero them so they cannot reach the real ones.
-    h = tl.where((acc < 0) | (feats >= F)[None, :], 0.0, acc).to(x.dtype)
-    if STORE_H:
-        tl.store(h_ptr + row0 * stride_hm + (rows[:, None] * stride_hm + feats[None, :] * stride_hf), h,
-                 mask=tile_mask)
+    pre = tl.where((feats >= F)[None, :], 0.0, acc)
+    h = apply(pre, ACTIVATION).to(w2t.dtype)
+    if STORE_SAVED:
+        tl.store(saved_ptr + row0 * stride_sm + (rows[:, None] * stride_sm + feats[None, :] * stride_sf),
+                 saved_of(pre.to(w2t.dtype), h, ACTIVATION), mask=tile_mask)
     acc = tl.dot(h, w2t, input_precision=INPUT_PRECISION) + x.to(tl.float32)
     if HAS_B2:
         acc += b2[None, :]
-    out = tl.where(acc < 0, 0.0, acc)
+    if FINAL_RELU:
+        acc = apply(acc, "relu")
     tl.store(out_ptr + row0 * stride_om + (rows[:, None] * stride_om + feats[None, :] * stride_of),
-             out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+             acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
 def whole_block_forward_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, h_ptr,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, saved_ptr,
     M, F,
     stride_xm, stride_xf, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
-    stride_om, stride_of, stride_hm, stride_hf,
+    stride_om, stride_of, stride_sm, stride_sf,
     M_BUCKET,  # autotune key only
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+    FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # 0: a program per tile; else a persistent grid of this many per SM
 ):
     feats = tl.arange(0, WIDTH)
@@ -127,32 +143,37 @@ def whole_block_forward_kernel(
     b1 = tl.load(b1_ptr + feats, mask=mask_f & HAS_B1, other=0.0).to(tl.float32)
     b2 = tl.load(b2_ptr + feats, mask=mask_f & HAS_B2, other=0.0).to(tl.float32)
     if PROGRAMS_PER_SM == 0:
-        _forward_tile(tl.program_id(0), x_ptr, out_ptr, h_ptr, w1t, w2t, b1, b2, M, F,
-                      stride_xm, stride_xf, stride_om, stride_of, stride_hm, stride_hf,
-                      HAS_B1, HAS_B2, STORE_H, INPUT_PRECISION, WIDTH, BLOCK_M)
+        _forward_tile(tl.program_id(0), x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
+                      stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
+                      HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M)
     else:
         for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-            _forward_tile(tile, x_ptr, out_ptr, h_ptr, w1t, w2t, b1, b2, M, F,
-                          stride_xm, stride_xf, stride_om, stride_of, stride_hm, stride_hf,
-                          HAS_B1, HAS_B2, STORE_H, INPUT_PRECISION, WIDTH, BLOCK_M)
+            _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
+                          stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
+                          HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M)
 
 
 whole_block_forward_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "PROGRAMS_PER_SM": p}, num_warps=w, num_stages=1)
              for m, w, p in FORWARD_CONFIGS],
-    key=["M_BUCKET", "F", "HAS_B1", "HAS_B2", "STORE_H", "INPUT_PRECISION", "WIDTH"],
+    key=["M_BUCKET", "F", "HAS_B1", "HAS_B2", "STORE_SAVED", "ACTIVATION", "FINAL_RELU", "INPUT_PRECISION", "WIDTH"],
     prune_configs_by={"early_config_prune": _prune},
 )(whole_block_forward_kernel)
+_launch_forward_tuned = CachedLauncher(whole_block_forward_autotuned)
+_launch_forward_fixed = CachedLauncher(whole_block_forward_kernel)
 
 
 @triton.jit
 def whole_block_backward_kernel(
-    dout_ptr, out_ptr, h_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, dw1_ptr, dw2_ptr, db1_ptr, db2_ptr,
+    dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+    ws_ptr, counters_ptr,
     M, F,
-    stride_dm, stride_df, stride_om, stride_of, stride_hm, stride_hf, stride_xm, stride_xf,
+    stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
     stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
-    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k,
+    reduce_group,  # programs per group of the in-kernel weight-gradient reduction (see _reduce.py)
+    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FINAL_RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -172,15 +193,17 @@ def whole_block_backward_kernel(
         row0 = tl.cast(tile, tl.int64) * BLOCK_M
         tile_mask = (rows < M - row0)[:, None] & mask_f[None, :]
         inner_m = rows[:, None]
-        dout = tl.load(dout_ptr + row0 * stride_dm + (inner_m * stride_dm + feats[None, :] * stride_df),
-                       mask=tile_mask, other=0.0)
-        out = tl.load(out_ptr + row0 * stride_om + (inner_m * stride_om + feats[None, :] * stride_of),
-                      mask=tile_mask, other=0.0)
-        h = tl.load(h_ptr + row0 * stride_hm + (inner_m * stride_hm + feats[None, :] * stride_hf),
-                    mask=tile_mask, other=0.0)
-        g2 = tl.where(out <= 0, 0.0, dout)
-        g1 = tl.dot(g2, w2, input_precision=INPUT_PRECISION)
-        g1 = tl.where(h <= 0, 0.0, g1).to(g2.dtype)
+        g2 = tl.load(dout_ptr + row0 * stride_dm + (inner_m * stride_dm + feats[None, :] * stride_df),
+                     mask=tile_mask, other=0.0)
+        if FINAL_RELU:
+            out = tl.load(out_ptr + row0 * stride_om + (inner_m * stride_om + feats[None, :] * stride_of),
+                          mask=tile_mask, other=0.0)
+            g2 = tl.where(out <= 0, 0.0, g2)
+        saved = tl.load(saved_ptr + row0 * stride_sm + (inner_m * stride_sm + feats[None, :] * stride_sf),
+                        mask=tile_mask, other=0.0)
+        g2_low = narrowed(g2, w2)  # the dots run in the weights' dtype; dx adds g2 itself
+        g1 = tl.dot(g2_low, w2, input_precision=INPUT_PRECISION)
+        g1 = gradient(g1, saved.to(tl.float32), ACTIVATION).to(w1.dtype)
         if NEED_DX:
             dx = tl.dot(g1, w1, input_precision=INPUT_PRECISION) + g2.to(tl.float32)
             tl.store(dx_ptr + row0 * stride_dxm + (inner_m * stride_dxm + feats[None, :] * stride_dxf),
@@ -188,36 +211,56 @@ def whole_block_backward_kernel(
         if NEED_WEIGHTS:
             x = tl.load(x_ptr + row0 * stride_xm + (inner_m * stride_xm + feats[None, :] * stride_xf),
                         mask=tile_mask, other=0.0)
-            dw2 = tl.dot(tl.trans(g2), h, dw2, input_precision=INPUT_PRECISION)
-            dw1 = tl.dot(tl.trans(g1), x, dw1, input_precision=INPUT_PRECISION)
-            db2 += tl.sum(g2.to(tl.float32), axis=0)
+            h = output_from_saved(saved, ACTIVATION)
+            dw2 = tl.dot(tl.trans(g2_low), h, dw2, input_precision=INPUT_PRECISION)
+            dw1 = tl.dot(tl.trans(g1), narrowed(x, w1), dw1, input_precision=INPUT_PRECISION)
+            db2 += tl.sum(g2_low.to(tl.float32), axis=0)
             db1 += tl.sum(g1.to(tl.float32), axis=0)
     if NEED_WEIGHTS:
-        square = tl.cast(pid, tl.int64) * WIDTH * WIDTH + feats[:, None] * WIDTH + feats[None, :]
-        tl.store(dw1_ptr + square, dw1)
-        tl.store(dw2_ptr + square, dw2)
-        tl.store(db1_ptr + tl.cast(pid, tl.int64) * WIDTH + feats, db1)
-        tl.store(db2_ptr + tl.cast(pid, tl.int64) * WIDTH + feats, db2)
+        # Program pid's partials to slot pid; the last program to arrive writes their sum, taken in slot order.
+        square = feats[:, None] * WIDTH + feats[None, :]
+        slot = 2 * WIDTH * WIDTH + 2 * WIDTH
+        mine = ws_ptr + tl.cast(pid, tl.int64) * slot
+        tl.store(mine + square, dw1)
+        tl.store(mine + WIDTH * WIDTH + square, dw2)
+        tl.store(mine + 2 * WIDTH * WIDTH + feats, db1)
+        tl.store(mine + 2 * WIDTH * WIDTH + WIDTH + feats, db2)
+        if sum_slots_in_order(ws_ptr, counters_ptr, pid, programs, reduce_group, slot, 1024):
+            total = ws_ptr + tl.cast(programs + tl.cdiv(programs, reduce_group), tl.int64) * slot
+            dtype = dw1_ptr.dtype.element_ty
+            tl.store(dw1_ptr + feats[:, None] * stride_dw1n + feats[None, :] * stride_dw1k,
+                     tl.load(total + square).to(dtype), mask=weight_mask)
+            tl.store(dw2_ptr + feats[:, None] * stride_dw2n + feats[None, :] * stride_dw2k,
+                     tl.load(total + WIDTH * WIDTH + square).to(dtype), mask=weight_mask)
+            tl.store(db1_ptr + feats, tl.load(total + 2 * WIDTH * WIDTH + feats).to(dtype), mask=mask_f)
+            tl.store(db2_ptr + feats, tl.load(total + 2 * WIDTH * WIDTH + WIDTH + feats).to(dtype), mask=mask_f)
 
 
-def forward(x, w1, b1, w2, b2, *, store_h: bool, out=None, h=None, config: tuple[int, int, int] | None = None):
-    """``(out, h or None)`` of the identity-shortcut block for 2-D ``x`` of width ``F <= MAX_FORWARD_WIDTH``.
+_launch_backward = CachedLauncher(whole_block_backward_kernel)
 
-    ``out`` / ``h`` may be given (any strides), else they are allocated row-major.
+
+def forward(x, w1, b1, w2, b2, *, store_saved: bool, activation: str = "relu", final_relu: bool = True,
+            out_dtype: torch.dtype | None = None, out=None, saved=None, config: tuple[int, int, int] | None = None):
+    """``(out, saved or None)`` of the identity-shortcut block for 2-D ``x`` of width ``F <= MAX_FORWARD_WIDTH``.
+
+    ``saved`` is what backward needs of the hidden layer (``activations.saved_of``), in the weights' dtype.
+    ``out`` (default dtype ``out_dtype``, else ``x``'s) / ``saved`` may be given (any strides), else they are
+    allocated row-major. ``x`` may be wider than the weights (autocast).
     """
     M, F = x.shape
     width = padded_width(F)
     if out is None:
-        out = torch.empty((M, F), device=x.device, dtype=x.dtype)
-    if store_h and h is None:
-        h = torch.empty((M, F), device=x.device, dtype=x.dtype)
+        out = torch.empty((M, F), device=x.device, dtype=out_dtype or x.dtype)
+    if store_saved and saved is None:
+        saved = torch.empty((M, F), device=x.device, dtype=w1.dtype)
     if M == 0:
-        return out, h
-    h_arg = h if h is not None else out
-    args = (x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, h_arg, M, F,
-            *x.stride(), *w1.stride(), *w2.stride(), *out.stride(), *h_arg.stride(), next_power_of_2(M))
-    flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_H": store_h,
-             "INPUT_PRECISION": input_precision(x), "WIDTH": width}
+        return out, saved
+    saved_arg = saved if saved is not None else out
+    args = (x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, saved_arg, M, F,
+            *x.stride(), *w1.stride(), *w2.stride(), *out.stride(), *saved_arg.stride(), next_power_of_2(M))
+    flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_SAVED": store_saved,
+             "ACTIVATION": activation, "FINAL_RELU": final_relu, "INPUT_PRECISION": input_precision(w1),
+             "WIDTH": width}
     if config is None and on_interpreter(x.device):
         config = (INTERPRETER_BLOCK_M, 4, 0)
     sms = multiprocessors(x.device)
@@ -229,52 +272,60 @@ def forward(x, w1, b1, w2, b2, *, store_h: bool, out=None, h=None, config: tuple
 
     with launch_device(x.device):
         if config is None:
-            whole_block_forward_autotuned[grid](*args, **flags)
+            _launch_forward_tuned(grid, *args, **flags)
         else:
             block_m, warps, per_sm = config
             meta = {"BLOCK_M": block_m, "PROGRAMS_PER_SM": per_sm}
-            whole_block_forward_kernel[grid(meta)](*args, **flags, **meta, num_warps=warps, num_stages=1)
-    return out, h
+            _launch_forward_fixed(grid(meta), *args, **flags, **meta, num_warps=warps, num_stages=1)
+    return out, saved
 
 
 def _programs(device: torch.device, tiles: int) -> int:
     return max(1, min(tiles, 2 * multiprocessors(device)))
 
 
-def backward(dout, out, h, x, w1, w2, *, need_dx: bool, need_weights: bool, dx=None,
+def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, activation: str = "relu",
+             final_relu: bool = True, dx_dtype: torch.dtype | None = None, dx=None,
              config: tuple[int, int] | None = None):
-    """``(dx, dW1, db1, dW2, db2)`` (None where not asked) of the identity-shortcut block, fp32 weight grads
-    summed over the persistent programs in a fixed order, then cast to the weights' dtype."""
-    M, F = out.shape
+    """``(dx, dW1, db1, dW2, db2)`` (None where not asked) of the identity-shortcut block: one launch, the weight
+    gradients summed over the persistent programs in slot order inside it and written in the weights' dtype.
+
+    ``out`` is read only with ``final_relu`` (else it may be None); ``x`` only for the weight gradients. ``dout``
+    and ``x`` may be wider than the weights (autocast); ``dx`` has ``dx_dtype`` (default ``dout``'s) or is given.
+    """
+    M, F = dout.shape
     width = padded_width(F)
     if config is None:
-        config = (INTERPRETER_BLOCK_M, 4) if on_interpreter(out.device) else backward_config(width, out.element_size())
+        config = (INTERPRETER_BLOCK_M, 4) if on_interpreter(dout.device) else backward_config(width, w1.element_size())
     block_m, warps = config
-    programs = _programs(out.device, triton.cdiv(M, block_m))
+    programs = _programs(dout.device, triton.cdiv(M, block_m))
     if need_dx and dx is None:
-        dx = torch.empty((M, F), device=out.device, dtype=out.dtype)
-    f32 = {"device": out.device, "dtype": torch.float32}
-    slices = programs if need_weights else 1
-    dw1, dw2 = torch.empty((slices, width, width), **f32), torch.empty((slices, width, width), **f32)
-    db1, db2 = torch.empty((slices, width), **f32), torch.empty((slices, width), **f32)
+        dx = torch.empty((M, F), device=dout.device, dtype=dx_dtype or dout.dtype)
+    grads = [None] * 4
+    ws = counters = dout
+    if need_weights:
+        if M == 0:  # nothing to sum: zero gradients (no launch for an empty batch)
+            return dx, *(w1.new_zeros(shape) for shape in ((F, F), (F,), (F, F), (F,)))
+        grads = [torch.empty(shape, device=w1.device, dtype=w1.dtype) for shape in ((F, F), (F,), (F, F), (F,))]
+        ws = torch.empty((_reduce.workspace_slots(programs), 2 * width * width + 2 * width), device=dout.device,
+                         dtype=torch.float32)
+        counters = _reduce.arrival_counters(dout.device, _reduce.counters_needed(programs))
     if M > 0:
-        dx_arg = dx if dx is not None else out
-        x_arg = x if x is not None else out
-        with launch_device(out.device):
-            whole_block_backward_kernel[(programs,)](
-                dout, out, h, x_arg, w1, w2, dx_arg, dw1, dw2, db1, db2, M, F,
-                *dout.stride(), *out.stride(), *h.stride(), *x_arg.stride(), *w1.stride(), *w2.stride(),
-                *dx_arg.stride(),
-                NEED_DX=need_dx, NEED_WEIGHTS=need_weights, INPUT_PRECISION=input_precision(out),
-                WIDTH=width, BLOCK_M=block_m, num_warps=warps, num_stages=1,
+        dw1, db1, dw2, db2 = (g if g is not None else dout for g in grads)
+        dx_arg = dx if dx is not None else dout
+        x_arg = x if x is not None else dout
+        out_arg = out if final_relu else dout
+        with launch_device(dout.device):
+            _launch_backward(
+                (programs,),
+                dout, out_arg, saved, x_arg, w1, w2, dx_arg, dw1, db1, dw2, db2, ws, counters, M, F,
+                *dout.stride(), *out_arg.stride(), *saved.stride(), *x_arg.stride(), *w1.stride(), *w2.stride(),
+                *dx_arg.stride(), *_matrix_strides(dw1), *_matrix_strides(dw2), _reduce.group_size(programs),
+                NEED_DX=need_dx, NEED_WEIGHTS=need_weights, ACTIVATION=activation, FINAL_RELU=final_relu,
+                INPUT_PRECISION=input_precision(w1), WIDTH=width, BLOCK_M=block_m, num_warps=warps, num_stages=1,
             )
-    if not need_weights:
-        return dx, None, None, None, None
-    if M == 0:
-        for t in (dw1, dw2, db1, db2):
-            t.zero_()
-    dtype = w1.dtype
-    # Fixed-order sums over the programs' slices, of the unpadded part only: contiguous results.
-    return (dx, dw1[:, :F, :F].sum(0).to(dtype), db1[:, :F].sum(0).to(dtype),
-            dw2[:, :F, :F].sum(0).to(dtype), db2[:, :F].sum(0).to(dtype))
+    return dx, *grads
 
+
+def _matrix_strides(t: torch.Tensor) -> tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if t.dim() == 2 else (0, 0)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
+from ._launch import CachedLauncher
 from .whole_block import MAX_FORWARD_WIDTH, padded_width
 
 # (BLOCK_M, num_warps), compiled ahead of time for sm_90 and sm_80 in tests/test_kernels_aot.py: at hidden
@@ -101,6 +102,8 @@ whole_net_forward_autotuned = triton.autotune(
     key=["M_BUCKET", "IN", "H", "OUT", "NUM_BLOCKS", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )(whole_net_forward_kernel)
+_launch_tuned = CachedLauncher(whole_net_forward_autotuned)
+_launch_fixed = CachedLauncher(whole_net_forward_kernel)
 
 
 def forward(x, w_in, b_in, w1, b1, w2, b2, w_out, b_out, *, out=None, config: tuple[int, int] | None = None):
@@ -121,9 +124,9 @@ def forward(x, w_in, b_in, w1, b1, w2, b2, w_out, b_out, *, out=None, config: tu
         config = (INTERPRETER_BLOCK_M, 4)
     with launch_device(x.device):
         if config is None:
-            whole_net_forward_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](*args, **widths)
+            _launch_tuned(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), *args, **widths)
         else:
             block_m, warps = config
-            whole_net_forward_kernel[(triton.cdiv(M, block_m),)](*args, **widths, BLOCK_M=block_m,
-                                                                 num_warps=warps, num_stages=1)
+            _launch_fixed((triton.cdiv(M, block_m),), *args, **widths, BLOCK_M=block_m, num_warps=warps,
+                          num_stages=1)
     return out

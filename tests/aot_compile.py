@@ -27,17 +27,20 @@ DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
 #   "g_W":   A row-major, B = W row-major (stride_bn = 1)                                      backward dh / dx
 #   "gT_x":  A = g^T (stride_am = 1), B = x row-major (stride_bn = 1)                          weight gradients
 FUSED_LINEAR_VARIANTS = [
-    ("forward_bias_residual_relu", {"HAS_BIAS": True, "HAS_RESIDUAL": True, "APPLY_RELU": True}, "x_wT"),
-    ("forward_projection", {"HAS_SECOND": True, "HAS_BIAS": True, "APPLY_RELU": True}, "x_wT"),
-    ("backward_gate", {"HAS_GATE": True}, "g_W"),
-    ("backward_dx_projection", {"HAS_SECOND": True}, "g_W"),
-    ("backward_dx_residual", {"HAS_RESIDUAL": True}, "g_W"),
-    ("weight_grad_split_k", {"HAS_ROWSUM": True, "SPLIT_K": 4}, "gT_x"),
+    ("forward_bias_residual_relu", {"HAS_BIAS": True, "HAS_RESIDUAL": True, "ACTIVATION": "relu"}, "x_wT"),
+    ("forward_projection", {"HAS_SECOND": True, "HAS_BIAS": True, "ACTIVATION": "relu"}, "x_wT"),
+    ("backward_gate", {"MASK": "a", "GATE": "relu"}, "g_W"),
+    ("backward_dx_projection", {"HAS_SECOND": True, "MASK": "a"}, "g_W"),
+    ("backward_dx_residual", {"HAS_RESIDUAL": True, "MASK": "residual"}, "g_W"),
+    ("weight_grad_split_k", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a"}, "gT_x"),
 ]
 UNIT_STRIDES = {
-    "x_wT": ("stride_ak", "stride_bk", "stride_a2k", "stride_b2k", "stride_rn", "stride_gn", "stride_cn"),
-    "g_W": ("stride_ak", "stride_bn", "stride_a2k", "stride_b2n", "stride_rn", "stride_gn", "stride_cn"),
-    "gT_x": ("stride_am", "stride_bn", "stride_a2m", "stride_b2n", "stride_rn", "stride_gn", "stride_cn"),
+    "x_wT": ("stride_ak", "stride_bk", "stride_a2k", "stride_b2k", "stride_rn", "stride_qk", "stride_gn",
+             "stride_un", "stride_cn"),
+    "g_W": ("stride_ak", "stride_bn", "stride_a2k", "stride_b2n", "stride_rn", "stride_qk", "stride_gn", "stride_un",
+            "stride_cn"),
+    "gT_x": ("stride_am", "stride_bn", "stride_a2m", "stride_b2n", "stride_rn", "stride_qm", "stride_gn", "stride_un",
+             "stride_cn"),
 }
 
 
@@ -47,8 +50,9 @@ def fused_linear_cases():
     for cap in ARCHS:
         for dtype, size in DTYPES.items():
             for name, flags, layout in FUSED_LINEAR_VARIANTS:
-                tile_epilogue = flags.get("HAS_RESIDUAL", False) or flags.get("HAS_GATE", False)
-                for config in fl.config_table((cap // 10, cap % 10), size, tile_epilogue):
+                tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
+                masked_a = flags.get("MASK") == "a"
+                for config in fl.config_table((cap // 10, cap % 10), size, tile_epilogue, masked_a):
                     yield {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags,
                            "cap": cap, "dtype": dtype, "config": list(config)}
 
@@ -63,13 +67,15 @@ def whole_block_cases():
                     for block_m, warps, per_sm in wb.forward_configs(width):
                         yield {"kernel": "whole_block_forward", "variant": f"width{width}", "cap": cap,
                                "dtype": dtype, "config": [block_m, width, width, 1, warps],
-                               "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_H": True, "WIDTH": width,
-                                         "BLOCK_M": block_m, "PROGRAMS_PER_SM": per_sm}}
+                               "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_SAVED": True, "ACTIVATION": "relu",
+                                         "FINAL_RELU": True, "WIDTH": width, "BLOCK_M": block_m,
+                                         "PROGRAMS_PER_SM": per_sm}}
                 if width <= wb.max_backward_width((cap // 10, cap % 10)):
                     block_m, warps = wb.backward_config(width, size)
                     yield {"kernel": "whole_block_backward", "variant": f"width{width}", "cap": cap,
                            "dtype": dtype, "config": [block_m, width, width, 1, warps],
-                           "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "WIDTH": width, "BLOCK_M": block_m}}
+                           "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
+                                     "FINAL_RELU": True, "WIDTH": width, "BLOCK_M": block_m}}
 
 
 def whole_net_cases():
@@ -100,13 +106,14 @@ def _compile(case: dict) -> dict:
     kernel = fl.fused_linear_kernel
     names = list(kernel.arg_names)
     block_m, block_n, block_k, _, _ = case["config"]
-    flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "HAS_GATE": False,
-             "APPLY_RELU": False, "HAS_ROWSUM": False, "SPLIT_K": 1, **case["flags"]}
+    flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
+             "AUX": "none", "ACTIVATION": "identity", "HAS_ROWSUM": False, "SPLIT_K": 1, **case["flags"]}
     constexprs = {**flags, "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee",
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
     constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]]})
-    fp32_out = ("rowsum_ptr",) + (("c_ptr",) if flags["SPLIT_K"] > 1 else ())
-    return _build(case, kernel, names, constexprs, lambda arg: "*fp32" if arg in fp32_out else f"*{case['dtype']}")
+    fp32_args = ("ws_ptr",)
+    return _build(case, kernel, names, constexprs, lambda arg: "*i32" if arg == "counters_ptr"
+                  else "*fp32" if arg in fp32_args else f"*{case['dtype']}")
 
 
 def _compile_whole_block(case: dict) -> dict:
@@ -118,9 +125,8 @@ def _compile_whole_block(case: dict) -> dict:
     names = list(kernel.arg_names)
     constexprs = {**case["flags"], "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee"}
     constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith(("f", "k"))})
-    float_workspaces = ("dw1_ptr", "dw2_ptr", "db1_ptr", "db2_ptr")
-    return _build(case, kernel, names, constexprs, lambda arg: "*fp32" if arg in float_workspaces
-                  else f"*{case['dtype']}")
+    return _build(case, kernel, names, constexprs, lambda arg: "*i32" if arg == "counters_ptr"
+                  else "*fp32" if arg == "ws_ptr" else f"*{case['dtype']}")
 
 
 def _compile_whole_net(case: dict) -> dict:

@@ -29,35 +29,45 @@ def _capability():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("tile_epilogue", [False, True], ids=["bias_relu", "residual_gate"])
-def test_fused_linear_every_config(dtype, tile_epilogue):
+@pytest.mark.parametrize("masked_a", [False, True], ids=["a", "masked_a"])
+def test_fused_linear_every_config(dtype, tile_epilogue, masked_a):
     g = torch.Generator().manual_seed(0)
     m, k, n = 300, 200, 130
     a = torch.randn(m, k, generator=g).cuda().to(dtype)
     w = (torch.randn(n, k, generator=g) / k**0.5).cuda().to(dtype)
     bias = torch.randn(n, generator=g).cuda().to(dtype)
     extra = torch.randn(m, n, generator=g).cuda().to(dtype)
+    relu_out = torch.randn(m, k, generator=g).cuda().to(dtype)
     kwargs = {"residual": extra, "gate": extra} if tile_epilogue else {}
-    acc = a.double() @ w.double().t() + bias.double() + (extra.double() if tile_epilogue else 0)
+    if masked_a:
+        kwargs["relu_mask"] = relu_out
+    a64 = torch.where(relu_out.double() <= 0, 0.0, a.double()) if masked_a else a.double()
+    acc = a64 @ w.double().t() + bias.double() + (extra.double() if tile_epilogue else 0)
     if tile_epilogue:
         acc = torch.where(extra.double() <= 0, 0.0, acc)
     expected = torch.relu(acc)
     element = torch.empty(0, dtype=dtype).element_size()
-    for config in fl.config_table(_capability(), element, tile_epilogue):
+    for config in fl.config_table(_capability(), element, tile_epilogue, masked_a):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-        fl.fused_linear(a, w.t(), bias=bias, relu=True, out=out, config=config, **kwargs)
+        fl.fused_linear(a, w.t(), bias=bias, activation="relu", out=out, config=config, **kwargs)
         assert_close(out, expected, f"config {config}", scale=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_weight_gradient_every_config(dtype):
+@pytest.mark.parametrize("split_k", [1, 4, 19])
+def test_weight_gradient_every_config(dtype, split_k):
+    """dW = (dY * (Y > 0))^T a with its row sums, split-K reduced inside the launch (19: two levels)."""
     g = torch.Generator().manual_seed(1)
     grad = torch.randn(5000, 96, generator=g).cuda().to(dtype)
+    relu_out = torch.randn(5000, 96, generator=g).cuda().to(dtype)
     a = torch.randn(5000, 80, generator=g).cuda().to(dtype)
+    g64 = torch.where(relu_out.double() <= 0, 0.0, grad.double())
     element = torch.empty(0, dtype=dtype).element_size()
-    for config in fl.config_table(_capability(), element):
-        dw, db = fl.fused_linear(grad.t(), a, rowsum=True, split_k=4, out_dtype=dtype, config=config)
-        assert_close(dw, grad.double().t() @ a.double(), f"dW {config}", scale=16)
-        assert_close(db, grad.double().sum(0), f"db {config}", dtype=dtype, scale=16)
+    for config in fl.config_table(_capability(), element, masked_a=True):
+        dw, db = fl.fused_linear(grad.t(), a, relu_mask=relu_out.t(), rowsum=True, split_k=split_k, out_dtype=dtype,
+                                 config=config)
+        assert_close(dw, g64.t() @ a.double(), f"dW {config}", scale=16)
+        assert_close(db, g64.sum(0), f"db {config}", scale=16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -74,7 +84,7 @@ def test_whole_block_and_net_every_config(dtype, features):
     h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
     out64 = torch.relu(h64 @ w2.double().t() + b2.double() + x.double())
     for config in whole_block.forward_configs(width):
-        out, h = whole_block.forward(x, w1, b1, w2, b2, store_h=True, config=config)
+        out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, config=config)
         assert_close(out, out64, f"block out {config}", scale=4)
         assert_close(h, h64, f"block h {config}", scale=4)
     for config in whole_net.configs(width):

@@ -12,6 +12,7 @@ import torch
 from conftest import HAS_CUDA, assert_close
 
 from fused_residual import backends
+from fused_residual.activations import ACTIVATIONS, NAMES
 
 pytestmark = pytest.mark.interpreter
 
@@ -35,19 +36,31 @@ def poisoned(m, n, dtype):
     return torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
 
 
-def reference(a, b, a2=None, b2=None, bias=None, residual=None, gate=None, relu=False):
-    acc = a.double() @ b.double()
-    if a2 is not None:
-        acc = acc + a2.double() @ b2.double()
+def reference(a, b, second=None, bias=None, residual=None, relu_mask=None, mask_on="a", gate=None,
+              gate_activation="relu", activation=None):
+    """float64 ``(C, aux)`` of fused_linear's documented math (aux: the pre-activation or act(gate), else None)."""
+    a = a.double()
+    if relu_mask is not None and mask_on == "a":
+        a = torch.where(relu_mask.double() <= 0, 0.0, a)
+    acc = a @ b.double()
+    if second is not None:
+        acc = acc + second[0].double() @ second[1].double()
     if bias is not None:
         acc = acc + bias.double()
     if residual is not None:
-        acc = acc + residual.double()
+        r = residual.double()
+        if relu_mask is not None and mask_on == "residual":
+            r = torch.where(relu_mask.double() <= 0, 0.0, r)
+        acc = acc + r
+    aux = None
     if gate is not None:
-        acc = torch.where(gate.double() <= 0, 0.0, acc)
-    if relu:
-        acc = torch.where(acc < 0, 0.0, acc)
-    return acc
+        act = ACTIVATIONS[gate_activation]
+        aux = act.forward(gate.double())
+        acc = act.backward(acc, gate.double())
+    if activation is not None:
+        aux = acc
+        acc = ACTIVATIONS[activation].forward(acc)
+    return acc, aux
 
 
 def scale_for(k):
@@ -58,41 +71,121 @@ def scale_for(k):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("m,k,n", [(1, 10, 10), (17, 48, 130), (130, 17, 48), (200, 130, 17), (48, 200, 1),
                                    (10, 1, 200)])
-@pytest.mark.parametrize("epilogue", ["plain", "bias_relu", "bias_residual_relu", "gate", "second"])
+@pytest.mark.parametrize("epilogue", ["plain", "bias_relu", "bias_residual_relu", "gate", "second", "masked_a",
+                                      "masked_residual"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "default" if c is None else "x".join(map(str, c[:3])))
 def test_fused_linear_epilogues_on_ragged_shapes(dtype, m, k, n, epilogue, config):
     g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
     a, w = rand(m, k, dtype=dtype, generator=g), rand(n, k, dtype=dtype, generator=g)
     kwargs = {}
     if epilogue in ("bias_relu", "bias_residual_relu"):
-        kwargs.update(bias=rand(n, dtype=dtype, generator=g), relu=True)
-    if epilogue == "bias_residual_relu":
+        kwargs.update(bias=rand(n, dtype=dtype, generator=g), activation="relu")
+    if epilogue in ("bias_residual_relu", "masked_residual"):
         kwargs["residual"] = rand(m, n, dtype=dtype, generator=g)
     if epilogue == "gate":
         kwargs["gate"] = rand(m, n, dtype=dtype, generator=g)
     if epilogue == "second":
-        kwargs.update(a2=rand(m, 13, dtype=dtype, generator=g), b2=rand(n, 13, dtype=dtype, generator=g).t(),
-                      relu=True)
+        kwargs.update(second=(rand(m, 13, dtype=dtype, generator=g), rand(n, 13, dtype=dtype, generator=g).t()),
+                      activation="relu")
+    if epilogue == "masked_a":  # the ReLU backward on load: A * (Q > 0), Q with other strides than A
+        kwargs["relu_mask"] = rand(k, m, dtype=dtype, generator=g).t()
+    if epilogue == "masked_residual":
+        kwargs.update(relu_mask=rand(m, n, dtype=dtype, generator=g), mask_on="residual")
     out = poisoned(m, n, dtype)
     c, sums = fl.fused_linear(a, w.t(), out=out, config=config, **kwargs)
     assert c is out and sums is None
     assert not c.isnan().any(), f"{int(c.isnan().sum())} output elements never written"
-    assert_close(c, reference(a, w.t(), **kwargs), "C", scale=scale_for(k + 13))
+    assert_close(c, reference(a, w.t(), **kwargs)[0], "C", scale=scale_for(k + 13))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_relu_masks_follow_aten_exactly(dtype):
+    """0 where the ReLU output is <= 0 (both zeros), the gradient where it is > 0 or NaN, on A and on the residual:
+    aten.threshold_backward's rule, checked against aten itself."""
+    m, k, n = 6, 16, 16
+    dout = rand(m, k, dtype=dtype)
+    relu_out = torch.tensor([0.0, -0.0, 1e-3, -1e-3, float("nan"), float("inf"), -float("inf"), 2.0] * 2,
+                            device=DEVICE, dtype=dtype).expand(m, k).contiguous()
+    eye = torch.eye(k, device=DEVICE, dtype=dtype)
+    expected = torch.ops.aten.threshold_backward(dout, relu_out, 0)
+    c, _ = fl.fused_linear(dout, eye, relu_mask=relu_out)
+    assert torch.equal(c, expected)
+    c, _ = fl.fused_linear(torch.zeros(m, 1, device=DEVICE, dtype=dtype), torch.zeros(1, n, device=DEVICE, dtype=dtype),
+                           residual=dout, relu_mask=relu_out, mask_on="residual")
+    assert torch.equal(c, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("activation", NAMES)
+@pytest.mark.parametrize("m,k,n", [(17, 48, 130), (130, 17, 48)])
+def test_activation_epilogues_and_their_gates(dtype, activation, m, k, n):
+    """Forward: ``act(acc)`` with the pre-activation as aux; backward: ``acc * act'(saved)`` with ``act(pre)`` as
+    aux; every activation of the registry against its torch function and derivative in float64."""
+    g = torch.Generator().manual_seed(m + k + n)
+    a, w, bias = rand(m, k, dtype=dtype, generator=g), rand(n, k, dtype=dtype, generator=g), rand(n, dtype=dtype,
+                                                                                                 generator=g)
+    aux = poisoned(m, n, dtype)
+    c, _ = fl.fused_linear(a, w.t(), bias=bias, activation=activation, aux=aux)
+    expected, expected_pre = reference(a, w.t(), bias=bias, activation=activation)
+    assert_close(aux, expected_pre, "pre-activation", scale=scale_for(k))
+    assert_close(c, expected, "act(acc)", scale=scale_for(k))
+
+    saved = rand(m, n, dtype=dtype, generator=g)
+    if ACTIVATIONS[activation].from_output:
+        saved = saved.relu()
+    aux = poisoned(m, n, dtype)
+    c, _ = fl.fused_linear(a, w.t(), gate=saved, gate_activation=activation, aux=aux)
+    expected, expected_act = reference(a, w.t(), gate=saved, gate_activation=activation)
+    assert_close(c, expected, "gated", scale=scale_for(k))
+    assert_close(aux, expected_act, "act(gate)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("rows,n_out,n_in", [(1, 10, 10), (200, 17, 48), (130, 48, 1), (1000, 33, 20)])
-@pytest.mark.parametrize("split_k", [1, 2, 3, 7])
-def test_weight_gradient_split_k_and_row_sums(dtype, rows, n_out, n_in, split_k):
-    """``dW = g^T a`` with the bias gradient as fused row sums; split-K slices summed in a fixed order."""
+@pytest.mark.parametrize("split_k", [1, 2, 3, 7, 12])
+@pytest.mark.parametrize("masked", [False, True], ids=["g", "masked_g"])
+def test_weight_gradient_split_k_and_row_sums(dtype, rows, n_out, n_in, split_k, masked):
+    """``dW = g'^T a`` with the bias gradient as fused row sums, ``g' = g * (Y > 0)`` applied on load; split-K
+    partials summed inside the launch, in slot order (12 slices: two levels of groups), written in ``dtype``."""
     g = torch.Generator().manual_seed(rows + split_k)
     grad, a = rand(rows, n_out, dtype=dtype, generator=g), rand(rows, n_in, dtype=dtype, generator=g)
-    dw, db = fl.fused_linear(grad.t(), a, rowsum=True, split_k=split_k, out_dtype=dtype)
-    assert dw.dtype == dtype and db.dtype == torch.float32
-    assert_close(dw, grad.double().t() @ a.double(), "dW", scale=scale_for(rows))
-    assert_close(db, grad.double().sum(0), "db", dtype=dtype, scale=scale_for(rows))
-    again, _ = fl.fused_linear(grad.t(), a, rowsum=True, split_k=split_k, out_dtype=dtype)
-    assert torch.equal(dw, again), "weight gradients must be deterministic"
+    relu_out = rand(rows, n_out, dtype=dtype, generator=g) if masked else None
+    out = poisoned(n_out, n_in, dtype)
+    dw, db = fl.fused_linear(grad.t(), a, relu_mask=None if relu_out is None else relu_out.t(), rowsum=True,
+                             split_k=split_k, out_dtype=dtype, out=out if split_k == 1 else None)
+    assert dw.dtype == db.dtype == dtype and not dw.isnan().any() and not db.isnan().any()
+    g64 = grad.double() if relu_out is None else torch.where(relu_out.double() <= 0, 0.0, grad.double())
+    assert_close(dw, g64.t() @ a.double(), "dW", scale=scale_for(rows))
+    assert_close(db, g64.sum(0), "db", scale=scale_for(rows))
+    again = fl.fused_linear(grad.t(), a, relu_mask=None if relu_out is None else relu_out.t(), rowsum=True,
+                            split_k=split_k, out_dtype=dtype)
+    assert torch.equal(dw, again[0]) and torch.equal(db, again[1]), "weight gradients must be deterministic"
+
+
+def test_split_k_counters_are_left_at_zero():
+    """The arrival counters are cached per device and stream (thread, here): every launch must leave them at 0."""
+    from fused_residual.kernels import _reduce
+
+    grad, a = rand(700, 40), rand(700, 24)
+    for split_k in (2, 9, 30):
+        dw, _ = fl.fused_linear(grad.t(), a, rowsum=True, split_k=split_k)
+        assert_close(dw, grad.double().t() @ a.double(), f"dW split {split_k}", scale=scale_for(700))
+        counters = _reduce.arrival_counters(torch.device(DEVICE), 1)
+        assert counters.numel() >= _reduce.counters_needed(split_k) and not counters.any()
+
+
+@pytest.mark.parametrize("count", [1, 2, 8, 9, 17, 64, 264])
+def test_reduction_groups_cover_every_slot_once(count):
+    """The two-level grouping: groups of consecutive slots that cover 0..count-1 exactly once, a serial chain of
+    about 2 sqrt(count) for large counts, and the workspace holds partials, group sums and the total."""
+    from fused_residual.kernels import _reduce
+
+    group = _reduce.group_size(count)
+    groups = -(-count // group)
+    covered = [s for i in range(groups) for s in range(i * group, min(count, (i + 1) * group))]
+    assert covered == list(range(count))
+    assert _reduce.counters_needed(count) == groups + 1 and _reduce.workspace_slots(count) == count + groups + 1
+    assert group + (groups if groups > 1 else 0) <= max(8, 2 * count**0.5 + 2)
 
 
 @pytest.mark.parametrize("layout", ["a_transposed", "b_row_major", "strided", "output_strided"])
@@ -112,9 +205,9 @@ def test_any_strides(layout):
     else:
         out = torch.full((n, m), float("nan"), device=DEVICE).t()
     residual = rand(n, m, generator=g).t()
-    c, _ = fl.fused_linear(a, b, residual=residual, relu=True, out=out)
+    c, _ = fl.fused_linear(a, b, residual=residual, activation="relu", out=out)
     assert not c.isnan().any()
-    assert_close(c, reference(a, b, residual=residual, relu=True), "C", scale=scale_for(k))
+    assert_close(c, reference(a, b, residual=residual, activation="relu")[0], "C", scale=scale_for(k))
 
 
 def test_nan_and_inf_propagate_like_torch():
@@ -122,58 +215,17 @@ def test_nan_and_inf_propagate_like_torch():
     w = rand(24, 16)
     a[3, 5] = float("nan")
     a[7, 0] = float("inf")
-    c, _ = fl.fused_linear(a, w.t(), bias=rand(24), relu=True)
+    c, _ = fl.fused_linear(a, w.t(), bias=rand(24), activation="relu")
     expected = torch.relu(a.double() @ w.double().t())
     assert torch.equal(c.isnan(), (expected.isnan() | (a.double() @ w.double().t()).isnan()).to(DEVICE))
     assert c[3].isnan().all()
 
 
-def test_empty_problems_launch_nothing_and_are_correct(monkeypatch):
-    launches = count_launches(monkeypatch)
-    c, _ = fl.fused_linear(rand(0, 8), rand(6, 8).t(), bias=rand(6), relu=True)
-    assert c.shape == (0, 6) and launches() == 0
-    c, _ = fl.fused_linear(rand(5, 0), rand(0, 6), bias=torch.ones(6, device=DEVICE), relu=True)
+def test_empty_problems_launch_nothing_and_are_correct():
+    from fused_residual.kernels._launch import count_launches
+
+    with count_launches() as launches:
+        c, _ = fl.fused_linear(rand(0, 8), rand(6, 8).t(), bias=rand(6), activation="relu")
+    assert c.shape == (0, 6) and not launches
+    c, _ = fl.fused_linear(rand(5, 0), rand(0, 6), bias=torch.ones(6, device=DEVICE), activation="relu")
     assert torch.equal(c, torch.ones(5, 6, device=DEVICE))  # K = 0: the epilogue alone
-
-
-def count_launches(monkeypatch):
-    """Counts launches of every Triton kernel of the package (autotuned or fixed-config)."""
-    from fused_residual.kernels import whole_block
-
-    count = {"n": 0}
-
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            count["n"] += 1
-            return self.kernel[grid]
-
-    for module, names in ((fl, ("fused_linear_kernel", "fused_linear_autotuned")),
-                          (whole_block, ("whole_block_forward_kernel", "whole_block_forward_autotuned",
-                                         "whole_block_backward_kernel"))):
-        for name in names:
-            monkeypatch.setattr(module, name, Counting(getattr(module, name)))
-    return lambda: count["n"]
-
-
-@pytest.mark.parametrize("width,forward_launches,backward_launches", [(12, 1, 1), (200, 2, 4)],
-                         ids=["whole_block", "two_gemm"])
-def test_the_block_really_runs_the_kernels(monkeypatch, use_backend, width, forward_launches, backward_launches):
-    import fused_residual as fr
-
-    use_backend("triton")
-    launches = count_launches(monkeypatch)
-    torch.manual_seed(0)
-    block = fr.FusedResidualBlock(width, width, device=DEVICE)
-    x = torch.randn(9, width, device=DEVICE, requires_grad=True)
-    out = block(x)
-    # whole block: one kernel; two GEMMs: linear1 + ReLU, linear2 + residual + ReLU
-    assert launches() == forward_launches
-    out.sum().backward()
-    # whole block: one kernel; two GEMMs: g1, dx, dW2 (+db2), dW1 (+db1)
-    assert launches() == forward_launches + backward_launches
-    with torch.no_grad():
-        block(torch.randn(0, width, device=DEVICE))
-    assert launches() == forward_launches + backward_launches  # an empty batch launches nothing

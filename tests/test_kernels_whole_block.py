@@ -52,8 +52,8 @@ def test_forward(dtype, width, rows, store_h, grid):
         config = (64, 4, 0) if grid == "tile_per_program" else (64, 4, 1)
     else:
         config = (32, 4, 0) if grid == "tile_per_program" else (16, 4, 1)
-    got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_h=store_h, out=out, h=h if store_h else None,
-                                         config=config)
+    got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_saved=store_h, out=out,
+                                         saved=h if store_h else None, config=config)
     assert got_out is out and (got_h is h if store_h else got_h is None)
     assert not out.isnan().any(), "unwritten output elements"
     h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
@@ -73,7 +73,7 @@ def test_backward(dtype, width, rows, needs):
     need_dx, need_weights = needs
     x, w1, b1, w2, b2 = params(width, dtype, seed=width * 7 + rows)
     x = x[:rows]
-    out, h = whole_block.forward(x, w1, b1, w2, b2, store_h=True)
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True)
     dout = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)).to(DEVICE, dtype)
     dx_out = nan_like(x) if need_dx else None
     dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, h, x, w1, w2, need_dx=need_dx,
@@ -113,7 +113,7 @@ def test_non_contiguous_operands():
     w1 = torch.randn(width, 2 * width, generator=g).to(DEVICE)[:, ::2] / 5
     w2 = torch.randn(width, width, generator=g).to(DEVICE).t() / 5
     b1, b2 = torch.randn(width, generator=g).to(DEVICE), torch.randn(width, generator=g).to(DEVICE)
-    out, h = whole_block.forward(x, w1, b1, w2, b2, store_h=True)
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True)
     h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
     assert_close(out, torch.relu(h64 @ w2.double().t() + b2.double() + x.double()), "out", scale=2)
     assert out.dtype == dtype
@@ -121,7 +121,7 @@ def test_non_contiguous_operands():
 
 def test_empty_batch():
     x, w1, b1, w2, b2 = params(8, torch.float32, seed=0)
-    out, h = whole_block.forward(x[:0], w1, b1, w2, b2, store_h=True)
+    out, h = whole_block.forward(x[:0], w1, b1, w2, b2, store_saved=True)
     assert out.shape == h.shape == (0, 8)
     dx, dw1, db1, dw2, db2 = whole_block.backward(out, out, h, x[:0], w1, w2, need_dx=True, need_weights=True)
     assert dx.shape == (0, 8) and not dw1.any() and not db2.any()

@@ -7,12 +7,14 @@ math, bytes and grid):
 forward   h   = relu(x W1^T + b1)                       bias + ReLU epilogue
           out = relu(h W2^T + b2 + x)                   bias + residual + ReLU epilogue
                 relu([h | x] [W2 | Ws]^T + b2)          projection: the shortcut joins the GEMM along K
-backward  g2  = dout * (out > 0)                        one elementwise pass (aten.threshold_backward)
-          g1  = (g2 W2) * (h > 0)                       gate epilogue
-          dx  = g1 W1 + g2        | [g1 | g2] [W1; Ws]  residual epilogue | second operand
-          dW2 = g2^T h, db2 = rows of g2^T              split-K GEMM with fused row sums (deterministic)
+backward  g2  = dout * (out > 0)                        never written: applied on load by each launch below
+          g1  = (g2 W2) * (h > 0)                       mask on A, gate epilogue
+          dx  = g1 W1 + g2        | [g2 | g1] [Ws; W1]  mask on the residual | mask on A, second operand
+          dW2 = g2^T h, db2 = rows of g2^T              split-K GEMM, mask on A, fused row sums, the slices
+                                                        summed inside the launch (deterministic)
           dW1 = g1^T x, db1 = rows of g1^T              same;  dWs = g2^T x
 
+A training step is 2 + 4 launches (projection: 2 + 5), the whole block 1 + 1, and nothing else but allocations.
 Zero-size batches return before any launch.
 
 Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kernels/whole_block.py``) wherever
@@ -69,7 +71,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None
         raise NotImplementedError(f"the Triton linear applies relu or nothing, not {activation!r}")
     if x.shape[0] == 0:
         return x.new_empty((0, w.shape[0]))
-    return fused_linear(x, w.t(), bias=_vector(b), relu=activation == "relu")[0]
+    return fused_linear(x, w.t(), bias=_vector(b), activation=activation)[0]
 
 
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
@@ -77,7 +79,7 @@ def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residua
     out_dtype = torch.promote_types(h.dtype, residual.dtype)
     if h.shape[0] == 0:
         return h.new_empty((0, w.shape[0]), dtype=out_dtype)
-    return fused_linear(h, w.t(), bias=_vector(b), residual=residual, relu=True, out_dtype=out_dtype)[0]
+    return fused_linear(h, w.t(), bias=_vector(b), residual=residual, activation="relu", out_dtype=out_dtype)[0]
 
 
 @functools.cache
@@ -117,14 +119,14 @@ def block_forward(
     whole-block kernel kept it on chip."""
     b1, b2 = _vector(b1), _vector(b2)
     if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws):
-        return whole_block.forward(x, w1, b1, w2, b2, store_h=save)
+        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save)
     x_lo = _as(x, w1.dtype)
     h = linear(x_lo, w1, b1, "relu")
     if x.shape[0] == 0:
         return x_lo.new_empty((0, w2.shape[0])), h
     if ws is None:
-        return fused_linear(h, w2.t(), bias=b2, residual=x, relu=True)[0], h
-    return fused_linear(h, w2.t(), a2=x_lo, b2=ws.t(), bias=b2, relu=True)[0], h
+        return fused_linear(h, w2.t(), bias=b2, residual=x, activation="relu")[0], h
+    return fused_linear(h, w2.t(), second=(x_lo, ws.t()), bias=b2, activation="relu")[0], h
 
 
 def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
@@ -134,27 +136,32 @@ def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
     return max(1, min(want, k // 1024, 64))
 
 
-def _weight_grad(g: Tensor, a: Tensor, need_w: bool, need_b: bool, dtype: torch.dtype):
-    """``(g^T a, column sums of g)``, each only if asked, in ``dtype``."""
+def _weight_grad(g: Tensor, relu_out: Tensor | None, a: Tensor, need_w: bool, need_b: bool, dtype: torch.dtype):
+    """``(g'^T a, column sums of g')``, each only if asked, in ``dtype``, where ``g' = g * (relu_out > 0)`` (the
+    mask applied on load) or ``g``: one launch, split-K reduced inside it."""
     if g.shape[0] == 0:  # an empty batch: zero gradients, no launch
         zeros = g.new_zeros((g.shape[1],), dtype=dtype)
         return (g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None), (zeros if need_b else None)
-    if not need_w:
+    if not need_w:  # a bias without its weight (e.g. frozen weights): a plain reduction
+        g = g if relu_out is None else _relu_backward(g, relu_out, 0)
         return None, (g.sum(0, dtype=torch.float32).to(dtype) if need_b else None)
     split = _split_k(g.shape[1], a.shape[1], g.shape[0], g.device)
-    dw, db = fused_linear(g.t(), a, rowsum=need_b, split_k=split, out_dtype=dtype)
-    return dw, (db.to(dtype) if db is not None else None)
+    mask = None if relu_out is None else relu_out.t()
+    return fused_linear(g.t(), a, relu_mask=mask, rowsum=need_b, split_k=split, out_dtype=dtype)
 
 
 def linear_residual_relu_backward(
     dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: tuple[bool, bool, bool, bool], *,
     dh_dtype: torch.dtype,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(dh, dw, db, dresidual)``; see ``torch_backend.linear_residual_relu_backward``."""
-    g = _relu_backward(dout, out, 0)
-    g_lo = _as(g, w.dtype)
-    dh = fused_linear(g_lo, w, out_dtype=dh_dtype)[0] if needs[0] else None
-    dw, db = _weight_grad(g_lo, h, needs[1], needs[2], w.dtype)
+    """Gradients ``(dh, dw, db, dresidual)``; see ``torch_backend.linear_residual_relu_backward``. The ReLU mask is
+    applied on load, unless the residual's gradient (``dout * (out > 0)`` itself) is asked for anyway."""
+    if needs[3]:
+        g, relu_out = _relu_backward(dout, out, 0), None
+    else:
+        g, relu_out = dout, out
+    dh = fused_linear(g, w, relu_mask=relu_out, out_dtype=dh_dtype)[0] if needs[0] else None
+    dw, db = _weight_grad(g, relu_out, h, needs[1], needs[2], w.dtype)
     return dh, dw, db, (g if needs[3] else None)
 
 
@@ -162,7 +169,8 @@ def block_backward(
     dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
     form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
 ) -> tuple[Tensor | None, ...]:
-    """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``."""
+    """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``. ``g2 = dout * (out > 0)`` is
+    never written: each launch that reads it applies the mask on load."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
     h = saved
     need_weights = need_w1 or need_b1 or need_w2 or need_b2
@@ -173,19 +181,18 @@ def block_backward(
         return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
                 db2 if need_b2 else None, None)
     lo = w1.dtype
-    g2 = _relu_backward(dout, out, 0)
     x_lo = None if x is None else _as(x, lo)
-    dw2, db2 = _weight_grad(g2, h, need_w2, need_b2, w2.dtype)
-    dws = _weight_grad(g2, x_lo, True, False, ws.dtype)[0] if need_ws else None
+    dw2, db2 = _weight_grad(dout, out, h, need_w2, need_b2, w2.dtype)
+    dws = _weight_grad(dout, out, x_lo, True, False, ws.dtype)[0] if need_ws else None
     dx = dw1 = db1 = None
     if need_x or need_w1 or need_b1:
-        g1 = fused_linear(g2, w2, gate=h)[0]
-        dw1, db1 = _weight_grad(g1, x_lo, need_w1, need_b1, w1.dtype)
+        g1 = fused_linear(dout, w2, relu_mask=out, gate=h, out_dtype=lo)[0]
+        dw1, db1 = _weight_grad(g1, None, x_lo, need_w1, need_b1, w1.dtype)
         if need_x:
             if ws is None:
-                dx = fused_linear(g1, w1, residual=g2, out_dtype=dx_dtype)[0]
+                dx = fused_linear(g1, w1, residual=dout, relu_mask=out, mask_on="residual", out_dtype=dx_dtype)[0]
             else:
-                dx = fused_linear(g1, w1, a2=g2, b2=ws, out_dtype=dx_dtype)[0]
+                dx = fused_linear(dout, ws, relu_mask=out, second=(g1, w1), out_dtype=dx_dtype)[0]
     return dx, dw1, db1, dw2, db2, dws
 
 
