@@ -5,10 +5,10 @@ Adding an activation: its function and its derivative here plus a branch in ``ap
 entry (torch function, derivative, ``from_output``) in ``fused_residual/activations.py``; the tests iterate over
 the registry's names. ``IDENTITY`` is the kernels' name for no activation (a plain linear).
 
-Every function computes in fp32 (callers pass fp32 accumulators, or cast what they load). The formulas are
-PyTorch's (``aten`` ``gelu``, ``gelu_backward``, ``silu_backward``), their constants written out as literals
-(1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654): a module
-global read by a kernel would be re-checked by Triton at every launch.
+Every function computes in fp32 (callers pass fp32 accumulators; the derivatives take the saved tensor as
+loaded). The formulas are PyTorch's (``aten`` ``gelu``, ``gelu_backward``, ``silu_backward``), their constants
+written out as literals (1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327, sqrt(2/pi) =
+0.7978845608028654): a module global read by a kernel would be re-checked by Triton at every launch.
 
     relu       max(x, 0)                        derivative from the output:  grad where out > 0, else 0
     gelu       x Phi(x) = x/2 (1 + erf(x/sqrt2))   grad (Phi(x) + x phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
@@ -47,6 +47,7 @@ def gelu(x):
 
 @triton.jit
 def gelu_gradient(grad, x):
+    x = x.to(tl.float32)
     cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
     pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
     return grad * (cdf + x * pdf)
@@ -68,6 +69,7 @@ def gelu_tanh(x):
 
 @triton.jit
 def gelu_tanh_gradient(grad, x):
+    x = x.to(tl.float32)
     x_sq = x * x
     t = _tanh(0.7978845608028654 * (x + 0.044715 * x_sq * x))
     inner_derivative = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x_sq)
@@ -81,6 +83,7 @@ def silu(x):
 
 @triton.jit
 def silu_gradient(grad, x):
+    x = x.to(tl.float32)
     s = tl.sigmoid(x)
     return grad * s * (1.0 + x * (1.0 - s))
 
@@ -103,8 +106,9 @@ def apply(x, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def gradient(grad, saved, ACTIVATION: tl.constexpr):
-    """The gradient of the activation's input from ``grad`` (fp32) and ``saved`` (fp32): the activation's output
-    for ReLU, its input (the pre-activation) for the others (``from_output`` in the registry)."""
+    """The gradient of the activation's input from ``grad`` (fp32) and ``saved`` (any float dtype; computed on in
+    fp32, except ReLU's comparison, exact in any dtype and cheaper in registers in the stored one): the activation's
+    output for ReLU, its input (the pre-activation) for the others (``from_output`` in the registry)."""
     if ACTIVATION == "relu":
         return relu_gradient(grad, saved)
     elif ACTIVATION == "gelu":

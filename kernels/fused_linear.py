@@ -95,13 +95,21 @@ MAX_TILE_WITH_TILE_EPILOGUE = 128 * 128
 # for masked-A launches. (Masking through the load's predicate instead keeps registers low but stops Triton from
 # pipelining the A loads.)
 MASKED_A_SPILLS = [(128, 64, 4)]
+# Autocast launches (an fp32 operand, residual or output next to a 16-bit GEMM) spill with these tiles, keyed
+# (sm_90 or later, (BLOCK_M, BLOCK_N, BLOCK_K)): with x as B of a weight gradient, 128 x 256 on sm_90 (112 bytes;
+# 255 registers in other variants on sm_80) and 64 x 32 on sm_80 in fp16 (24 bytes); with triton 3.6 also
+# 64 x 128 on 4 warps (sm_90 24 bytes; sm_80 fp16 20 bytes in the projection).
+WIDE_SPILLS = {(True, (128, 256, 64)), (True, (64, 128, 64)), (False, (128, 256, 32)), (False, (64, 128, 32)),
+               (False, (64, 32, 32))}
 
 
 def config_table(
-    capability: tuple[int, int], element_size: int, tile_epilogue: bool = False, masked_a: bool = False
+    capability: tuple[int, int], element_size: int, tile_epilogue: bool = False, masked_a: bool = False,
+    wide: bool = False,
 ) -> list[tuple[int, int, int, int, int]]:
-    """The autotune candidates for a device of ``capability``, inputs of ``element_size`` bytes, whether the
-    epilogue reads a residual or gate tile, and whether A is masked on load."""
+    """The autotune candidates for a device of ``capability``, a GEMM in ``element_size`` bytes, whether the
+    epilogue reads a residual or gate tile, whether A is masked on load, and whether an operand, the residual or
+    the output is wider than the GEMM's dtype (autocast)."""
     if element_size >= 4:
         table = ANY_32BIT
     else:
@@ -110,6 +118,8 @@ def config_table(
         table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE]
     if masked_a:
         table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS]
+    if wide:
+        table = [e for e in table if (capability[0] >= 9, e[:3]) not in WIDE_SPILLS]
     return table
 
 
@@ -126,8 +136,10 @@ def _prune(configs, named_args, **kwargs):
     """Keep the candidates of this device and dtype, and drop tiles far larger than the problem."""
     args = {**named_args, **kwargs}  # the flags arrive as keywords
     a = args["a_ptr"]
+    size = min(a.element_size(), args["b_ptr"].element_size())  # the GEMM's dtype: the narrower operand
+    wide = max(args[n].element_size() for n in ("a_ptr", "b_ptr", "a2_ptr", "res_ptr", "c_ptr")) > size
     tile_epilogue = args["HAS_RESIDUAL"] or args["GATE"] != IDENTITY
-    allowed = set(config_table(capability(a.device), a.element_size(), tile_epilogue, args["MASK"] == "a"))
+    allowed = set(config_table(capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if _config_key(c) in allowed]
     small = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(n))
@@ -257,9 +269,9 @@ def fused_linear_kernel(
         if GATE != "identity":  # backward through the activation: acc * act'(saved)
             gate_ptrs = (gate_ptr + row0 * stride_gm + col0 * stride_gn
                          + (tile_m[:, None] * stride_gm + tile_n[None, :] * stride_gn))
-            saved = tl.load(gate_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
+            saved = tl.load(gate_ptrs, mask=mask_mn, other=0.0)
             if AUX == "gate_act":  # act(saved pre-activation): the B operand of the next weight gradient
-                tl.store(aux_ptrs, apply(saved, GATE).to(aux_ptr.dtype.element_ty), mask=mask_mn)
+                tl.store(aux_ptrs, apply(saved.to(tl.float32), GATE).to(aux_ptr.dtype.element_ty), mask=mask_mn)
             acc = gradient(acc, saved, GATE)
         if AUX == "pre":  # the pre-activation, kept for backward
             tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask_mn)

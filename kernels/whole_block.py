@@ -66,29 +66,50 @@ def padded_width(features: int) -> int:
     return max(16, next_power_of_2(features))
 
 
-def forward_shared_bytes(width: int, block_m: int, element_size: int) -> int:
-    """Upper bound of the forward's shared memory: x, h and both weight tiles as dot operands."""
-    return (2 * block_m * width + 2 * width * width) * element_size
+def max_forward_width(element_size: int, x_element_size: int | None = None) -> int:
+    """Widest padded width the forward takes with weights of ``element_size`` bytes and ``x`` of
+    ``x_element_size`` (wider under autocast)."""
+    return MAX_FORWARD_WIDTH[element_size]
 
 
-def forward_configs(width: int) -> list[tuple[int, int, int]]:
+def forward_shared_bytes(width: int, block_m: int, element_size: int, x_element_size: int | None = None) -> int:
+    """Upper bound of the forward's shared memory: x, h and both weight tiles as dot operands (x in its own
+    dtype and as the rounded dot operand when it is wider than the weights)."""
+    x_extra = max(0, (x_element_size or element_size) - element_size)
+    return (2 * block_m * width + 2 * width * width) * element_size + block_m * width * x_extra
+
+
+def forward_configs(width: int, wide_x: bool = False) -> list[tuple[int, int, int]]:
     """Forward candidates at a padded width: 128 rows on 4 warps spill from width 32 up, and persistent
-    programs (weights live across tiles) at width 128."""
+    programs (weights live across tiles) at width 128. ``wide_x``: x wider than the weights (autocast)."""
     configs = FORWARD_CONFIGS if width <= 16 else [c for c in FORWARD_CONFIGS if c[:2] != (128, 4)]
-    return configs if width <= 64 else [c for c in configs if c[2] == 0]
+    if width > 64:  # and an fp32 x tile spills 64 rows on 4 warps (sm_80, 96 bytes)
+        configs = [c for c in configs if c[2] == 0 and not (wide_x and c[:2] == (64, 4))]
+    return configs
 
 
 def max_backward_width(capability: tuple[int, int]) -> int:
     return MAX_BACKWARD_WIDTH_HOPPER if capability[0] >= 9 else MAX_BACKWARD_WIDTH_OLDER
 
 
-def backward_config(width: int, element_size: int) -> tuple[int, int]:
-    """The backward's fixed choice (its workspace size depends on the tile count, so it is not autotuned)."""
+def backward_config(width: int, element_size: int, wide: bool = False) -> tuple[int, int]:
+    """The backward's fixed choice (its workspace size depends on the tile count, so it is not autotuned).
+    ``wide``: x and dx in fp32 next to 16-bit weights (autocast): 64-row tiles spill at width 64 on sm_90 (8-52
+    bytes), and 32-row ones lose wgmma below it. (A wider ``dout`` spills more: ``takes_dout`` refuses it.)"""
+    if wide:
+        return (32, 8) if width >= 64 else (64, 8)
     return (64, 8) if element_size == 2 or width <= 16 else (32, 8)
 
 
+def takes_dout(dout_element_size: int, element_size: int) -> bool:
+    """Whether the backward takes a ``dout`` of this size with weights of ``element_size``: not a wider one (the
+    FFN form under autocast, whose output is fp32), which spills registers."""
+    return dout_element_size <= element_size
+
+
 def _prune(configs, named_args, **kwargs):
-    allowed = set(forward_configs({**named_args, **kwargs}["WIDTH"]))
+    args = {**named_args, **kwargs}
+    allowed = set(forward_configs(args["WIDTH"], args["x_ptr"].element_size() > args["w1_ptr"].element_size()))
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps, c.kwargs["PROGRAMS_PER_SM"]) in allowed]
 
 
@@ -203,7 +224,7 @@ def whole_block_backward_kernel(
                         mask=tile_mask, other=0.0)
         g2_low = narrowed(g2, w2)  # the dots run in the weights' dtype; dx adds g2 itself
         g1 = tl.dot(g2_low, w2, input_precision=INPUT_PRECISION)
-        g1 = gradient(g1, saved.to(tl.float32), ACTIVATION).to(w1.dtype)
+        g1 = gradient(g1, saved, ACTIVATION).to(w1.dtype)
         if NEED_DX:
             dx = tl.dot(g1, w1, input_precision=INPUT_PRECISION) + g2.to(tl.float32)
             tl.store(dx_ptr + row0 * stride_dxm + (inner_m * stride_dxm + feats[None, :] * stride_dxf),
@@ -227,13 +248,23 @@ def whole_block_backward_kernel(
         tl.store(mine + 2 * WIDTH * WIDTH + WIDTH + feats, db2)
         if sum_slots_in_order(ws_ptr, counters_ptr, pid, programs, reduce_group, slot, 1024):
             total = ws_ptr + tl.cast(programs + tl.cdiv(programs, reduce_group), tl.int64) * slot
-            dtype = dw1_ptr.dtype.element_ty
-            tl.store(dw1_ptr + feats[:, None] * stride_dw1n + feats[None, :] * stride_dw1k,
-                     tl.load(total + square).to(dtype), mask=weight_mask)
-            tl.store(dw2_ptr + feats[:, None] * stride_dw2n + feats[None, :] * stride_dw2k,
-                     tl.load(total + WIDTH * WIDTH + square).to(dtype), mask=weight_mask)
-            tl.store(db1_ptr + feats, tl.load(total + 2 * WIDTH * WIDTH + feats).to(dtype), mask=mask_f)
-            tl.store(db2_ptr + feats, tl.load(total + 2 * WIDTH * WIDTH + WIDTH + feats).to(dtype), mask=mask_f)
+            _write_unpadded(total, dw1_ptr, F, F, stride_dw1n, stride_dw1k, WIDTH)
+            _write_unpadded(total + WIDTH * WIDTH, dw2_ptr, F, F, stride_dw2n, stride_dw2k, WIDTH)
+            _write_unpadded(total + 2 * WIDTH * WIDTH, db1_ptr, 1, F, 0, 1, WIDTH)
+            _write_unpadded(total + 2 * WIDTH * WIDTH + WIDTH, db2_ptr, 1, F, 0, 1, WIDTH)
+
+
+@triton.jit
+def _write_unpadded(src_ptr, dst_ptr, rows, cols, stride_r, stride_c, WIDTH: tl.constexpr):
+    """``dst[r, c] = src[r * WIDTH + c]`` for the ``rows x cols`` corner of a padded fp32 block, cast to ``dst``'s
+    dtype; element by element in flat chunks (no tile-shaped masks live across the kernel's main loop)."""
+    offs = tl.arange(0, 1024)
+    for start in range(0, rows * cols, 1024):
+        i = start + offs
+        r = i // cols
+        c = i % cols
+        value = tl.load(src_ptr + r * WIDTH + c, mask=i < rows * cols, other=0.0)
+        tl.store(dst_ptr + r * stride_r + c * stride_c, value.to(dst_ptr.dtype.element_ty), mask=i < rows * cols)
 
 
 _launch_backward = CachedLauncher(whole_block_backward_kernel)
@@ -296,7 +327,10 @@ def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, 
     M, F = dout.shape
     width = padded_width(F)
     if config is None:
-        config = (INTERPRETER_BLOCK_M, 4) if on_interpreter(dout.device) else backward_config(width, w1.element_size())
+        wide = max(x.element_size() if x is not None else 0, torch.finfo(dx_dtype or dout.dtype).bits // 8) > \
+            w1.element_size()
+        config = ((INTERPRETER_BLOCK_M, 4) if on_interpreter(dout.device)
+                  else backward_config(width, w1.element_size(), wide))
     block_m, warps = config
     programs = _programs(dout.device, triton.cdiv(M, block_m))
     if need_dx and dx is None:

@@ -34,6 +34,19 @@ FUSED_LINEAR_VARIANTS = [
     ("backward_dx_residual", {"HAS_RESIDUAL": True, "MASK": "residual"}, "g_W"),
     ("weight_grad_split_k", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a"}, "gT_x"),
 ]
+# Autocast: fp32 activations next to bf16 weights (the pointers named last are fp32). Each variant stands for the
+# launches it is the superset of (every wide tensor and epilogue they have): linear1 (x); linear2 and the identity
+# dx (an fp32 residual and output); the projection's forward and dx; dW1 and dWs (x as B). For fp16 and bf16
+# (their conversions from fp32 compile differently: one spills where the other does not).
+AUTOCAST_VARIANTS = [
+    ("autocast_forward", {"HAS_BIAS": True, "ACTIVATION": "relu"}, "x_wT", ("a_ptr",)),
+    ("autocast_residual", {"HAS_BIAS": True, "HAS_RESIDUAL": True, "MASK": "residual", "ACTIVATION": "relu"}, "x_wT",
+     ("res_ptr", "c_ptr")),
+    ("autocast_projection", {"HAS_SECOND": True, "HAS_BIAS": True, "MASK": "a", "ACTIVATION": "relu"}, "x_wT",
+     ("a2_ptr", "c_ptr")),
+    ("autocast_weight_grad", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a"}, "gT_x", ("b_ptr",)),
+]
+AUTOCAST_DTYPES = ("fp16", "bf16")
 UNIT_STRIDES = {
     "x_wT": ("stride_ak", "stride_bk", "stride_a2k", "stride_b2k", "stride_rn", "stride_qk", "stride_gn",
              "stride_un", "stride_cn"),
@@ -47,14 +60,17 @@ UNIT_STRIDES = {
 def fused_linear_cases():
     from fused_residual.kernels import fused_linear as fl
 
+    variants = [(*v, ()) for v in FUSED_LINEAR_VARIANTS] + AUTOCAST_VARIANTS
     for cap in ARCHS:
         for dtype, size in DTYPES.items():
-            for name, flags, layout in FUSED_LINEAR_VARIANTS:
+            for name, flags, layout, wide in variants:
+                if wide and dtype not in AUTOCAST_DTYPES:
+                    continue
                 tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
                 masked_a = flags.get("MASK") == "a"
-                for config in fl.config_table((cap // 10, cap % 10), size, tile_epilogue, masked_a):
+                for config in fl.config_table((cap // 10, cap % 10), size, tile_epilogue, masked_a, bool(wide)):
                     yield {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags,
-                           "cap": cap, "dtype": dtype, "config": list(config)}
+                           "cap": cap, "dtype": dtype, "config": list(config), "wide": list(wide)}
 
 
 def whole_block_cases():
@@ -63,19 +79,28 @@ def whole_block_cases():
     for cap in ARCHS:
         for dtype, size in DTYPES.items():
             for width in (16, 32, 64, 128):
-                if width <= wb.MAX_FORWARD_WIDTH[size]:
-                    for block_m, warps, per_sm in wb.forward_configs(width):
-                        yield {"kernel": "whole_block_forward", "variant": f"width{width}", "cap": cap,
-                               "dtype": dtype, "config": [block_m, width, width, 1, warps],
+                # autocast (fp32 x, and dx in backward): forward at widths 16, 64 and 128, whose configs include
+                # width 32's
+                wides = [()] + ([("x_ptr",)] if dtype in AUTOCAST_DTYPES and width != 32 else [])
+                for wide in wides:
+                    if width > wb.max_forward_width(size, 4 if wide else size):
+                        continue
+                    suffix = "-wide_x" if wide else ""
+                    for block_m, warps, per_sm in wb.forward_configs(width, bool(wide)):
+                        yield {"kernel": "whole_block_forward", "variant": f"width{width}{suffix}", "cap": cap,
+                               "dtype": dtype, "config": [block_m, width, width, 1, warps], "wide": list(wide),
                                "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_SAVED": True, "ACTIVATION": "relu",
                                          "FINAL_RELU": True, "WIDTH": width, "BLOCK_M": block_m,
                                          "PROGRAMS_PER_SM": per_sm}}
                 if width <= wb.max_backward_width((cap // 10, cap % 10)):
-                    block_m, warps = wb.backward_config(width, size)
-                    yield {"kernel": "whole_block_backward", "variant": f"width{width}", "cap": cap,
-                           "dtype": dtype, "config": [block_m, width, width, 1, warps],
-                           "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
-                                     "FINAL_RELU": True, "WIDTH": width, "BLOCK_M": block_m}}
+                    wides = [()] + ([("x_ptr", "dx_ptr")] if dtype in AUTOCAST_DTYPES else [])
+                    for wide in wides:
+                        block_m, warps = wb.backward_config(width, size, bool(wide))
+                        yield {"kernel": "whole_block_backward", "variant": f"width{width}" + ("-wide_x" * bool(wide)),
+                               "cap": cap, "dtype": dtype, "config": [block_m, width, width, 1, warps],
+                               "wide": list(wide),
+                               "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
+                                         "FINAL_RELU": True, "WIDTH": width, "BLOCK_M": block_m}}
 
 
 def whole_net_cases():
@@ -141,6 +166,11 @@ def _compile_whole_net(case: dict) -> dict:
 
 
 def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type) -> dict:
+    """Compile ``case``; its pointers have ``pointer_type(name)``, except those named in ``case["wide"]``: fp32
+    activations next to fp16/bf16 weights (autocast)."""
+    wide = case.get("wide", ())
+    base_type = pointer_type
+    pointer_type = lambda arg: "*fp32" if arg in wide else base_type(arg)  # noqa: E731
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

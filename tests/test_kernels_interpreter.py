@@ -229,3 +229,43 @@ def test_empty_problems_launch_nothing_and_are_correct():
     assert c.shape == (0, 6) and not launches
     c, _ = fl.fused_linear(rand(5, 0), rand(0, 6), bias=torch.ones(6, device=DEVICE), activation="relu")
     assert torch.equal(c, torch.ones(5, 6, device=DEVICE))  # K = 0: the epilogue alone
+
+
+@pytest.mark.parametrize("low", [d for d in DTYPES if d != torch.float32], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", ["wide_a", "wide_second", "wide_residual_and_output", "wide_b_split_k"])
+def test_autocast_operands_are_read_once_and_rounded_on_chip(low, case):
+    """fp32 activations next to 16-bit weights (autocast): the wide operand is rounded to the weights' dtype for
+    the GEMM (as autocast's linear does), the residual added un-rounded, the output written in its own dtype.
+    Values near 100 make a rounded residual show (fp16 rounds 100.3 by up to 0.03; fp32 tolerance is 5e-3 there)."""
+    g = torch.Generator().manual_seed(17)
+    m, k, n = 37, 40, 29
+    a = rand(m, k, generator=g)
+    w = rand(n, k, dtype=low, generator=g) / 8
+    round_ = lambda t: t.to(low).double()  # noqa: E731
+    if case == "wide_a":
+        bias = rand(n, dtype=low, generator=g)
+        c, _ = fl.fused_linear(a, w.t(), bias=bias, activation="relu", out_dtype=low)
+        assert c.dtype == low
+        assert_close(c, torch.relu(round_(a) @ w.double().t() + bias.double()), "C", scale=scale_for(k))
+    elif case == "wide_second":
+        h = rand(m, 16, dtype=low, generator=g)
+        ws = rand(n, 16, dtype=low, generator=g)
+        c, _ = fl.fused_linear(h, ws.t(), second=(a, w.t()), out_dtype=low)
+        assert_close(c, h.double() @ ws.double().t() + round_(a) @ w.double().t(), "C", scale=scale_for(k + 16))
+    elif case == "wide_residual_and_output":
+        residual = 100 + torch.rand(m, n, generator=g).to(DEVICE)
+        c, _ = fl.fused_linear(a.to(low), w.t(), residual=residual, out_dtype=torch.float32)
+        assert c.dtype == torch.float32
+        expected = round_(a) @ w.double().t() + residual.double()
+        assert_close(c, expected, "C", scale=scale_for(k))  # fp32 tolerance: an fp16-rounded residual fails
+    else:
+        grad = rand(900, n, dtype=low, generator=g)
+        relu_out = rand(900, n, dtype=low, generator=g)
+        x = rand(900, k, generator=g)
+        for split_k in (1, 3):
+            dw, db = fl.fused_linear(grad.t(), x, relu_mask=relu_out.t(), rowsum=True, split_k=split_k,
+                                     out_dtype=low)
+            g64 = torch.where(relu_out.double() <= 0, 0.0, grad.double())
+            assert dw.dtype == db.dtype == low
+            assert_close(dw, g64.t() @ round_(x), f"dW split {split_k}", scale=scale_for(900))
+            assert_close(db, g64.sum(0), f"db split {split_k}", scale=scale_for(900))

@@ -125,3 +125,37 @@ def test_empty_batch():
     assert out.shape == h.shape == (0, 8)
     dx, dw1, db1, dw2, db2 = whole_block.backward(out, out, h, x[:0], w1, w2, need_dx=True, need_weights=True)
     assert dx.shape == (0, 8) and not dw1.any() and not db2.any()
+
+
+@pytest.mark.parametrize("low", [d for d in DTYPES if d != torch.float32], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("width", [5, 48])
+def test_autocast_fp32_x_with_low_precision_weights(low, width):
+    """x in fp32 next to 16-bit weights (autocast): x read once, rounded on chip for the GEMMs, added un-rounded
+    (100 + rand: rounding it would cost up to 0.03, beyond the fp32 tolerance of an fp32 output); backward writes
+    dx in fp32 and rounds x on chip for dW1."""
+    _, w1, b1, w2, b2 = params(width, low, seed=width)
+    rows = 70
+    g = torch.Generator().manual_seed(width)
+    x = (100 + torch.rand(rows, width, generator=g)).to(DEVICE)
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and h.dtype == low
+    x_low = x.to(low).double()
+    h64 = torch.relu(x_low @ w1.double().t() + b1.double())
+    assert_close(h, h64, "h", scale=max(1.0, width / 16))
+    pre2 = h.double() @ w2.double().t() + b2.double() + x.double()  # at the kernel's own h
+    assert_close(out, torch.relu(pre2), "out", scale=max(1.0, width / 16))
+
+    dout = torch.randn(rows, width, generator=g).to(DEVICE, low)
+    out_low = out.to(low)
+    dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out_low, h, x, w1, w2, need_dx=True, need_weights=True,
+                                                  dx_dtype=torch.float32)
+    assert dx.dtype == torch.float32 and dw1.dtype == low
+    g2 = torch.where(out_low.double() <= 0, 0.0, dout.double())
+    g1 = torch.where(h.double() <= 0, 0.0, g2 @ w2.double())
+    scale = max(4.0, rows / 8)
+    # dx in fp32: g1 W1 from 16-bit operands accumulates in fp32; g2 itself is added exactly.
+    assert_close(dx, g1 @ w1.double() + g2, "dx", dtype=low, scale=scale)
+    assert_close(dw1, g1.t() @ x_low, "dW1", scale=scale)
+    assert_close(db1, g1.sum(0), "db1", scale=scale)
+    assert_close(dw2, g2.t() @ h.double(), "dW2", scale=scale)
+    assert_close(db2, g2.sum(0), "db2", scale=scale)

@@ -155,3 +155,25 @@ def test_net_training_launches_are_its_blocks(choice, forward, backward, use_bac
     x = torch.randn(9, 5, device=DEVICE, requires_grad=True)
     counts = training_step(net, x, torch.randn(9, 3, device=DEVICE), counting)
     assert (counts[0], counts[2]) == (forward, backward)
+
+
+@pytest.mark.parametrize("choice,forward,backward",
+                         [("triton", {BLOCK_FORWARD: 1}, {BLOCK_BACKWARD: 1}),
+                          ("triton:two_gemm", {LINEAR: 2}, {LINEAR: 4})], ids=["whole_block", "two_gemm"])
+def test_autocast_reads_x_in_its_own_dtype(choice, forward, backward, use_backend, counting):
+    """Under autocast (fp32 x and parameters, fp16 linears) the kernels take x as it is: the only PyTorch work is
+    autocast's own casts of the four parameters, and of their gradients back to fp32."""
+    use_backend(choice)
+    block = fr.FusedResidualBlock(12, 12, device=DEVICE)
+    x = torch.randn(9, 12, device=DEVICE, requires_grad=True)
+    module = torch.nn.Module()
+
+    def forward_under_autocast(t):
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            return block(t)
+
+    module.forward = forward_under_autocast
+    counts = training_step(module, x, torch.randn(9, 12, device=DEVICE, dtype=torch.float16), counting,
+                           leaves=tuple(block.parameters()))
+    assert counts == (forward, {"_to_copy": 4}, backward, {"_to_copy": 4})
+    assert x.grad.dtype == torch.float32

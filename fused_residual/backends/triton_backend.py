@@ -17,11 +17,14 @@ backward  g2  = dout * (out > 0)                        never written: applied o
 A training step is 2 + 4 launches (projection: 2 + 5), the whole block 1 + 1, and nothing else but allocations.
 Zero-size batches return before any launch.
 
+Autocast (``x`` and ``dout`` wider than the weights): every kernel reads them once in their own dtype, rounds them
+on chip for its GEMMs, adds the shortcut un-rounded and writes ``out`` in ``Form.output_dtype``'s dtype and ``dx``
+in ``x``'s: no rounded copy, no cast pass.
+
 Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kernels/whole_block.py``) wherever
-they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, one dtype (no
-autocast widening), and the width padded to a power of two >= 16 at most ``MAX_FORWARD_WIDTH[element size]``
-(forward; also its shared-memory bound within the device's opt-in shared memory per block) or
-``max_backward_width(device capability)`` (backward).
+they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, and the width
+padded to a power of two >= 16 at most ``max_forward_width(element sizes)`` (forward; also its shared-memory bound
+within the device's opt-in shared memory per block) or ``max_backward_width(device capability)`` (backward).
 """
 
 from __future__ import annotations
@@ -61,10 +64,6 @@ def _vector(b: Tensor | None) -> Tensor | None:
     return b if b is None or b.stride(0) == 1 else b.contiguous()
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
     """``act(x @ w.T + b)``; ReLU or none."""
     if activation not in (None, "relu"):
@@ -94,21 +93,27 @@ def _max_shared_memory(device: torch.device) -> int:
 
 
 def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
-    """The block has the shape the whole-block kernels compute: identity shortcut, square w1, one dtype."""
-    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and x.dtype == w1.dtype
+    """The block has the shape the whole-block kernels compute: identity shortcut, square w1."""
+    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1]
 
 
 def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
     if not _whole_block_shape(x, w1, ws):
         return False
-    width, size = whole_block.padded_width(x.shape[1]), x.element_size()
-    return (width <= whole_block.MAX_FORWARD_WIDTH[size]
-            and whole_block.forward_shared_bytes(width, 128, size) <= _max_shared_memory(x.device))
+    width = whole_block.padded_width(x.shape[1])
+    return (width <= whole_block.max_forward_width(w1.element_size(), x.element_size())
+            and whole_block.forward_shared_bytes(width, 128, w1.element_size(), x.element_size())
+            <= _max_shared_memory(x.device))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
-    return (_whole_block_shape(dout, w1, ws)
+    return (_whole_block_shape(dout, w1, ws) and whole_block.takes_dout(dout.element_size(), w1.element_size())
             and whole_block.padded_width(dout.shape[1]) <= whole_block.max_backward_width(capability(dout.device)))
+
+
+def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch.dtype:
+    """The block's output dtype: the weights', or under autocast (``x`` wider) what ``Form.output_dtype`` says."""
+    return w1.dtype if x.dtype == w1.dtype else form.output_dtype(x.dtype, w1.dtype, ws is not None)
 
 
 def block_forward(
@@ -116,17 +121,18 @@ def block_forward(
     *, save: bool, variant: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(out, h)`` of the block; see ``Backend.block_forward``. ``h`` is None when not ``save`` and the
-    whole-block kernel kept it on chip."""
+    whole-block kernel kept it on chip. Under autocast ``x`` is read once in its own dtype by the kernels
+    (rounded on chip for the GEMMs, added un-rounded as the shortcut): no rounded copy."""
     b1, b2 = _vector(b1), _vector(b2)
+    out_dtype = _output_dtype(x, w1, ws, form)
     if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws):
-        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save)
-    x_lo = _as(x, w1.dtype)
-    h = linear(x_lo, w1, b1, "relu")
+        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, out_dtype=out_dtype)
     if x.shape[0] == 0:
-        return x_lo.new_empty((0, w2.shape[0])), h
+        return x.new_empty((0, w2.shape[0]), dtype=out_dtype), x.new_empty((0, w1.shape[0]), dtype=w1.dtype)
+    h = fused_linear(x, w1.t(), bias=b1, activation="relu", out_dtype=w1.dtype)[0]
     if ws is None:
-        return fused_linear(h, w2.t(), bias=b2, residual=x, activation="relu")[0], h
-    return fused_linear(h, w2.t(), second=(x_lo, ws.t()), bias=b2, activation="relu")[0], h
+        return fused_linear(h, w2.t(), bias=b2, residual=x, activation="relu", out_dtype=out_dtype)[0], h
+    return fused_linear(h, w2.t(), second=(x, ws.t()), bias=b2, activation="relu", out_dtype=out_dtype)[0], h
 
 
 def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
@@ -174,20 +180,18 @@ def block_backward(
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
     h = saved
     need_weights = need_w1 or need_b1 or need_w2 or need_b2
-    if (variant != "two_gemm" and (need_x or need_weights) and dx_dtype == dout.dtype
-            and whole_block_backward_fits(dout, w1, ws)):
+    if variant != "two_gemm" and (need_x or need_weights) and whole_block_backward_fits(dout, w1, ws):
         dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, h, x, w1, w2, need_dx=need_x,
-                                                      need_weights=need_weights)
+                                                      need_weights=need_weights, dx_dtype=dx_dtype)
         return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
                 db2 if need_b2 else None, None)
-    lo = w1.dtype
-    x_lo = None if x is None else _as(x, lo)
+    # Under autocast dout and x may be wider than the weights: each launch rounds them on chip for its GEMM.
     dw2, db2 = _weight_grad(dout, out, h, need_w2, need_b2, w2.dtype)
-    dws = _weight_grad(dout, out, x_lo, True, False, ws.dtype)[0] if need_ws else None
+    dws = _weight_grad(dout, out, x, True, False, ws.dtype)[0] if need_ws else None
     dx = dw1 = db1 = None
     if need_x or need_w1 or need_b1:
-        g1 = fused_linear(dout, w2, relu_mask=out, gate=h, out_dtype=lo)[0]
-        dw1, db1 = _weight_grad(g1, None, x_lo, need_w1, need_b1, w1.dtype)
+        g1 = fused_linear(dout, w2, relu_mask=out, gate=h, out_dtype=w1.dtype)[0]
+        dw1, db1 = _weight_grad(g1, None, x, need_w1, need_b1, w1.dtype)
         if need_x:
             if ws is None:
                 dx = fused_linear(g1, w1, residual=dout, relu_mask=out, mask_on="residual", out_dtype=dx_dtype)[0]
