@@ -5,28 +5,30 @@ Math, per output element (all arithmetic in fp32, one rounding at the store):
 
     A'         = MASK "a" ? (Q <= 0 ? 0 : A) : A  (ReLU backward on load: A = dY, Q = Y, aten.threshold_backward's rule;
                                                     dY * (Y > 0) is never written to memory)
-    acc[m, n]  = sum_k A'[m, k] B[k, n]
+    B'         = act_B(B)                         (B_ACTIVATION: B = act(P) from a saved pre-activation P, on load)
+    acc[m, n]  = sum_k A'[m, k] B'[k, n]
                + sum_k A2[m, k] B2[k, n]          (HAS_SECOND: a second operand pair joins along K, e.g. the
                                                     projection shortcut  x Ws^T  or  g2 Ws  in backward)
     acc       += bias[n]                          (HAS_BIAS)
     acc       += R'[m, n]                         (HAS_RESIDUAL; R' = Q <= 0 ? 0 : R with MASK "residual")
-    aux        = act_G(G[m, n])                   (AUX "gate_act": the activation of a saved pre-activation)
     acc        = act_G'(G[m, n]) * acc            (GATE: backward through activation G; for ReLU, G is its output
                                                     and acc = G <= 0 ? 0 : acc, the rule aten.threshold_backward uses)
-    aux        = acc                              (AUX "pre": the pre-activation, saved for backward)
+    pre[m, n]  = acc                              (STORE_PRE: the pre-activation, saved for backward)
     C[m, n]    = act(acc)                         (ACTIVATION; ReLU keeps NaN, as torch.relu)
     rowsum[m]  = sum_k A'[m, k]                   (HAS_ROWSUM: with A = dY^T this is the bias gradient)
 
 Activations (relu, gelu, gelu_tanh, silu, identity) come from ``kernels/activations.py`` by constexpr name.
-Every layer of the residual block is one call: forward ``h = act(x W1^T + b1)`` (and the pre-activation as aux
-in training), ``out = relu(h W2^T + b2 + x)``; backward ``g1 = (dout' W2) * act'``, ``dx = g1 W1 + dout'``,
-``dW = g^T a`` with ``db`` as its row sums, where ``dout' = dout * (out > 0)`` is applied on load.
+Every layer of the residual block is one call: forward ``h = act(x W1^T + b1)`` (and the pre-activation in
+training, for activations whose derivative reads it), ``out = relu(h W2^T + b2 + x)``; backward
+``g1 = (dout' W2) * act'``, ``dx = g1 W1 + dout'``, ``dW = g^T a`` with ``db`` as its row sums (``dW2 = g2^T act(pre)``
+computing ``act`` on load of B where the saved tensor is the pre-activation), where ``dout' = dout * (out > 0)`` is
+applied on load (the FFN form has no final ReLU: ``dout' = dout``).
 
 Mixed dtypes (autocast: fp32 activations, fp16/bf16 weights): the wider of A and B (A2 and B2) is rounded to the
-other's dtype on chip, after it is read once in its own dtype; the residual is added un-rounded; C, aux and
+other's dtype on chip, after it is read once in its own dtype; the residual is added un-rounded; C, pre and
 rowsum are stored in their tensors' dtypes.
 
-Shapes: A (M, K), B (K, N), A2 (M, K2), B2 (K2, N), bias (N,), Q like A (MASK "a") or C, residual / gate / aux / C
+Shapes: A (M, K), B (K, N), A2 (M, K2), B2 (K2, N), bias (N,), Q like A (MASK "a") or C, residual / gate / pre / C
 (M, N). Every stride is passed (a weight is read transposed through its strides, never copied); tile origins are
 int64, in-tile offsets int32 (the host keeps stride * tile below 2^31).
 Split-K (SPLIT_K > 1, for weight gradients where K is the batch and M x N is small): program (tile, s) sums its
@@ -38,7 +40,7 @@ Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; tiles walk GROUP_M row
 B tiles they share stay in L2.
 FLOPs: ``2 M N (K + K2)``. Bytes moved (each operand once; A is re-read per column tile, B per row tile):
 ``(M K + K N + M K2 + K2 N) * in_bytes + M N * out_bytes`` (+ ``M K`` for Q with MASK "a"; + ``M N`` per
-residual, Q with MASK "residual", gate, aux; + N for bias); split-K adds ``~(SPLIT_K + 2 sqrt(SPLIT_K)) M N``
+residual, Q with MASK "residual", gate, pre; + N for bias); split-K adds ``~(SPLIT_K + 2 sqrt(SPLIT_K)) M N``
 fp32 partials written and read once.
 """
 
@@ -101,15 +103,31 @@ MASKED_A_SPILLS = [(128, 64, 4)]
 # 64 x 128 on 4 warps (sm_90 24 bytes; sm_80 fp16 20 bytes in the projection).
 WIDE_SPILLS = {(True, (128, 256, 64)), (True, (64, 128, 64)), (False, (128, 256, 32)), (False, (64, 128, 32)),
                (False, (64, 32, 32))}
+# Launches that compute a smooth activation (gelu, gelu_tanh, silu) keep only these tiles per place, keyed
+# (sm_90 or later, fp32), and the small ones (<= SMALL_TILE elements); compiled with triton 3.6 and 3.9, the others
+# spill: 128 x 256 everywhere (24-1280 bytes); in the gate (acc * act'(pre)) 128 x 128 on sm_90 (silu, 16-88 bytes)
+# and 64 x 128 on sm_80 (silu, 3.6) or at 255 registers; with act on B's load 64 x 128 on sm_90 (the gelus) and on
+# sm_80 (gelu_tanh, 3.6); in the epilogue 128 x 64 on 4 warps with an fp32 x (gelu_tanh). Fewer candidates also keep
+# the ahead-of-time compiles and the first call's autotuning short.
+SMOOTH_TILES = {
+    "epilogue": {(True, False): {(128, 128), (64, 64)}, (False, False): {(64, 128), (64, 64)},
+                 (True, True): {(64, 128), (64, 64)}, (False, True): {(64, 128), (64, 64)}},
+    "gate": {(True, False): {(64, 64)}, (False, False): {(64, 64)}, (True, True): {(64, 64)},
+             (False, True): {(64, 64)}},
+    "b": {(True, False): {(128, 128), (64, 64)}, (False, False): {(64, 64)}, (True, True): {(64, 128), (64, 64)},
+          (False, True): {(64, 128), (64, 64)}},
+}
+SMALL_TILE = 64 * 32
 
 
 def config_table(
     capability: tuple[int, int], element_size: int, tile_epilogue: bool = False, masked_a: bool = False,
-    wide: bool = False,
+    wide: bool = False, smooth: tuple[str, ...] = (),
 ) -> list[tuple[int, int, int, int, int]]:
     """The autotune candidates for a device of ``capability``, a GEMM in ``element_size`` bytes, whether the
-    epilogue reads a residual or gate tile, whether A is masked on load, and whether an operand, the residual or
-    the output is wider than the GEMM's dtype (autocast)."""
+    epilogue reads a residual or gate tile, whether A is masked on load, whether an operand, the residual or
+    the output is wider than the GEMM's dtype (autocast), and where a smooth activation is computed (``"epilogue"``,
+    ``"gate"``, ``"b"``: keys of SMOOTH_TILES)."""
     if element_size >= 4:
         table = ANY_32BIT
     else:
@@ -120,7 +138,16 @@ def config_table(
         table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS]
     if wide:
         table = [e for e in table if (capability[0] >= 9, e[:3]) not in WIDE_SPILLS]
+    for place in smooth:
+        keep = SMOOTH_TILES[place][(capability[0] >= 9, element_size >= 4)]
+        table = [e for e in table if e[:2] in keep or e[0] * e[1] <= SMALL_TILE]
     return table
+
+
+def smooth_places(activation: str, gate: str, b_activation: str) -> tuple[str, ...]:
+    """Where a launch with these constexprs computes a smooth activation (config_table's ``smooth``)."""
+    places = (("epilogue", activation), ("gate", gate), ("b", b_activation))
+    return tuple(place for place, name in places if name not in (IDENTITY, "relu"))
 
 
 def _as_config(entry: tuple[int, int, int, int, int]) -> triton.Config:
@@ -139,7 +166,8 @@ def _prune(configs, named_args, **kwargs):
     size = min(a.element_size(), args["b_ptr"].element_size())  # the GEMM's dtype: the narrower operand
     wide = max(args[n].element_size() for n in ("a_ptr", "b_ptr", "a2_ptr", "res_ptr", "c_ptr")) > size
     tile_epilogue = args["HAS_RESIDUAL"] or args["GATE"] != IDENTITY
-    allowed = set(config_table(capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide))
+    smooth = smooth_places(args["ACTIVATION"], args["GATE"], args["B_ACTIVATION"])
+    allowed = set(config_table(capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide, smooth))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if _config_key(c) in allowed]
     small = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(n))
@@ -154,17 +182,18 @@ def _config_key(c: triton.Config) -> tuple[int, int, int, int, int]:
 
 @triton.jit
 def fused_linear_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, aux_ptr, c_ptr, rowsum_ptr,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
     ws_ptr, counters_ptr,
     M, N, K, K2,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_um, stride_un,
+    stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
     stride_cm, stride_cn,
     reduce_group,  # split-K: partial slices per group of the in-kernel reduction (see _reduce.py)
     M_BUCKET, K_BUCKET,  # autotune keys only: powers of two, so a new batch size reuses a tuned config
     HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK: tl.constexpr,
-    GATE: tl.constexpr, AUX: tl.constexpr, ACTIVATION: tl.constexpr, HAS_ROWSUM: tl.constexpr,
+    GATE: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr, B_ACTIVATION: tl.constexpr,
+    HAS_ROWSUM: tl.constexpr,
     SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -211,6 +240,8 @@ def fused_linear_kernel(
         if MASK == "a":  # A = dY * (Y > 0), the ReLU backward applied on load (aten's rule: 0 where Y <= 0)
             a = tl.where(tl.load(q_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0) <= 0, 0.0, a)
             q_ptrs += q_step
+        if B_ACTIVATION != "identity":  # B = act(pre) from a saved pre-activation, computed on load
+            b = apply(b.to(tl.float32), B_ACTIVATION).to(b.dtype)
         a = narrowed(a, b)
         b = narrowed(b, a)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -264,17 +295,14 @@ def fused_linear_kernel(
                              + (tile_m[:, None] * stride_qm + tile_n[None, :] * stride_qk))
                 residual = tl.where(tl.load(mask_tile, mask=mask_mn, other=0.0) <= 0, 0.0, residual)
             acc += residual
-        aux_ptrs = (aux_ptr + row0 * stride_um + col0 * stride_un
-                    + (tile_m[:, None] * stride_um + tile_n[None, :] * stride_un))
         if GATE != "identity":  # backward through the activation: acc * act'(saved)
             gate_ptrs = (gate_ptr + row0 * stride_gm + col0 * stride_gn
                          + (tile_m[:, None] * stride_gm + tile_n[None, :] * stride_gn))
-            saved = tl.load(gate_ptrs, mask=mask_mn, other=0.0)
-            if AUX == "gate_act":  # act(saved pre-activation): the B operand of the next weight gradient
-                tl.store(aux_ptrs, apply(saved.to(tl.float32), GATE).to(aux_ptr.dtype.element_ty), mask=mask_mn)
-            acc = gradient(acc, saved, GATE)
-        if AUX == "pre":  # the pre-activation, kept for backward
-            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask_mn)
+            acc = gradient(acc, tl.load(gate_ptrs, mask=mask_mn, other=0.0), GATE)
+        if STORE_PRE:  # the pre-activation, kept for backward
+            pre_ptrs = (pre_ptr + row0 * stride_pm + col0 * stride_pn
+                        + (tile_m[:, None] * stride_pm + tile_n[None, :] * stride_pn))
+            tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask_mn)
         acc = apply(acc, ACTIVATION)
         c_ptrs = (c_ptr + row0 * stride_cm + col0 * stride_cn
                   + (tile_m[:, None] * stride_cm + tile_n[None, :] * stride_cn))
@@ -284,8 +312,8 @@ def fused_linear_kernel(
                 tl.store(rowsum_ptr + row0 + tile_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
 
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "K2", "HAS_SECOND", "HAS_BIAS", "HAS_RESIDUAL", "MASK", "GATE", "AUX",
-                 "ACTIVATION", "HAS_ROWSUM", "SPLIT_K", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "K2", "HAS_SECOND", "HAS_BIAS", "HAS_RESIDUAL", "MASK", "GATE",
+                 "STORE_PRE", "ACTIVATION", "B_ACTIVATION", "HAS_ROWSUM", "SPLIT_K", "INPUT_PRECISION"]
 fused_linear_autotuned = triton.autotune(
     configs=[_as_config(e) for e in _ALL_ENTRIES],
     key=_AUTOTUNE_KEY,
@@ -330,8 +358,9 @@ def fused_linear(
     mask_on: str = "a",
     gate: torch.Tensor | None = None,
     gate_activation: str = "relu",
-    aux: torch.Tensor | None = None,
     activation: str | None = None,
+    pre_out: torch.Tensor | None = None,
+    b_activation: str | None = None,
     rowsum: bool = False,
     split_k: int = 1,
     out_dtype: torch.dtype | None = None,
@@ -344,9 +373,10 @@ def fused_linear(
     joins along K. ``relu_mask``: a ReLU's output ``Y`` whose mask ``Y > 0`` multiplies ``a`` on load
     (``mask_on="a"``, shaped like ``a``) or the residual (``mask_on="residual"``). ``gate``: the saved tensor of
     ``gate_activation`` (its output for relu, else its input), by whose derivative the result is multiplied.
-    ``aux``: a second ``(M, N)`` output, the pre-activation (with ``activation``) or ``act(gate)`` (with ``gate``).
-    ``activation``: applied last (None: identity). Operands may be wider than the GEMM's dtype (autocast):
-    the wider of ``a`` and ``b`` is rounded to the other's dtype on chip. ``C`` is a new row-major ``(M, N)``
+    ``activation``: applied last (None: identity); ``pre_out``: an ``(M, N)`` tensor that also gets the result
+    before it. ``b_activation``: ``b`` holds a pre-activation, and ``act(b)`` is used (computed on load).
+    Operands may be wider than the GEMM's dtype (autocast): the wider of ``a`` and ``b`` is rounded to the
+    other's dtype on chip. ``C`` is a new row-major ``(M, N)``
     tensor of ``out_dtype`` (default ``a.dtype``), or ``out`` when given (any strides); ``rowsum`` ``(M,)`` has
     ``C``'s dtype. ``config`` forces one ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` instead of
     autotuning (the interpreter always uses a fixed one).
@@ -356,13 +386,11 @@ def fused_linear(
     M, K = a.shape
     N = b.shape[1]
     K2 = a2.shape[1] if a2 is not None else 0
-    has_epilogue = bias is not None or residual is not None or gate is not None or aux is not None or activation
+    has_epilogue = bias is not None or residual is not None or gate is not None or pre_out is not None or activation
     if split_k > 1 and (out is not None or a2 is not None or has_epilogue):
         raise ValueError("fused_linear: split-K takes no epilogue and no second operand")
-    if aux is not None and gate is None and activation is None:
-        raise ValueError("fused_linear: aux holds the pre-activation or act(gate): it needs one of them")
     out_dtype = out_dtype or a.dtype
-    for t in (out, aux):
+    for t in (out, pre_out):
         if t is not None and max(t.stride()) >= _MAX_STRIDE:
             raise ValueError(f"fused_linear: output strides {t.stride()} are too large for in-tile offsets")
     c = out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
@@ -384,18 +412,20 @@ def fused_linear(
     args = (
         a, b, a2 if a2 is not None else a, b2 if b2 is not None else b,
         bias if bias is not None else c, residual if residual is not None else c,
-        relu_mask if relu_mask is not None else c, gate if gate is not None else c, aux if aux is not None else c,
+        relu_mask if relu_mask is not None else c, gate if gate is not None else c,
+        pre_out if pre_out is not None else c,
         c, sums if sums is not None else c, ws, counters,
         M, N, K, K2,
         *a.stride(), *b.stride(), *_strides(a2), *_strides(b2),
-        *_strides(residual), *_strides(relu_mask), *_strides(gate), *_strides(aux), *c.stride(),
+        *_strides(residual), *_strides(relu_mask), *_strides(gate), *_strides(pre_out), *c.stride(),
         _reduce.group_size(split_k), next_power_of_2(M), next_power_of_2(K),
     )
     flags = {
         "HAS_SECOND": a2 is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
         "MASK": mask, "GATE": gate_activation if gate is not None else IDENTITY,
-        "AUX": "none" if aux is None else ("gate_act" if gate is not None else "pre"),
-        "ACTIVATION": activation or IDENTITY, "HAS_ROWSUM": rowsum, "SPLIT_K": split_k,
+        "STORE_PRE": pre_out is not None,
+        "ACTIVATION": activation or IDENTITY, "B_ACTIVATION": b_activation or IDENTITY, "HAS_ROWSUM": rowsum,
+        "SPLIT_K": split_k,
         "INPUT_PRECISION": input_precision(a if a.element_size() <= b.element_size() else b),
     }
     with launch_device(a.device):

@@ -1,7 +1,9 @@
 """Whole residual block in one kernel, for widths whose weights fit on chip: forward and fused backward.
 
 The block ``out = final(act(x W1^T + b1) W2^T + b2 + x)``, ``act`` one of ``kernels/activations.py`` and
-``final`` ReLU (the seed block) or nothing (the FFN form), both constexprs.
+``final`` ReLU (the seed block) or nothing (the FFN form), both constexprs. The backend runs these kernels with
+``act`` = ReLU only: the smooth activations compute right here but spill registers in the backward beyond width 16
+and in the forward at width 128 on sm_80, so they are not compiled ahead of time and take the two-GEMM kernels.
 
 Forward, per tile of BLOCK_M rows (a program per tile, or a persistent grid whose programs load the weights once
 and loop over tiles: an autotune choice) (``F`` = in = hidden = out features, padded to WIDTH, a power of two

@@ -47,60 +47,109 @@ AUTOCAST_VARIANTS = [
     ("autocast_weight_grad", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a"}, "gT_x", ("b_ptr",)),
 ]
 AUTOCAST_DTYPES = ("fp16", "bf16")
+# Smooth activations (kernels/activations.py), each in the three launches that compute it: linear1's epilogue
+# (with the pre-activation stored), g1's gate and dW2's act on B's load. Gate and dW2 as the launches that run:
+# masked A (a final ReLU) with 16-bit A, and unmasked with an fp32 A (the FFN form under autocast: fp32 dout),
+# which stands for the unmasked 16-bit one too; linear1 with an fp32 A (autocast's x), standing for the 16-bit one
+# too. In bf16 and fp32: fp16 compiles like bf16 except for the fp32 -> 16-bit conversions, which the autocast
+# variants above compile in both. Tiles of at most 2048 elements (64 x 32 and smaller: <= 16 fp32 accumulators per
+# thread, under 100 registers in every smooth variant compiled while these tables were made) are left out, to keep
+# CI's compile time down (see the README for the measured time).
+SMOOTH = ("gelu", "gelu_tanh", "silu")
+SMOOTH_DTYPES = ("bf16", "fp32")
+SMOOTH_VARIANTS = [v for act in SMOOTH for v in (
+    (f"forward_{act}", {"HAS_BIAS": True, "ACTIVATION": act, "STORE_PRE": True}, "x_wT", ("a_ptr",)),
+    (f"backward_gate_{act}", {"MASK": "a", "GATE": act}, "g_W", ()),
+    (f"backward_gate_{act}_ffn", {"GATE": act}, "g_W", ("a_ptr",)),
+    (f"weight_grad_{act}_on_b", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a", "B_ACTIVATION": act}, "gT_x", ()),
+    (f"weight_grad_{act}_on_b_ffn", {"HAS_ROWSUM": True, "SPLIT_K": 4, "B_ACTIVATION": act}, "gT_x", ("a_ptr",)),
+)]
+SMALL_TILE = 64 * 32
 UNIT_STRIDES = {
     "x_wT": ("stride_ak", "stride_bk", "stride_a2k", "stride_b2k", "stride_rn", "stride_qk", "stride_gn",
-             "stride_un", "stride_cn"),
-    "g_W": ("stride_ak", "stride_bn", "stride_a2k", "stride_b2n", "stride_rn", "stride_qk", "stride_gn", "stride_un",
+             "stride_pn", "stride_cn"),
+    "g_W": ("stride_ak", "stride_bn", "stride_a2k", "stride_b2n", "stride_rn", "stride_qk", "stride_gn", "stride_pn",
             "stride_cn"),
-    "gT_x": ("stride_am", "stride_bn", "stride_a2m", "stride_b2n", "stride_rn", "stride_qm", "stride_gn", "stride_un",
+    "gT_x": ("stride_am", "stride_bn", "stride_a2m", "stride_b2n", "stride_rn", "stride_qm", "stride_gn", "stride_pn",
              "stride_cn"),
 }
+
+
+def _table(fl, cap: int, size: int, flags: dict, wide: bool) -> list:
+    """The configs the autotuner may run for a launch with ``flags`` (fused_linear._prune's rule)."""
+    tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
+    smooth = fl.smooth_places(flags.get("ACTIVATION", "identity"), flags.get("GATE", "identity"),
+                              flags.get("B_ACTIVATION", "identity"))
+    return fl.config_table((cap // 10, cap % 10), size, tile_epilogue, flags.get("MASK") == "a", wide, smooth)
 
 
 def fused_linear_cases():
     from fused_residual.kernels import fused_linear as fl
 
-    variants = [(*v, ()) for v in FUSED_LINEAR_VARIANTS] + AUTOCAST_VARIANTS
+    def case(name, flags, layout, cap, dtype, config, wide=()):
+        return {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags, "cap": cap,
+                "dtype": dtype, "config": list(config), "wide": list(wide)}
+
     for cap in ARCHS:
         for dtype, size in DTYPES.items():
-            for name, flags, layout, wide in variants:
-                if wide and dtype not in AUTOCAST_DTYPES:
-                    continue
-                tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
-                masked_a = flags.get("MASK") == "a"
-                for config in fl.config_table((cap // 10, cap % 10), size, tile_epilogue, masked_a, bool(wide)):
-                    yield {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags,
-                           "cap": cap, "dtype": dtype, "config": list(config), "wide": list(wide)}
+            for name, flags, layout in FUSED_LINEAR_VARIANTS:
+                for config in _table(fl, cap, size, flags, False):
+                    yield case(name, flags, layout, cap, dtype, config)
+                # Without the mask on A (the FFN form; dW1) the tiles the mask rule drops may run too.
+                if flags.get("MASK") == "a":
+                    plain = {k: v for k, v in flags.items() if k != "MASK"}
+                    for config in _table(fl, cap, size, plain, False):
+                        if config not in _table(fl, cap, size, flags, False):
+                            yield case(f"{name}_unmasked", plain, layout, cap, dtype, config)
+            for name, flags, layout, wide in AUTOCAST_VARIANTS:
+                if dtype in AUTOCAST_DTYPES:
+                    for config in _table(fl, cap, size, flags, True):
+                        yield case(name, flags, layout, cap, dtype, config, wide)
+            for name, flags, layout, wide in SMOOTH_VARIANTS:
+                if dtype not in SMOOTH_DTYPES or (size == 4 and name.endswith("_ffn")):
+                    continue  # fp32: no autocast, and the masked launch stands for the unmasked one
+                wide = wide if size == 2 else ()
+                wide_configs = _table(fl, cap, size, flags, True) if wide else []
+                for config in _table(fl, cap, size, flags, False):
+                    if config[0] * config[1] > fl.SMALL_TILE:
+                        yield case(name, flags, layout, cap, dtype, config, wide if config in wide_configs else ())
 
 
 def whole_block_cases():
+    """Every width and config; autocast (fp32 x, and dx in backward) in forward at widths 64 and 128 (width 16 and
+    32's configs, as light or lighter, are left out) and in backward at every width; without the final ReLU (the
+    FFN form: fewer operations than with it) at the widest width, in one config."""
     from fused_residual.kernels import whole_block as wb
 
     for cap in ARCHS:
         for dtype, size in DTYPES.items():
+            widest = max(w for w in (16, 32, 64, 128) if w <= wb.max_forward_width(size, size))
+            backward_widest = wb.max_backward_width((cap // 10, cap % 10))
             for width in (16, 32, 64, 128):
-                # autocast (fp32 x, and dx in backward): forward at widths 16, 64 and 128, whose configs include
-                # width 32's
-                wides = [()] + ([("x_ptr",)] if dtype in AUTOCAST_DTYPES and width != 32 else [])
+                wides = [()] + ([("x_ptr",)] if dtype in AUTOCAST_DTYPES and width >= 64 else [])
                 for wide in wides:
                     if width > wb.max_forward_width(size, 4 if wide else size):
                         continue
-                    suffix = "-wide_x" if wide else ""
-                    for block_m, warps, per_sm in wb.forward_configs(width, bool(wide)):
+                    configs = wb.forward_configs(width, bool(wide))
+                    runs = [(c, True) for c in configs] + ([(configs[-1], False)] if width == widest and not wide
+                                                           else [])
+                    for (block_m, warps, per_sm), final_relu in runs:
+                        suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu")
                         yield {"kernel": "whole_block_forward", "variant": f"width{width}{suffix}", "cap": cap,
                                "dtype": dtype, "config": [block_m, width, width, 1, warps], "wide": list(wide),
                                "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_SAVED": True, "ACTIVATION": "relu",
-                                         "FINAL_RELU": True, "WIDTH": width, "BLOCK_M": block_m,
+                                         "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": block_m,
                                          "PROGRAMS_PER_SM": per_sm}}
-                if width <= wb.max_backward_width((cap // 10, cap % 10)):
+                if width <= backward_widest:
                     wides = [()] + ([("x_ptr", "dx_ptr")] if dtype in AUTOCAST_DTYPES else [])
                     for wide in wides:
                         block_m, warps = wb.backward_config(width, size, bool(wide))
-                        yield {"kernel": "whole_block_backward", "variant": f"width{width}" + ("-wide_x" * bool(wide)),
-                               "cap": cap, "dtype": dtype, "config": [block_m, width, width, 1, warps],
-                               "wide": list(wide),
-                               "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
-                                         "FINAL_RELU": True, "WIDTH": width, "BLOCK_M": block_m}}
+                        for final_relu in (True, False) if width == backward_widest and not wide else (True,):
+                            suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu")
+                            yield {"kernel": "whole_block_backward", "variant": f"width{width}{suffix}", "cap": cap,
+                                   "dtype": dtype, "config": [block_m, width, width, 1, warps], "wide": list(wide),
+                                   "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
+                                             "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": block_m}}
 
 
 def whole_net_cases():
@@ -132,7 +181,8 @@ def _compile(case: dict) -> dict:
     names = list(kernel.arg_names)
     block_m, block_n, block_k, _, _ = case["config"]
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
-             "AUX": "none", "ACTIVATION": "identity", "HAS_ROWSUM": False, "SPLIT_K": 1, **case["flags"]}
+             "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
+             "SPLIT_K": 1, **case["flags"]}
     constexprs = {**flags, "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee",
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
     constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]]})

@@ -37,12 +37,13 @@ def poisoned(m, n, dtype):
 
 
 def reference(a, b, second=None, bias=None, residual=None, relu_mask=None, mask_on="a", gate=None,
-              gate_activation="relu", activation=None):
-    """float64 ``(C, aux)`` of fused_linear's documented math (aux: the pre-activation or act(gate), else None)."""
+              gate_activation="relu", activation=None, b_activation=None):
+    """float64 ``(C, pre)`` of fused_linear's documented math (``pre``: the result before ``activation``)."""
     a = a.double()
     if relu_mask is not None and mask_on == "a":
         a = torch.where(relu_mask.double() <= 0, 0.0, a)
-    acc = a @ b.double()
+    b = b.double() if b_activation is None else ACTIVATIONS[b_activation].forward(b.double())
+    acc = a @ b
     if second is not None:
         acc = acc + second[0].double() @ second[1].double()
     if bias is not None:
@@ -52,15 +53,12 @@ def reference(a, b, second=None, bias=None, residual=None, relu_mask=None, mask_
         if relu_mask is not None and mask_on == "residual":
             r = torch.where(relu_mask.double() <= 0, 0.0, r)
         acc = acc + r
-    aux = None
     if gate is not None:
-        act = ACTIVATIONS[gate_activation]
-        aux = act.forward(gate.double())
-        acc = act.backward(acc, gate.double())
+        acc = ACTIVATIONS[gate_activation].backward(acc, gate.double())
+    pre = acc
     if activation is not None:
-        aux = acc
         acc = ACTIVATIONS[activation].forward(acc)
-    return acc, aux
+    return acc, pre
 
 
 def scale_for(k):
@@ -118,26 +116,31 @@ def test_relu_masks_follow_aten_exactly(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("activation", NAMES)
 @pytest.mark.parametrize("m,k,n", [(17, 48, 130), (130, 17, 48)])
-def test_activation_epilogues_and_their_gates(dtype, activation, m, k, n):
-    """Forward: ``act(acc)`` with the pre-activation as aux; backward: ``acc * act'(saved)`` with ``act(pre)`` as
-    aux; every activation of the registry against its torch function and derivative in float64."""
+def test_activation_epilogues_gates_and_b_operands(dtype, activation, m, k, n):
+    """Every activation of the registry, against its torch function and derivative in float64: forward
+    ``act(acc)`` with the pre-activation stored; backward ``acc * act'(saved)``; ``g^T act(P)`` with ``act``
+    computed on load of B, split-K reduced."""
     g = torch.Generator().manual_seed(m + k + n)
     a, w, bias = rand(m, k, dtype=dtype, generator=g), rand(n, k, dtype=dtype, generator=g), rand(n, dtype=dtype,
                                                                                                  generator=g)
-    aux = poisoned(m, n, dtype)
-    c, _ = fl.fused_linear(a, w.t(), bias=bias, activation=activation, aux=aux)
+    pre = poisoned(m, n, dtype)
+    c, _ = fl.fused_linear(a, w.t(), bias=bias, activation=activation, pre_out=pre)
     expected, expected_pre = reference(a, w.t(), bias=bias, activation=activation)
-    assert_close(aux, expected_pre, "pre-activation", scale=scale_for(k))
+    assert_close(pre, expected_pre, "pre-activation", scale=scale_for(k))
     assert_close(c, expected, "act(acc)", scale=scale_for(k))
 
     saved = rand(m, n, dtype=dtype, generator=g)
     if ACTIVATIONS[activation].from_output:
         saved = saved.relu()
-    aux = poisoned(m, n, dtype)
-    c, _ = fl.fused_linear(a, w.t(), gate=saved, gate_activation=activation, aux=aux)
-    expected, expected_act = reference(a, w.t(), gate=saved, gate_activation=activation)
-    assert_close(c, expected, "gated", scale=scale_for(k))
-    assert_close(aux, expected_act, "act(gate)")
+    c, _ = fl.fused_linear(a, w.t(), gate=saved, gate_activation=activation)
+    assert_close(c, reference(a, w.t(), gate=saved, gate_activation=activation)[0], "gated", scale=scale_for(k))
+
+    p = rand(m, n, dtype=dtype, generator=g)  # a saved pre-activation as B of a weight gradient
+    grad = rand(m, k, dtype=dtype, generator=g)
+    for split_k in (1, 3):
+        dw, db = fl.fused_linear(grad.t(), p, b_activation=activation, rowsum=True, split_k=split_k)
+        assert_close(dw, reference(grad.t(), p, b_activation=activation)[0], f"dW split {split_k}", scale=scale_for(m))
+        assert_close(db, grad.double().sum(0), "db", scale=scale_for(m))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -159,3 +159,51 @@ def test_autocast_fp32_x_with_low_precision_weights(low, width):
     assert_close(db1, g1.sum(0), "db1", scale=scale)
     assert_close(dw2, g2.t() @ h.double(), "dW2", scale=scale)
     assert_close(db2, g2.sum(0), "db2", scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("width", [5, 48])
+def test_without_final_relu(dtype, width):
+    """The FFN form's final: ``out = relu(x W1^T + b1) W2^T + b2 + x`` and its gradients (``out`` is not read)."""
+    rows = 130
+    x, w1, b1, w2, b2 = params(width, dtype, seed=width + 1)
+    x = x[:rows]
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, final_relu=False, out=nan_like(x))
+    assert not out.isnan().any()
+    h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
+    assert_close(out, h64 @ w2.double().t() + b2.double() + x.double(), "out", scale=max(1.0, width / 16))
+    dout = torch.randn(rows, width, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    dx, dw1, db1, dw2, db2 = whole_block.backward(dout, None, h, x, w1, w2, need_dx=True, need_weights=True,
+                                                  final_relu=False)
+    g2 = dout.double()
+    g1 = torch.where(h.double() <= 0, 0.0, g2 @ w2.double())
+    scale = max(4.0, rows / 8)
+    assert_close(dx, g1 @ w1.double() + g2, "dx", scale=scale)
+    assert_close(dw1, g1.t() @ x.double(), "dW1", scale=scale)
+    assert_close(db1, g1.sum(0), "db1", scale=scale)
+    assert_close(dw2, g2.t() @ h.double(), "dW2", scale=scale)
+    assert_close(db2, g2.sum(0), "db2", scale=scale)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_smooth_activations_compute_right(activation):
+    """The kernels take any activation of the registry (the backend sends smooth ones to the two-GEMM kernels:
+    here they spill registers beyond width 16); the saved tensor is then the pre-activation."""
+    from fused_residual.activations import ACTIVATIONS
+
+    act = ACTIVATIONS[activation]
+    rows, width = 70, 12
+    x, w1, b1, w2, b2 = params(width, torch.float32, seed=3)
+    x = x[:rows]
+    out, pre = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, activation=activation, final_relu=False)
+    pre64 = x.double() @ w1.double().t() + b1.double()
+    assert_close(pre, pre64, "pre")
+    assert_close(out, act.forward(pre64) @ w2.double().t() + b2.double() + x.double(), "out", scale=2)
+    dout = torch.randn(rows, width, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    dx, dw1, db1, dw2, db2 = whole_block.backward(dout, None, pre, x, w1, w2, need_dx=True, need_weights=True,
+                                                  activation=activation, final_relu=False)
+    g1 = act.backward(dout.double() @ w2.double(), pre.double())
+    for name, got, want in (("dx", dx, g1 @ w1.double() + dout.double()), ("dW1", dw1, g1.t() @ x.double()),
+                            ("db1", db1, g1.sum(0)), ("dW2", dw2, dout.double().t() @ act.forward(pre.double())),
+                            ("db2", db2, dout.double().sum(0))):
+        assert_close(got, want, name, scale=8)

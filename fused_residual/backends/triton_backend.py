@@ -1,17 +1,20 @@
 """The ``triton`` backend: the block's forward and backward as fused-epilogue GEMM kernels.
 
-Same contract, saved tensors and semantics as ``torch_backend``. Each function is one whole-block launch where the
+Same contract, saved tensors and semantics as ``torch_backend``, for every ``Form`` (activation relu, gelu,
+gelu_tanh or silu; final ReLU or none) and any hidden width. Each function is one whole-block launch where the
 variant allows it, else a short sequence of ``kernels.fused_linear`` launches (the kernel files document the
-math, bytes and grid):
+math, bytes and grid). ``act`` is the hidden activation, ``final`` ReLU or nothing, ``saved`` what backward keeps
+of the hidden layer (``h`` for ReLU, the pre-activation ``pre`` for the others):
 
-forward   h   = relu(x W1^T + b1)                       bias + ReLU epilogue
-          out = relu(h W2^T + b2 + x)                   bias + residual + ReLU epilogue
-                relu([h | x] [W2 | Ws]^T + b2)          projection: the shortcut joins the GEMM along K
+forward   h   = act(x W1^T + b1)                        bias + activation epilogue (+ pre stored, training)
+          out = final(h W2^T + b2 + x)                  bias + residual + final epilogue
+                final([h | x] [W2 | Ws]^T + b2)         projection: the shortcut joins the GEMM along K
 backward  g2  = dout * (out > 0)                        never written: applied on load by each launch below
-          g1  = (g2 W2) * (h > 0)                       mask on A, gate epilogue
+                                                        (no final ReLU: g2 = dout)
+          g1  = (g2 W2) * act'(saved)                   mask on A, activation-gradient epilogue
           dx  = g1 W1 + g2        | [g2 | g1] [Ws; W1]  mask on the residual | mask on A, second operand
-          dW2 = g2^T h, db2 = rows of g2^T              split-K GEMM, mask on A, fused row sums, the slices
-                                                        summed inside the launch (deterministic)
+          dW2 = g2^T act(saved), db2 = rows of g2^T     split-K GEMM, mask on A, act on B's load (not ReLU),
+                                                        fused row sums, summed inside the launch (deterministic)
           dW1 = g1^T x, db1 = rows of g1^T              same;  dWs = g2^T x
 
 A training step is 2 + 4 launches (projection: 2 + 5), the whole block 1 + 1, and nothing else but allocations.
@@ -22,9 +25,12 @@ on chip for its GEMMs, adds the shortcut un-rounded and writes ``out`` in ``Form
 in ``x``'s: no rounded copy, no cast pass.
 
 Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kernels/whole_block.py``) wherever
-they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, and the width
-padded to a power of two >= 16 at most ``max_forward_width(element sizes)`` (forward; also its shared-memory bound
-within the device's opt-in shared memory per block) or ``max_backward_width(device capability)`` (backward).
+they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, ReLU as the hidden
+activation (either final activation; the smooth activations spill registers there beyond width 16 in backward and
+at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
+``max_forward_width(element sizes)`` (forward; also its shared-memory bound within the device's opt-in shared
+memory per block) or ``max_backward_width(device capability)`` (backward; not an fp32 ``dout`` next to 16-bit
+weights, the FFN form under autocast).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ..activations import Form
+from ..activations import SEED_FORM, Form
 from ..kernels import whole_block, whole_net
 from ..kernels._common import capability, interpreter_enabled, multiprocessors
 from ..kernels.fused_linear import fused_linear
@@ -49,8 +55,6 @@ _relu_backward = torch.ops.aten.threshold_backward
 def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
     if dtype not in DTYPES:
         return f"the kernels take float16, bfloat16 or float32, not {dtype}"
-    if form != Form():
-        return f"the kernels compute the seed form (relu, relu) only, not {tuple(form)}"
     if device.type == "cuda":
         return None
     if device.type == "cpu":
@@ -65,9 +69,7 @@ def _vector(b: Tensor | None) -> Tensor | None:
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
-    """``act(x @ w.T + b)``; ReLU or none."""
-    if activation not in (None, "relu"):
-        raise NotImplementedError(f"the Triton linear applies relu or nothing, not {activation!r}")
+    """``act(x @ w.T + b)``, any activation of the registry or none."""
     if x.shape[0] == 0:
         return x.new_empty((0, w.shape[0]))
     return fused_linear(x, w.t(), bias=_vector(b), activation=activation)[0]
@@ -92,13 +94,13 @@ def _max_shared_memory(device: torch.device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
-    """The block has the shape the whole-block kernels compute: identity shortcut, square w1."""
-    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1]
+def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> bool:
+    """The block has the shape the whole-block kernels take: identity shortcut, square w1, ReLU hidden."""
+    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and form.activation == "relu"
 
 
-def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
-    if not _whole_block_shape(x, w1, ws):
+def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
+    if not _whole_block_shape(x, w1, ws, form):
         return False
     width = whole_block.padded_width(x.shape[1])
     return (width <= whole_block.max_forward_width(w1.element_size(), x.element_size())
@@ -106,8 +108,8 @@ def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
             <= _max_shared_memory(x.device))
 
 
-def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None) -> bool:
-    return (_whole_block_shape(dout, w1, ws) and whole_block.takes_dout(dout.element_size(), w1.element_size())
+def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
+    return (_whole_block_shape(dout, w1, ws, form) and whole_block.takes_dout(dout.element_size(), w1.element_size())
             and whole_block.padded_width(dout.shape[1]) <= whole_block.max_backward_width(capability(dout.device)))
 
 
@@ -120,19 +122,25 @@ def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, form: Form,
     *, save: bool, variant: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(out, h)`` of the block; see ``Backend.block_forward``. ``h`` is None when not ``save`` and the
-    whole-block kernel kept it on chip. Under autocast ``x`` is read once in its own dtype by the kernels
-    (rounded on chip for the GEMMs, added un-rounded as the shortcut): no rounded copy."""
+    """``(out, saved)`` of the block; see ``Backend.block_forward``. ``saved`` may be None when not ``save``.
+    Under autocast ``x`` is read once in its own dtype by the kernels (rounded on chip for the GEMMs, added
+    un-rounded as the shortcut): no rounded copy."""
     b1, b2 = _vector(b1), _vector(b2)
     out_dtype = _output_dtype(x, w1, ws, form)
-    if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws):
-        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, out_dtype=out_dtype)
+    final = form.final_activation
+    if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws, form):
+        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, final_relu=final == "relu",
+                                   out_dtype=out_dtype)
     if x.shape[0] == 0:
         return x.new_empty((0, w2.shape[0]), dtype=out_dtype), x.new_empty((0, w1.shape[0]), dtype=w1.dtype)
-    h = fused_linear(x, w1.t(), bias=b1, activation="relu", out_dtype=w1.dtype)[0]
+    act = form.hidden
+    pre = x.new_empty((x.shape[0], w1.shape[0]), dtype=w1.dtype) if save and not act.from_output else None
+    h = fused_linear(x, w1.t(), bias=b1, activation=act.name, pre_out=pre, out_dtype=w1.dtype)[0]
     if ws is None:
-        return fused_linear(h, w2.t(), bias=b2, residual=x, activation="relu", out_dtype=out_dtype)[0], h
-    return fused_linear(h, w2.t(), second=(x, ws.t()), bias=b2, activation="relu", out_dtype=out_dtype)[0], h
+        out = fused_linear(h, w2.t(), bias=b2, residual=x, activation=final, out_dtype=out_dtype)[0]
+    else:
+        out = fused_linear(h, w2.t(), second=(x, ws.t()), bias=b2, activation=final, out_dtype=out_dtype)[0]
+    return out, (h if act.from_output else pre)
 
 
 def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
@@ -142,9 +150,11 @@ def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
     return max(1, min(want, k // 1024, 64))
 
 
-def _weight_grad(g: Tensor, relu_out: Tensor | None, a: Tensor, need_w: bool, need_b: bool, dtype: torch.dtype):
-    """``(g'^T a, column sums of g')``, each only if asked, in ``dtype``, where ``g' = g * (relu_out > 0)`` (the
-    mask applied on load) or ``g``: one launch, split-K reduced inside it."""
+def _weight_grad(g: Tensor, relu_out: Tensor | None, a: Tensor, need_w: bool, need_b: bool, dtype: torch.dtype,
+                 a_activation: str | None = None):
+    """``(g'^T act(a), column sums of g')``, each only if asked, in ``dtype``, where ``g' = g * (relu_out > 0)`` (the
+    mask applied on load) or ``g``, and ``act`` is ``a_activation`` applied on load (or none): one launch, split-K
+    reduced inside it."""
     if g.shape[0] == 0:  # an empty batch: zero gradients, no launch
         zeros = g.new_zeros((g.shape[1],), dtype=dtype)
         return (g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None), (zeros if need_b else None)
@@ -153,7 +163,8 @@ def _weight_grad(g: Tensor, relu_out: Tensor | None, a: Tensor, need_w: bool, ne
         return None, (g.sum(0, dtype=torch.float32).to(dtype) if need_b else None)
     split = _split_k(g.shape[1], a.shape[1], g.shape[0], g.device)
     mask = None if relu_out is None else relu_out.t()
-    return fused_linear(g.t(), a, relu_mask=mask, rowsum=need_b, split_k=split, out_dtype=dtype)
+    return fused_linear(g.t(), a, relu_mask=mask, b_activation=a_activation, rowsum=need_b, split_k=split,
+                        out_dtype=dtype)
 
 
 def linear_residual_relu_backward(
@@ -178,25 +189,30 @@ def block_backward(
     """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``. ``g2 = dout * (out > 0)`` is
     never written: each launch that reads it applies the mask on load."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
-    h = saved
     need_weights = need_w1 or need_b1 or need_w2 or need_b2
-    if variant != "two_gemm" and (need_x or need_weights) and whole_block_backward_fits(dout, w1, ws):
-        dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, h, x, w1, w2, need_dx=need_x,
-                                                      need_weights=need_weights, dx_dtype=dx_dtype)
+    final_relu = form.final_activation == "relu"
+    if (variant != "two_gemm" and (need_x or need_weights)
+            and whole_block_backward_fits(dout, w1, ws, form)):
+        dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, saved, x, w1, w2, need_dx=need_x,
+                                                      need_weights=need_weights, final_relu=final_relu,
+                                                      dx_dtype=dx_dtype)
         return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
                 db2 if need_b2 else None, None)
     # Under autocast dout and x may be wider than the weights: each launch rounds them on chip for its GEMM.
-    dw2, db2 = _weight_grad(dout, out, h, need_w2, need_b2, w2.dtype)
-    dws = _weight_grad(dout, out, x, True, False, ws.dtype)[0] if need_ws else None
+    act = form.hidden
+    relu_out = out if final_relu else None
+    dw2, db2 = _weight_grad(dout, relu_out, saved, need_w2, need_b2, w2.dtype,
+                            None if act.from_output else act.name)
+    dws = _weight_grad(dout, relu_out, x, True, False, ws.dtype)[0] if need_ws else None
     dx = dw1 = db1 = None
     if need_x or need_w1 or need_b1:
-        g1 = fused_linear(dout, w2, relu_mask=out, gate=h, out_dtype=w1.dtype)[0]
+        g1 = fused_linear(dout, w2, relu_mask=relu_out, gate=saved, gate_activation=act.name, out_dtype=w1.dtype)[0]
         dw1, db1 = _weight_grad(g1, None, x, need_w1, need_b1, w1.dtype)
         if need_x:
             if ws is None:
-                dx = fused_linear(g1, w1, residual=dout, relu_mask=out, mask_on="residual", out_dtype=dx_dtype)[0]
+                dx = fused_linear(g1, w1, residual=dout, relu_mask=relu_out, mask_on="residual", out_dtype=dx_dtype)[0]
             else:
-                dx = fused_linear(dout, ws, relu_mask=out, second=(g1, w1), out_dtype=dx_dtype)[0]
+                dx = fused_linear(dout, ws, relu_mask=relu_out, second=(g1, w1), out_dtype=dx_dtype)[0]
     return dx, dw1, db1, dw2, db2, dws
 
 
