@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fused_residual import backends
 
@@ -46,7 +47,7 @@ def test_every_case_compiles(compiled):
 
 
 def test_every_arch_dtype_and_variant_is_covered(compiled):
-    from fused_residual.kernels import fused_linear, whole_block
+    from fused_residual.kernels import whole_block
 
     results, limits = compiled
     assert set(limits) == {90, 80}
@@ -55,9 +56,6 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
         for dtype, size in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
             for variant in {v for k, _, _, v in seen if k == "fused_linear"}:
                 assert ("fused_linear", cap, dtype, variant) in seen
-            configs = {tuple(c["config"]) for c in results
-                       if c["kernel"] == "fused_linear" and c["cap"] == cap and c["dtype"] == dtype}
-            assert configs == set(fused_linear.config_table((cap // 10, 0), size))
             for width in (16, 32, 64, 128):
                 forward = ("whole_block_forward", cap, dtype, f"width{width}") in seen
                 assert forward == (width <= whole_block.MAX_FORWARD_WIDTH[size])
@@ -65,6 +63,26 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
                 assert backward == (width <= whole_block.max_backward_width((cap // 10, 0)))
                 net = ("whole_net_forward", cap, dtype, f"in16-h{width}-out16") in seen
                 assert net == (width != 32 and width <= whole_block.MAX_FORWARD_WIDTH[size])
+
+
+def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
+    """Per architecture, dtype and epilogue, the configs compiled here are exactly those the autotuner's own prune
+    hook keeps on such a device at a large problem, with the triton installed: none runs uncompiled."""
+    from fused_residual.kernels import fused_linear as fl
+
+    results, limits = compiled
+    tuner = fl.fused_linear_autotuned
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    linear = [c for c in results if c["kernel"] == "fused_linear"]
+    variants = {(c["cap"], c["dtype"], c["variant"]) for c in linear}
+    assert {cap for cap, _, _ in variants} == set(limits)
+    for cap, dtype, variant in sorted(variants):
+        cases = [c for c in linear if (c["cap"], c["dtype"], c["variant"]) == (cap, dtype, variant)]
+        monkeypatch.setattr(fl, "_capability", lambda index, cap=cap: (cap // 10, cap % 10))
+        args = {"a_ptr": torch.empty(0, dtype=dtypes[dtype]), "M": 1 << 16, "N": 4096, "K": 4096, "K2": 0}
+        flags = {"HAS_RESIDUAL": False, "HAS_GATE": False, **cases[0]["flags"]}
+        runnable = {fl._config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **flags)}
+        assert {tuple(c["config"]) for c in cases} == runnable, f"sm{cap}-{dtype}-{variant}"
 
 
 def test_shared_memory_fits_the_device(compiled):
