@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
-MODES = ("forward", "train")
+MODES = ("forward", "train", "train-sum")  # train-sum: loss = y.sum() (CPU set only)
+STEP_MODES = ("forward", "train")
 SHAPE_SETS = ("smoke", "reduced", "full")
 REFERENCE = "eager"
 FUSED = "fused"
@@ -98,7 +99,7 @@ def _impls(device: str, mode: str, kind: str, compiled: bool, max_autotune: bool
     return impls
 
 
-def _block_cases(device, dtypes, shapes, modes=MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
+def _block_cases(device, dtypes, shapes, modes=STEP_MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
     return [
         Case(device, dtype, mode, rows, width, impl)
         for dtype in dtypes
@@ -108,7 +109,7 @@ def _block_cases(device, dtypes, shapes, modes=MODES, compiled=True, max_autotun
     ]
 
 
-def _net_cases(device, dtypes, shapes, modes=MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
+def _net_cases(device, dtypes, shapes, modes=STEP_MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
     return [
         Case(device, dtype, mode, rows, width, impl, blocks)
         for dtype in dtypes
@@ -127,7 +128,8 @@ def cpu_cases(shape_set: str) -> list[Case]:
             + _net_cases("cpu", ["fp32"], [(64, 32, 4)], compiled=False)
         )
     # reduced and full are the same on CPU: issue 2's set and two nets.
-    return _block_cases("cpu", ["fp32"], CPU_BLOCK_SHAPES) + _net_cases("cpu", ["fp32"], CPU_NET_SHAPES)
+    return (_block_cases("cpu", ["fp32"], CPU_BLOCK_SHAPES, modes=MODES)
+            + _net_cases("cpu", ["fp32"], CPU_NET_SHAPES))
 
 
 def cuda_cases(shape_set: str) -> list[Case]:

@@ -114,7 +114,17 @@ def _module_runner(fn: Callable[[Tensor], Tensor], module: nn.Module, mode: str,
         out.backward(dout)
         return out
 
-    return train
+    def train_sum(x: Tensor, dout: Tensor | None) -> Tensor:  # loss = y.sum(): dout is the ones it hands down
+        if before is not None:
+            before()
+        for p in params:
+            p.grad = None
+        x.grad = None
+        out = fn(x)
+        out.sum().backward()
+        return out
+
+    return train_sum if mode == "train-sum" else train
 
 
 def _bare_gemm_runner(reference: nn.Module, mode: str) -> Runner:
@@ -212,7 +222,7 @@ def element_size(case: Case) -> int:
 
 def input_set_bytes(case: Case) -> int:
     """Bytes one rotated input set holds: x, and in training dout and the gradient x keeps."""
-    return case.rows * case.width * element_size(case) * (3 if case.mode == "train" else 1)
+    return case.rows * case.width * element_size(case) * (3 if case.mode != "forward" else 1)
 
 
 def rotation_copies(case: Case, budget: int) -> int:
@@ -232,6 +242,9 @@ def make_inputs(case: Case, copies: int) -> list[tuple[Tensor, Tensor | None]]:
         if case.mode == "train":
             x.requires_grad_(True)
             dout = torch.randn(case.rows, case.width, **factory)
+        elif case.mode == "train-sum":  # the gradient out.sum().backward() hands the block: ones, expanded
+            x.requires_grad_(True)
+            dout = torch.ones((), device=case.device, dtype=TORCH_DTYPES[case.dtype]).expand(case.rows, case.width)
         inputs.append((x, dout))
     return inputs
 
@@ -240,7 +253,7 @@ def working_set_bytes(case: Case) -> int:
     """A generous estimate of what one step allocates besides the inputs (compiled variants included)."""
     activation = case.rows * case.width * element_size(case)
     layers = case.blocks + 1 if case.blocks else 1
-    return activation * (4 + (8 * layers if case.mode == "train" else 2)) + 8 * case.width**2 * layers * 4
+    return activation * (4 + (8 * layers if case.mode != "forward" else 2)) + 8 * case.width**2 * layers * 4
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -461,7 +474,7 @@ def work(case: Case) -> tuple[int, int | None]:
     """
     m, h, e = case.rows, case.width, element_size(case)
     gemms = 2 * case.blocks + 2 if case.blocks else 2
-    flops = 2 * m * h * h * gemms * (3 if case.mode == "train" else 1)
+    flops = 2 * m * h * h * gemms * (3 if case.mode != "forward" else 1)
     if case.blocks:
         return flops, None
     if case.mode == "forward":
@@ -490,7 +503,7 @@ def backend_name(case: Case) -> str:
     try:
         probe = torch.empty(1, case.width, device=case.device, dtype=dtype).expand(case.rows, case.width)
         weight = torch.empty(case.width, case.width, device=case.device, dtype=dtype)
-        return routing.route(probe, weight, None, SEED_FORM, case.mode == "train").name
+        return routing.route(probe, weight, None, SEED_FORM, case.mode != "forward").name
     except (TypeError, AttributeError, RuntimeError):  # metadata only: never fail a benchmark over it
         return "unknown"
 
@@ -680,7 +693,7 @@ def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
         info["peak_bytes"] = peak_cuda_bytes(impl.run, x0, dout0)
         if case.impl == "max-autotune":
             info["peak_bytes_note"] = "CUDA-graph pool allocated while recording, not counted"
-    elif case.mode == "train" and impl.module is not None:
+    elif case.mode != "forward" and impl.module is not None:
         info.update(saved_tensor_bytes(impl.run, impl.module, x0, dout0))
 
     if not timing:
