@@ -2,7 +2,8 @@
 
 A call of the block goes one of these ways, decided here and nowhere else:
 
-1. ``torch.compile`` / ``torch.export`` tracing: the custom ops of ``ops.py`` (opaque to the compiler).
+1. ``torch.compile`` tracing: the custom ops of ``ops.py`` (opaque to the compiler); ``torch.export`` tracing: the
+   plain composite, an aten-only graph for ONNX, AOTInductor and other runtimes (see ``ops.py``).
 2. ``torch.func`` transforms active: the plain composite (``composite.py``), differentiable ops that the transforms
    see through. A backward that builds a graph (``create_graph=True``) is handled by the Function itself
    (``autograd.py``), which then differentiates through the same composite.
@@ -165,6 +166,8 @@ def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
                    form: Form) -> Tensor:
     """The block on validated operands (``x`` of any leading dims; under autocast the weights already cast)."""
     if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():  # an aten-only graph that deploys anywhere (ops.py: "Export")
+            return composite.residual_block(x, w1, b1, w2, b2, ws, form)
         from . import ops
 
         return ops.residual_block(x, w1, b1, w2, b2, ws, form)
@@ -183,6 +186,8 @@ def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
 def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h W^T + b + residual)`` on validated operands."""
     if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():
+            return composite.linear_residual_relu(h, w, b, residual)
         from . import ops
 
         return ops.linear_residual_relu(h, w, b, residual)
