@@ -141,3 +141,18 @@ def test_blocks_without_a_residual_block_equivalent_stay_fused_with_a_warning(ma
         fr.unfuse(model)
     assert model[0] is block
     assert type(model[1]) is fr.ResidualBlock
+
+
+def test_a_net_subclass_stays_with_a_warning_and_its_blocks_are_unfused():
+    class MyNet(fr.FusedResidualNet):
+        pass
+
+    net = MyNet(3, 6, 2, 2)
+    with pytest.warns(UserWarning, match="left the model a MyNet \\(its blocks unfused\\)"):
+        assert fr.unfuse(net) is net
+    assert all(type(b) is fr.ResidualBlock for b in net.blocks)
+    x = torch.randn(4, 3)
+    h = torch.relu(net.linear1(x))
+    for block in net.blocks:
+        h = torch.relu(block.linear2(torch.relu(block.linear1(h))) + h)
+    torch.testing.assert_close(net(x), net.linear2(h))
