@@ -78,7 +78,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
     assert {cap for cap, _, _ in variants} == set(limits)
     for cap, dtype, variant in sorted(variants):
         cases = [c for c in linear if (c["cap"], c["dtype"], c["variant"]) == (cap, dtype, variant)]
-        monkeypatch.setattr(fl, "_capability", lambda index, cap=cap: (cap // 10, cap % 10))
+        monkeypatch.setattr(fl, "capability", lambda device, cap=cap: (cap // 10, cap % 10))
         args = {"a_ptr": torch.empty(0, dtype=dtypes[dtype]), "M": 1 << 16, "N": 4096, "K": 4096, "K2": 0}
         flags = {"HAS_RESIDUAL": False, "HAS_GATE": False, **cases[0]["flags"]}
         runnable = {fl._config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **flags)}

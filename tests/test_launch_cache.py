@@ -23,7 +23,7 @@ from conftest import HAS_CUDA, assert_close, device_params
 
 from fused_residual import backends
 
-if not backends.triton_available():
+if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton  # noqa: E402
