@@ -145,9 +145,10 @@ def _why_not_fusable(block: nn.Module, block_type: type[nn.Module]) -> str | Non
     return None
 
 
-def _fused_from(block: nn.Module, block_type: type[nn.Module], path: str) -> FusedResidualBlock | None:
-    """A FusedResidualBlock holding ``block``'s own ``linear1``/``linear2`` (same Parameters) and its hooks; None,
-    with a warning that says why, where the fused block would not compute exactly what ``block`` does."""
+def _fused_from(block: nn.Module, block_type: type[nn.Module], path: str, form: Form) -> FusedResidualBlock | None:
+    """A FusedResidualBlock of ``form`` holding ``block``'s own ``linear1``/``linear2`` (same Parameters) and its
+    hooks; None, with a warning that says why, where the fused block would not compute exactly what ``block``
+    does."""
     linear1, linear2 = getattr(block, "linear1", None), getattr(block, "linear2", None)
     if not isinstance(linear1, nn.Module) or not isinstance(linear2, nn.Module):
         raise TypeError(f"fuse(): {type(block).__name__} has no submodules linear1 and linear2")
@@ -162,27 +163,32 @@ def _fused_from(block: nn.Module, block_type: type[nn.Module], path: str) -> Fus
             "linear1.in == linear2.out (the identity shortcut) and linear1.out == linear2.in"
         )
     fused = FusedResidualBlock(linear1.in_features, linear2.out_features, hidden_features=linear1.out_features,
-                               device="meta")
+                               activation=form.activation, final_activation=form.final_activation, device="meta")
     fused.linear1, fused.linear2 = linear1, linear2
     _carry_hooks(block, fused)
     return fused
 
 
-def fuse(model: nn.Module, block_type: type[nn.Module] = ResidualBlock) -> nn.Module:
+def fuse(model: nn.Module, block_type: type[nn.Module] = ResidualBlock, *, activation: str = "relu",
+         final_activation: str | None = "relu") -> nn.Module:
     """Swap, in place, every submodule that is a ``block_type`` for a FusedResidualBlock.
 
     The fused blocks share the original ``nn.Linear`` modules, hence the same Parameter objects: optimizer
     state stays valid; they take over the block's own hooks. A block used in several places becomes one fused
     block used in the same places. ``block_type`` may be a user's own class with ``linear1``/``linear2``
-    submodules and the reference's math. A block the fused one would not compute exactly (its own ``forward``,
-    hooks on its linears, ``weight_norm``/``spectral_norm``, a linear subclass with its own ``forward``) is left
-    as it is, with a warning that says why. Returns ``model``; if ``model`` itself is a ``block_type``, returns
-    its fused replacement (or ``model``, if it stays).
+    submodules whose ``forward`` computes the form that ``activation`` and ``final_activation`` name (by default
+    the reference's math; e.g. a transformer FFN ``x + linear2(gelu(linear1(x)))`` with ``activation="gelu",
+    final_activation=None``). A block the fused one would not compute exactly (its own ``forward``, hooks on its
+    linears, ``weight_norm``/``spectral_norm``, a linear subclass with its own ``forward``) is left as it is, with
+    a warning that says why. Returns ``model``; if ``model`` itself is a ``block_type``, returns its fused
+    replacement (or ``model``, if it stays).
     """
+    form = check_form(activation, final_activation)
+
     def swap(module: nn.Module, path: str) -> nn.Module | None:
         if not isinstance(module, block_type):
             return None
-        return _fused_from(module, block_type, path) or module
+        return _fused_from(module, block_type, path, form) or module
 
     return _swap(model, swap)
 
