@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 import fused_residual as fr
 from fused_residual import routing
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import SEED_FORM, Form
 
-from .cases import REFERENCE, RO_FUSED, RO_REFERENCE, Case
+from .cases import FFN_HIDDEN, REFERENCE, RO_FUSED, RO_REFERENCE, Case
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,11 +83,26 @@ class Impl:
 # ---------------------------------------------------------------------------------------------- building
 
 
+class FFN(nn.Module):
+    """The transformer FFN as users write it: ``x + linear2(gelu(linear1(x)))``."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(width, hidden)
+        self.linear2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.linear2(torch.nn.functional.gelu(self.linear1(x)))
+
+
 def build_reference(case: Case) -> nn.Module:
     """The eager reference, from ``SEED``: built in float32 and cast, like the tests' seeded pairs."""
     torch.manual_seed(SEED)
     w = case.width
-    module = fr.ResidualNet(w, w, w, case.blocks) if case.blocks else fr.ResidualBlock(w, w)
+    if case.ffn:
+        module = FFN(w, FFN_HIDDEN * w)
+    else:
+        module = fr.ResidualNet(w, w, w, case.blocks) if case.blocks else fr.ResidualBlock(w, w)
     return module.to(device=case.device, dtype=TORCH_DTYPES[case.dtype])
 
 
@@ -162,7 +177,10 @@ def _addmm_activation_runner(reference: nn.Module) -> Runner:
 def _fused_module(case: Case, reference: nn.Module) -> nn.Module:
     factory = {"device": case.device, "dtype": TORCH_DTYPES[case.dtype]}
     w = case.width
-    if case.blocks:
+    if case.ffn:
+        module = fr.FusedResidualBlock(w, w, hidden_features=FFN_HIDDEN * w, activation="gelu",
+                                       final_activation=None, **factory)
+    elif case.blocks:
         module = fr.FusedResidualNet(w, w, w, case.blocks, **factory)
     else:
         module = fr.FusedResidualBlock(w, w, **factory)
@@ -473,9 +491,9 @@ def work(case: Case) -> tuple[int, int | None]:
     passes), backward reads dout, out, h, x and writes dx (5 passes), weights read twice, weight grads written.
     """
     m, h, e = case.rows, case.width, element_size(case)
-    gemms = 2 * case.blocks + 2 if case.blocks else 2
+    gemms = 2 * case.blocks + 2 if case.blocks else 2 * FFN_HIDDEN if case.ffn else 2
     flops = 2 * m * h * h * gemms * (3 if case.mode != "forward" else 1)
-    if case.blocks:
+    if case.blocks or case.ffn:
         return flops, None
     if case.mode == "forward":
         return flops, e * (2 * m * h + 2 * h * h + 2 * h)
@@ -502,8 +520,10 @@ def backend_name(case: Case) -> str:
     dtype = TORCH_DTYPES[case.dtype]
     try:
         probe = torch.empty(1, case.width, device=case.device, dtype=dtype).expand(case.rows, case.width)
-        weight = torch.empty(case.width, case.width, device=case.device, dtype=dtype)
-        return routing.route(probe, weight, None, SEED_FORM, case.mode != "forward").name
+        hidden = FFN_HIDDEN * case.width if case.ffn else case.width
+        weight = torch.empty(hidden, case.width, device=case.device, dtype=dtype)
+        form = Form("gelu", None) if case.ffn else SEED_FORM
+        return routing.route(probe, weight, None, form, case.mode != "forward").name
     except (TypeError, AttributeError, RuntimeError):  # metadata only: never fail a benchmark over it
         return "unknown"
 

@@ -603,7 +603,8 @@ def render(sections: list[Section], timer: str, plots: dict[str, list[str]]) -> 
             out += [f"Machine load (1-minute average) when each benchmark started: {min(loads):.2f} to "
                     f"{max(loads):.2f} (other processes share the cores: read ratios with that in mind).", ""]
         ordered = [section.rows[k] for k in sorted(section.rows)]
-        for kind, title in (("block", "Residual block"), ("net", "Whole net (blocks x rows x width)")):
+        for kind, title in (("block", "Residual block"), ("net", "Whole net (blocks x rows x width)"),
+                            ("ffn", "Transformer FFN, x + linear2(gelu(linear1(x))), hidden 4 x width")):
             rows = [r for r in ordered if r.kind == kind]
             if rows:
                 out += [f"### {title}", "", *_speed_table(section, rows, t), ""]
