@@ -119,6 +119,8 @@ def _module_runner(fn: Callable[[Tensor], Tensor], module: nn.Module, mode: str,
 
         return forward
 
+    sum_loss = mode == "train-sum"  # loss = y.sum(): the dout it hands down is expanded ones
+
     def train(x: Tensor, dout: Tensor | None) -> Tensor:
         if before is not None:
             before()
@@ -126,20 +128,13 @@ def _module_runner(fn: Callable[[Tensor], Tensor], module: nn.Module, mode: str,
             p.grad = None
         x.grad = None
         out = fn(x)
-        out.backward(dout)
+        if sum_loss:
+            out.sum().backward()
+        else:
+            out.backward(dout)
         return out
 
-    def train_sum(x: Tensor, dout: Tensor | None) -> Tensor:  # loss = y.sum(): dout is the ones it hands down
-        if before is not None:
-            before()
-        for p in params:
-            p.grad = None
-        x.grad = None
-        out = fn(x)
-        out.sum().backward()
-        return out
-
-    return train_sum if mode == "train-sum" else train
+    return train
 
 
 def _bare_gemm_runner(reference: nn.Module, mode: str) -> Runner:
