@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
-MODES = ("forward", "train")
+MODES = ("forward", "train", "train-sum")  # train-sum: loss = y.sum() (CPU set only)
+STEP_MODES = ("forward", "train")
 SHAPE_SETS = ("smoke", "reduced", "full")
 REFERENCE = "eager"
 FUSED = "fused"
@@ -34,7 +35,8 @@ CUDA_ONLY_IMPLS = ("max-autotune", RO_REFERENCE, RO_FUSED, "bare-gemm", "addmm-a
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark: ``blocks == 0`` is a single ResidualBlock, ``blocks > 0`` a ResidualNet of that depth."""
+    """One benchmark: ``blocks == 0`` is a single ResidualBlock, ``blocks > 0`` a ResidualNet of that depth,
+    ``ffn`` a transformer FFN block (``FFN_HIDDEN`` x width hidden, GELU, no final activation)."""
 
     device: str
     dtype: str
@@ -43,10 +45,11 @@ class Case:
     width: int
     impl: str
     blocks: int = 0
+    ffn: bool = False  # the transformer FFN form: x + linear2(gelu(linear1(x))), hidden 4 x width
 
     @property
     def kind(self) -> str:
-        return "net" if self.blocks else "block"
+        return "ffn" if self.ffn else "net" if self.blocks else "block"
 
     @property
     def shape(self) -> str:
@@ -66,6 +69,10 @@ class Case:
 CPU_BLOCK_SHAPES = ((16, 10), (4096, 64), (16384, 128), (4096, 512), (1024, 1024), (65536, 32))
 # (rows, width, blocks): ResidualNet vs FusedResidualNet.
 CPU_NET_SHAPES = ((16384, 64, 8), (4096, 512, 4))
+# (rows, width) of the FFN form, hidden FFN_HIDDEN x width.
+FFN_HIDDEN = 4
+CPU_FFN_SHAPES = ((4096, 64), (1024, 256))
+CUDA_FFN_SHAPES = ((16384, 512), (16384, 1024), (8192, 2048))
 
 CUDA_WIDTHS = (10, 32, 64, 128, 256, 512, 1024, 4096)
 CUDA_ROWS = (1024, 16384, 65536)
@@ -98,7 +105,7 @@ def _impls(device: str, mode: str, kind: str, compiled: bool, max_autotune: bool
     return impls
 
 
-def _block_cases(device, dtypes, shapes, modes=MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
+def _block_cases(device, dtypes, shapes, modes=STEP_MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
     return [
         Case(device, dtype, mode, rows, width, impl)
         for dtype in dtypes
@@ -108,13 +115,23 @@ def _block_cases(device, dtypes, shapes, modes=MODES, compiled=True, max_autotun
     ]
 
 
-def _net_cases(device, dtypes, shapes, modes=MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
+def _net_cases(device, dtypes, shapes, modes=STEP_MODES, compiled=True, max_autotune=False, **impls) -> list[Case]:
     return [
         Case(device, dtype, mode, rows, width, impl, blocks)
         for dtype in dtypes
         for mode in modes
         for rows, width, blocks in shapes
         for impl in _impls(device, mode, "net", compiled, max_autotune, **impls)
+    ]
+
+
+def _ffn_cases(device, dtypes, shapes, modes=STEP_MODES, compiled=True, **impls) -> list[Case]:
+    return [
+        Case(device, dtype, mode, rows, width, impl, ffn=True)
+        for dtype in dtypes
+        for mode in modes
+        for rows, width in shapes
+        for impl in _impls(device, mode, "ffn", compiled, False, **impls)
     ]
 
 
@@ -125,9 +142,11 @@ def cpu_cases(shape_set: str) -> list[Case]:
             _block_cases("cpu", ["fp32"], [(16, 10)])
             + _block_cases("cpu", ["fp32"], [(256, 64)], compiled=False)
             + _net_cases("cpu", ["fp32"], [(64, 32, 4)], compiled=False)
+            + _ffn_cases("cpu", ["fp32"], [(64, 32)], compiled=False)
         )
-    # reduced and full are the same on CPU: issue 2's set and two nets.
-    return _block_cases("cpu", ["fp32"], CPU_BLOCK_SHAPES) + _net_cases("cpu", ["fp32"], CPU_NET_SHAPES)
+    # reduced and full are the same on CPU: issue 2's set, two nets and two FFNs.
+    return (_block_cases("cpu", ["fp32"], CPU_BLOCK_SHAPES, modes=MODES)
+            + _net_cases("cpu", ["fp32"], CPU_NET_SHAPES) + _ffn_cases("cpu", ["fp32"], CPU_FFN_SHAPES))
 
 
 def cuda_cases(shape_set: str) -> list[Case]:
@@ -136,6 +155,7 @@ def cuda_cases(shape_set: str) -> list[Case]:
             _block_cases("cuda", ["bf16", "fp32"], [(1024, 64)], compiled=False)
             + _block_cases("cuda", ["bf16"], [(1024, 256)], reduce_overhead=True)
             + _net_cases("cuda", ["bf16"], [(1024, 64, 4)])
+            + _ffn_cases("cuda", ["bf16"], [(1024, 256)], compiled=False)
         )
     if shape_set == "reduced":
         # Run in `priority` order: a budgeted run (gpu_check.sh) measures the measurement file's shapes first and
@@ -154,16 +174,17 @@ def cuda_cases(shape_set: str) -> list[Case]:
             + _block_cases("cuda", ["bf16"], [(65536, 64), (65536, 128), (16384, 1024)], modes=("forward",),
                            max_autotune=True)
             + _net_cases("cuda", ["bf16"], [(1 << 20, 64, 8)], modes=("forward",), max_autotune=True)
+            + _ffn_cases("cuda", ["bf16"], CUDA_FFN_SHAPES)
         )
     shapes = [(rows, width) for width in CUDA_WIDTHS for rows in CUDA_ROWS]
-    return _block_cases("cuda", DTYPES, shapes, max_autotune=True, reduce_overhead=True) + _net_cases(
-        "cuda", DTYPES, CUDA_NET_SHAPES_FULL, max_autotune=True, reduce_overhead=True
-    )
+    return (_block_cases("cuda", DTYPES, shapes, max_autotune=True, reduce_overhead=True)
+            + _net_cases("cuda", DTYPES, CUDA_NET_SHAPES_FULL, max_autotune=True, reduce_overhead=True)
+            + _ffn_cases("cuda", DTYPES, CUDA_FFN_SHAPES))
 
 
 def is_measured_shape(case: Case) -> bool:
     """A shape whose result matters most: the measurement file's blocks on CUDA, issue 2's blocks on CPU."""
-    if case.blocks:
+    if case.kind != "block":
         return False
     if case.device == "cuda":
         return (case.rows, case.width, case.dtype) in CUDA_MEASURED_SHAPES
@@ -184,7 +205,7 @@ def priority(case: Case) -> tuple:
     impl = _IMPL_CLASS.get(case.impl, 5)
     main = case.dtype == MAIN_DTYPE.get(case.device)
     if impl <= 1:
-        tier = impl if is_measured_shape(case) else (2 if not case.blocks else 3) if main else 7
+        tier = impl if is_measured_shape(case) else (2 if case.kind == "block" else 3) if main else 7
     else:
         tier = 2 + impl if main else 6 + impl
     return (tier, case.device, case.blocks, case.width, case.rows, case.dtype, MODES.index(case.mode),

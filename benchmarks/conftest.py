@@ -75,7 +75,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    for argname, kind in (("block_case", "block"), ("net_case", "net")):
+    for argname, kind in (("block_case", "block"), ("net_case", "net"), ("ffn_case", "ffn")):
         if argname in metafunc.fixturenames:
             selected = cases.select(shape_set(metafunc.config), available_devices(), kind)
             metafunc.parametrize(argname, [
@@ -101,7 +101,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def case_of(item: pytest.Item) -> cases.Case | None:
     """The Case a collected benchmark item runs, None for any other test."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    case = params.get("block_case") or params.get("net_case")
+    case = params.get("block_case") or params.get("net_case") or params.get("ffn_case")
     return case if isinstance(case, cases.Case) else None
 
 

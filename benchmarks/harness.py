@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 import fused_residual as fr
 from fused_residual import routing
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import SEED_FORM, Form
 
-from .cases import REFERENCE, RO_FUSED, RO_REFERENCE, Case
+from .cases import FFN_HIDDEN, REFERENCE, RO_FUSED, RO_REFERENCE, Case
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,11 +83,26 @@ class Impl:
 # ---------------------------------------------------------------------------------------------- building
 
 
+class FFN(nn.Module):
+    """The transformer FFN as users write it: ``x + linear2(gelu(linear1(x)))``."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(width, hidden)
+        self.linear2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.linear2(torch.nn.functional.gelu(self.linear1(x)))
+
+
 def build_reference(case: Case) -> nn.Module:
     """The eager reference, from ``SEED``: built in float32 and cast, like the tests' seeded pairs."""
     torch.manual_seed(SEED)
     w = case.width
-    module = fr.ResidualNet(w, w, w, case.blocks) if case.blocks else fr.ResidualBlock(w, w)
+    if case.ffn:
+        module = FFN(w, FFN_HIDDEN * w)
+    else:
+        module = fr.ResidualNet(w, w, w, case.blocks) if case.blocks else fr.ResidualBlock(w, w)
     return module.to(device=case.device, dtype=TORCH_DTYPES[case.dtype])
 
 
@@ -104,6 +119,8 @@ def _module_runner(fn: Callable[[Tensor], Tensor], module: nn.Module, mode: str,
 
         return forward
 
+    sum_loss = mode == "train-sum"  # loss = y.sum(): the dout it hands down is expanded ones
+
     def train(x: Tensor, dout: Tensor | None) -> Tensor:
         if before is not None:
             before()
@@ -111,7 +128,10 @@ def _module_runner(fn: Callable[[Tensor], Tensor], module: nn.Module, mode: str,
             p.grad = None
         x.grad = None
         out = fn(x)
-        out.backward(dout)
+        if sum_loss:
+            out.sum().backward()
+        else:
+            out.backward(dout)
         return out
 
     return train
@@ -152,7 +172,10 @@ def _addmm_activation_runner(reference: nn.Module) -> Runner:
 def _fused_module(case: Case, reference: nn.Module) -> nn.Module:
     factory = {"device": case.device, "dtype": TORCH_DTYPES[case.dtype]}
     w = case.width
-    if case.blocks:
+    if case.ffn:
+        module = fr.FusedResidualBlock(w, w, hidden_features=FFN_HIDDEN * w, activation="gelu",
+                                       final_activation=None, **factory)
+    elif case.blocks:
         module = fr.FusedResidualNet(w, w, w, case.blocks, **factory)
     else:
         module = fr.FusedResidualBlock(w, w, **factory)
@@ -212,7 +235,7 @@ def element_size(case: Case) -> int:
 
 def input_set_bytes(case: Case) -> int:
     """Bytes one rotated input set holds: x, and in training dout and the gradient x keeps."""
-    return case.rows * case.width * element_size(case) * (3 if case.mode == "train" else 1)
+    return case.rows * case.width * element_size(case) * (3 if case.mode != "forward" else 1)
 
 
 def rotation_copies(case: Case, budget: int) -> int:
@@ -232,6 +255,9 @@ def make_inputs(case: Case, copies: int) -> list[tuple[Tensor, Tensor | None]]:
         if case.mode == "train":
             x.requires_grad_(True)
             dout = torch.randn(case.rows, case.width, **factory)
+        elif case.mode == "train-sum":  # the gradient out.sum().backward() hands the block: ones, expanded
+            x.requires_grad_(True)
+            dout = torch.ones((), device=case.device, dtype=TORCH_DTYPES[case.dtype]).expand(case.rows, case.width)
         inputs.append((x, dout))
     return inputs
 
@@ -240,7 +266,7 @@ def working_set_bytes(case: Case) -> int:
     """A generous estimate of what one step allocates besides the inputs (compiled variants included)."""
     activation = case.rows * case.width * element_size(case)
     layers = case.blocks + 1 if case.blocks else 1
-    return activation * (4 + (8 * layers if case.mode == "train" else 2)) + 8 * case.width**2 * layers * 4
+    return activation * (4 + (8 * layers if case.mode != "forward" else 2)) + 8 * case.width**2 * layers * 4
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -460,9 +486,9 @@ def work(case: Case) -> tuple[int, int | None]:
     passes), backward reads dout, out, h, x and writes dx (5 passes), weights read twice, weight grads written.
     """
     m, h, e = case.rows, case.width, element_size(case)
-    gemms = 2 * case.blocks + 2 if case.blocks else 2
-    flops = 2 * m * h * h * gemms * (3 if case.mode == "train" else 1)
-    if case.blocks:
+    gemms = 2 * case.blocks + 2 if case.blocks else 2 * FFN_HIDDEN if case.ffn else 2
+    flops = 2 * m * h * h * gemms * (3 if case.mode != "forward" else 1)
+    if case.blocks or case.ffn:
         return flops, None
     if case.mode == "forward":
         return flops, e * (2 * m * h + 2 * h * h + 2 * h)
@@ -489,8 +515,10 @@ def backend_name(case: Case) -> str:
     dtype = TORCH_DTYPES[case.dtype]
     try:
         probe = torch.empty(1, case.width, device=case.device, dtype=dtype).expand(case.rows, case.width)
-        weight = torch.empty(case.width, case.width, device=case.device, dtype=dtype)
-        return routing.route(probe, weight, None, SEED_FORM, case.mode == "train").name
+        hidden = FFN_HIDDEN * case.width if case.ffn else case.width
+        weight = torch.empty(hidden, case.width, device=case.device, dtype=dtype)
+        form = Form("gelu", None) if case.ffn else SEED_FORM
+        return routing.route(probe, weight, None, form, case.mode != "forward").name
     except (TypeError, AttributeError, RuntimeError):  # metadata only: never fail a benchmark over it
         return "unknown"
 
@@ -680,7 +708,7 @@ def run_case(case: Case, benchmark: Any, settings: Settings) -> None:
         info["peak_bytes"] = peak_cuda_bytes(impl.run, x0, dout0)
         if case.impl == "max-autotune":
             info["peak_bytes_note"] = "CUDA-graph pool allocated while recording, not counted"
-    elif case.mode == "train" and impl.module is not None:
+    elif case.mode != "forward" and impl.module is not None:
         info.update(saved_tensor_bytes(impl.run, impl.module, x0, dout0))
 
     if not timing:

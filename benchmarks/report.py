@@ -66,7 +66,7 @@ CLOCKS = (("wall", "do_bench", "do_bench median of the whole call"),
 CLOCK_PAIRS = (("eager vs fused", REFERENCE, FUSED, ("eager", "fused")),
                ('both under torch.compile(mode="reduce-overhead")', RO_REFERENCE, RO_FUSED, ("ro ref", "ro fused")))
 DTYPE_ORDER = {"bf16": 0, "fp16": 1, "fp32": 2}
-MODE_ORDER = {"forward": 0, "train": 1}
+MODE_ORDER = {"forward": 0, "train": 1, "train-sum": 2}
 
 
 @dataclass
@@ -603,7 +603,8 @@ def render(sections: list[Section], timer: str, plots: dict[str, list[str]]) -> 
             out += [f"Machine load (1-minute average) when each benchmark started: {min(loads):.2f} to "
                     f"{max(loads):.2f} (other processes share the cores: read ratios with that in mind).", ""]
         ordered = [section.rows[k] for k in sorted(section.rows)]
-        for kind, title in (("block", "Residual block"), ("net", "Whole net (blocks x rows x width)")):
+        for kind, title in (("block", "Residual block"), ("net", "Whole net (blocks x rows x width)"),
+                            ("ffn", "Transformer FFN, x + linear2(gelu(linear1(x))), hidden 4 x width")):
             rows = [r for r in ordered if r.kind == kind]
             if rows:
                 out += [f"### {title}", "", *_speed_table(section, rows, t), ""]
@@ -643,21 +644,22 @@ def _summary_table(lines: list[dict]) -> list[str]:
 
 
 def _cpu_target(section: Section, timer: str) -> str:
-    """Issue 2's CPU target on the block shapes: eager/fused >= 0.95 everywhere, geomean >= 1.2; judged on each
-    of the ratios the run has (separate benchmarks, and timed in alternation)."""
+    """The CPU targets on the block shapes, judged on each of the ratios the run has (separate benchmarks, and
+    timed in alternation): issue 9's (forward, training with dout and with y.sum(): eager/fused >= 0.95 on every
+    shape, geomean >= 1.05) and issue 2's older one (geomean >= 1.2)."""
     blocks = [ratios(r, timer) for r in section.rows.values() if r.kind == "block"]
     verdicts = []
     for column in ("eager/fused", PAIRED):
         speedups = [r[column] for r in blocks if r[column] is not None]
         if speedups:
             worst, mean = min(speedups), geomean(speedups)
-            met = worst >= 0.95 and mean >= 1.2
-            verdicts.append(f"{column}: {'met' if met else 'NOT met'} (min {worst:.2f}x, geomean {mean:.2f}x over "
-                            f"{len(speedups)} shapes)")
+            verdicts.append(f"{column}: issue 9 {'met' if worst >= 0.95 and mean >= 1.05 else 'NOT met'}, issue 2 "
+                            f"{'met' if worst >= 0.95 and mean >= 1.2 else 'NOT met'} (min {worst:.2f}x, geomean "
+                            f"{mean:.2f}x over {len(speedups)} shape-modes)")
     if not verdicts:
         return ""
-    return ("Issue 2 target (blocks, both modes): eager/fused >= 0.95x on every shape and >= 1.20x geomean. "
-            + "; ".join(verdicts) + ".")
+    return ("CPU targets (blocks, every mode): eager/fused >= 0.95x on every shape, geomean >= 1.05x (issue 9) or "
+            ">= 1.20x (issue 2). " + "; ".join(verdicts) + ".")
 
 
 # ------------------------------------------------------------------------------------------------- plots

@@ -1,11 +1,12 @@
 """fused_residual: Triton kernels for the residual MLP block, a drop-in for PyTorch models.
 
 ``FusedResidualBlock`` / ``FusedResidualNet`` replace the reference ``ResidualBlock`` / ``ResidualNet``
-(same parameters and state_dict keys); ``fuse(model)`` swaps blocks in an existing model.
+(same parameters and state_dict keys); ``fuse(model)`` swaps blocks in an existing model, ``unfuse(model)``
+swaps them back.
 """
 
 from . import functional
-from .modules import FusedResidualBlock, FusedResidualNet, fuse
+from .modules import FusedResidualBlock, FusedResidualNet, fuse, unfuse
 from .reference import ResidualBlock, ResidualNet
 from .routing import ENV_VAR as BACKEND_ENV_VAR
 
@@ -17,5 +18,6 @@ __all__ = [
     "ResidualNet",
     "functional",
     "fuse",
+    "unfuse",
 ]
 __version__ = "0.1.0"

@@ -21,31 +21,34 @@ _relu_backward = torch.ops.aten.threshold_backward
 
 def block(x: Tensor, linear1: Callable[[Tensor], Tensor], linear2: Callable[[Tensor], Tensor],
           shortcut: Callable[[Tensor], Tensor] | None, form: Form) -> Tensor:
-    """``final(linear2(act(linear1(x))) + shortcut(x))`` with ``shortcut`` None for the identity."""
-    act = form.hidden
-    pre = linear1(x)
-    h = act.forward_(pre) if act.from_output else act.forward(pre)  # in place only where backward reads the output
-    y = linear2(h)
-    s = x if shortcut is None else shortcut(x)
-    if form.final_activation is None:
-        return s + y
-    # The seed's `out += identity` keeps linear2's dtype; written out of place, since linear2's output may be a
-    # view that autograd forbids modifying (a module with a full backward hook returns one).
-    out = y + s
-    return torch.relu_(out if out.dtype == y.dtype else out.to(y.dtype))
+    """``final(linear2(act(linear1(x))) + shortcut(x))`` with ``shortcut`` None for the identity, each linear a
+    module or callable (the fused modules' path when their submodules must run as themselves)."""
+    y = linear2(_hidden(linear1(x), form))
+    return _finish(y, x if shortcut is None else shortcut(x), form)
 
 
 def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
                    form: Form) -> Tensor:
     """``block`` with the weights given: the linears run in the weights' dtype (``x`` cast to it, as autocast
     would), so it gives the autocast result outside an autocast region too (a recompute in backward)."""
-    low = w1.dtype
+    x_low = x if x.dtype == w1.dtype else x.to(w1.dtype)
+    y = F.linear(_hidden(F.linear(x_low, w1, b1), form), w2, b2)
+    return _finish(y, x if ws is None else F.linear(x_low, ws), form)
 
-    def cast(t: Tensor) -> Tensor:
-        return t if t.dtype == low else t.to(low)
 
-    return block(x, lambda t: F.linear(cast(t), w1, b1), lambda t: F.linear(t, w2, b2),
-                 None if ws is None else (lambda t: F.linear(cast(t), ws)), form)
+def _hidden(pre: Tensor, form: Form) -> Tensor:
+    act = form.hidden
+    return act.forward_(pre) if act.from_output else act.forward(pre)  # in place only where backward reads the output
+
+
+def _finish(y: Tensor, s: Tensor, form: Form) -> Tensor:
+    """``final(y + s)``. The seed's ``out += identity`` keeps linear2's dtype; it is written out of place, since
+    linear2's output may be a view that autograd forbids modifying (a module with a full backward hook returns
+    one). The FFN form's ``s + y`` promotes, as written out of place by users."""
+    out = s + y
+    if form.final_activation is None:
+        return out
+    return torch.relu_(out if out.dtype == y.dtype else out.to(y.dtype))
 
 
 def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:

@@ -1,10 +1,11 @@
 """The fused ops registered with ``torch.library``, so ``torch.compile`` keeps them in one graph.
 
-``routing`` sends a call here only while Dynamo traces (``torch.compiler.is_compiling()``); eager calls go
-straight to the Functions of ``autograd.py`` (a registered op costs a dispatcher round trip per call). The ops hold
-no math: each implementation asks ``routing.route`` for the call's backend, the same decision an eager call
-gets (the plain-composite route runs the ``torch`` backend here: inside an op there is no autograd to see it), and
-their autograd keeps the same tensors as the eager path (``autograd.save_block`` / ``autograd.save_linear``).
+``routing`` sends a call here only while ``torch.compile`` traces (``torch.compiler.is_compiling()``, and not
+``torch.compiler.is_exporting()``: see "Export" below); eager calls go straight to the Functions of
+``autograd.py`` (a registered op costs a dispatcher round trip per call). The ops hold no math: each
+implementation asks ``routing.route`` for the call's backend, the same decision an eager call gets (the
+plain-composite route runs the ``torch`` backend here: inside an op there is no autograd to see it), and their
+autograd keeps the same tensors as the eager path (``autograd.save_block`` / ``autograd.save_linear``).
 
 Ops (all tensors 2-D; ``residual_block`` / ``linear_residual_relu`` below flatten):
 
@@ -24,6 +25,30 @@ handling, and no Python float is turned into an fp64 kernel argument by Inductor
 float arguments). A backward op returns a list holding only the gradients asked for, since a custom op cannot
 return None. The fakes promise row-major outputs, which Inductor plans its memory by; backends promise
 row-major outputs too, and the ops make sure with ``.contiguous()`` (free where a backend wrote them row-major).
+
+**Export.** While ``torch.export`` traces (``torch.compiler.is_exporting()``), ``routing`` sends the block to
+``composite.py`` instead of these ops: the exported program holds only aten ops (``linear``, the activation,
+``add``, ``relu``: the ops the reference modules export to, with the same dtypes under autocast, since it is the
+same code), so ``torch.onnx.export(..., dynamo=True)``, ``run_decompositions()``, AOTInductor and
+``torch.export.save``/``load`` need nothing from this package. The alternatives, and why not:
+
+- A decomposition registered on the ops as a ``CompositeImplicitAutograd`` kernel, which
+  ``torch.export.default_decompositions()`` (and so ``run_decompositions()`` and the ONNX exporter) would pick up:
+  make_fx and FakeTensor run such a kernel whenever the op has no kernel of its own for the tensors' device type,
+  and that is also the only case in which ``run_decompositions`` runs it. So either ``torch.compile`` decomposes
+  the ops too and loses our kernels (implementation registered for all devices), or ``run_decompositions`` keeps
+  them (implementation registered per device type); both were tried.
+- An entry per op in a decomposition table passed to ``run_decompositions``: it runs below functionalization, so
+  it must be free of in-place ops, which ``composite.py`` uses; it would be a second copy of the block's math
+  (and its autocast dtype rules) to keep in step, and every user would have to pass the table, as with an ONNX
+  ``custom_translation_table``.
+- Exporting the ops themselves: AOTInductor then packages each as a call back into this Python code at run time
+  (its proxy executor), not as a kernel: the package needs Python and this package to run.
+
+Our Triton kernels are never in an exported artifact: Inductor (or the target runtime) compiles the aten graph.
+``torch.library.triton_op`` would let Inductor and AOTInductor see and embed them, but its ``wrap_triton``
+launches cannot run in the Triton interpreter, which is how every kernel is tested without a GPU, and it would fix
+the backend choice (``FUSED_RESIDUAL_BACKEND``, the dispatch tables) at trace time; see the README, "Deploying".
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A call of the block goes one of these ways, decided here and nowhere else:
 
-1. ``torch.compile`` / ``torch.export`` tracing: the custom ops of ``ops.py`` (opaque to the compiler).
+1. ``torch.compile`` tracing: the custom ops of ``ops.py`` (opaque to the compiler); ``torch.export`` tracing: the
+   plain composite, an aten-only graph for ONNX, AOTInductor and other runtimes (see ``ops.py``).
 2. ``torch.func`` transforms active: the plain composite (``composite.py``), differentiable ops that the transforms
    see through. A backward that builds a graph (``create_graph=True``) is handled by the Function itself
    (``autograd.py``), which then differentiates through the same composite.
@@ -44,6 +45,7 @@ from .backends import Backend
 
 ENV_VAR = "FUSED_RESIDUAL_BACKEND"
 AUTO = "auto"
+_Linear = nn.Linear
 
 
 class Route(NamedTuple):
@@ -105,9 +107,10 @@ def route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) 
     """The route for a block call on ``x (..., K)`` with ``w1 (H, K)``; decisions are cached per call signature
     (what varies per call is only the batch size, bucketed)."""
     choice = requested()
-    rows_ = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    key = (choice, x.device, x.dtype, w1.dtype, dispatch.bucket(rows_), x.shape[-1], w1.shape[0], ws is None, form,
-           training)
+    width = x.shape[-1]
+    rows_ = x.numel() // width if width else 0
+    key = (choice, x.device, x.dtype, w1.dtype, (rows_ - 1).bit_length(), width, w1.shape[0], ws is None, form,
+           training)  # (rows - 1).bit_length(): the row bucket's exponent (dispatch.bucket)
     chosen = _routes.get(key)
     if chosen is None:
         if choice == AUTO:
@@ -151,8 +154,7 @@ def reset() -> None:
 
 # ---- calls ------------------------------------------------------------------------------------------------
 
-def _functorch_active() -> bool:
-    return torch._C._are_functorch_transforms_active()
+_functorch_active = torch._C._are_functorch_transforms_active  # torch.func transforms on: a C call
 
 
 def needs_autograd(*tensors: Tensor | None) -> bool:
@@ -165,12 +167,16 @@ def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
                    form: Form) -> Tensor:
     """The block on validated operands (``x`` of any leading dims; under autocast the weights already cast)."""
     if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():  # an aten-only graph that deploys anywhere (ops.py: "Export")
+            return composite.residual_block(x, w1, b1, w2, b2, ws, form)
         from . import ops
 
         return ops.residual_block(x, w1, b1, w2, b2, ws, form)
     if _functorch_active():
         return composite.residual_block(x, w1, b1, w2, b2, ws, form)
-    training = needs_autograd(x, w1, b1, w2, b2, ws)
+    training = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad or (
+        b1 is not None and b1.requires_grad) or (b2 is not None and b2.requires_grad) or (
+        ws is not None and ws.requires_grad))
     chosen = route(x, w1, ws, form, training)
     if chosen.backend is None:
         return composite.residual_block(x, w1, b1, w2, b2, ws, form)
@@ -183,6 +189,8 @@ def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
 def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h W^T + b + residual)`` on validated operands."""
     if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():
+            return composite.linear_residual_relu(h, w, b, residual)
         from . import ops
 
         return ops.linear_residual_relu(h, w, b, residual)
@@ -294,8 +302,27 @@ def net_parameters(net: nn.Module, x: object):
 
 def block_parameters(block: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None] | None:
     """``(w1, b1, w2, b2, ws)`` of a fused block whose parts the kernels compute exactly, else None (the block
-    then calls its submodules)."""
+    then calls its submodules).
+
+    The common case (two plain ``nn.Linear`` without hooks, no shortcut, no global hooks) is checked in one
+    expression: this runs on every call of every block, where a Python call costs about a microsecond.
+    """
     modules = block._modules
+    first, second = modules["linear1"], modules["linear2"]
+    g = _module_globals
+    if (type(first) is _Linear and type(second) is _Linear and modules.get("shortcut") is None
+            and not (first._forward_hooks or first._forward_pre_hooks or first._backward_hooks
+                     or first._backward_pre_hooks or second._forward_hooks or second._forward_pre_hooks
+                     or second._backward_hooks or second._backward_pre_hooks or g._global_forward_hooks
+                     or g._global_forward_pre_hooks or g._global_backward_hooks or g._global_backward_pre_hooks)):
+        p1, p2 = first._parameters, second._parameters
+        w1, w2 = p1.get("weight"), p2.get("weight")
+        if w1 is not None and w2 is not None:
+            return w1, p1.get("bias"), w2, p2.get("bias"), None
+    return _block_parameters(modules)
+
+
+def _block_parameters(modules: dict) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None] | None:
     first, second = plain_linear(modules["linear1"]), plain_linear(modules["linear2"])
     if first is None or second is None or global_hooks():
         return None

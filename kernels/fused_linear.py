@@ -92,6 +92,10 @@ INTERPRETER_CONFIG = (32, 32, 16, 1, 4)
 # A residual or gate tile read in the epilogue needs registers next to the accumulator: with it, tiles above
 # 128 x 128 spill, so they are kept for the plain and bias epilogues.
 MAX_TILE_WITH_TILE_EPILOGUE = 128 * 128
+# On sm_8x these fp32 (TF32) tiles spill (24 bytes at 168 registers) in the backward gate and dx + residual
+# epilogues with triton 3.6, the GPU image's version; 3.9 fits them. Dropped from every tile epilogue and triton
+# version on sm_8x, one rule for all: 64 x 128 and 128 x 128 remain as large tiles.
+AMPERE_32BIT_SPILLS_WITH_TILE_EPILOGUE = [(128, 64, 32, 3, 4)]
 # The ReLU-backward mask on A (two tiles loaded per K step, A modified in registers before the dot) spills with
 # 128 x 64 tiles on 4 warps (sm_90 fp16/bf16 128 bytes, sm_80 bf16 24 bytes; others at 255 registers): dropped
 # for masked-A launches. (Masking through the load's predicate instead keeps registers low but stops Triton from
@@ -134,6 +138,8 @@ def config_table(
         table = HOPPER_16BIT if capability[0] >= 9 else AMPERE_16BIT
     if tile_epilogue:
         table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE]
+        if element_size >= 4 and capability[0] < 9:
+            table = [e for e in table if e not in AMPERE_32BIT_SPILLS_WITH_TILE_EPILOGUE]
     if masked_a:
         table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS]
     if wide:

@@ -35,10 +35,10 @@ class FakeBenchmark:
         return target()
 
 
-def test_cpu_timed_set_is_issue_2s_shapes_in_both_modes():
+def test_cpu_timed_set_is_issue_2s_shapes_in_every_mode():
     block = cases.select("reduced", ["cpu"], "block")
     assert {(c.rows, c.width) for c in block} == ISSUE_2_CPU_SHAPES
-    assert {c.mode for c in block} == {"forward", "train"} and {c.dtype for c in block} == {"fp32"}
+    assert {c.mode for c in block} == {"forward", "train", "train-sum"} and {c.dtype for c in block} == {"fp32"}
     assert {c.impl for c in block} == {"eager", "compile", "fused"}
     assert cases.select("full", ["cpu"], "block") == block
 

@@ -220,17 +220,6 @@ def test_fuse_then_compile_matches_the_reference_model():
         assert_close(grad, expected_grads[name], f"grad {name}", scale=8)
 
 
-def test_torch_export_keeps_the_op_and_runs():
-    torch.manual_seed(7)
-    net = fr.FusedResidualNet(5, 8, 3, 1).eval()
-    x = torch.randn(4, 5)
-    exported = torch.export.export(net, (x,))
-    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
-    assert BLOCK_OPS[0] in targets
-    expected, _ = float64_reference(net, x, torch.zeros(4, 3))
-    assert_close(exported.module()(x), expected, "exported out", scale=2)
-
-
 @pytest.mark.parametrize("device", device_params())
 def test_inductor_compiles_forward_and_backward(device):
     """The real thing: Inductor's generated code around our ops (C++ on CPU, Triton on CUDA)."""

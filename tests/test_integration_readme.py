@@ -1,4 +1,5 @@
-"""The examples of README.md's "Using it in your model" run as written (CPU; the torch backend by default)."""
+"""The examples of README.md's "Using it in your model" and "Deploying" run as written (CPU; the torch backend by
+default)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-# Compiling goes through a deprecated torch.jit helper in recent PyTorch; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+# Compiling and exporting go through deprecated helpers inside torch; not ours to fix.
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")]
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Using it in your model"
+DEPLOYING = "## Deploying"
 
 
-def examples() -> list[str]:
+def examples(heading: str = SECTION) -> list[str]:
     text = README.read_text()
-    assert SECTION in text, f"README.md has no section {SECTION!r}"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    assert heading in text, f"README.md has no section {heading!r}"
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
 
@@ -54,3 +57,20 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_the_deploying_section_has_an_example_for_each_route():
+    code = "\n".join(examples(DEPLOYING))
+    for needle in ("torch.onnx.export(", "onnxruntime.InferenceSession(", "torch.export.export(",
+                   "run_decompositions(", "aoti_compile_and_package(", "aoti_load_package(", "fr.unfuse("):
+        assert needle in code, needle
+
+
+@pytest.mark.parametrize("code", examples(DEPLOYING), ids=[f"deploying{i}" for i in range(len(examples(DEPLOYING)))])
+def test_deploying_example_runs(code, tmp_path, monkeypatch, use_backend):
+    if "onnx" in code:  # test extras; skipped where they are not installed
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            pytest.importorskip(package)
+    use_backend("auto")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})

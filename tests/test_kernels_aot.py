@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aot_compile
 import pytest
+import torch
 
 from fused_residual import backends
 
@@ -47,7 +48,7 @@ def test_every_case_compiles(compiled):
 
 
 def test_every_arch_dtype_and_variant_is_covered(compiled):
-    from fused_residual.kernels import fused_linear, whole_block
+    from fused_residual.kernels import whole_block
 
     results, limits = compiled
     assert set(limits) == {90, 80}
@@ -62,9 +63,6 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
                 else:
                     wanted = size == 2 or "autocast" not in variant
                 assert (("fused_linear", cap, dtype, variant) in seen) == wanted, (cap, dtype, variant)
-            configs = {tuple(c["config"]) for c in results
-                       if c["kernel"] == "fused_linear" and c["cap"] == cap and c["dtype"] == dtype}
-            assert configs == set(fused_linear.config_table((cap // 10, 0), size))
             for width in (16, 32, 64, 128):
                 forward = ("whole_block_forward", cap, dtype, f"width{width}") in seen
                 assert forward == (width <= whole_block.MAX_FORWARD_WIDTH[size])
@@ -72,6 +70,49 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
                 assert backward == (width <= whole_block.max_backward_width((cap // 10, 0)))
                 net = ("whole_net_forward", cap, dtype, f"in16-h{width}-out16") in seen
                 assert net == (width != 32 and width <= whole_block.MAX_FORWARD_WIDTH[size])
+
+
+def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
+    """Per architecture, dtype and variant, the configs compiled here are exactly those the autotuner's own prune
+    hook keeps on such a device at a large problem, with the triton installed (none runs uncompiled), with the
+    exceptions aot_compile.py states: "autocast_" variants are the fp32-operand launches only (the 16-bit ones are
+    the plain variants); smooth-activation variants leave out the small tiles, and one compiled with fp32 operands
+    covers its 16-bit launch on the tiles both may run; an "_unmasked" twin has the tiles its masked launch may not
+    run."""
+    from fused_residual.kernels import fused_linear as fl
+
+    results, limits = compiled
+    tuner = fl.fused_linear_autotuned
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    defaults = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
+                "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
+                "SPLIT_K": 1}
+    linear = [c for c in results if c["kernel"] == "fused_linear"]
+    variants = {(c["cap"], c["dtype"], c["variant"]) for c in linear}
+    assert {cap for cap, _, _ in variants} == set(limits)
+
+    def runnable(cap, dtype, flags, wide):
+        monkeypatch.setattr(fl, "capability", lambda device: (cap // 10, cap % 10))
+        args = {name: torch.empty(0, dtype=torch.float32 if name in wide else dtypes[dtype])
+                for name in ("a_ptr", "b_ptr", "a2_ptr", "res_ptr", "c_ptr")}
+        args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 0})
+        return {fl._config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **{**defaults, **flags})}
+
+    for cap, dtype, variant in sorted(variants):
+        cases = [c for c in linear if (c["cap"], c["dtype"], c["variant"]) == (cap, dtype, variant)]
+        flags, wide = cases[0]["flags"], {p for c in cases for p in c["wide"]}
+        compiled_wide = {tuple(c["config"]) for c in cases if c["wide"]}
+        compiled_plain = {tuple(c["config"]) for c in cases if not c["wide"]}
+        expected_wide = runnable(cap, dtype, flags, wide) if wide else set()
+        expected_plain = set() if variant.startswith("autocast") else runnable(cap, dtype, flags, ()) - expected_wide
+        if variant.endswith("_unmasked"):
+            masked = next(c["flags"] for c in linear if c["variant"] == variant.removesuffix("_unmasked"))
+            expected_plain -= runnable(cap, dtype, masked, ())
+        if any(act in variant for act in aot_compile.SMOOTH):
+            expected_wide = {c for c in expected_wide if c[0] * c[1] > fl.SMALL_TILE}
+            expected_plain = {c for c in expected_plain if c[0] * c[1] > fl.SMALL_TILE}
+        name = f"sm{cap}-{dtype}-{variant}"
+        assert (compiled_wide, compiled_plain) == (expected_wide, expected_plain), name
 
 
 def test_shared_memory_fits_the_device(compiled):

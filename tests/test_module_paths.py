@@ -211,3 +211,34 @@ def test_fuse_accepts_a_bottleneck_block_of_the_users_own_type():
     fr.fuse(model, block_type=Bottleneck)
     assert isinstance(model[0], fr.FusedResidualBlock) and model[0].hidden_features == 3
     torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "relu"])
+def test_fuse_swaps_a_users_transformer_ffn(activation):
+    """A user's own FFN module, ``x + linear2(act(linear1(x)))`` with a 4x hidden width, fused with the pattern
+    arguments: same outputs and gradients, same Parameters."""
+    act = fr.activations.ACTIVATIONS[activation].forward
+
+    class FFN(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.linear1, self.linear2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            return x + self.linear2(act(self.linear1(x)))
+
+    torch.manual_seed(12)
+    model = nn.Sequential(FFN(8), nn.LayerNorm(8), FFN(8)).to(DEVICE)
+    x, dout = torch.randn(6, 8, device=DEVICE), torch.randn(6, 8, device=DEVICE)
+    expected, expected_grads = run_with_grads(model, x, dout)
+    params = list(model.parameters())
+    fr.fuse(model, block_type=FFN, activation=activation, final_activation=None)
+    assert isinstance(model[0], fr.FusedResidualBlock) and model[0].hidden_features == 32
+    assert model[2].activation == activation and model[2].final_activation is None
+    assert list(model.parameters()) == params
+    for p in params:
+        p.grad = None
+    out, grads = run_with_grads(model, x, dout)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[name], atol=1e-5, rtol=1e-5)
