@@ -382,10 +382,9 @@ def fused_linear(
     ``activation``: applied last (None: identity); ``pre_out``: an ``(M, N)`` tensor that also gets the result
     before it. ``b_activation``: ``b`` holds a pre-activation, and ``act(b)`` is used (computed on load).
     Operands may be wider than the GEMM's dtype (autocast): the wider of ``a`` and ``b`` is rounded to the
-    other's dtype on chip. ``C`` is a new row-major ``(M, N)``
-    tensor of ``out_dtype`` (default ``a.dtype``), or ``out`` when given (any strides); ``rowsum`` ``(M,)`` has
-    ``C``'s dtype. ``config`` forces one ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` instead of
-    autotuning (the interpreter always uses a fixed one).
+    other's dtype on chip. ``C`` is a new row-major ``(M, N)`` tensor of ``out_dtype`` (default ``a.dtype``), or
+    ``out`` when given (any strides); ``rowsum`` ``(M,)`` has ``C``'s dtype. ``config`` forces one ``(BLOCK_M,
+    BLOCK_N, BLOCK_K, num_stages, num_warps)`` instead of autotuning (the interpreter always uses a fixed one).
     """
     a2, b2 = second if second is not None else (None, None)
     a, b, a2, b2, residual, relu_mask, gate = (_tile_safe(t) for t in (a, b, a2, b2, residual, relu_mask, gate))

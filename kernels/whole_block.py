@@ -70,7 +70,8 @@ def padded_width(features: int) -> int:
 
 def max_forward_width(element_size: int, x_element_size: int | None = None) -> int:
     """Widest padded width the forward takes with weights of ``element_size`` bytes and ``x`` of
-    ``x_element_size`` (wider under autocast)."""
+    ``x_element_size`` (wider under autocast). The same for both: an fp32 ``x`` narrows only the configs
+    (``forward_configs``), which the ahead-of-time compiles check at every width."""
     return MAX_FORWARD_WIDTH[element_size]
 
 
