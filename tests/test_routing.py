@@ -245,3 +245,12 @@ def test_a_malformed_dispatch_table_is_an_error_not_a_silent_default():
     with pytest.raises(ValueError, match="bad entry"):
         dispatch.parse({"format": 1, "device": "d", "capability": [9, 0], "entries": [
             {"dtype": "bfloat16", "width": 64, "rows": 1, "mode": "forward", "winner": "fastest"}]}, "t.json")
+
+
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
+def test_unmeasured_forms_take_no_triton_route_under_auto(use_backend, no_tables):
+    """Only the seed form was measured: a GELU block at the measured width gets the cuBLAS composite."""
+    use_backend("auto")
+    x, w = _fake_cuda(torch.bfloat16, rows=65536, width=128)
+    assert routing.route(x, w, None, Form("gelu", "relu"), False).name == "torch"
+    assert routing.route(x, w, None, Form("gelu", None), True) is routing.COMPOSITE
