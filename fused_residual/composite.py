@@ -33,7 +33,10 @@ def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
     would), so it gives the autocast result outside an autocast region too (a recompute in backward)."""
     x_low = x if x.dtype == w1.dtype else x.to(w1.dtype)
     y = F.linear(_hidden(F.linear(x_low, w1, b1), form), w2, b2)
-    return _finish(y, x if ws is None else F.linear(x_low, ws), form)
+    shortcut = x if ws is None else F.linear(x_low, ws)
+    if form.final_activation is None:
+        return _finish(y, shortcut, form)
+    return torch.relu_(y.add_(shortcut))  # the seed's `out += identity`: y is F.linear's own tensor, never a view
 
 
 def _hidden(pre: Tensor, form: Form) -> Tensor:

@@ -127,16 +127,21 @@ def lookup(found: tuple[Table, ...], dtype: torch.dtype, width: int, hidden: int
 # lost at widths 32 and 64 (host cost per launch), every two-GEMM shape and every training step.
 MEASURED_WINS = {("forward", torch.bfloat16, 128), ("forward", torch.float16, 128)}
 MEASURED_ROWS = 1 << 16
+# CPU (``python -m fused_residual.tune --device cpu``, two runs on a 2-core EPYC, benchmarks/results/cpu-*-tune):
+# below this row bucket the block's Function costs more than it saves (training 16 x 16: 0.85x the reference's
+# wall time, the composite 0.95x; forward the composite 1.1-1.2x); from it on the torch backend's fewer passes
+# over memory win (training 65536 x 32: 1.19x, 4096 x 256: 1.13x).
+CPU_FUNCTION_ROWS = 1 << 12
 
 
 def conservative(device_type: str, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
                  training: bool) -> str:
     """The rule where no table has an entry. CUDA: the measured Triton wins above, else the cuBLAS composite
     (the torch backend without autograd; in training the reference's own ops under PyTorch's autograd). CPU:
-    the torch backend (the previous CPU measurements: ``benchmarks/results/cpu-*``)."""
+    the torch backend from ``CPU_FUNCTION_ROWS`` rows on, the composite below."""
     mode = "train" if training else "forward"
     if device_type != "cuda":
-        return "torch"
+        return "torch" if bucket(rows) >= CPU_FUNCTION_ROWS else "composite"
     if (not projection and width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS
             and rows >= MEASURED_ROWS):
         return "triton:whole_block"

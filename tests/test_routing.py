@@ -27,6 +27,17 @@ def test_auto_uses_the_torch_backend_or_the_composite_on_cpu(use_backend):
         assert chosen.backend is None or chosen.backend is backends.get("torch")
 
 
+def test_the_cpu_rule_runs_the_composite_below_the_function_rows_and_the_torch_backend_from_them(
+        use_backend, no_tables):
+    use_backend("auto")
+    rows = dispatch.CPU_FUNCTION_ROWS
+    for training in (False, True):
+        assert _route(torch.empty(16, 8), training) is routing.COMPOSITE
+        assert _route(torch.empty(rows // 2, 8), training) is routing.COMPOSITE
+        assert _route(torch.empty(rows // 2 + 1, 8), training).name == "torch"  # row bucket: rows rounded up
+        assert _route(torch.empty(4 * rows, 8), training).name == "torch"
+
+
 def test_a_named_backend_is_used_when_asked(use_backend):
     use_backend("torch")
     assert _route(torch.empty(1, 4)).name == "torch"
