@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .kernels._common import capability
+
 CANDIDATES = ("triton:whole_block", "triton:two_gemm", "torch", "composite")
 MODES = ("forward", "train")
 TABLE_ENV_VAR = "FUSED_RESIDUAL_DISPATCH_TABLE"
@@ -98,7 +100,7 @@ def reset() -> None:
 def device_identity(device: torch.device) -> tuple[str, tuple[int, int]]:
     """(name, compute capability) a table is matched by: the CUDA device's, or ("cpu", (0, 0)) for any CPU."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
+        return torch.cuda.get_device_name(device), tuple(capability(device))
     return device.type, (0, 0)
 
 
