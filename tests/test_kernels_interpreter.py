@@ -394,3 +394,18 @@ def test_a_tma_choice_is_never_reused_for_a_call_that_does_not_qualify(monkeypat
 
     assert any("tma" in fl.features(c) for c in allowed(args1, flags1))
     assert not any("tma" in fl.features(c) for c in allowed(args2, flags2))
+
+
+def test_tiny_problems_keep_the_smallest_classic_tile_only(monkeypatch):
+    """At a tiny problem (N = 1) the prune hook keeps only tiles no larger than it: the smallest classic one, no
+    Hopper schedule (whose tiles are all 128 rows or more)."""
+    launches = []
+    monkeypatch.setattr(fl, "on_interpreter", lambda device: False)
+    monkeypatch.setattr(fl, "_launch_tuned", lambda grid, *args, **flags: launches.append((args, flags)))
+    fl.fused_linear(torch.randn(3, 8, dtype=torch.float16), torch.randn(1, 8, dtype=torch.float16).t())
+    (args, flags), = launches
+    assert flags["TMA_LAYOUT"] == "kk"
+    tuner = fl.fused_linear_autotuned
+    kept = tuner.early_config_prune(tuner.configs, dict(zip(fl.fused_linear_kernel.arg_names, args, strict=False)),
+                                    **flags)
+    assert [fl._config_key(c) for c in kept] == [fl.HOPPER_16BIT[-1]]
