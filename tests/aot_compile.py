@@ -65,6 +65,32 @@ SMOOTH_VARIANTS = [v for act in SMOOTH for v in (
     (f"weight_grad_{act}_on_b_ffn", {"HAS_ROWSUM": True, "SPLIT_K": 4, "B_ACTIVATION": act}, "gT_x", ("a_ptr",)),
 )]
 SMALL_TILE = 64 * 32
+# Hopper schedules (fused_linear.HOPPER_SCHEDULES, sm_90 fp16/bf16 only): each in a representative set of the
+# launches the autotuner may give it, in bf16 (fp16 compiles the same code but for the element type), not the
+# whole cross product, to keep CI's compile time down. The set covers each schedule feature in each operand
+# layout (A row-major or g^T, B = W^T or row-major) and each epilogue kind: tile epilogues (split or not), the
+# second operand pair, the masks, split-K with row sums. AOT_HOPPER=all compiles every (variant, schedule) pair the
+# prune hook allows instead (done with triton 3.6 and 3.9 when the schedules were added; see the README).
+# Variants only the warp-specialized schedule adds (the launches it may take that no variant above stands for):
+HOPPER_ONLY_VARIANTS = [
+    ("forward_bias_relu", {"HAS_BIAS": True, "ACTIVATION": "relu"}, "x_wT"),
+    ("backward_dh", {"MASK": "a"}, "g_W"),
+]
+HOPPER_CASES = [
+    ("tma+persistent+split", "forward_bias_residual_relu"),
+    ("tma+persistent+split", "backward_dx_residual"),
+    ("tma+persistent+split", "weight_grad_split_k"),
+    ("tma+persistent+split", "backward_gate_unmasked"),
+    ("tma+persistent", "backward_gate"),
+    ("tma+persistent", "backward_dx_projection"),
+    ("tma", "forward_projection"),
+    ("tma", "weight_grad_split_k"),
+    ("tma+persistent+ws", "forward_bias_relu"),
+    ("tma+persistent+ws", "backward_dh"),
+]
+HOPPER_DTYPE = "bf16"
+# fused_linear.tma_layout() of each layout's operands (at aligned sizes): A's contiguous dim, then B's.
+TMA_LAYOUTS = {"x_wT": "kk", "g_W": "kn", "gT_x": "mn"}
 UNIT_STRIDES = {
     "x_wT": ("stride_ak", "stride_bk", "stride_a2k", "stride_b2k", "stride_rn", "stride_qk", "stride_gn",
              "stride_pn", "stride_cn"),
@@ -75,12 +101,15 @@ UNIT_STRIDES = {
 }
 
 
-def _table(fl, cap: int, size: int, flags: dict, wide: bool) -> list:
-    """The configs the autotuner may run for a launch with ``flags`` (fused_linear._prune's rule)."""
+def _table(fl, cap: int, size: int, flags: dict, wide: bool, tma: bool = False) -> list:
+    """The configs the autotuner may run for a launch with ``flags`` (fused_linear._prune's rule); ``tma``: with
+    operands that qualify for TMA (the Hopper schedules; without, only those that need no TMA)."""
     tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
     smooth = fl.smooth_places(flags.get("ACTIVATION", "identity"), flags.get("GATE", "identity"),
                               flags.get("B_ACTIVATION", "identity"))
-    return fl.config_table((cap // 10, cap % 10), size, tile_epilogue, flags.get("MASK") == "a", wide, smooth)
+    warp_specialize = not (flags.get("HAS_SECOND") or flags.get("HAS_ROWSUM") or flags.get("SPLIT_K", 1) > 1)
+    return fl.config_table((cap // 10, cap % 10), size, tile_epilogue, flags.get("MASK") == "a", wide, smooth, tma,
+                           warp_specialize)
 
 
 def fused_linear_cases():
@@ -113,6 +142,31 @@ def fused_linear_cases():
                 for config in _table(fl, cap, size, flags, False):
                     if config[0] * config[1] > fl.SMALL_TILE:
                         yield case(name, flags, layout, cap, dtype, config, wide if config in wide_configs else ())
+    yield from hopper_cases(case)
+
+
+def hopper_cases(case):
+    """The Hopper schedules' cases, variants named "hopper_<variant>": HOPPER_CASES, or with AOT_HOPPER=all every
+    pair the prune hook allows (in fp16 and bf16)."""
+    from fused_residual.kernels import fused_linear as fl
+
+    variants = {name: (flags, layout) for name, flags, layout in FUSED_LINEAR_VARIANTS + HOPPER_ONLY_VARIANTS}
+    # Without the mask on A (the FFN form's g1, dW1) a launch may take what the mask rule drops, as above.
+    variants.update({f"{name}_unmasked": ({k: v for k, v in flags.items() if k != "MASK"}, layout)
+                     for name, (flags, layout) in list(variants.items()) if flags.get("MASK") == "a"})
+    if os.environ.get("AOT_HOPPER") == "all":
+        for dtype in ("fp16", "bf16"):
+            for name, (flags, layout) in variants.items():
+                masked = variants[name.removesuffix("_unmasked")][0]
+                for config in _table(fl, 90, 2, flags, False, tma=True):
+                    if fl.features(config) and (masked is flags or config not in _table(fl, 90, 2, masked, False,
+                                                                                        tma=True)):
+                        yield case(f"hopper_{name}", flags, layout, 90, dtype, config)
+        return
+    schedules = {fl.features(e): e for e in fl.HOPPER_SCHEDULES}
+    for schedule, name in HOPPER_CASES:
+        flags, layout = variants[name]
+        yield case(f"hopper_{name}", flags, layout, 90, HOPPER_DTYPE, schedules[tuple(schedule.split("+"))])
 
 
 def whole_block_cases():
@@ -179,12 +233,17 @@ def _compile(case: dict) -> dict:
 
     kernel = fl.fused_linear_kernel
     names = list(kernel.arg_names)
-    block_m, block_n, block_k, _, _ = case["config"]
+    block_m, block_n, block_k = case["config"][:3]
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
              "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
              "SPLIT_K": 1, **case["flags"]}
+    # TMA_LAYOUT as the wrapper computes it for these unit strides (sm_90, A and B of one dtype; "" elsewhere).
+    hopper = case["cap"] >= 90 and not {"a_ptr", "b_ptr"} & set(case["wide"])
+    layout = TMA_LAYOUTS[case["layout"]] if hopper else ""
     constexprs = {**flags, "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee",
-                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "TMA_LAYOUT": layout,
+                  "TMA": False, "PERSISTENT": False, "WARP_SPECIALIZE": False, "EPILOGUE_SPLIT": 1,
+                  **fl.schedule_constexprs(tuple(case["config"]))}
     constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]]})
     fp32_args = ("ws_ptr",)
     return _build(case, kernel, names, constexprs, lambda arg: "*i32" if arg == "counters_ptr"
@@ -237,7 +296,7 @@ def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type)
             if arg.startswith("stride") or arg in ("M", "N", "K", "K2", "F", "IN", "H", "OUT"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     result = dict(case)
-    _, _, _, stages, warps = case["config"]
+    stages, warps = case["config"][3:5]
     try:
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", case["cap"], 32),
@@ -246,7 +305,14 @@ def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type)
         result.update(ok=False, error=f"{type(err).__name__}: {str(err)[:2000]}")
         return result
     ptx = compiled.asm["ptx"]
-    result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx, **_ptxas_report(ptx, case["cap"]))
+    ttgir = compiled.asm.get("ttgir", "")
+    # TMA: bulk tensor copies in the PTX; persistent: the tile loop reads the grid size (only the persistent
+    # schedule asks for it); warp specialization: Triton's partitioner made warp groups, which re-balance
+    # registers between them (setmaxnreg).
+    result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                  persistent="tt.get_num_programs" in ttgir,
+                  warp_specialized="ttg.warp_specialize" in ttgir and "setmaxnreg" in ptx,
+                  **_ptxas_report(ptx, case["cap"]))
     return result
 
 

@@ -57,7 +57,8 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
         for dtype, size in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
             # autocast: 16-bit weights only; smooth activations: bf16 (standing for fp16) and fp32, their FFN
             # launches with an fp32 A in bf16 only; "_unmasked": only where the masked-A rule drops a tile
-            for variant in {v for k, _, _, v in seen if k == "fused_linear" and "unmasked" not in v}:
+            for variant in {v for k, _, _, v in seen if k == "fused_linear" and "unmasked" not in v
+                            and not v.startswith("hopper_")}:
                 if any(act in variant for act in aot_compile.SMOOTH):
                     wanted = dtype in aot_compile.SMOOTH_DTYPES and (size == 2 or not variant.endswith("_ffn"))
                 else:
@@ -70,6 +71,8 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
                 assert backward == (width <= whole_block.max_backward_width((cap // 10, 0)))
                 net = ("whole_net_forward", cap, dtype, f"in16-h{width}-out16") in seen
                 assert net == (width != 32 and width <= whole_block.MAX_FORWARD_WIDTH[size])
+    hopper = {(cap, dtype) for k, cap, dtype, v in seen if v.startswith("hopper_")}
+    assert (90, aot_compile.HOPPER_DTYPE) in hopper and hopper <= {(90, "fp16"), (90, "bf16")}, hopper
 
 
 def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
@@ -86,8 +89,9 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     defaults = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
                 "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
-                "SPLIT_K": 1}
-    linear = [c for c in results if c["kernel"] == "fused_linear"]
+                "SPLIT_K": 1, "TMA_LAYOUT": ""}
+    # the Hopper schedules' representative cases: test_hopper_schedules_compile_as_intended
+    linear = [c for c in results if c["kernel"] == "fused_linear" and not c["variant"].startswith("hopper_")]
     variants = {(c["cap"], c["dtype"], c["variant"]) for c in linear}
     assert {cap for cap, _, _ in variants} == set(limits)
 
@@ -115,6 +119,61 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
         assert (compiled_wide, compiled_plain) == (expected_wide, expected_plain), name
 
 
+def _prune_hook_allows(monkeypatch, cap, dtype, flags, layout):
+    """The configs fused_linear's prune hook keeps on a device of ``cap`` at a large problem, for a launch with
+    ``flags`` whose operands have TMA_LAYOUT ``layout``."""
+    from fused_residual.kernels import fused_linear as fl
+
+    monkeypatch.setattr(fl, "capability", lambda device: (cap // 10, cap % 10))
+    tuner = fl.fused_linear_autotuned
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    args = {name: torch.empty(0, dtype=torch_dtype) for name in ("a_ptr", "b_ptr", "a2_ptr", "res_ptr", "c_ptr")}
+    args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 4096 if flags.get("HAS_SECOND") else 0})
+    flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
+             "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
+             "SPLIT_K": 1, **flags, "TMA_LAYOUT": layout}
+    return {fl._config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **flags)}
+
+
+def test_hopper_schedules_compile_as_intended(compiled, monkeypatch):
+    """Each Hopper schedule is compiled (sm_90, both tritons) in the launches aot_compile.HOPPER_CASES names, each
+    one the prune hook may give it; the PTX copies tiles with TMA exactly where the schedule says "tma", the tile
+    loop is persistent exactly where it says "persistent", and the loop is warp-specialized where it says "ws"
+    (no spills, shared memory and wgmma: the tests above)."""
+    from fused_residual.kernels import fused_linear as fl
+
+    results, _ = compiled
+    cases = [c for c in results if c["kernel"] == "fused_linear" and c["variant"].startswith("hopper_")]
+    assert {tuple(c["config"]) for c in cases} == set(fl.HOPPER_SCHEDULES), "every schedule compiled"
+    for c in cases:
+        name = _name(c)
+        features = fl.features(tuple(c["config"]))
+        layout = aot_compile.TMA_LAYOUTS[c["layout"]]
+        assert tuple(c["config"]) in _prune_hook_allows(monkeypatch, c["cap"], c["dtype"], c["flags"], layout), name
+        if c["ok"]:
+            assert (c["tma"], c["persistent"], c["warp_specialized"]) == (
+                "tma" in features, "persistent" in features, "ws" in features), name
+
+
+def test_hopper_schedules_go_to_sm90_16bit_gemms_with_tma_operands_only(monkeypatch):
+    """sm_80 never receives a Hopper schedule, nor does an fp32, autocast or smooth-activation launch on sm_90,
+    nor a "tma" schedule a launch whose operands do not qualify (TMA_LAYOUT ""), in any epilogue."""
+    from fused_residual.kernels import fused_linear as fl
+
+    flag_sets = [dict(flags) for _, flags, _ in aot_compile.FUSED_LINEAR_VARIANTS + aot_compile.HOPPER_ONLY_VARIANTS]
+    for flags in flag_sets:
+        for cap, dtype in ((80, "fp16"), (80, "bf16"), (86, "bf16"), (89, "fp16"), (90, "fp32")):
+            allowed = _prune_hook_allows(monkeypatch, cap, dtype, flags, "kk")
+            assert allowed and not any(fl.features(c) for c in allowed), (cap, dtype, flags)
+        for dtype in ("fp16", "bf16"):
+            unaligned = _prune_hook_allows(monkeypatch, 90, dtype, flags, "")
+            assert not any("tma" in fl.features(c) for c in unaligned), flags
+            assert any(fl.features(c) for c in _prune_hook_allows(monkeypatch, 90, dtype, flags, "kk")), flags
+            for wide, smooth in ((True, ()), (False, ("epilogue",))):
+                table = fl.config_table((9, 0), 2, wide=wide, smooth=smooth, tma=True, warp_specialize=True)
+                assert not any(fl.features(c) for c in table)
+
+
 def test_shared_memory_fits_the_device(compiled):
     results, limits = compiled
     too_big = [f"{_name(c)}: {c['shared']} > {limits[c['cap']]}" for c in results
@@ -139,7 +198,7 @@ def test_hopper_pipelines_its_loads(compiled):
     """Multi-stage configs must really be software-pipelined: their shared memory holds every stage."""
     results, _ = compiled
     for c in results:
-        block_m, block_n, block_k, stages, _ = c["config"]
+        block_m, block_n, block_k, stages = c["config"][:4]
         element = 4 if c["dtype"] == "fp32" else 2
         if c["ok"] and c["cap"] == 90 and stages > 1:
             assert c["shared"] >= (stages - 1) * (block_m + block_n) * block_k * element, _name(c)

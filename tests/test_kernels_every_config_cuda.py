@@ -47,7 +47,8 @@ def test_fused_linear_every_config(dtype, tile_epilogue, masked_a):
         acc = torch.where(extra.double() <= 0, 0.0, acc)
     expected = torch.relu(acc)
     element = torch.empty(0, dtype=dtype).element_size()
-    for config in fl.config_table(_capability(), element, tile_epilogue, masked_a):
+    tma = fl.tma_layout(a, w.t(), q=kwargs.get("relu_mask")) != ""
+    for config in fl.config_table(_capability(), element, tile_epilogue, masked_a, tma=tma, warp_specialize=True):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         fl.fused_linear(a, w.t(), bias=bias, activation="relu", out=out, config=config, **kwargs)
         assert_close(out, expected, f"config {config}", scale=4)
@@ -63,11 +64,80 @@ def test_weight_gradient_every_config(dtype, split_k):
     a = torch.randn(5000, 80, generator=g).cuda().to(dtype)
     g64 = torch.where(relu_out.double() <= 0, 0.0, grad.double())
     element = torch.empty(0, dtype=dtype).element_size()
-    for config in fl.config_table(_capability(), element, masked_a=True):
+    tma = fl.tma_layout(grad.t(), a, q=relu_out.t()) != ""
+    for config in fl.config_table(_capability(), element, masked_a=True, tma=tma):
         dw, db = fl.fused_linear(grad.t(), a, relu_mask=relu_out.t(), rowsum=True, split_k=split_k, out_dtype=dtype,
                                  config=config)
         assert_close(dw, g64.t() @ a.double(), f"dW {config}", scale=16)
         assert_close(db, g64.sum(0), f"db {config}", scale=16)
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="Hopper schedules: sm_90")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("epilogue", ["bias_relu", "bias_residual_relu", "gate", "second", "masked_a",
+                                      "masked_residual"])
+def test_hopper_schedules_every_epilogue(dtype, epilogue):
+    """Each Hopper schedule the prune hook allows for the launch, forced, in every epilogue kind and both operand
+    layouts of B (W^T for the forward layers, W row-major for dx), ragged M and N, against float64."""
+    g = torch.Generator().manual_seed(2)
+    m, k, n = 1000, 192, 520
+    a = torch.randn(m, k, generator=g).cuda().to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).cuda().to(dtype)
+    kwargs = {"bias": torch.randn(n, generator=g).cuda().to(dtype), "activation": "relu"}
+    extra = torch.randn(m, n, generator=g).cuda().to(dtype)
+    if epilogue in ("bias_residual_relu", "masked_residual"):
+        kwargs["residual"] = extra
+    if epilogue == "gate":
+        kwargs["gate"] = extra
+    if epilogue == "second":
+        kwargs["second"] = (torch.randn(m, 64, generator=g).cuda().to(dtype),
+                            (torch.randn(n, 64, generator=g) / 8).cuda().to(dtype).t())
+    if epilogue == "masked_a":
+        kwargs["relu_mask"] = torch.randn(m, k, generator=g).cuda().to(dtype)
+    if epilogue == "masked_residual":
+        kwargs.update(relu_mask=torch.randn(m, n, generator=g).cuda().to(dtype), mask_on="residual")
+    a64 = torch.where(kwargs["relu_mask"].double() <= 0, 0.0, a.double()) if epilogue == "masked_a" else a.double()
+    for b in (w.t(), w.t().contiguous()):
+        if "second" in kwargs:  # B2 laid out as B, as TMA needs
+            a2, b2 = kwargs["second"]
+            kwargs["second"] = (a2, b2.contiguous() if b.is_contiguous() else b2.t().contiguous().t())
+        acc = a64 @ b.double() + kwargs["bias"].double()
+        if "second" in kwargs:
+            acc = acc + kwargs["second"][0].double() @ kwargs["second"][1].double()
+        if "residual" in kwargs:
+            r = extra.double()
+            acc = acc + (torch.where(kwargs["relu_mask"].double() <= 0, 0.0, r) if epilogue == "masked_residual"
+                         else r)
+        if "gate" in kwargs:
+            acc = torch.where(extra.double() <= 0, 0.0, acc)
+        expected = torch.relu(acc)
+        q = kwargs["relu_mask"] if epilogue == "masked_a" else None
+        assert fl.tma_layout(a, b, *kwargs.get("second", (None, None)), q) != ""
+        table = fl.config_table(_capability(), 2, "residual" in kwargs or "gate" in kwargs, epilogue == "masked_a",
+                                tma=True, warp_specialize="second" not in kwargs)
+        schedules = [c for c in table if fl.features(c)]
+        assert schedules
+        for config in schedules:
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            fl.fused_linear(a, b, out=out, config=config, **kwargs)
+            assert_close(out, expected, f"config {config}, B strides {b.stride()}", scale=4)
+
+
+def test_autotuned_tma_choice_is_not_reused_for_misaligned_operands():
+    """The autotuner's choice at aligned operands (where TMA schedules compete on sm_90) must not serve a call whose
+    operands break TMA's alignment rules at the same shapes: that call gets its own choice, and a right answer."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(512, 256, generator=g) / 16).cuda().half()
+    bias = torch.randn(512, generator=g).cuda().half()
+    aligned = torch.randn(2048, 256, generator=g).cuda().half()
+    misaligned = torch.randn(2048, 264, generator=g).cuda().half()[:, 4:260]  # rows 528 bytes apart, base + 8 bytes
+    assert fl.tma_layout(aligned, w.t()) != "" or _capability()[0] < 9
+    assert fl.tma_layout(misaligned, w.t()) == ""
+    for x in (aligned, misaligned, aligned, misaligned):
+        out, _ = fl.fused_linear(x, w.t(), bias=bias, activation="relu")
+        assert_close(out, torch.relu(x.double() @ w.double().t() + bias.double()), "out", scale=4)
+        if x is misaligned:
+            assert "tma" not in fl.features(fl._config_key(fl.fused_linear_autotuned.best_config))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
