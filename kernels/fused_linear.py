@@ -7,7 +7,7 @@ Math, per output element (all arithmetic in fp32, one rounding at the store):
                                                     dY * (Y > 0) is never written to memory)
     B'         = act_B(B)                         (B_ACTIVATION: B = act(P) from a saved pre-activation P, on load)
     acc[m, n]  = sum_k A'[m, k] B'[k, n]
-               + sum_k A2[m, k] B2[k, n]          (HAS_SECOND: a second operand pair joins along K, e.g. the
+               + sum_k SA[m, k] SB[k, n]          (HAS_SECOND: a second operand pair joins along K, e.g. the
                                                     projection shortcut  x Ws^T  or  g2 Ws  in backward)
     acc       += bias[n]                          (HAS_BIAS)
     acc       += R'[m, n]                         (HAS_RESIDUAL; R' = Q <= 0 ? 0 : R with MASK "residual")
@@ -24,11 +24,11 @@ training, for activations whose derivative reads it), ``out = relu(h W2^T + b2 +
 computing ``act`` on load of B where the saved tensor is the pre-activation), where ``dout' = dout * (out > 0)`` is
 applied on load (the FFN form has no final ReLU: ``dout' = dout``).
 
-Mixed dtypes (autocast: fp32 activations, fp16/bf16 weights): the wider of A and B (A2 and B2) is rounded to the
+Mixed dtypes (autocast: fp32 activations, fp16/bf16 weights): the wider of A and B (SA and SB) is rounded to the
 other's dtype on chip, after it is read once in its own dtype; the residual is added un-rounded; C, pre and
 rowsum are stored in their tensors' dtypes.
 
-Shapes: A (M, K), B (K, N), A2 (M, K2), B2 (K2, N), bias (N,), Q like A (MASK "a") or C, residual / gate / pre / C
+Shapes: A (M, K), B (K, N), SA (M, K2), SB (K2, N), bias (N,), Q like A (MASK "a") or C, residual / gate / pre / C
 (M, N). Every stride is passed (a weight is read transposed through its strides, never copied); tile origins are
 int64, in-tile offsets int32 (the host keeps stride * tile below 2^31).
 Split-K (SPLIT_K > 1, for weight gradients where K is the batch and M x N is small): program (tile, s) sums its
@@ -40,7 +40,7 @@ Schedules (constexprs chosen per autotune config; HOPPER_SCHEDULES offers them o
 classic configs, and the autotuner keeps whichever is faster). The math above is the same in all of them:
 - classic (every config without a schedule): operand tiles loaded through pointers with masks on the ragged edges,
   software-pipelined by Triton (cp.async on sm_80, TMA-free); one program per (tile, K slice).
-- "tma": the K loop's operand tiles (A, B, the mask Q on A, A2, B2) are copied by the tensor memory accelerator
+- "tma": the K loop's operand tiles (A, B, the mask Q on A, SA, SB) are copied by the tensor memory accelerator
   through device-side descriptors (``tl.make_tensor_descriptor``: triton 3.6 and 3.9 alike; 128 bytes of global
   scratch per descriptor and program, from ``triton.set_allocator``), which zero-fill past the bounds. An operand
   stored column-contiguous (A = g^T, B = W^T) is described as its transpose and its tile transposed on chip. Only
@@ -231,7 +231,7 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # the flags arrive as keywords
     a = args["a_ptr"]
     size = min(a.element_size(), args["b_ptr"].element_size())  # the GEMM's dtype: the narrower operand
-    wide = max(args[n].element_size() for n in ("a_ptr", "b_ptr", "a2_ptr", "res_ptr", "c_ptr")) > size
+    wide = max(args[n].element_size() for n in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")) > size
     tile_epilogue = args["HAS_RESIDUAL"] or args["GATE"] != IDENTITY
     smooth = smooth_places(args["ACTIVATION"], args["GATE"], args["B_ACTIVATION"])
     warp_specialize = not (args["HAS_SECOND"] or args["HAS_ROWSUM"] or args["SPLIT_K"] > 1)
@@ -338,11 +338,11 @@ def _epilogue(acc, row0, col0, tile_m, mask_m, N,
 @triton.jit
 def _tile(
     tile, split, splits,
-    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
-    ws_ptr, counters_ptr, a_desc, b_desc, q_desc, a2_desc, b2_desc,
+    a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
+    ws_ptr, counters_ptr, a_desc, b_desc, q_desc, sa_desc, sb_desc,
     M, N, K, K2,
     stride_am, stride_ak, stride_bk, stride_bn,
-    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_sam, stride_sak, stride_sbk, stride_sbn,
     stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
     stride_cm, stride_cn,
     reduce_group,
@@ -413,23 +413,23 @@ def _tile(
 
     if HAS_SECOND:
         if TMA:
-            acc, rowsum = _tma_dot(acc, rowsum, a2_desc, b2_desc, a2_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0,
+            acc, rowsum = _tma_dot(acc, rowsum, sa_desc, sb_desc, sa_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0,
                                    tl.cdiv(K2, BLOCK_K), A_T, B_T, False, "identity", False, INPUT_PRECISION, BLOCK_K,
                                    WARP_SPECIALIZE)
         else:
-            a2_ptrs = a2_ptr + row0 * stride_a2m + (tile_m[:, None] * stride_a2m + offs_k[None, :] * stride_a2k)
-            b2_ptrs = b2_ptr + col0 * stride_b2n + (offs_k[:, None] * stride_b2k + tile_n[None, :] * stride_b2n)
-            a2_step = BLOCK_K * tl.cast(stride_a2k, tl.int64)
-            b2_step = BLOCK_K * tl.cast(stride_b2k, tl.int64)
+            sa_ptrs = sa_ptr + row0 * stride_sam + (tile_m[:, None] * stride_sam + offs_k[None, :] * stride_sak)
+            sb_ptrs = sb_ptr + col0 * stride_sbn + (offs_k[:, None] * stride_sbk + tile_n[None, :] * stride_sbn)
+            sa_step = BLOCK_K * tl.cast(stride_sak, tl.int64)
+            sb_step = BLOCK_K * tl.cast(stride_sbk, tl.int64)
             for k in range(0, K2, BLOCK_K):
                 mask_k = offs_k < K2 - k
-                a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                b2 = tl.load(b2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                a2 = narrowed(a2, b2)
-                b2 = narrowed(b2, a2)
-                acc = tl.dot(a2, b2, acc, input_precision=INPUT_PRECISION)
-                a2_ptrs += a2_step
-                b2_ptrs += b2_step
+                sa = tl.load(sa_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                sb = tl.load(sb_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                sa = narrowed(sa, sb)
+                sb = narrowed(sb, sa)
+                acc = tl.dot(sa, sb, acc, input_precision=INPUT_PRECISION)
+                sa_ptrs += sa_step
+                sb_ptrs += sb_step
 
     write = True
     if SPLIT_K > 1:
@@ -471,11 +471,11 @@ def _tile(
 
 @triton.jit
 def fused_linear_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
+    a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
     ws_ptr, counters_ptr,
     M, N, K, K2,
     stride_am, stride_ak, stride_bk, stride_bn,
-    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_sam, stride_sak, stride_sbk, stride_sbn,
     stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
     stride_cm, stride_cn,
     reduce_group,  # split-K: partial slices per group of the in-kernel reduction (see _reduce.py)
@@ -492,7 +492,7 @@ def fused_linear_kernel(
 ):
     A_T: tl.constexpr = TMA_LAYOUT == "mk" or TMA_LAYOUT == "mn"  # A stored M-contiguous (A = g^T)
     B_T: tl.constexpr = TMA_LAYOUT == "kk" or TMA_LAYOUT == "mk"  # B stored K-contiguous (B = W^T)
-    a_desc, b_desc, q_desc, a2_desc, b2_desc = a_ptr, b_ptr, mask_ptr, a2_ptr, b2_ptr
+    a_desc, b_desc, q_desc, sa_desc, sb_desc = a_ptr, b_ptr, mask_ptr, sa_ptr, sb_ptr
     if TMA:
         tl.static_assert(TMA_LAYOUT != "", "TMA schedules run only where tma_layout() qualifies the operands")
         a_desc = _descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_T)
@@ -500,15 +500,15 @@ def fused_linear_kernel(
         if MASK == "a":
             q_desc = _descriptor(mask_ptr, M, K, stride_qm, stride_qk, BLOCK_M, BLOCK_K, A_T)
         if HAS_SECOND:
-            a2_desc = _descriptor(a2_ptr, M, K2, stride_a2m, stride_a2k, BLOCK_M, BLOCK_K, A_T)
-            b2_desc = _descriptor(b2_ptr, K2, N, stride_b2k, stride_b2n, BLOCK_K, BLOCK_N, B_T)
+            sa_desc = _descriptor(sa_ptr, M, K2, stride_sam, stride_sak, BLOCK_M, BLOCK_K, A_T)
+            sb_desc = _descriptor(sb_ptr, K2, N, stride_sbk, stride_sbn, BLOCK_K, BLOCK_N, B_T)
     if PERSISTENT:
         # Grid (programs, splits): program p of K slice s takes tiles p, p + programs, ... (persistent_grid()).
         for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _tile(tile, tl.program_id(1), tl.num_programs(1),
-                  a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
-                  ws_ptr, counters_ptr, a_desc, b_desc, q_desc, a2_desc, b2_desc, M, N, K, K2,
-                  stride_am, stride_ak, stride_bk, stride_bn, stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+                  a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
+                  ws_ptr, counters_ptr, a_desc, b_desc, q_desc, sa_desc, sb_desc, M, N, K, K2,
+                  stride_am, stride_ak, stride_bk, stride_bn, stride_sam, stride_sak, stride_sbk, stride_sbn,
                   stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
                   stride_cm, stride_cn, reduce_group,
                   HAS_SECOND, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, B_ACTIVATION, HAS_ROWSUM,
@@ -517,9 +517,9 @@ def fused_linear_kernel(
     else:
         # Grid (tiles, SPLIT_K).
         _tile(tl.program_id(0), tl.program_id(1), SPLIT_K,
-              a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
-              ws_ptr, counters_ptr, a_desc, b_desc, q_desc, a2_desc, b2_desc, M, N, K, K2,
-              stride_am, stride_ak, stride_bk, stride_bn, stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+              a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr, rowsum_ptr,
+              ws_ptr, counters_ptr, a_desc, b_desc, q_desc, sa_desc, sb_desc, M, N, K, K2,
+              stride_am, stride_ak, stride_bk, stride_bn, stride_sam, stride_sak, stride_sbk, stride_sbn,
               stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
               stride_cm, stride_cn, reduce_group,
               HAS_SECOND, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, B_ACTIVATION, HAS_ROWSUM,
@@ -568,16 +568,16 @@ def _tma_dim(t: torch.Tensor, dims: str) -> str:
     return ""
 
 
-def tma_layout(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+def tma_layout(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None = None, sb: torch.Tensor | None = None,
                q: torch.Tensor | None = None) -> str:
     """The kernel's TMA_LAYOUT: A's contiguous dim ("k": row-major, "m": A = g^T) then B's ("n": row-major, "k":
     B = W^T) where every operand the K loop reads (A, B, the mask Q on A, the second pair) meets TMA's rules,
-    Q and A2 laid out as A and B2 as B; else "" (no TMA config may run)."""
+    Q and SA laid out as A and SB as B; else "" (no TMA config may run)."""
     a_dim, b_dim = _tma_dim(a, "mk"), _tma_dim(b, "kn")
     if not a_dim or not b_dim:
         return ""
-    if (q is not None and _tma_dim(q, "mk") != a_dim) or (a2 is not None and (
-            _tma_dim(a2, "mk") != a_dim or _tma_dim(b2, "kn") != b_dim)):
+    if (q is not None and _tma_dim(q, "mk") != a_dim) or (sa is not None and (
+            _tma_dim(sa, "mk") != a_dim or _tma_dim(sb, "kn") != b_dim)):
         return ""
     return a_dim + b_dim
 
@@ -636,9 +636,9 @@ def fused_linear(
     out: torch.Tensor | None = None,
     config: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``C = epilogue(a @ b [+ a2 @ b2])`` as documented above; returns ``(C, rowsum or None)``.
+    """``C = epilogue(a @ b [+ sa @ sb])`` as documented above; returns ``(C, rowsum or None)``.
 
-    ``a (M, K)`` and ``b (K, N)`` are any strided views (pass ``w.t()`` for ``x @ w.T``); ``second = (a2, b2)``
+    ``a (M, K)`` and ``b (K, N)`` are any strided views (pass ``w.t()`` for ``x @ w.T``); ``second = (sa, sb)``
     joins along K. ``relu_mask``: a ReLU's output ``Y`` whose mask ``Y > 0`` multiplies ``a`` on load
     (``mask_on="a"``, shaped like ``a``) or the residual (``mask_on="residual"``). ``gate``: the saved tensor of
     ``gate_activation`` (its output for relu, else its input), by whose derivative the result is multiplied.
@@ -650,13 +650,13 @@ def fused_linear(
     BLOCK_N, BLOCK_K, num_stages, num_warps[, schedule])`` instead of autotuning (the interpreter always uses a
     fixed one); a "tma" schedule needs operands that qualify (``tma_layout``).
     """
-    a2, b2 = second if second is not None else (None, None)
-    a, b, a2, b2, residual, relu_mask, gate = (_tile_safe(t) for t in (a, b, a2, b2, residual, relu_mask, gate))
+    sa, sb = second if second is not None else (None, None)
+    a, b, sa, sb, residual, relu_mask, gate = (_tile_safe(t) for t in (a, b, sa, sb, residual, relu_mask, gate))
     M, K = a.shape
     N = b.shape[1]
-    K2 = a2.shape[1] if a2 is not None else 0
+    K2 = sa.shape[1] if sa is not None else 0
     has_epilogue = bias is not None or residual is not None or gate is not None or pre_out is not None or activation
-    if split_k > 1 and (out is not None or a2 is not None or has_epilogue):
+    if split_k > 1 and (out is not None or sa is not None or has_epilogue):
         raise ValueError("fused_linear: split-K takes no epilogue and no second operand")
     out_dtype = out_dtype or a.dtype
     for t in (out, pre_out):
@@ -680,22 +680,22 @@ def fused_linear(
     mask = "none" if relu_mask is None else mask_on
     layout = ""
     if a.dtype == b.dtype and capability(a.device)[0] >= 9:
-        layout = tma_layout(a, b, a2, b2, relu_mask if mask == "a" else None)
+        layout = tma_layout(a, b, sa, sb, relu_mask if mask == "a" else None)
         if layout and a.is_cuda:
             _ensure_scratch_allocator()
     args = (
-        a, b, a2 if a2 is not None else a, b2 if b2 is not None else b,
+        a, b, sa if sa is not None else a, sb if sb is not None else b,
         bias if bias is not None else c, residual if residual is not None else c,
         relu_mask if relu_mask is not None else c, gate if gate is not None else c,
         pre_out if pre_out is not None else c,
         c, sums if sums is not None else c, ws, counters,
         M, N, K, K2,
-        *a.stride(), *b.stride(), *_strides(a2), *_strides(b2),
+        *a.stride(), *b.stride(), *_strides(sa), *_strides(sb),
         *_strides(residual), *_strides(relu_mask), *_strides(gate), *_strides(pre_out), *c.stride(),
         _reduce.group_size(split_k), next_power_of_2(M), next_power_of_2(K),
     )
     flags = {
-        "HAS_SECOND": a2 is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
+        "HAS_SECOND": sa is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
         "MASK": mask, "GATE": gate_activation if gate is not None else IDENTITY,
         "STORE_PRE": pre_out is not None,
         "ACTIVATION": activation or IDENTITY, "B_ACTIVATION": b_activation or IDENTITY, "HAS_ROWSUM": rowsum,

@@ -43,7 +43,7 @@ AUTOCAST_VARIANTS = [
     ("autocast_residual", {"HAS_BIAS": True, "HAS_RESIDUAL": True, "MASK": "residual", "ACTIVATION": "relu"}, "x_wT",
      ("res_ptr", "c_ptr")),
     ("autocast_projection", {"HAS_SECOND": True, "HAS_BIAS": True, "MASK": "a", "ACTIVATION": "relu"}, "x_wT",
-     ("a2_ptr", "c_ptr")),
+     ("sa_ptr", "c_ptr")),
     ("autocast_weight_grad", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a"}, "gT_x", ("b_ptr",)),
 ]
 AUTOCAST_DTYPES = ("fp16", "bf16")
@@ -92,11 +92,11 @@ HOPPER_DTYPE = "bf16"
 # fused_linear.tma_layout() of each layout's operands (at aligned sizes): A's contiguous dim, then B's.
 TMA_LAYOUTS = {"x_wT": "kk", "g_W": "kn", "gT_x": "mn"}
 UNIT_STRIDES = {
-    "x_wT": ("stride_ak", "stride_bk", "stride_a2k", "stride_b2k", "stride_rn", "stride_qk", "stride_gn",
+    "x_wT": ("stride_ak", "stride_bk", "stride_sak", "stride_sbk", "stride_rn", "stride_qk", "stride_gn",
              "stride_pn", "stride_cn"),
-    "g_W": ("stride_ak", "stride_bn", "stride_a2k", "stride_b2n", "stride_rn", "stride_qk", "stride_gn", "stride_pn",
+    "g_W": ("stride_ak", "stride_bn", "stride_sak", "stride_sbn", "stride_rn", "stride_qk", "stride_gn", "stride_pn",
             "stride_cn"),
-    "gT_x": ("stride_am", "stride_bn", "stride_a2m", "stride_b2n", "stride_rn", "stride_qm", "stride_gn", "stride_pn",
+    "gT_x": ("stride_am", "stride_bn", "stride_sam", "stride_sbn", "stride_rn", "stride_qm", "stride_gn", "stride_pn",
              "stride_cn"),
 }
 

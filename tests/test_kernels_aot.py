@@ -98,7 +98,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
     def runnable(cap, dtype, flags, wide):
         monkeypatch.setattr(fl, "capability", lambda device: (cap // 10, cap % 10))
         args = {name: torch.empty(0, dtype=torch.float32 if name in wide else dtypes[dtype])
-                for name in ("a_ptr", "b_ptr", "a2_ptr", "res_ptr", "c_ptr")}
+                for name in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")}
         args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 0})
         return {fl._config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **{**defaults, **flags})}
 
@@ -127,7 +127,7 @@ def _prune_hook_allows(monkeypatch, cap, dtype, flags, layout):
     monkeypatch.setattr(fl, "capability", lambda device: (cap // 10, cap % 10))
     tuner = fl.fused_linear_autotuned
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    args = {name: torch.empty(0, dtype=torch_dtype) for name in ("a_ptr", "b_ptr", "a2_ptr", "res_ptr", "c_ptr")}
+    args = {name: torch.empty(0, dtype=torch_dtype) for name in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")}
     args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 4096 if flags.get("HAS_SECOND") else 0})
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
              "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,

@@ -98,9 +98,9 @@ def test_hopper_schedules_every_epilogue(dtype, epilogue):
         kwargs.update(relu_mask=torch.randn(m, n, generator=g).cuda().to(dtype), mask_on="residual")
     a64 = torch.where(kwargs["relu_mask"].double() <= 0, 0.0, a.double()) if epilogue == "masked_a" else a.double()
     for b in (w.t(), w.t().contiguous()):
-        if "second" in kwargs:  # B2 laid out as B, as TMA needs
-            a2, b2 = kwargs["second"]
-            kwargs["second"] = (a2, b2.contiguous() if b.is_contiguous() else b2.t().contiguous().t())
+        if "second" in kwargs:  # SB laid out as B, as TMA needs
+            sa, sb = kwargs["second"]
+            kwargs["second"] = (sa, sb.contiguous() if b.is_contiguous() else sb.t().contiguous().t())
         acc = a64 @ b.double() + kwargs["bias"].double()
         if "second" in kwargs:
             acc = acc + kwargs["second"][0].double() @ kwargs["second"][1].double()
