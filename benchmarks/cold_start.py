@@ -1,10 +1,13 @@
 """``python -m benchmarks.cold_start [--out FILE.jsonl] [--width W ...]``: the first call at a new width.
 
-For each width, two fresh processes share one new, empty Triton cache directory (``TRITON_CACHE_DIR``):
+For each width, three fresh processes share one new, empty Triton cache directory (``TRITON_CACHE_DIR``):
 
-1. ``empty``: the first forward + backward compiles and autotunes every kernel the call needs;
-2. ``warm``: the same call in a second process, with the kernels compiled by the first on disk (what Triton's
-   on-disk cache saves; autotuning results are not part of it unless the autotuner caches them).
+1. ``empty``: the first forward + backward compiles and autotunes every kernel the call needs (with
+   ``TRITON_CACHE_AUTOTUNING=1``, so the autotuners' choices are stored in the cache as well as the kernels);
+2. ``warm``: the same call in a second process, Triton's default: the kernels the first compiled come from disk,
+   but each autotuner benchmarks its candidates again (its choices are not read from disk by default);
+3. ``warm_tuned``: a third process with ``TRITON_CACHE_AUTOTUNING=1``: the kernels and the choices from disk, so
+   it compiles and benchmarks nothing.
 
 Each process times its import of torch and fused_residual, CUDA's start-up, the first training step
 (``FusedResidualBlock`` forward + ``backward(dout)``, synchronized) and a second one (steady state), and checks
@@ -14,7 +17,7 @@ empty-cache process <= 20 s on an H100.
 
 Each process's record is printed and, with ``--out``, appended to a JSON-lines file at once (``records.py``,
 type ``cold_start``); ``python -m benchmarks.report`` shows them. ``--device cpu`` runs the same plumbing on
-the CPU (the torch backend; no Triton compile), for checking this script without a GPU.
+the CPU (the torch backend; no Triton compile; the first two processes), for checking this script without a GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Any
 from . import records
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("empty", "warm")
+PHASES = ("empty", "warm", "warm_tuned")
+READS_AUTOTUNE_CACHE = {"empty": True, "warm": False, "warm_tuned": True}  # TRITON_CACHE_AUTOTUNING per process
 TARGET_S = 20.0  # issue 10: the first forward + backward at a new width, empty cache, on an H100
 DEFAULTS = {"cuda": {"dtype": "bf16", "rows": 16384, "widths": [256], "backend": "triton"},
             "cpu": {"dtype": "fp32", "rows": 256, "widths": [64], "backend": "auto"}}
@@ -107,8 +111,8 @@ def cached_kernels(cache: Path) -> int:
 
 def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeout: float,
             out: Path | None = None) -> list[dict[str, Any]]:
-    """Both processes for one width (the warm one only if the first finished); each record appended to ``out``
-    as soon as its process ends."""
+    """The three processes for one width (the warm ones only if the first finished); each record appended to
+    ``out`` as soon as its process ends."""
     from fused_residual import BACKEND_ENV_VAR
 
     cache = Path(tempfile.mkdtemp(prefix="fused-residual-triton-cache-"))
@@ -117,12 +121,15 @@ def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeou
                "--rows", str(rows), "--width", str(width)]
     found = []
     try:
-        for phase in PHASES:
+        for phase in PHASES if device == "cuda" else PHASES[:2]:  # no Triton on the CPU: nothing to tune
             record: dict[str, Any] = {"type": "cold_start", "cache": phase, "device": device, "dtype": dtype,
                                       "rows": rows, "width": width, "backend": backend, "timeout_s": timeout}
+            tuned = READS_AUTOTUNE_CACHE[phase]
+            record["autotune_cache"] = tuned
             start = time.perf_counter()
             try:
-                done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                done = subprocess.run(command, cwd=ROOT, env={**env, "TRITON_CACHE_AUTOTUNING": "1" if tuned else "0"},
+                                      capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 record.update(outcome="timeout", message=f"stopped after {timeout:.0f} s")
             else:

@@ -146,7 +146,8 @@ fi
 
 if wanted cold-start; then
   cold_limit=$(limit "$COLD_CAP" $(( REPORT_CAP + KILL_AFTER )))
-  # Two processes (empty, then warm Triton cache), each stopped after half the step's limit.
+  # Three processes (empty, then warm Triton cache, then warm with the autotuners' choices on disk too), each
+  # stopped after half the step's limit (the warm ones compile nothing; a stopped step keeps what finished).
   step cold-start "$cold_limit" "$PY" -m benchmarks.cold_start "${COLD_ARGS[@]}" \
     --timeout "$(( (cold_limit - 10) / 2 ))" --out "$OUT/cold_start.jsonl"
 else

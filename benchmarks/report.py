@@ -524,7 +524,9 @@ def _cold_start_lines(section: Section) -> list[str]:
               "import s", "kernels in cache", "outcome"]
     return ["### Cold start", "",
             "A fresh process per line; `empty`: a new, empty `TRITON_CACHE_DIR`, `warm`: a second process on the "
-            "cache the first filled (`python -m benchmarks.cold_start`)." + verdict, "", *_table(header, body)]
+            "cache the first filled (compiled kernels from disk, autotuning again: Triton's default), `warm_tuned`: "
+            "a third with `TRITON_CACHE_AUTOTUNING=1` (the autotuners' choices from disk too) "
+            "(`python -m benchmarks.cold_start`)." + verdict, "", *_table(header, body)]
 
 
 def _memory_table(section: Section, rows: list[Row]) -> list[str]:

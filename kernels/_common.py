@@ -27,6 +27,17 @@ def capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
+@functools.cache
+def max_shared_memory(device: torch.device) -> int:
+    """Opt-in shared memory per block of a CUDA ``device``, in bytes; the interpreter has no limit that matters."""
+    if device.type != "cuda":
+        return 1 << 30
+    import triton  # here, not at the top: this module imports no triton
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
 def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Launch on the tensors' GPU, not the current one (multi-GPU safe)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
 from ._launch import CachedLauncher
-from .whole_block import MAX_FORWARD_WIDTH, padded_width
+from .whole_block import WEIGHTS_ON_CHIP_WIDTH, padded_width
 
 # (BLOCK_M, num_warps), compiled ahead of time for sm_90 and sm_80 in tests/test_kernels_aot.py: at hidden
 # width 128, 64 rows on 4 warps spill.
@@ -43,8 +43,8 @@ def _prune(candidates, named_args, **kwargs):
 
 
 def fits(in_features: int, hidden: int, out_features: int, element_size: int) -> bool:
-    """Whether the whole net runs in this kernel: every padded width within the block kernel's forward limit."""
-    limit = MAX_FORWARD_WIDTH[element_size]
+    """Whether the whole net runs in this kernel: every padded width within the block kernel's on-chip limit."""
+    limit = WEIGHTS_ON_CHIP_WIDTH[element_size]
     return max(padded_width(in_features), padded_width(hidden), padded_width(out_features)) <= limit
 
 

@@ -169,41 +169,81 @@ def hopper_cases(case):
         yield case(f"hopper_{name}", flags, layout, 90, HOPPER_DTYPE, schedules[tuple(schedule.split("+"))])
 
 
+# Whole-block configs read [BLOCK_M, WIDTH, HIDDEN_CHUNK (WIDTH when 0), num_stages, num_warps]. The whole block
+# beyond the widths whose weights it keeps on chip (the forward streaming its weights, the backward split by role)
+# compiles in 1-5 s per case: CI compiles this representative set, every such config on each
+# architecture it is offered on and each variant kind once, keyed (kernel, cap, dtype, variant, BLOCK_M);
+# AOT_WHOLE_BLOCK=all compiles every case (done with triton 3.6 and 3.9 when they were added; see the README).
+WHOLE_BLOCK_BEYOND_ON_CHIP = {
+    ("whole_block_forward", 90, "bf16", "width256", 64),
+    ("whole_block_forward", 90, "bf16", "width256", 128),
+    ("whole_block_forward", 90, "bf16", "width256-wide_x", 64),
+    ("whole_block_forward", 90, "fp16", "width256-no_final_relu", 128),
+    ("whole_block_forward", 80, "fp16", "width256", 64),
+    ("whole_block_forward", 90, "fp32", "width256", 64),
+    ("whole_block_forward", 80, "fp32", "width256", 64),
+    ("whole_block_backward", 90, "bf16", "width128", 64),
+    ("whole_block_backward", 90, "fp16", "width128-wide_x", 64),
+    ("whole_block_backward", 90, "fp32", "width128", 32),
+}
+WHOLE_BLOCK_WIDTHS = (16, 32, 64, 128, 256)
+
+
 def whole_block_cases():
-    """Every width and config; autocast (fp32 x, and dx in backward) in forward at widths 64 and 128 (width 16 and
-    32's configs, as light or lighter, are left out) and in backward at every width; without the final ReLU (the
-    FFN form: fewer operations than with it) at the widest width, in one config."""
+    """Every width and config; autocast (fp32 x, and dx in backward) in forward from width 64 (width 16 and 32's
+    configs, as light or lighter, are left out) and in backward at every width; without the final ReLU (the FFN
+    form: fewer operations than with it) at the widest width of each kind (weights on chip or not; whole or split
+    backward), in one config. Beyond the on-chip widths, WHOLE_BLOCK_BEYOND_ON_CHIP only, unless AOT_WHOLE_BLOCK=all."""
     from fused_residual.kernels import whole_block as wb
 
+    every = os.environ.get("AOT_WHOLE_BLOCK") == "all"
+
+    def wanted(case, beyond):
+        key = (case["kernel"], case["cap"], case["dtype"], case["variant"], case["config"][0])
+        return not beyond or every or key in WHOLE_BLOCK_BEYOND_ON_CHIP
+
     for cap in ARCHS:
+        capability = (cap // 10, cap % 10)
         for dtype, size in DTYPES.items():
-            widest = max(w for w in (16, 32, 64, 128) if w <= wb.max_forward_width(size, size))
-            backward_widest = wb.max_backward_width((cap // 10, cap % 10))
-            for width in (16, 32, 64, 128):
+            on_chip = wb.WEIGHTS_ON_CHIP_WIDTH[size]
+            backward_widest = wb.max_backward_width(capability)
+            for width in WHOLE_BLOCK_WIDTHS:
+                beyond = width > on_chip
+                widest = width in (on_chip, wb.max_forward_width(size))
                 wides = [()] + ([("x_ptr",)] if dtype in AUTOCAST_DTYPES and width >= 64 else [])
                 for wide in wides:
-                    if width > wb.max_forward_width(size, 4 if wide else size):
-                        continue
-                    configs = wb.forward_configs(width, bool(wide))
-                    runs = [(c, True) for c in configs] + ([(configs[-1], False)] if width == widest and not wide
+                    configs = wb.forward_configs(width, size, bool(wide), capability)
+                    runs = [(c, True) for c in configs] + ([(configs[-1], False)] if widest and configs and not wide
                                                            else [])
-                    for (block_m, warps, per_sm), final_relu in runs:
+                    for config, final_relu in runs:
                         suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu")
-                        yield {"kernel": "whole_block_forward", "variant": f"width{width}{suffix}", "cap": cap,
-                               "dtype": dtype, "config": [block_m, width, width, 1, warps], "wide": list(wide),
-                               "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_SAVED": True, "ACTIVATION": "relu",
-                                         "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": block_m,
-                                         "PROGRAMS_PER_SM": per_sm}}
+                        case = {"kernel": "whole_block_forward", "variant": f"width{width}{suffix}", "cap": cap,
+                                "dtype": dtype, "config": [config.block_m, width, config.hidden_chunk or width,
+                                                           config.stages, config.warps],
+                                "wide": list(wide),
+                                "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_SAVED": True, "ACTIVATION": "relu",
+                                          "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": config.block_m,
+                                          "PROGRAMS_PER_SM": config.programs_per_sm,
+                                          "HIDDEN_CHUNK": config.hidden_chunk}}
+                        if wanted(case, beyond):
+                            yield case
                 if width <= backward_widest:
+                    beyond = width > wb.MAX_BACKWARD_WIDTH_WHOLE
+                    widest = width in (backward_widest, min(backward_widest, wb.MAX_BACKWARD_WIDTH_WHOLE))
                     wides = [()] + ([("x_ptr", "dx_ptr")] if dtype in AUTOCAST_DTYPES else [])
                     for wide in wides:
-                        block_m, warps = wb.backward_config(width, size, bool(wide))
-                        for final_relu in (True, False) if width == backward_widest and not wide else (True,):
+                        block_m, warps, chunk = wb.backward_config(width, size, bool(wide))
+                        for final_relu in (True, False) if widest and not wide else (True,):
                             suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu")
-                            yield {"kernel": "whole_block_backward", "variant": f"width{width}{suffix}", "cap": cap,
-                                   "dtype": dtype, "config": [block_m, width, width, 1, warps], "wide": list(wide),
-                                   "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
-                                             "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": block_m}}
+                            case = {"kernel": "whole_block_backward", "variant": f"width{width}{suffix}", "cap": cap,
+                                    "dtype": dtype, "config": [block_m, width, chunk or width, 1, warps],
+                                    "wide": list(wide),
+                                    "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
+                                              "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": block_m,
+                                              "HIDDEN_CHUNK": chunk,
+                                              "DX_SHARE": wb.dx_share(width, chunk) if chunk else 1}}
+                            if wanted(case, beyond):
+                                yield case
 
 
 def whole_net_cases():
@@ -213,7 +253,7 @@ def whole_net_cases():
     for cap in ARCHS:
         for dtype, size in DTYPES.items():
             for hidden in (16, 64, 128):
-                if hidden > wb.MAX_FORWARD_WIDTH[size]:
+                if hidden > wb.WEIGHTS_ON_CHIP_WIDTH[size]:
                     continue
                 for in_width, out_width in sorted({(16, 16), (hidden, hidden)}):
                     for block_m, warps in wn.configs(hidden):

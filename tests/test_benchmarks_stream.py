@@ -80,6 +80,7 @@ def test_gpu_check_dry_run_reports_and_records_the_named_commit(tmp_path):
     assert session["fused_residual"]["commit"] == "test-commit-not-a-real-one"
     cold = [r for r in records.read(out / "cold_start.jsonl")[0] if r["type"] == "cold_start"]
     assert [r["cache"] for r in cold] == ["empty", "warm"] and all(r["outcome"] == "passed" for r in cold)
+    assert [r["autotune_cache"] for r in cold] == [True, False]  # the CPU runs no third (warm_tuned) process
     markdown = (out / "report.md").read_text()
     assert "commit test-commit-" in markdown and "### Cold start" in markdown
     assert "4 of 4 planned cases finished" in markdown

@@ -64,15 +64,44 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
                 else:
                     wanted = size == 2 or "autocast" not in variant
                 assert (("fused_linear", cap, dtype, variant) in seen) == wanted, (cap, dtype, variant)
-            for width in (16, 32, 64, 128):
+            for width in (16, 32, 64, 128):  # beyond the on-chip widths (whole backward), the next test
                 forward = ("whole_block_forward", cap, dtype, f"width{width}") in seen
-                assert forward == (width <= whole_block.MAX_FORWARD_WIDTH[size])
+                assert forward or width > whole_block.WEIGHTS_ON_CHIP_WIDTH[size]
                 backward = ("whole_block_backward", cap, dtype, f"width{width}") in seen
-                assert backward == (width <= whole_block.max_backward_width((cap // 10, 0)))
+                if width <= whole_block.MAX_BACKWARD_WIDTH_WHOLE:
+                    assert backward == (width <= whole_block.max_backward_width((cap // 10, 0)))
                 net = ("whole_net_forward", cap, dtype, f"in16-h{width}-out16") in seen
-                assert net == (width != 32 and width <= whole_block.MAX_FORWARD_WIDTH[size])
+                assert net == (width != 32 and width <= whole_block.WEIGHTS_ON_CHIP_WIDTH[size])
     hopper = {(cap, dtype) for k, cap, dtype, v in seen if v.startswith("hopper_")}
     assert (90, aot_compile.HOPPER_DTYPE) in hopper and hopper <= {(90, "fp16"), (90, "bf16")}, hopper
+
+
+def test_whole_block_beyond_on_chip_widths_is_covered(compiled):
+    """The streamed forward and the role-split backward: every config the code offers, on every architecture it
+    offers it on, is compiled in some case (CI compiles aot_compile.WHOLE_BLOCK_BEYOND_ON_CHIP, a representative
+    set: no (architecture, config) pair left out), and nothing is offered beyond the widths compiled here."""
+    from fused_residual.kernels import whole_block
+
+    results, limits = compiled
+    compiled_configs = {(c["kernel"], c["cap"], c["dtype"] == "fp32", tuple(c["config"])) for c in results}
+    for cap in limits:
+        capability = (cap // 10, cap % 10)
+        for size in (2, 4):
+            dtype_is_fp32 = size == 4
+            assert whole_block.max_forward_width(size) <= max(aot_compile.WHOLE_BLOCK_WIDTHS)
+            for width in aot_compile.WHOLE_BLOCK_WIDTHS:
+                if width > whole_block.WEIGHTS_ON_CHIP_WIDTH[size]:
+                    for c in whole_block.forward_configs(width, size, False, capability):
+                        key = ("whole_block_forward", cap, dtype_is_fp32, (c.block_m, width, c.hidden_chunk,
+                                                                            c.stages, c.warps))
+                        assert key in compiled_configs or width < whole_block.max_forward_width(size), key
+                if whole_block.MAX_BACKWARD_WIDTH_WHOLE < width <= whole_block.max_backward_width(capability):
+                    c = whole_block.backward_config(width, size)
+                    key = ("whole_block_backward", cap, dtype_is_fp32, (c.block_m, width, c.hidden_chunk, 1,
+                                                                             c.warps))
+                    assert key in compiled_configs, key
+    assert {(k, cap, dtype, variant) for k, cap, dtype, variant, _ in aot_compile.WHOLE_BLOCK_BEYOND_ON_CHIP} <= {
+        (c["kernel"], c["cap"], c["dtype"], c["variant"]) for c in results}
 
 
 def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
@@ -213,7 +242,23 @@ def test_whole_block_shared_memory_bound_holds(compiled):
     cases = [c for c in results if c["ok"] and c["kernel"] == "whole_block_forward"]
     assert cases
     for c in cases:
-        block_m, width = c["config"][0], c["flags"]["WIDTH"]
+        flags, width = c["flags"], c["flags"]["WIDTH"]
+        config = whole_block.ForwardConfig(flags["BLOCK_M"], c["config"][4], flags["PROGRAMS_PER_SM"],
+                                           flags["HIDDEN_CHUNK"], c["config"][3])
         x_element = 4 if "x_ptr" in c.get("wide", ()) else element[c["dtype"]]
-        bound = whole_block.forward_shared_bytes(width, max(block_m, 128), element[c["dtype"]], x_element)
+        bound = whole_block.forward_shared_bytes(config, width, element[c["dtype"]], x_element,
+                                                 (c["cap"] // 10, c["cap"] % 10))
         assert c["shared"] <= bound, f"{_name(c)}: {c['shared']} > estimated {bound}"
+
+
+def test_streamed_forward_pipelines_its_weight_chunks(compiled):
+    """The streamed forward's chunks of both weights really are multi-buffered: its shared memory holds every stage
+    (sm_90; one fewer on sm_80, whose pipeliner keeps stages - 1 in flight)."""
+    results, _ = compiled
+    element = {"fp16": 2, "bf16": 2, "fp32": 4}
+    cases = [c for c in results if c["ok"] and c["kernel"] == "whole_block_forward" and c["flags"]["HIDDEN_CHUNK"]]
+    assert {c["cap"] for c in cases} == {90, 80}
+    for c in cases:
+        _, width, chunk, stages, _ = c["config"]
+        buffers = stages if c["cap"] >= 90 else stages - 1
+        assert c["shared"] >= buffers * 2 * width * chunk * element[c["dtype"]], _name(c)

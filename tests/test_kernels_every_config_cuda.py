@@ -141,7 +141,7 @@ def test_autotuned_tma_choice_is_not_reused_for_misaligned_operands():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("features", [10, 30, 64, 100])
+@pytest.mark.parametrize("features", [10, 30, 64, 100, 200])
 def test_whole_block_and_net_every_config(dtype, features):
     element = torch.empty(0, dtype=dtype).element_size()
     width = whole_block.padded_width(features)
@@ -153,10 +153,12 @@ def test_whole_block_and_net_every_config(dtype, features):
     b1, b2 = (torch.randn(features, generator=g).cuda().to(dtype) for _ in range(2))
     h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
     out64 = torch.relu(h64 @ w2.double().t() + b2.double() + x.double())
-    for config in whole_block.forward_configs(width):
+    for config in whole_block.forward_configs(width, element, capability=_capability()):
         out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, config=config)
         assert_close(out, out64, f"block out {config}", scale=4)
         assert_close(h, h64, f"block h {config}", scale=4)
+    if width > whole_block.WEIGHTS_ON_CHIP_WIDTH[element]:
+        return  # the whole net keeps its weights on chip
     for config in whole_net.configs(width):
         stack = lambda t: t.unsqueeze(0).expand(3, *t.shape)  # noqa: E731
         y = whole_net.forward(x, w1, b1, stack(w1), stack(b1), stack(w2), stack(b2), w2, b2, config=config)

@@ -6,6 +6,8 @@ counts, non-contiguous inputs and NaN-poisoned outputs.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import HAS_CUDA, RELU_TIE_BAND, assert_close
@@ -42,8 +44,8 @@ def nan_like(t):
 @pytest.mark.parametrize("store_h", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("grid", ["tile_per_program", "persistent"])
 def test_forward(dtype, width, rows, store_h, grid):
-    if width > whole_block.MAX_FORWARD_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
-        pytest.skip("wider than the forward kernel takes at this dtype")
+    if width > whole_block.WEIGHTS_ON_CHIP_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
+        pytest.skip("wider than the forward kernel keeps on chip at this dtype (test_streamed_forward)")
     x, w1, b1, w2, b2 = params(width, dtype, seed=width * 100 + rows)
     x = x[:rows]
     out, h = nan_like(x), nan_like(x)
@@ -207,3 +209,141 @@ def test_smooth_activations_compute_right(activation):
                             ("db1", db1, g1.sum(0)), ("dW2", dw2, dout.double().t() @ act.forward(pre.double())),
                             ("db2", db2, dout.double().sum(0))):
         assert_close(got, want, name, scale=8)
+
+
+# Beyond the widths whose weights fit on chip: the forward streams them in chunks of hidden units, the backward
+# splits its programs by role (kernels/whole_block.py). Ragged widths (130, 200: padded to 256; 100: to 128) leave
+# the last hidden chunk partly padded; forced small configs at width 48 (padded 64) run the same code cheaply,
+# with a last backward chunk that is all padding.
+STREAMED = [(130, None), (200, None), (48, whole_block.ForwardConfig(16, 4, 0, 16, 1))]
+SPLIT = [(100, None), (48, whole_block.BackwardConfig(16, 4, 16))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("width, config", STREAMED, ids=lambda v: str(v) if isinstance(v, int) else "")
+@pytest.mark.parametrize("store_h, final_relu", [(True, True), (False, False)], ids=["training", "inference_ffn"])
+def test_streamed_forward(dtype, width, config, store_h, final_relu):
+    rows = 33
+    x, w1, b1, w2, b2 = params(width, dtype, seed=width + 5)
+    x = x[:rows]
+    out, h = nan_like(x), nan_like(x)
+    if config is None:
+        assert whole_block.padded_width(width) > whole_block.WEIGHTS_ON_CHIP_WIDTH[x.element_size()]
+    got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_saved=store_h, final_relu=final_relu, out=out,
+                                         saved=h if store_h else None, config=config)
+    assert got_out is out and (got_h is h if store_h else got_h is None)
+    assert not out.isnan().any(), "unwritten output elements"
+    h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
+    pre2 = h64 @ w2.double().t() + b2.double() + x.double()
+    scale = max(1.0, width / 16)
+    assert_close(out, torch.relu(pre2) if final_relu else pre2, "out", scale=scale)
+    if store_h:
+        assert not h.isnan().any()
+        assert_close(h, h64, "h", scale=scale)
+
+
+@pytest.mark.parametrize("low", [d for d in DTYPES if d != torch.float32], ids=lambda d: str(d).removeprefix("torch."))
+def test_streamed_forward_autocast(low):
+    """An fp32 x next to 16-bit weights in the streamed forward: rounded for the GEMMs, added un-rounded."""
+    width, rows = 130, 40
+    _, w1, b1, w2, b2 = params(width, low, seed=9)
+    x = (100 + torch.rand(rows, width, generator=torch.Generator().manual_seed(9))).to(DEVICE)
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, out_dtype=torch.float32)
+    h64 = torch.relu(x.to(low).double() @ w1.double().t() + b1.double())
+    assert_close(h, h64, "h", scale=width / 16)
+    assert_close(out, torch.relu(h.double() @ w2.double().t() + b2.double() + x.double()), "out", scale=width / 16)
+
+
+# (width, config, dtype, need_dx, need_weights, final_relu): each role alone and together, both final forms.
+SPLIT_CASES = [(*SPLIT[0], torch.float32, True, True, True), (*SPLIT[0], torch.float16, True, True, False),
+               (*SPLIT[1], torch.float16, True, True, True), (*SPLIT[1], torch.float32, False, True, False),
+               (*SPLIT[0], torch.float16, False, True, True), (*SPLIT[1], torch.float32, True, False, True)]
+
+
+@pytest.mark.parametrize("width, config, dtype, need_dx, need_weights, final_relu", SPLIT_CASES,
+                         ids=[f"{w}-{str(d).removeprefix('torch.')}-{'dx' * dx}{'+' * (dx and wt)}{'weights' * wt}-"
+                              f"{'relu' if relu else 'ffn'}" for w, _, d, dx, wt, relu in SPLIT_CASES])
+def test_backward_split_by_role(monkeypatch, width, config, dtype, need_dx, need_weights, final_relu):
+    """Two programs per hidden chunk (two partials per reduction) and per dx share, each looping over tiles."""
+    rows = 130
+    if config is None:
+        assert whole_block.backward_config(whole_block.padded_width(width), 4).hidden_chunk > 0
+    monkeypatch.setattr(whole_block, "_programs", lambda device, tiles: 14)  # 7 roles: 3 dx shares, 4 chunks
+    x, w1, b1, w2, b2 = params(width, dtype, seed=width + 11)
+    x = x[:rows]
+    out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, final_relu=final_relu)
+    dout = torch.randn(rows, width, generator=torch.Generator().manual_seed(12)).to(DEVICE, dtype)
+    dx_out = nan_like(x) if need_dx else None
+    dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out if final_relu else None, h, x, w1, w2, need_dx=need_dx,
+                                                  need_weights=need_weights, final_relu=final_relu, dx=dx_out,
+                                                  config=config)
+    g2 = torch.where(out.double() <= 0, 0.0, dout.double()) if final_relu else dout.double()
+    g1 = torch.where(h.double() <= 0, 0.0, g2 @ w2.double())
+    scale = max(4.0, rows / 8)
+    if need_dx:
+        assert dx is dx_out and not dx.isnan().any()
+        assert_close(dx, g1 @ w1.double() + g2, "dx", scale=scale)
+    else:
+        assert dx is None
+    if need_weights:
+        for name, got, want in (("dW1", dw1, g1.t() @ x.double()), ("db1", db1, g1.sum(0)),
+                                ("dW2", dw2, g2.t() @ h.double()), ("db2", db2, g2.sum(0))):
+            assert_close(got, want, name, scale=scale)
+        again = whole_block.backward(dout, out if final_relu else None, h, x, w1, w2, need_dx=False,
+                                     need_weights=True, final_relu=final_relu, config=config)
+        assert all(torch.equal(a, b) for a, b in zip(again[1:], (dw1, db1, dw2, db2), strict=True)), \
+            "weight gradients must be deterministic"
+    else:
+        assert dw1 is None and dw2 is None
+
+
+# The rule that picks the whole block (triton backend) at each width, for a device of each capability: the widths
+# above on fake CUDA tensors (no device needed; the capability and shared memory per block are patched in).
+DEVICES = {"sm_90": ((9, 0), 232448), "sm_80": ((8, 0), 166912), "sm_86": ((8, 6), 101376)}
+
+
+def _fake(shape, element_size):
+    return SimpleNamespace(shape=shape, device=torch.device("cuda", 0), element_size=lambda: element_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backend_takes_the_whole_block_up_to_the_kernels_limits(monkeypatch, device):
+    from fused_residual.backends import triton_backend
+
+    cap, shared = DEVICES[device]
+    monkeypatch.setattr(triton_backend, "capability", lambda d: cap)
+    monkeypatch.setattr(triton_backend, "max_shared_memory", lambda d: shared)
+
+    def forward(width, size, x_size=None):
+        return triton_backend.whole_block_forward_fits(_fake((8, width), x_size or size), _fake((width, width), size),
+                                                       None)
+
+    def backward(width, size):
+        return triton_backend.whole_block_backward_fits(_fake((8, width), size), _fake((width, width), size), None)
+
+    streamed = device != "sm_86"  # its 99 KB per block hold no streamed config at width 256
+    for size in (2, 4):
+        assert forward(200, size) == forward(256, size) == streamed
+        assert not forward(257, size)
+    assert forward(130, 2, x_size=4) == streamed  # autocast
+    assert forward(128, 2)  # weights on chip, 64-row tiles (98 KB)
+    assert [w for w in (16, 32, 64, 100, 128, 129) if backward(w, 2)] == ([16, 32, 64, 100, 128] if cap[0] >= 9
+                                                                         else [16, 32])
+
+
+def test_tune_offers_the_whole_block_wherever_the_backend_takes_it(monkeypatch):
+    """``python -m fused_residual.tune`` times ``triton:whole_block`` at the new widths too (auto's rule without a
+    table does not take them: no GPU has measured them)."""
+    from fused_residual import dispatch, tune
+    from fused_residual.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "capability", lambda d: (9, 0))
+    monkeypatch.setattr(triton_backend, "max_shared_memory", lambda d: 232448)
+    size = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+    monkeypatch.setattr(torch, "empty", lambda *shape, device, dtype: _fake(shape, size[dtype]))
+    cuda = torch.device("cuda", 0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert "triton:whole_block" in tune.candidates(cuda, dtype, 256, training=True)
+        assert "triton:whole_block" not in tune.candidates(cuda, dtype, 512, training=True)
+        assert dispatch.conservative("cuda", dtype, 256, 256, 1 << 16, False, False) == "torch"
+        assert dispatch.conservative("cuda", dtype, 128, 128, 1 << 16, False, True) == "composite"

@@ -94,7 +94,10 @@ def training_step(module, x, dout, counting, leaves=()):
 BLOCK_CASES = {
     "whole_block": ("triton", 12, 12, False, {BLOCK_FORWARD: 1}, {BLOCK_FORWARD: 1}, {BLOCK_BACKWARD: 1}),
     "two_gemm": ("triton:two_gemm", 12, 12, False, {LINEAR: 2}, {LINEAR: 2}, {LINEAR: 4}),
-    "two_gemm_wide": ("triton", 200, 200, False, {LINEAR: 2}, {LINEAR: 2}, {LINEAR: 4}),
+    "whole_block_split_backward": ("triton", 100, 100, False, {BLOCK_FORWARD: 1}, {BLOCK_FORWARD: 1},
+                                   {BLOCK_BACKWARD: 1}),
+    "whole_block_forward_only": ("triton", 130, 130, False, {BLOCK_FORWARD: 1}, {BLOCK_FORWARD: 1}, {LINEAR: 4}),
+    "two_gemm_wide": ("triton", 260, 260, False, {LINEAR: 2}, {LINEAR: 2}, {LINEAR: 4}),
     "projection": ("triton", 12, 20, True, {LINEAR: 2}, {LINEAR: 2}, {LINEAR: 5}),
 }
 

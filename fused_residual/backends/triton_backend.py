@@ -28,21 +28,21 @@ Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kerne
 they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, ReLU as the hidden
 activation (either final activation; the smooth activations spill registers there beyond width 16 in backward and
 at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
-``max_forward_width(element sizes)`` (forward; also its shared-memory bound within the device's opt-in shared
-memory per block) or ``max_backward_width(device capability)`` (backward; not an fp32 ``dout`` next to 16-bit
-weights, the FFN form under autocast).
+``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in fp32, streamed
+from L2 beyond; also at least one candidate config whose shared-memory bound fits the device's opt-in shared memory
+per block, ``whole_block.runnable_forward_configs``) or ``max_backward_width(device capability)`` (backward, 128 on
+sm_90 and 32 before; not an fp32 ``dout`` next to 16-bit weights, the FFN form under autocast). ``auto`` takes
+them only where a dispatch table or the conservative rule says so (``dispatch.py``).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
 
 from ..activations import SEED_FORM, Form
 from ..kernels import whole_block, whole_net
-from ..kernels._common import capability, interpreter_enabled, multiprocessors
+from ..kernels._common import capability, interpreter_enabled, max_shared_memory, multiprocessors
 from ..kernels.fused_linear import fused_linear
 
 NAME = "triton"
@@ -83,17 +83,6 @@ def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residua
     return fused_linear(h, w.t(), bias=_vector(b), residual=residual, activation="relu", out_dtype=out_dtype)[0]
 
 
-@functools.cache
-def _max_shared_memory(device: torch.device) -> int:
-    """Opt-in shared memory per block of ``device`` (the interpreter has no limit that matters)."""
-    if device.type != "cuda":
-        return 1 << 30
-    import triton
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-
-
 def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> bool:
     """The block has the shape the whole-block kernels take: identity shortcut, square w1, ReLU hidden."""
     return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and form.activation == "relu"
@@ -102,10 +91,9 @@ def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> 
 def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
     if not _whole_block_shape(x, w1, ws, form):
         return False
-    width = whole_block.padded_width(x.shape[1])
-    return (width <= whole_block.max_forward_width(w1.element_size(), x.element_size())
-            and whole_block.forward_shared_bytes(width, 128, w1.element_size(), x.element_size())
-            <= _max_shared_memory(x.device))
+    return bool(whole_block.runnable_forward_configs(whole_block.padded_width(x.shape[1]), w1.element_size(),
+                                                     x.element_size(), capability(x.device),
+                                                     max_shared_memory(x.device)))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
