@@ -190,3 +190,32 @@ def run_with_grads(module: torch.nn.Module, x: torch.Tensor, dout: torch.Tensor)
     grads = {"x": xr.grad}
     grads.update({name: p.grad for name, p in module.named_parameters()})
     return out.detach(), grads
+
+
+def _language_objects() -> tuple:
+    try:
+        import triton.language as tl
+    except ImportError:
+        return ()
+    return tuple(o for o in (tl, tl.core, getattr(tl, "math", None), tl.tensor, getattr(tl, "condition", None),
+                             tl.dtype, getattr(tl.core, "tensor_descriptor_base", None)) if o is not None)
+
+
+@pytest.fixture(autouse=True)
+def _restore_triton_language():
+    """Triton's interpreter patches ``triton.language`` to run a jit function called from another one
+    (``JITFunction`` device calls, e.g. our activations and reductions) and never restores it: a later real
+    compile in the same process (the AOT and launch-cache tests) then fails, but only with an empty Triton cache,
+    as on a fresh CI machine. Put every attribute back after each test."""
+    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    yield
+    for obj, before in saved:
+        now = vars(obj)
+        for name in [n for n in now if n not in before]:
+            delattr(obj, name)
+        for name, value in before.items():
+            if now.get(name, _ABSENT) is not value:
+                setattr(obj, name, value)
+
+
+_ABSENT = object()
