@@ -53,6 +53,8 @@ ACTIVATIONS: dict[str, Activation] = {
     )
 }
 NAMES = tuple(ACTIVATIONS)
+IDENTITY = "identity"
+"""The kernels' name for no activation (a plain linear); never a registry entry."""
 FINAL_ACTIVATIONS = ("relu", None)
 
 

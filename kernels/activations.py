@@ -3,7 +3,8 @@ derivative, and the two switches the kernels call with the activation's name as 
 
 Adding an activation: its function and its derivative here plus a branch in ``apply`` and ``gradient``, and its
 entry (torch function, derivative, ``from_output``) in ``fused_residual/activations.py``; the tests iterate over
-the registry's names. ``IDENTITY`` is the kernels' name for no activation (a plain linear).
+the registry's names. ``"identity"`` (the registry's ``IDENTITY``) is the kernels' name for no activation (a plain
+linear).
 
 Every function computes in fp32 (callers pass fp32 accumulators; the derivatives take the saved tensor as
 loaded). The formulas are PyTorch's (``aten`` ``gelu``, ``gelu_backward``, ``silu_backward``), their constants
@@ -24,9 +25,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-IDENTITY = "identity"
-
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
 from ._launch import CachedLauncher
-from .whole_block import WEIGHTS_ON_CHIP_WIDTH, padded_width
+from .whole_block_configs import WEIGHTS_ON_CHIP_WIDTH, padded_width
 
 # (BLOCK_M, num_warps), compiled ahead of time for sm_90 and sm_80 in tests/test_kernels_aot.py: at hidden
 # width 128, 64 rows on 4 warps spill.

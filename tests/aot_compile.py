@@ -65,7 +65,7 @@ SMOOTH_VARIANTS = [v for act in SMOOTH for v in (
     (f"weight_grad_{act}_on_b_ffn", {"HAS_ROWSUM": True, "SPLIT_K": 4, "B_ACTIVATION": act}, "gT_x", ("a_ptr",)),
 )]
 SMALL_TILE = 64 * 32
-# Hopper schedules (fused_linear.HOPPER_SCHEDULES, sm_90 fp16/bf16 only): each in a representative set of the
+# Hopper schedules (fused_linear_configs.HOPPER_SCHEDULES, sm_90 fp16/bf16 only): each in a representative set of the
 # launches the autotuner may give it, in bf16 (fp16 compiles the same code but for the element type), not the
 # whole cross product, to keep CI's compile time down. The set covers each schedule feature in each operand
 # layout (A row-major or g^T, B = W^T or row-major) and each epilogue kind: tile epilogues (split or not), the
@@ -89,7 +89,7 @@ HOPPER_CASES = [
     ("tma+persistent+ws", "backward_dh"),
 ]
 HOPPER_DTYPE = "bf16"
-# fused_linear.tma_layout() of each layout's operands (at aligned sizes): A's contiguous dim, then B's.
+# _tma.tma_layout() of each layout's operands (at aligned sizes): A's contiguous dim, then B's.
 TMA_LAYOUTS = {"x_wT": "kk", "g_W": "kn", "gT_x": "mn"}
 UNIT_STRIDES = {
     "x_wT": ("stride_ak", "stride_bk", "stride_sak", "stride_sbk", "stride_rn", "stride_qk", "stride_gn",
@@ -102,7 +102,7 @@ UNIT_STRIDES = {
 
 
 def _table(fl, cap: int, size: int, flags: dict, wide: bool, tma: bool = False) -> list:
-    """The configs the autotuner may run for a launch with ``flags`` (fused_linear._prune's rule); ``tma``: with
+    """The configs the autotuner may run for a launch with ``flags`` (fused_linear_configs.prune's rule); ``tma``: with
     operands that qualify for TMA (the Hopper schedules; without, only those that need no TMA)."""
     tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
     smooth = fl.smooth_places(flags.get("ACTIVATION", "identity"), flags.get("GATE", "identity"),
@@ -113,7 +113,7 @@ def _table(fl, cap: int, size: int, flags: dict, wide: bool, tma: bool = False) 
 
 
 def fused_linear_cases():
-    from fused_residual.kernels import fused_linear as fl
+    from fused_residual.kernels import fused_linear_configs as fl
 
     def case(name, flags, layout, cap, dtype, config, wide=()):
         return {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags, "cap": cap,
@@ -148,7 +148,7 @@ def fused_linear_cases():
 def hopper_cases(case):
     """The Hopper schedules' cases, variants named "hopper_<variant>": HOPPER_CASES, or with AOT_HOPPER=all every
     pair the prune hook allows (in fp16 and bf16)."""
-    from fused_residual.kernels import fused_linear as fl
+    from fused_residual.kernels import fused_linear_configs as fl
 
     variants = {name: (flags, layout) for name, flags, layout in FUSED_LINEAR_VARIANTS + HOPPER_ONLY_VARIANTS}
     # Without the mask on A (the FFN form's g1, dW1) a launch may take what the mask rule drops, as above.
@@ -194,7 +194,7 @@ def whole_block_cases():
     configs, as light or lighter, are left out) and in backward at every width; without the final ReLU (the FFN
     form: fewer operations than with it) at the widest width of each kind (weights on chip or not; whole or split
     backward), in one config. Beyond the on-chip widths, WHOLE_BLOCK_BEYOND_ON_CHIP only, unless AOT_WHOLE_BLOCK=all."""
-    from fused_residual.kernels import whole_block as wb
+    from fused_residual.kernels import whole_block_configs as wb
 
     every = os.environ.get("AOT_WHOLE_BLOCK") == "all"
 
@@ -247,7 +247,7 @@ def whole_block_cases():
 
 
 def whole_net_cases():
-    from fused_residual.kernels import whole_block as wb
+    from fused_residual.kernels import whole_block_configs as wb
     from fused_residual.kernels import whole_net as wn
 
     for cap in ARCHS:
@@ -269,9 +269,10 @@ def _compile(case: dict) -> dict:
     if case["kernel"] != "fused_linear":
         return _compile_whole_block(case)
 
-    from fused_residual.kernels import fused_linear as fl
+    from fused_residual.kernels import fused_linear_configs as fl
+    from fused_residual.kernels.fused_linear_kernel import fused_linear_kernel
 
-    kernel = fl.fused_linear_kernel
+    kernel = fused_linear_kernel
     names = list(kernel.arg_names)
     block_m, block_n, block_k = case["config"][:3]
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
@@ -292,10 +293,11 @@ def _compile(case: dict) -> dict:
 
 def _compile_whole_block(case: dict) -> dict:
     """The whole-block kernels at a typical launch: row-major tensors (unit feature strides)."""
-    from fused_residual.kernels import whole_block as wb
+    from fused_residual.kernels.whole_block_backward import whole_block_backward_kernel
+    from fused_residual.kernels.whole_block_forward import whole_block_forward_kernel
 
     forward = case["kernel"] == "whole_block_forward"
-    kernel = wb.whole_block_forward_kernel if forward else wb.whole_block_backward_kernel
+    kernel = whole_block_forward_kernel if forward else whole_block_backward_kernel
     names = list(kernel.arg_names)
     constexprs = {**case["flags"], "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee"}
     constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith(("f", "k"))})

@@ -20,6 +20,7 @@ if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from fused_residual.kernels import whole_block  # noqa: E402
+from fused_residual.kernels import whole_block_configs as wbc  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -44,7 +45,7 @@ def nan_like(t):
 @pytest.mark.parametrize("store_h", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("grid", ["tile_per_program", "persistent"])
 def test_forward(dtype, width, rows, store_h, grid):
-    if width > whole_block.WEIGHTS_ON_CHIP_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
+    if width > wbc.WEIGHTS_ON_CHIP_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
         pytest.skip("wider than the forward kernel keeps on chip at this dtype (test_streamed_forward)")
     x, w1, b1, w2, b2 = params(width, dtype, seed=width * 100 + rows)
     x = x[:rows]
@@ -215,8 +216,8 @@ def test_smooth_activations_compute_right(activation):
 # splits its programs by role (kernels/whole_block.py). Ragged widths (130, 200: padded to 256; 100: to 128) leave
 # the last hidden chunk partly padded; forced small configs at width 48 (padded 64) run the same code cheaply,
 # with a last backward chunk that is all padding.
-STREAMED = [(130, None), (200, None), (48, whole_block.ForwardConfig(16, 4, 0, 16, 1))]
-SPLIT = [(100, None), (48, whole_block.BackwardConfig(16, 4, 16))]
+STREAMED = [(130, None), (200, None), (48, wbc.ForwardConfig(16, 4, 0, 16, 1))]
+SPLIT = [(100, None), (48, wbc.BackwardConfig(16, 4, 16))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -228,7 +229,7 @@ def test_streamed_forward(dtype, width, config, store_h, final_relu):
     x = x[:rows]
     out, h = nan_like(x), nan_like(x)
     if config is None:
-        assert whole_block.padded_width(width) > whole_block.WEIGHTS_ON_CHIP_WIDTH[x.element_size()]
+        assert wbc.padded_width(width) > wbc.WEIGHTS_ON_CHIP_WIDTH[x.element_size()]
     got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_saved=store_h, final_relu=final_relu, out=out,
                                          saved=h if store_h else None, config=config)
     assert got_out is out and (got_h is h if store_h else got_h is None)
@@ -267,7 +268,7 @@ def test_backward_split_by_role(monkeypatch, width, config, dtype, need_dx, need
     """Two programs per hidden chunk (two partials per reduction) and per dx share, each looping over tiles."""
     rows = 130
     if config is None:
-        assert whole_block.backward_config(whole_block.padded_width(width), 4).hidden_chunk > 0
+        assert wbc.backward_config(wbc.padded_width(width), 4).hidden_chunk > 0
     monkeypatch.setattr(whole_block, "_programs", lambda device, tiles: 14)  # 7 roles: 3 dx shares, 4 chunks
     x, w1, b1, w2, b2 = params(width, dtype, seed=width + 11)
     x = x[:rows]

@@ -30,9 +30,9 @@ activation (either final activation; the smooth activations spill registers ther
 at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
 ``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in fp32, streamed
 from L2 beyond; also at least one candidate config whose shared-memory bound fits the device's opt-in shared memory
-per block, ``whole_block.runnable_forward_configs``) or ``max_backward_width(device capability)`` (backward, 128 on
-sm_90 and 32 before; not an fp32 ``dout`` next to 16-bit weights, the FFN form under autocast). ``auto`` takes
-them only where a dispatch table or the conservative rule says so (``dispatch.py``).
+per block, ``whole_block_configs.runnable_forward_configs``) or ``max_backward_width(device capability)``
+(backward, 128 on sm_90 and 32 before; not an fp32 ``dout`` next to 16-bit weights, the FFN form under autocast).
+``auto`` takes them only where a dispatch table or the conservative rule says so (``dispatch.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..activations import SEED_FORM, Form
-from ..kernels import whole_block, whole_net
+from ..kernels import whole_block, whole_block_configs, whole_net
 from ..kernels._common import capability, interpreter_enabled, max_shared_memory, multiprocessors
 from ..kernels.fused_linear import fused_linear
 
@@ -91,14 +91,16 @@ def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> 
 def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
     if not _whole_block_shape(x, w1, ws, form):
         return False
-    return bool(whole_block.runnable_forward_configs(whole_block.padded_width(x.shape[1]), w1.element_size(),
-                                                     x.element_size(), capability(x.device),
-                                                     max_shared_memory(x.device)))
+    return bool(whole_block_configs.runnable_forward_configs(
+        whole_block_configs.padded_width(x.shape[1]), w1.element_size(), x.element_size(), capability(x.device),
+        max_shared_memory(x.device)))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
-    return (_whole_block_shape(dout, w1, ws, form) and whole_block.takes_dout(dout.element_size(), w1.element_size())
-            and whole_block.padded_width(dout.shape[1]) <= whole_block.max_backward_width(capability(dout.device)))
+    return (_whole_block_shape(dout, w1, ws, form)
+            and whole_block_configs.takes_dout(dout.element_size(), w1.element_size())
+            and whole_block_configs.padded_width(dout.shape[1])
+            <= whole_block_configs.max_backward_width(capability(dout.device)))
 
 
 def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch.dtype:
