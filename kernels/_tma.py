@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
+from . import _common
 from ._cast import narrowed
 from .activations import apply
 
@@ -49,7 +50,7 @@ def tma_layout(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None = None,
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     """Global scratch for the device-side TMA descriptors (128 bytes each per program), on the current device."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    return torch.empty(size, dtype=torch.int8, device=_common.current_gpu())
 
 
 def ensure_scratch_allocator() -> None:

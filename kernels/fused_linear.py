@@ -14,8 +14,8 @@ import torch
 import triton
 
 from ..activations import IDENTITY
-from . import _reduce
-from ._common import capability, input_precision, launch_device, multiprocessors, next_power_of_2, on_interpreter
+from . import _common, _reduce
+from ._common import next_power_of_2
 from ._launch import CachedLauncher
 from ._tma import ensure_scratch_allocator, tma_layout
 from .fused_linear_configs import ALL_ENTRIES, INTERPRETER_CONFIG, persistent_grid, prune, schedule_constexprs
@@ -59,7 +59,7 @@ def _tile_safe(t: torch.Tensor | None) -> torch.Tensor | None:
 def _grid(m: int, n: int, split_k: int, device: torch.device, block_m: int, block_n: int,
           persistent: bool) -> tuple[int, int]:
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return persistent_grid(tiles, split_k, multiprocessors(device)) if persistent else (tiles, split_k)
+    return persistent_grid(tiles, split_k, _common.multiprocessors(device)) if persistent else (tiles, split_k)
 
 
 @functools.lru_cache(maxsize=256)
@@ -125,7 +125,7 @@ def fused_linear(
         # No K loop at all: the accumulator is 0 and the epilogue alone decides.
         a, K, relu_mask = a.new_zeros((M, 1)), 1, relu_mask if mask_on == "residual" else None
         b = b.new_zeros((1, N))
-    if config is None and on_interpreter(a.device):
+    if config is None and _common.on_interpreter(a.device):
         config = INTERPRETER_CONFIG
     ws = counters = c
     if split_k > 1:
@@ -134,9 +134,9 @@ def fused_linear(
         counters = _reduce.arrival_counters(a.device, counter_count)
     mask = "none" if relu_mask is None else mask_on
     layout = ""
-    if a.dtype == b.dtype and capability(a.device)[0] >= 9:
+    if a.dtype == b.dtype and _common.capability(a.device)[0] >= 9:
         layout = tma_layout(a, b, sa, sb, relu_mask if mask == "a" else None)
-        if layout and a.is_cuda:
+        if layout and _common.is_gpu(a.device):
             ensure_scratch_allocator()
     args = (
         a, b, sa if sa is not None else a, sb if sb is not None else b,
@@ -155,10 +155,10 @@ def fused_linear(
         "STORE_PRE": pre_out is not None,
         "ACTIVATION": activation or IDENTITY, "B_ACTIVATION": b_activation or IDENTITY, "HAS_ROWSUM": rowsum,
         "SPLIT_K": split_k,
-        "INPUT_PRECISION": input_precision(a if a.element_size() <= b.element_size() else b),
+        "INPUT_PRECISION": _common.input_precision(a if a.element_size() <= b.element_size() else b),
         "TMA_LAYOUT": layout,
     }
-    with launch_device(a.device):
+    with _common.launch_device(a.device):
         if config is None:
             grid = lambda meta: _grid(M, N, split_k, a.device, meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"])
             _launch_tuned(grid, *args, **flags)

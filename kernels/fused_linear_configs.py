@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..activations import IDENTITY
-from ._common import capability, next_power_of_2
+from . import _common
+from ._common import next_power_of_2
 
 if TYPE_CHECKING:
     import triton
@@ -171,7 +172,7 @@ def prune(configs, named_args, **kwargs):
     tile_epilogue = args["HAS_RESIDUAL"] or args["GATE"] != IDENTITY
     smooth = smooth_places(args["ACTIVATION"], args["GATE"], args["B_ACTIVATION"])
     warp_specialize = not (args["HAS_SECOND"] or args["HAS_ROWSUM"] or args["SPLIT_K"] > 1)
-    allowed = set(config_table(capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide, smooth,
+    allowed = set(config_table(_common.capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide, smooth,
                                args["TMA_LAYOUT"] != "", warp_specialize))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if config_key(c) in allowed]

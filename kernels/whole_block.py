@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _reduce
-from ._common import input_precision, launch_device, multiprocessors, next_power_of_2, on_interpreter
+from . import _common, _reduce
+from ._common import next_power_of_2
 from ._launch import CachedLauncher
 from .whole_block_backward import whole_block_backward_kernel
 from .whole_block_configs import (
@@ -62,19 +62,19 @@ def forward(x, w1, b1, w2, b2, *, store_saved: bool, activation: str = "relu", f
     args = (x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, saved_arg, M, F,
             *x.stride(), *w1.stride(), *w2.stride(), *out.stride(), *saved_arg.stride(), next_power_of_2(M))
     flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_SAVED": store_saved,
-             "ACTIVATION": activation, "FINAL_RELU": final_relu, "INPUT_PRECISION": input_precision(w1),
+             "ACTIVATION": activation, "FINAL_RELU": final_relu, "INPUT_PRECISION": _common.input_precision(w1),
              "WIDTH": width}
-    if config is None and on_interpreter(x.device):
+    if config is None and _common.on_interpreter(x.device):
         streamed = width > WEIGHTS_ON_CHIP_WIDTH[w1.element_size()]
         config = ForwardConfig(INTERPRETER_BLOCK_M, 4, 0, INTERPRETER_HIDDEN_CHUNK if streamed else 0)
-    sms = multiprocessors(x.device)
+    sms = _common.multiprocessors(x.device)
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"])
         per_sm = meta["PROGRAMS_PER_SM"]
         return (min(tiles, per_sm * sms) if per_sm else tiles,)
 
-    with launch_device(x.device):
+    with _common.launch_device(x.device):
         if config is None:
             _launch_forward_tuned(grid, *args, **flags)
         else:
@@ -88,7 +88,7 @@ def forward(x, w1, b1, w2, b2, *, store_saved: bool, activation: str = "relu", f
 
 def _programs(device: torch.device, tiles: int) -> int:
     """Programs of the persistent backward: two per SM, at most one per tile."""
-    return max(1, min(tiles, 2 * multiprocessors(device)))
+    return max(1, min(tiles, 2 * _common.multiprocessors(device)))
 
 
 def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, activation: str = "relu",
@@ -107,7 +107,7 @@ def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, 
         wide = max(x.element_size() if x is not None else 0, torch.finfo(dx_dtype or dout.dtype).bits // 8) > \
             w1.element_size()
         config = backward_config(width, w1.element_size(), wide)
-        if on_interpreter(dout.device):
+        if _common.on_interpreter(dout.device):
             config = config._replace(block_m=INTERPRETER_BLOCK_M, warps=4)
     block_m, warps, chunk = BackwardConfig(*config)
     programs = _programs(dout.device, triton.cdiv(M, block_m))
@@ -137,14 +137,14 @@ def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, 
         dx_arg = dx if dx is not None else dout
         x_arg = x if x is not None else dout
         out_arg = out if final_relu else dout
-        with launch_device(dout.device):
+        with _common.launch_device(dout.device):
             _launch_backward(
                 (programs,),
                 dout, out_arg, saved, x_arg, w1, w2, dx_arg, dw1, db1, dw2, db2, ws, counters, M, F,
                 *dout.stride(), *out_arg.stride(), *saved.stride(), *x_arg.stride(), *w1.stride(), *w2.stride(),
                 *dx_arg.stride(), *_matrix_strides(dw1), *_matrix_strides(dw2), _reduce.group_size(partials),
                 NEED_DX=need_dx, NEED_WEIGHTS=need_weights, ACTIVATION=activation, FINAL_RELU=final_relu,
-                INPUT_PRECISION=input_precision(w1), WIDTH=width, BLOCK_M=block_m, HIDDEN_CHUNK=chunk,
+                INPUT_PRECISION=_common.input_precision(w1), WIDTH=width, BLOCK_M=block_m, HIDDEN_CHUNK=chunk,
                 DX_SHARE=share, num_warps=warps, num_stages=1,
             )
     return dx, *grads

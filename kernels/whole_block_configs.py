@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from ._common import capability, max_shared_memory, next_power_of_2
+from . import _common
+from ._common import next_power_of_2
 
 if TYPE_CHECKING:
     import triton
@@ -150,7 +151,7 @@ def prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     x, w1 = args["x_ptr"], args["w1_ptr"]
     allowed = set(runnable_forward_configs(args["WIDTH"], w1.element_size(), x.element_size(),
-                                           capability(x.device), max_shared_memory(x.device)))
+                                           _common.capability(x.device), _common.max_shared_memory(x.device)))
     return [c for c in configs if config_of(c) in allowed]
 
 

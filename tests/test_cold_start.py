@@ -20,9 +20,9 @@ pytestmark = pytest.mark.interpreter
 if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fused_residual.kernels import _common, whole_block  # noqa: E402
 from fused_residual.kernels import fused_linear as fl  # noqa: E402
 from fused_residual.kernels import fused_linear_configs as flc  # noqa: E402
-from fused_residual.kernels import whole_block  # noqa: E402
 from fused_residual.kernels import whole_block_configs as wbc  # noqa: E402
 
 SHARED = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376}  # opt-in shared memory per block, bytes
@@ -30,9 +30,9 @@ SHARED = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376}  # opt-in shared memor
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """``compiled(module, capability)``: run that kernel module's tuned path as on a device of ``capability`` and
-    return the configs its autotuner benchmarked (compiled) for the launches made meanwhile, plus the chosen one
-    (triton 3.9 skips the benchmark when one candidate is left; 3.6 runs it)."""
+    """``compiled(capability)``: run the kernels' tuned paths as on a device of ``capability`` and return the
+    configs their autotuners benchmarked (compiled) for the launches made meanwhile, plus the chosen one (triton 3.9
+    skips the benchmark when one candidate is left; 3.6 runs it)."""
     seen = []
 
     def record(tuner):
@@ -46,15 +46,11 @@ def compiled(monkeypatch):
     record(whole_block.whole_block_forward_autotuned)
     record(fl.fused_linear_autotuned)
 
-    def on(module, capability):
+    def on(capability):
         seen.clear()
-        monkeypatch.setattr(module, "on_interpreter", lambda device: False)
-        configs = wbc if module is whole_block else flc
-        monkeypatch.setattr(configs, "capability", lambda device: capability)
-        if module is whole_block:
-            monkeypatch.setattr(configs, "max_shared_memory", lambda device: SHARED[capability])
-        else:
-            monkeypatch.setattr(module, "capability", lambda device: capability)
+        monkeypatch.setattr(_common, "on_interpreter", lambda device: False)
+        monkeypatch.setattr(_common, "capability", lambda device: capability)
+        monkeypatch.setattr(_common, "max_shared_memory", lambda device: SHARED[capability])
         return seen
 
     return on
@@ -98,7 +94,7 @@ def test_whole_block_forward_compiles_only_its_candidates(compiled, case):
     assert set(fits) == expected
     if not expected:
         return  # the backend's test (whole_block_forward_fits) sends such a call to the two-GEMM kernels
-    seen = compiled(whole_block, capability)
+    seen = compiled(capability)
     out, _ = whole_block.forward(x, w1, b1, w2, b2, store_saved=False, out_dtype=dtype)
     tuner = whole_block.whole_block_forward_autotuned
     assert {wbc.config_of(c) for c in [*seen, tuner.best_config]} == expected
@@ -127,7 +123,7 @@ def test_two_gemm_launches_compile_only_their_candidates(compiled, case):
     x, w1, b1, w2, b2 = _block_params(width, dtype, rows=130)
     counts = []
     for kwargs in ({"bias": b1, "activation": "relu"}, {"bias": b2, "residual": x, "activation": "relu"}):
-        seen = compiled(fl, capability)
+        seen = compiled(capability)
         out = fl.fused_linear(x, w1.t(), **kwargs)[0]
         best = flc.config_key(fl.fused_linear_autotuned.best_config)
         configs = {flc.config_key(c) for c in seen} | {best}

@@ -111,7 +111,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
     the plain variants); smooth-activation variants leave out the small tiles, and one compiled with fp32 operands
     covers its 16-bit launch on the tiles both may run; an "_unmasked" twin has the tiles its masked launch may not
     run."""
-    from fused_residual.kernels import fused_linear
+    from fused_residual.kernels import _common, fused_linear
     from fused_residual.kernels import fused_linear_configs as fl
 
     results, limits = compiled
@@ -126,7 +126,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
     assert {cap for cap, _, _ in variants} == set(limits)
 
     def runnable(cap, dtype, flags, wide):
-        monkeypatch.setattr(fl, "capability", lambda device: (cap // 10, cap % 10))
+        monkeypatch.setattr(_common, "capability", lambda device: (cap // 10, cap % 10))
         args = {name: torch.empty(0, dtype=torch.float32 if name in wide else dtypes[dtype])
                 for name in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")}
         args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 0})
@@ -152,10 +152,10 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
 def _prune_hook_allows(monkeypatch, cap, dtype, flags, layout):
     """The configs fused_linear's prune hook keeps on a device of ``cap`` at a large problem, for a launch with
     ``flags`` whose operands have TMA_LAYOUT ``layout``."""
-    from fused_residual.kernels import fused_linear
+    from fused_residual.kernels import _common, fused_linear
     from fused_residual.kernels import fused_linear_configs as fl
 
-    monkeypatch.setattr(fl, "capability", lambda device: (cap // 10, cap % 10))
+    monkeypatch.setattr(_common, "capability", lambda device: (cap // 10, cap % 10))
     tuner = fused_linear.fused_linear_autotuned
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     args = {name: torch.empty(0, dtype=torch_dtype) for name in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")}

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.interpreter
 if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fused_residual.kernels import _common  # noqa: E402
 from fused_residual.kernels import fused_linear as fl  # noqa: E402
 from fused_residual.kernels import fused_linear_configs as flc  # noqa: E402
 from fused_residual.kernels._tma import tma_layout  # noqa: E402
@@ -297,7 +298,7 @@ def test_hopper_schedules_match_float64(dtype, features, epilogue, monkeypatch):
     """Every schedule with every epilogue (two launches cover them all) on ragged M and N: persistent programs
     walk several tiles (3 "SMs" for 9 tiles), the split epilogue writes both halves, TMA zero-fills past the
     edges."""
-    monkeypatch.setattr(fl, "multiprocessors", lambda device: 3)
+    monkeypatch.setattr(_common, "multiprocessors", lambda device: 3)
     g = torch.Generator().manual_seed(len(epilogue))
     m, k, n = 70, 32, 90
     a, w = rand(m, k, dtype=dtype, generator=g), rand(n, k, dtype=dtype, generator=g)
@@ -324,7 +325,7 @@ def test_hopper_weight_gradients_split_k(dtype, features, n_out, sms, split_k, m
     """``dW = g'^T x`` with row sums through TMA with A = g^T (M-contiguous, transposed on chip) and its mask. A
     persistent launch takes as many K slices as fill the "SMs": 1 tile on 5 takes 5 of the 12 slices (two levels
     of reduction groups); 4 tiles on 3 take one slice, written directly. Deterministic."""
-    monkeypatch.setattr(fl, "multiprocessors", lambda device: sms)
+    monkeypatch.setattr(_common, "multiprocessors", lambda device: sms)
     g = torch.Generator().manual_seed(n_out + sms + split_k)
     rows, n_in = 400, 24
     grad, x, relu_out = (rand(rows, c, dtype=dtype, generator=g) for c in (n_out, n_in, n_out))
@@ -374,7 +375,7 @@ def test_a_tma_choice_is_never_reused_for_a_call_that_does_not_qualify(monkeypat
     included (kernels/_launch.py): TMA_LAYOUT is an autotune key passed by keyword, so a call whose operands do not
     qualify (same shapes, dtypes and flags otherwise) gets its own decision, among configs without TMA."""
     launches = []
-    monkeypatch.setattr(fl, "on_interpreter", lambda device: False)
+    monkeypatch.setattr(_common, "on_interpreter", lambda device: False)
     monkeypatch.setattr(fl, "_launch_tuned", lambda grid, *args, **flags: launches.append((args, flags)))
     w, bias = torch.randn(256, 128, dtype=torch.float16), torch.randn(256, dtype=torch.float16)
     fl.fused_linear(torch.randn(512, 128, dtype=torch.float16), w.t(), bias=bias)
@@ -402,7 +403,7 @@ def test_tiny_problems_keep_the_smallest_classic_tile_only(monkeypatch):
     """At a tiny problem (N = 1) the prune hook keeps only tiles no larger than it: the smallest classic one, no
     Hopper schedule (whose tiles are all 128 rows or more)."""
     launches = []
-    monkeypatch.setattr(fl, "on_interpreter", lambda device: False)
+    monkeypatch.setattr(_common, "on_interpreter", lambda device: False)
     monkeypatch.setattr(fl, "_launch_tuned", lambda grid, *args, **flags: launches.append((args, flags)))
     fl.fused_linear(torch.randn(3, 8, dtype=torch.float16), torch.randn(1, 8, dtype=torch.float16).t())
     (args, flags), = launches

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.interpreter
 if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fused_residual.kernels import whole_block  # noqa: E402
+from fused_residual.kernels import _common, whole_block  # noqa: E402
 from fused_residual.kernels import whole_block_configs as wbc  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -312,8 +312,8 @@ def test_backend_takes_the_whole_block_up_to_the_kernels_limits(monkeypatch, dev
     from fused_residual.backends import triton_backend
 
     cap, shared = DEVICES[device]
-    monkeypatch.setattr(triton_backend, "capability", lambda d: cap)
-    monkeypatch.setattr(triton_backend, "max_shared_memory", lambda d: shared)
+    monkeypatch.setattr(_common, "capability", lambda d: cap)
+    monkeypatch.setattr(_common, "max_shared_memory", lambda d: shared)
 
     def forward(width, size, x_size=None):
         return triton_backend.whole_block_forward_fits(_fake((8, width), x_size or size), _fake((width, width), size),
@@ -336,10 +336,9 @@ def test_tune_offers_the_whole_block_wherever_the_backend_takes_it(monkeypatch):
     """``python -m fused_residual.tune`` times ``triton:whole_block`` at the new widths too (auto's rule without a
     table does not take them: no GPU has measured them)."""
     from fused_residual import dispatch, tune
-    from fused_residual.backends import triton_backend
 
-    monkeypatch.setattr(triton_backend, "capability", lambda d: (9, 0))
-    monkeypatch.setattr(triton_backend, "max_shared_memory", lambda d: 232448)
+    monkeypatch.setattr(_common, "capability", lambda d: (9, 0))
+    monkeypatch.setattr(_common, "max_shared_memory", lambda d: 232448)
     size = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
     monkeypatch.setattr(torch, "empty", lambda *shape, device, dtype: _fake(shape, size[dtype]))
     cuda = torch.device("cuda", 0)

@@ -41,8 +41,7 @@ import torch
 from torch import Tensor
 
 from ..activations import SEED_FORM, Form
-from ..kernels import whole_block, whole_block_configs, whole_net
-from ..kernels._common import capability, interpreter_enabled, max_shared_memory, multiprocessors
+from ..kernels import _common, whole_block, whole_block_configs, whole_net
 from ..kernels.fused_linear import fused_linear
 
 NAME = "triton"
@@ -55,11 +54,10 @@ _relu_backward = torch.ops.aten.threshold_backward
 def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
     if dtype not in DTYPES:
         return f"the kernels take float16, bfloat16 or float32, not {dtype}"
-    if device.type == "cuda":
+    if _common.is_gpu(device) or _common.on_interpreter(device):
         return None
     if device.type == "cpu":
-        return None if interpreter_enabled() else (
-            "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1")
+        return "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1"
     return f"the Triton kernels do not support device type {device.type!r}"
 
 
@@ -92,15 +90,15 @@ def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: For
     if not _whole_block_shape(x, w1, ws, form):
         return False
     return bool(whole_block_configs.runnable_forward_configs(
-        whole_block_configs.padded_width(x.shape[1]), w1.element_size(), x.element_size(), capability(x.device),
-        max_shared_memory(x.device)))
+        whole_block_configs.padded_width(x.shape[1]), w1.element_size(), x.element_size(),
+        _common.capability(x.device), _common.max_shared_memory(x.device)))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
     return (_whole_block_shape(dout, w1, ws, form)
             and whole_block_configs.takes_dout(dout.element_size(), w1.element_size())
             and whole_block_configs.padded_width(dout.shape[1])
-            <= whole_block_configs.max_backward_width(capability(dout.device)))
+            <= whole_block_configs.max_backward_width(_common.capability(dout.device)))
 
 
 def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch.dtype:
@@ -136,7 +134,7 @@ def block_forward(
 def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
     """Slices of K for a weight-gradient GEMM: enough tiles to fill the GPU, each slice >= 1024 rows deep."""
     tiles = -(-rows // 128) * -(-cols // 128)
-    want = max(1, 2 * multiprocessors(device) // tiles)
+    want = max(1, 2 * _common.multiprocessors(device) // tiles)
     return max(1, min(want, k // 1024, 64))
 
 
