@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..activations import IDENTITY
+from ..activations import ACTIVATIONS, IDENTITY
 from . import _common
 from ._common import next_power_of_2
 
@@ -51,7 +51,7 @@ ANY_32BIT = [
 # program per SM walking the tiles (persistent_grid()); "split", the epilogue in two (BLOCK_M, BLOCK_N / 2) halves,
 # so that 128 x 256 takes a residual or gate tile; "ws", the K loop warp-specialized by Triton's Hopper partitioner
 # (a producer warp group issues the copies, two consumer warp groups of num_warps each take half the rows of the
-# tile). Not offered to autocast (wide) or smooth-activation launches: the classic tiles serve them.
+# tile). Not offered to autocast (wide) or heavy-activation launches: the classic tiles serve them.
 HOPPER_SCHEDULES = [
     (128, 256, 64, 3, 8, "tma+persistent+split"),
     (128, 128, 64, 4, 8, "tma+persistent"),
@@ -88,13 +88,14 @@ MASKED_A_SPILLS = [(128, 64, 4)]
 # 64 x 128 on 4 warps (sm_90 24 bytes; sm_80 fp16 20 bytes in the projection).
 WIDE_SPILLS = {(True, (128, 256, 64)), (True, (64, 128, 64)), (False, (128, 256, 32)), (False, (64, 128, 32)),
                (False, (64, 32, 32))}
-# Launches that compute a smooth activation (gelu, gelu_tanh, silu) keep only these tiles per place, keyed
-# (sm_90 or later, fp32), and the small ones (<= SMALL_TILE elements); compiled with triton 3.6 and 3.9, the others
+# Launches that compute a "heavy" activation (the registry's register_class: gelu, gelu_tanh, silu) keep only these
+# tiles per place, keyed (sm_90 or later, fp32), and the small ones (<= SMALL_TILE elements); "light" ones (ReLU) take
+# every tile, as a launch without an activation does. Compiled with triton 3.6 and 3.9, the others
 # spill: 128 x 256 everywhere (24-1280 bytes); in the gate (acc * act'(pre)) 128 x 128 on sm_90 (silu, 16-88 bytes)
 # and 64 x 128 on sm_80 (silu, 3.6) or at 255 registers; with act on B's load 64 x 128 on sm_90 (the gelus) and on
 # sm_80 (gelu_tanh, 3.6); in the epilogue 128 x 64 on 4 warps with an fp32 x (gelu_tanh). Fewer candidates also keep
 # the ahead-of-time compiles and the first call's autotuning short.
-SMOOTH_TILES = {
+HEAVY_TILES = {
     "epilogue": {(True, False): {(128, 128), (64, 64)}, (False, False): {(64, 128), (64, 64)},
                  (True, True): {(64, 128), (64, 64)}, (False, True): {(64, 128), (64, 64)}},
     "gate": {(True, False): {(64, 64)}, (False, False): {(64, 64)}, (True, True): {(64, 64)},
@@ -107,18 +108,19 @@ SMALL_TILE = 64 * 32
 
 def config_table(
     capability: tuple[int, int], element_size: int, tile_epilogue: bool = False, masked_a: bool = False,
-    wide: bool = False, smooth: tuple[str, ...] = (), tma: bool = False, warp_specialize: bool = False,
+    wide: bool = False, heavy: tuple[str, ...] = (), tma: bool = False, warp_specialize: bool = False,
 ) -> list[tuple]:
     """The autotune candidates for a device of ``capability``, a GEMM in ``element_size`` bytes, whether the
     epilogue reads a residual or gate tile, whether A is masked on load, whether an operand, the residual or
-    the output is wider than the GEMM's dtype (autocast), where a smooth activation is computed (``"epilogue"``,
-    ``"gate"``, ``"b"``: keys of SMOOTH_TILES), whether the operands qualify for TMA (``tma_layout``), and whether
-    the launch may be warp-specialized (no second operand pair, split-K or row sums)."""
+    the output is wider than the GEMM's dtype (autocast), where a heavy activation is computed (``"epilogue"``,
+    ``"gate"``, ``"b"``: keys of HEAVY_TILES, ``heavy_places``), whether the operands qualify for TMA
+    (``tma_layout``), and whether the launch may be warp-specialized (no second operand pair, split-K or row
+    sums)."""
     if element_size >= 4:
         table = ANY_32BIT
     else:
         table = HOPPER_16BIT if capability[0] >= 9 else AMPERE_16BIT
-    if capability[0] >= 9 and element_size == 2 and not wide and not smooth:
+    if capability[0] >= 9 and element_size == 2 and not wide and not heavy:
         table = table + [e for e in HOPPER_SCHEDULES if (tma or "tma" not in features(e))
                          and (warp_specialize or "ws" not in features(e))]
     if tile_epilogue:
@@ -130,8 +132,8 @@ def config_table(
         table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS]
     if wide:
         table = [e for e in table if (capability[0] >= 9, e[:3]) not in WIDE_SPILLS]
-    for place in smooth:
-        keep = SMOOTH_TILES[place][(capability[0] >= 9, element_size >= 4)]
+    for place in heavy:
+        keep = HEAVY_TILES[place][(capability[0] >= 9, element_size >= 4)]
         table = [e for e in table if e[:2] in keep or e[0] * e[1] <= SMALL_TILE]
     return table
 
@@ -141,10 +143,12 @@ def features(entry: tuple) -> tuple[str, ...]:
     return tuple(entry[5].split("+")) if len(entry) > 5 else ()
 
 
-def smooth_places(activation: str, gate: str, b_activation: str) -> tuple[str, ...]:
-    """Where a launch with these constexprs computes a smooth activation (config_table's ``smooth``)."""
+def heavy_places(activation: str, gate: str, b_activation: str) -> tuple[str, ...]:
+    """Where a launch with these constexprs computes an activation of the registry's "heavy" register class
+    (config_table's ``heavy``)."""
     places = (("epilogue", activation), ("gate", gate), ("b", b_activation))
-    return tuple(place for place, name in places if name not in (IDENTITY, "relu"))
+    return tuple(place for place, name in places
+                 if name != IDENTITY and ACTIVATIONS[name].register_class == "heavy")
 
 
 def schedule_constexprs(entry: tuple) -> dict:
@@ -170,9 +174,9 @@ def prune(configs, named_args, **kwargs):
     size = min(a.element_size(), args["b_ptr"].element_size())  # the GEMM's dtype: the narrower operand
     wide = max(args[n].element_size() for n in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")) > size
     tile_epilogue = args["HAS_RESIDUAL"] or args["GATE"] != IDENTITY
-    smooth = smooth_places(args["ACTIVATION"], args["GATE"], args["B_ACTIVATION"])
+    heavy = heavy_places(args["ACTIVATION"], args["GATE"], args["B_ACTIVATION"])
     warp_specialize = not (args["HAS_SECOND"] or args["HAS_ROWSUM"] or args["SPLIT_K"] > 1)
-    allowed = set(config_table(_common.capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide, smooth,
+    allowed = set(config_table(_common.capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide, heavy,
                                args["TMA_LAYOUT"] != "", warp_specialize))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if config_key(c) in allowed]

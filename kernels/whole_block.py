@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..activations import ACTIVATIONS
 from . import _common, _reduce
 from ._common import next_power_of_2
 from ._launch import CachedLauncher
@@ -62,8 +63,8 @@ def forward(x, w1, b1, w2, b2, *, store_saved: bool, activation: str = "relu", f
     args = (x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, saved_arg, M, F,
             *x.stride(), *w1.stride(), *w2.stride(), *out.stride(), *saved_arg.stride(), next_power_of_2(M))
     flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_SAVED": store_saved,
-             "ACTIVATION": activation, "FINAL_RELU": final_relu, "INPUT_PRECISION": _common.input_precision(w1),
-             "WIDTH": width}
+             "ACTIVATION": activation, "FROM_OUTPUT": ACTIVATIONS[activation].from_output, "FINAL_RELU": final_relu,
+             "INPUT_PRECISION": _common.input_precision(w1), "WIDTH": width}
     if config is None and _common.on_interpreter(x.device):
         streamed = width > WEIGHTS_ON_CHIP_WIDTH[w1.element_size()]
         config = ForwardConfig(INTERPRETER_BLOCK_M, 4, 0, INTERPRETER_HIDDEN_CHUNK if streamed else 0)
@@ -143,7 +144,8 @@ def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, 
                 dout, out_arg, saved, x_arg, w1, w2, dx_arg, dw1, db1, dw2, db2, ws, counters, M, F,
                 *dout.stride(), *out_arg.stride(), *saved.stride(), *x_arg.stride(), *w1.stride(), *w2.stride(),
                 *dx_arg.stride(), *_matrix_strides(dw1), *_matrix_strides(dw2), _reduce.group_size(partials),
-                NEED_DX=need_dx, NEED_WEIGHTS=need_weights, ACTIVATION=activation, FINAL_RELU=final_relu,
+                NEED_DX=need_dx, NEED_WEIGHTS=need_weights, ACTIVATION=activation,
+                FROM_OUTPUT=ACTIVATIONS[activation].from_output, FINAL_RELU=final_relu,
                 INPUT_PRECISION=_common.input_precision(w1), WIDTH=width, BLOCK_M=block_m, HIDDEN_CHUNK=chunk,
                 DX_SHARE=share, num_warps=warps, num_stages=1,
             )

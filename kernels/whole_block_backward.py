@@ -64,8 +64,9 @@ def whole_block_backward_kernel(
     stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
     stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k,
     reduce_group,  # programs per group of the in-kernel weight-gradient reduction (see _reduce.py)
-    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FINAL_RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,  # the registry's from_output: the saved tensor is act(pre), else pre
+    FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
     HIDDEN_CHUNK: tl.constexpr,  # 0: every program computes everything; else programs split by role (see above)
     DX_SHARE: tl.constexpr,  # with HIDDEN_CHUNK: programs computing dx per group (see _backward_by_role)
 ):
@@ -75,15 +76,16 @@ def whole_block_backward_kernel(
                           stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
                           stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
                           stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
-                          NEED_DX, NEED_WEIGHTS, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M,
-                          HIDDEN_CHUNK, DX_SHARE)
+                          NEED_DX, NEED_WEIGHTS, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
+                          BLOCK_M, HIDDEN_CHUNK, DX_SHARE)
     else:
         _backward_whole(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, dw1_ptr, db1_ptr, dw2_ptr,
                         db2_ptr, ws_ptr, counters_ptr, M, F,
                         stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
                         stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
                         stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
-                        NEED_DX, NEED_WEIGHTS, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M)
+                        NEED_DX, NEED_WEIGHTS, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
+                        BLOCK_M)
 
 
 @triton.jit
@@ -93,8 +95,8 @@ def _backward_whole(
     stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
     stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
     stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
-    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FINAL_RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+    FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Every program computes dx and all the weight gradients of its tiles (HIDDEN_CHUNK = 0)."""
     pid = tl.program_id(0)
@@ -133,7 +135,7 @@ def _backward_whole(
         if NEED_WEIGHTS:
             x = tl.load(x_ptr + row0 * stride_xm + (inner_m * stride_xm + feats[None, :] * stride_xf),
                         mask=tile_mask, other=0.0)
-            h = output_from_saved(saved, ACTIVATION)
+            h = output_from_saved(saved, ACTIVATION, FROM_OUTPUT)
             dw2 = tl.dot(tl.trans(g2_low), h, dw2, input_precision=INPUT_PRECISION)
             dw1 = tl.dot(tl.trans(g1), narrowed(x, w1), dw1, input_precision=INPUT_PRECISION)
             db2 += tl.sum(g2_low.to(tl.float32), axis=0)
@@ -172,9 +174,9 @@ def _backward_by_role(
     stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
     stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
     stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
-    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FINAL_RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, HIDDEN_CHUNK: tl.constexpr,
-    DX_SHARE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+    FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    HIDDEN_CHUNK: tl.constexpr, DX_SHARE: tl.constexpr,
 ):
     """Programs split by role (HIDDEN_CHUNK > 0). Programs form groups of ``roles`` consecutive ones: with NEED_DX
     the first DX_SHARE of a group compute dx, with NEED_WEIGHTS each of the next ones the weight gradients of one
@@ -199,8 +201,8 @@ def _backward_by_role(
                               ws_ptr, counters_ptr, M, F, role - dx_share, group, groups,
                               stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm,
                               stride_xf, stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n,
-                              stride_dw2k, reduce_group, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M,
-                              HIDDEN_CHUNK)
+                              stride_dw2k, reduce_group, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION,
+                              WIDTH, BLOCK_M, HIDDEN_CHUNK)
         else:
             _dx_role(dout_ptr, out_ptr, saved_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, pid, tl.num_programs(0),
                      stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf,
@@ -211,8 +213,8 @@ def _backward_by_role(
                       ws_ptr, counters_ptr, M, F, role, group, groups,
                       stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm,
                       stride_xf, stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n,
-                      stride_dw2k, reduce_group, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M,
-                      HIDDEN_CHUNK)
+                      stride_dw2k, reduce_group, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
+                      BLOCK_M, HIDDEN_CHUNK)
 
 
 @triton.jit
@@ -247,8 +249,9 @@ def _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w2_ptr, dw1_ptr, db1_ptr,
                   ws_ptr, counters_ptr, M, F, chunk, index, programs,
                   stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
                   stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
-                  ACTIVATION: tl.constexpr, FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, HIDDEN_CHUNK: tl.constexpr):
+                  ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                  HIDDEN_CHUNK: tl.constexpr):
     """The weight gradients of hidden units ``c = chunk * HIDDEN_CHUNK ...`` on tiles ``index, index + programs,
     ...``, computed transposed so that every GEMM reads its operands as loaded (no transpose in registers):
     ``g1[:, c]^T = (W2[:, c]^T g2^T) * act'(saved[:, c]^T)``, ``dW2[:, c] += g2^T act(saved[:, c])``,
@@ -283,7 +286,7 @@ def _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w2_ptr, dw1_ptr, db1_ptr,
                     mask=mask_m[:, None] & mask_f[None, :], other=0.0)
         g1t = tl.dot(w2ct, g2t, input_precision=INPUT_PRECISION)
         g1t = gradient(g1t, saved_t, ACTIVATION).to(w2ct.dtype)
-        dw2 = tl.dot(g2t, output_from_saved(saved, ACTIVATION), dw2, input_precision=INPUT_PRECISION)
+        dw2 = tl.dot(g2t, output_from_saved(saved, ACTIVATION, FROM_OUTPUT), dw2, input_precision=INPUT_PRECISION)
         dw1 = tl.dot(g1t, narrowed(x, w2ct), dw1, input_precision=INPUT_PRECISION)
         db2 += tl.sum(g2t.to(tl.float32), axis=1)
         db1 += tl.sum(g1t.to(tl.float32), axis=1)

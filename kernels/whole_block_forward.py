@@ -1,9 +1,10 @@
 """Whole residual block forward in one kernel: h never leaves the chip unless training needs it.
 
 The block ``out = final(act(x W1^T + b1) W2^T + b2 + x)``, ``act`` one of ``kernels/activations.py`` and
-``final`` ReLU (the seed block) or nothing (the FFN form), both constexprs. The backend runs these kernels with
-``act`` = ReLU only: the smooth activations compute right here but spill registers in the backward beyond width 16
-and in the forward at width 128 on sm_80, so they are not compiled ahead of time and take the two-GEMM kernels.
+``final`` ReLU (the seed block) or nothing (the FFN form), both constexprs. The backend runs these kernels with the
+registry's "light" activations only (``register_class``: ReLU today): the "heavy" ones compute right here but spill
+registers in the backward beyond width 16 and in the forward at width 128 on sm_80, so they are not compiled ahead
+of time and take the two-GEMM kernels.
 ``F`` = in = hidden = out features, padded to WIDTH, a power of two >= 16; the pad is masked to zero on load, never
 copied.
 
@@ -25,9 +26,9 @@ Forward, per tile of BLOCK_M rows, in one of two forms (HIDDEN_CHUNK, a config o
     out = final(acc + b2 + x)             x re-read for the residual (from L2: the tile was just read)
 
   x read once from memory, out written once (in out's dtype); with STORE_SAVED (training) the saved tensor is
-  written too: h for ReLU, pre for the others (``activations.saved_of``); else h never leaves the chip. The
-  weights are read from L2 once per program: ``2 F^2`` elements per tile when streamed (so larger tiles read
-  less), at most ``2 * 128 * 128`` on chip.
+  written too: h where the registry's ``from_output`` says so (ReLU), else pre (``activations.saved_of``, by the
+  constexpr FROM_OUTPUT); else h never leaves the chip. The weights are read from L2 once per program: ``2 F^2``
+  elements per tile when streamed (so larger tiles read less), at most ``2 * 128 * 128`` on chip.
 
 Shapes: x, out, saved (M, F) with any strides; W1, W2 (F, F); b1, b2 (F,).
 Offsets: int64 tile origins, int32 inside a tile.
@@ -52,8 +53,8 @@ from .activations import apply, saved_of
 def _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
                   stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
                   HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr, ACTIVATION: tl.constexpr,
-                  FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
+                  FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):
     """One row tile of the block, the weights already on chip."""
     rows = tl.arange(0, BLOCK_M)
     feats = tl.arange(0, WIDTH)
@@ -69,7 +70,7 @@ def _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
     h = apply(pre, ACTIVATION).to(w2t.dtype)
     if STORE_SAVED:
         tl.store(saved_ptr + row0 * stride_sm + (rows[:, None] * stride_sm + feats[None, :] * stride_sf),
-                 saved_of(pre.to(w2t.dtype), h, ACTIVATION), mask=tile_mask)
+                 saved_of(pre.to(w2t.dtype), h, FROM_OUTPUT), mask=tile_mask)
     acc = tl.dot(h, w2t, input_precision=INPUT_PRECISION) + x.to(tl.float32)
     if HAS_B2:
         acc += b2[None, :]
@@ -84,8 +85,9 @@ def _forward_tile_streamed(tile, x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                            stride_xm, stride_xf, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
                            stride_om, stride_of, stride_sm, stride_sf,
                            HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr,
-                           ACTIVATION: tl.constexpr, FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                           WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, HIDDEN_CHUNK: tl.constexpr):
+                           ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr,
+                           INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HIDDEN_CHUNK: tl.constexpr):
     """One row tile of the block with the weights streamed from L2, HIDDEN_CHUNK hidden units at a time."""
     rows = tl.arange(0, BLOCK_M)
     feats = tl.arange(0, WIDTH)
@@ -113,7 +115,7 @@ def _forward_tile_streamed(tile, x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
         h = apply(pre, ACTIVATION).to(w2t.dtype)
         if STORE_SAVED:
             tl.store(saved_ptr + row0 * stride_sm + (rows[:, None] * stride_sm + hidden[None, :] * stride_sf),
-                     saved_of(pre.to(w2t.dtype), h, ACTIVATION), mask=mask_m[:, None] & mask_h[None, :])
+                     saved_of(pre.to(w2t.dtype), h, FROM_OUTPUT), mask=mask_m[:, None] & mask_h[None, :])
         acc = tl.dot(h, w2t, acc, input_precision=INPUT_PRECISION)
     # Read again (from L2) rather than kept in registers across the loop: that spilled beside the accumulator.
     x = tl.load(x_ptr + row0 * stride_xm + (rows[:, None] * stride_xm + feats[None, :] * stride_xf),
@@ -135,6 +137,7 @@ def whole_block_forward_kernel(
     stride_om, stride_of, stride_sm, stride_sf,
     M_BUCKET,  # autotune key only
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,  # the registry's from_output: the saved tensor is act(pre), else pre
     FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # 0: a program per tile; else a persistent grid of this many per SM
     HIDDEN_CHUNK: tl.constexpr,  # 0: both weights on chip; else streamed from L2 this many hidden units at a time
@@ -143,7 +146,7 @@ def whole_block_forward_kernel(
         _forward_tile_streamed(tl.program_id(0), x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, saved_ptr, M, F,
                                stride_xm, stride_xf, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
                                stride_om, stride_of, stride_sm, stride_sf, HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION,
-                               FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M, HIDDEN_CHUNK)
+                               FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M, HIDDEN_CHUNK)
     else:
         feats = tl.arange(0, WIDTH)
         mask_f = feats < F
@@ -156,9 +159,11 @@ def whole_block_forward_kernel(
         if PROGRAMS_PER_SM == 0:
             _forward_tile(tl.program_id(0), x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
                           stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
-                          HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M)
+                          HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
+                          BLOCK_M)
         else:
             for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
                 _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
                               stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
-                              HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M)
+                              HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION,
+                              WIDTH, BLOCK_M)

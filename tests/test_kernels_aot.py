@@ -55,12 +55,13 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
     seen = {(c["kernel"], c["cap"], c["dtype"], c["variant"]) for c in results}
     for cap in limits:
         for dtype, size in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-            # autocast: 16-bit weights only; smooth activations: bf16 (standing for fp16) and fp32, their FFN
+            # autocast: 16-bit weights only; other activations: bf16 (standing for fp16) and fp32, their FFN
             # launches with an fp32 A in bf16 only; "_unmasked": only where the masked-A rule drops a tile
+            activation_variants = {name for name, *_ in aot_compile.activation_variants()}
             for variant in {v for k, _, _, v in seen if k == "fused_linear" and "unmasked" not in v
                             and not v.startswith("hopper_")}:
-                if any(act in variant for act in aot_compile.SMOOTH):
-                    wanted = dtype in aot_compile.SMOOTH_DTYPES and (size == 2 or not variant.endswith("_ffn"))
+                if variant in activation_variants:
+                    wanted = dtype in aot_compile.ACTIVATION_DTYPES and (size == 2 or not variant.endswith("_ffn"))
                 else:
                     wanted = size == 2 or "autocast" not in variant
                 assert (("fused_linear", cap, dtype, variant) in seen) == wanted, (cap, dtype, variant)
@@ -74,6 +75,23 @@ def test_every_arch_dtype_and_variant_is_covered(compiled):
                 assert net == (width != 32 and width <= wbc.WEIGHTS_ON_CHIP_WIDTH[size])
     hopper = {(cap, dtype) for k, cap, dtype, v in seen if v.startswith("hopper_")}
     assert (90, aot_compile.HOPPER_DTYPE) in hopper and hopper <= {(90, "fp16"), (90, "bf16")}, hopper
+
+
+def test_every_activation_of_the_registry_is_compiled(compiled):
+    """Each activation of the registry is compiled where a GEMM computes it (epilogue, gate, B's load where the
+    backward keeps the pre-activation) and, if the backend gives it the whole-block kernels (register class
+    "light"), in both of those."""
+    from fused_residual.activations import ACTIVATIONS
+
+    results, _ = compiled
+    places = {(c["kernel"], key, c["flags"][key]) for c in results for key in ("ACTIVATION", "GATE", "B_ACTIVATION")
+              if key in c["flags"]}
+    for name, act in ACTIVATIONS.items():
+        wanted = {("fused_linear", "ACTIVATION", name), ("fused_linear", "GATE", name)}
+        wanted |= {("fused_linear", "B_ACTIVATION", name)} if not act.from_output else set()
+        if act.register_class == "light":
+            wanted |= {("whole_block_forward", "ACTIVATION", name), ("whole_block_backward", "ACTIVATION", name)}
+        assert wanted <= places, (name, wanted - places)
 
 
 def test_whole_block_beyond_on_chip_widths_is_covered(compiled):
@@ -108,7 +126,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
     """Per architecture, dtype and variant, the configs compiled here are exactly those the autotuner's own prune
     hook keeps on such a device at a large problem, with the triton installed (none runs uncompiled), with the
     exceptions aot_compile.py states: "autocast_" variants are the fp32-operand launches only (the 16-bit ones are
-    the plain variants); smooth-activation variants leave out the small tiles, and one compiled with fp32 operands
+    the plain variants); the other activations' variants leave out the small tiles, and one compiled with fp32 operands
     covers its 16-bit launch on the tiles both may run; an "_unmasked" twin has the tiles its masked launch may not
     run."""
     from fused_residual.kernels import _common, fused_linear
@@ -123,6 +141,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
     # the Hopper schedules' representative cases: test_hopper_schedules_compile_as_intended
     linear = [c for c in results if c["kernel"] == "fused_linear" and not c["variant"].startswith("hopper_")]
     variants = {(c["cap"], c["dtype"], c["variant"]) for c in linear}
+    activation_variants = {name for name, *_ in aot_compile.activation_variants()}
     assert {cap for cap, _, _ in variants} == set(limits)
 
     def runnable(cap, dtype, flags, wide):
@@ -142,7 +161,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
         if variant.endswith("_unmasked"):
             masked = next(c["flags"] for c in linear if c["variant"] == variant.removesuffix("_unmasked"))
             expected_plain -= runnable(cap, dtype, masked, ())
-        if any(act in variant for act in aot_compile.SMOOTH):
+        if variant in activation_variants:
             expected_wide = {c for c in expected_wide if c[0] * c[1] > fl.SMALL_TILE}
             expected_plain = {c for c in expected_plain if c[0] * c[1] > fl.SMALL_TILE}
         name = f"sm{cap}-{dtype}-{variant}"
@@ -187,7 +206,7 @@ def test_hopper_schedules_compile_as_intended(compiled, monkeypatch):
 
 
 def test_hopper_schedules_go_to_sm90_16bit_gemms_with_tma_operands_only(monkeypatch):
-    """sm_80 never receives a Hopper schedule, nor does an fp32, autocast or smooth-activation launch on sm_90,
+    """sm_80 never receives a Hopper schedule, nor does an fp32, autocast or heavy-activation launch on sm_90,
     nor a "tma" schedule a launch whose operands do not qualify (TMA_LAYOUT ""), in any epilogue."""
     from fused_residual.kernels import fused_linear_configs as fl
 
@@ -200,8 +219,8 @@ def test_hopper_schedules_go_to_sm90_16bit_gemms_with_tma_operands_only(monkeypa
             unaligned = _prune_hook_allows(monkeypatch, 90, dtype, flags, "")
             assert not any("tma" in fl.features(c) for c in unaligned), flags
             assert any(fl.features(c) for c in _prune_hook_allows(monkeypatch, 90, dtype, flags, "kk")), flags
-            for wide, smooth in ((True, ()), (False, ("epilogue",))):
-                table = fl.config_table((9, 0), 2, wide=wide, smooth=smooth, tma=True, warp_specialize=True)
+            for wide, heavy in ((True, ()), (False, ("epilogue",))):
+                table = fl.config_table((9, 0), 2, wide=wide, heavy=heavy, tma=True, warp_specialize=True)
                 assert not any(fl.features(c) for c in table)
 
 

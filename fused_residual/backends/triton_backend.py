@@ -25,9 +25,9 @@ on chip for its GEMMs, adds the shortcut un-rounded and writes ``out`` in ``Form
 in ``x``'s: no rounded copy, no cast pass.
 
 Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kernels/whole_block.py``) wherever
-they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, ReLU as the hidden
-activation (either final activation; the smooth activations spill registers there beyond width 16 in backward and
-at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
+they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, a "light" hidden
+activation (the registry's ``register_class``: ReLU; either final activation; the "heavy" ones spill registers there
+beyond width 16 in backward and at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
 ``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in fp32, streamed
 from L2 beyond; also at least one candidate config whose shared-memory bound fits the device's opt-in shared memory
 per block, ``whole_block_configs.runnable_forward_configs``) or ``max_backward_width(device capability)``
@@ -82,8 +82,9 @@ def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residua
 
 
 def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> bool:
-    """The block has the shape the whole-block kernels take: identity shortcut, square w1, ReLU hidden."""
-    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and form.activation == "relu"
+    """The block has the shape the whole-block kernels take: identity shortcut, square w1, a light hidden
+    activation."""
+    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and form.hidden.register_class == "light"
 
 
 def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
@@ -117,8 +118,8 @@ def block_forward(
     out_dtype = _output_dtype(x, w1, ws, form)
     final = form.final_activation
     if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws, form):
-        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, final_relu=final == "relu",
-                                   out_dtype=out_dtype)
+        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, activation=form.activation,
+                                   final_relu=final == "relu", out_dtype=out_dtype)
     if x.shape[0] == 0:
         return x.new_empty((0, w2.shape[0]), dtype=out_dtype), x.new_empty((0, w1.shape[0]), dtype=w1.dtype)
     act = form.hidden
@@ -182,8 +183,8 @@ def block_backward(
     if (variant != "two_gemm" and (need_x or need_weights)
             and whole_block_backward_fits(dout, w1, ws, form)):
         dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, saved, x, w1, w2, need_dx=need_x,
-                                                      need_weights=need_weights, final_relu=final_relu,
-                                                      dx_dtype=dx_dtype)
+                                                      need_weights=need_weights, activation=form.activation,
+                                                      final_relu=final_relu, dx_dtype=dx_dtype)
         return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
                 db2 if need_b2 else None, None)
     # Under autocast dout and x may be wider than the weights: each launch rounds them on chip for its GEMM.
