@@ -1,0 +1,57 @@
+"""The host-time benchmark (``benchmarks/host_time.py``) end to end on this CPU, in a process of its own (it needs
+compiled kernels, not the interpreter, and changes process-wide state): one width, both modes, the whole-block
+route, a few calls. The counts it reports are deterministic, so they are checked here; the times are not."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fused_residual import backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.aot
+
+if backends.missing_requirement("triton") is None:
+    from triton.backends import backends as triton_backends
+
+    HAS_NVIDIA_BACKEND = "nvidia" in triton_backends
+else:
+    HAS_NVIDIA_BACKEND = False
+
+
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton with its NVIDIA backend (compiles for sm_90)")
+def test_host_time_benchmark_runs_and_counts(tmp_path):
+    out = tmp_path / "host_time.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_RESIDUAL_BACKEND")}
+    command = [sys.executable, "-m", "benchmarks.host_time", "--quick", "--widths", "64", "--routes", "whole_block",
+               "--rounds", "2", "--inner", "3", "--jsonl", str(out)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "host+3us*launches" in done.stdout
+    found = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(found) == {"forward", "train"}
+    forward, train = found["forward"], found["train"]
+    assert forward["fused"]["triton_launches"] == {"whole_block_forward_kernel": 1}
+    assert forward["fused"]["aten_launches"] == {}
+    assert forward["eager"]["aten_launches"] == {"addmm": 2, "relu_": 2, "add_": 1}
+    assert (forward["fused"]["allocations"], forward["eager"]["allocations"]) == (1, 2)
+    assert train["fused"]["triton_launches"] == {"whole_block_forward_kernel": 1, "whole_block_backward_kernel": 1}
+    assert train["fused"]["aten_launches"] == {"sum": 1, "ones_like": 1}  # y.sum() and backward's seed
+    assert train["eager"]["launches"]["total"] == 16
+    for record in found.values():
+        assert record["eager"]["calls"]["package"] == 1  # ResidualBlock.forward
+        assert record["fused"]["calls"]["package"] > 10
+        assert record["fused"]["package_functions"]["fused_residual/modules.py:FusedResidualBlock.forward"] == 1
+        for side in ("fused", "eager"):
+            host = record[side]["host_us"]
+            assert host["calls"] == 6 and 0 < host["q1"] <= host["median"] <= host["q3"]
+            assert record[side]["estimate_us"] == pytest.approx(host["median"] + 3 * record[side]["launches"]["total"])
+        assert record["fused_over_eager"]["host"] == pytest.approx(
+            record["fused"]["host_us"]["median"] / record["eager"]["host_us"]["median"])
