@@ -6,9 +6,11 @@ everything the package and Triton do in Python per call kept. Only what needs a 
 - Triton's active driver is its own CUDA driver class built around fake C utilities (no libcuda): ``load_binary``
   returns fake handles, the device properties are an H200's (132 SMs, 232,448 bytes of opt-in shared memory per
   block, sm_90), and the C launch is a counting no-op: ``utils.launch`` on triton 3.9, the generated per-kernel
-  launcher module on triton 3.6 (its C source is still generated, not compiled). Triton's Python launcher
-  (``CudaLauncher.__call__``: scratch allocation, argument hand-over) runs as on a GPU. Kernels are really
-  compiled for sm_90 (Triton's own compiler and the ptxas it bundles; results land in Triton's on-disk cache).
+  launcher module on triton 3.6 (its C source is still generated, not compiled). The no-op is a Python call
+  (~0.3-0.7 us with its arguments here) and counts as host time: a stand-in for the C launcher, not its cost.
+  Triton's Python launcher (``CudaLauncher.__call__``: scratch allocation, argument hand-over) runs as on a GPU.
+  Kernels are really compiled for sm_90 (Triton's own compiler and the ptxas it bundles; results land in Triton's
+  on-disk cache).
 - The autotuner times nothing: ``Autotuner._bench`` returns a rank, so it takes the FIRST candidate left after its
   prune, in the kernel's own config order (only that config compiles). A fixed, documented choice: the host path
   of another config differs only in the grid and scratch (persistent and TMA schedules, listed first for sm_90
@@ -130,6 +132,7 @@ def _patch_torch_cuda(stack: contextlib.ExitStack) -> None:
         _patch(stack, cuda, "_exchange_device", _exchange_device)
         _patch(stack, cuda, "_maybe_exchange_device", _maybe_exchange_device)
     _patch(stack, cuda, "_initialized", True)  # _lazy_init returns at once, as after a GPU's first call
+    _patch(stack, cuda, "_is_in_bad_fork", bool)  # a C entry in a CUDA build (a Python lambda in a CPU build)
     _patch(stack, torch.cuda.graphs, "_cuda_isCurrentStreamCapturing", bool)
     _patch(stack, cuda, "get_device_properties", lambda device=None: H200)
     _patch(stack, cuda, "get_device_name", lambda device=None: H200.name)
@@ -224,10 +227,11 @@ def _patch_triton(stack: contextlib.ExitStack, gpu: FakeGpu) -> None:
 @contextlib.contextmanager
 def fake_gpu() -> Iterator[FakeGpu]:
     """Inside the block the package's Triton routes run on meta tensors as on an H200 (module docstring)."""
-    from fused_residual.kernels import _common
+    from fused_residual.kernels import _common, fused_linear
+    from triton.runtime.jit import JITFunction
 
-    if _common.interpreter_enabled():
-        raise RuntimeError("fake_gpu() needs real Triton kernels: unset TRITON_INTERPRET before importing the package")
+    if _common.interpreter_enabled() or not isinstance(fused_linear.fused_linear_kernel, JITFunction):
+        raise RuntimeError("fake_gpu() needs compiled Triton kernels: start the process without TRITON_INTERPRET")
     gpu = FakeGpu()
     with contextlib.ExitStack() as stack:
         _patch_torch_cuda(stack)

@@ -34,10 +34,11 @@ Method:
 Caveats: it does not see the CUDA caching allocator, the C launcher (Triton's parses ~50 arguments and calls
 ``data_ptr`` per tensor; aten's kernel launches), cuBLAS heuristics (and its extra kernels, e.g. split-K
 reductions), or the hand-off of ``backward()`` to the autograd device thread (on meta tensors backward runs on the
-calling thread). An allocation here is a new tensor, however the allocator serves it. The two CPUs differ too: the
-GPU host's per-call costs are higher (the H200 VM's by ~3x in the first GPU measurement). Other processes on the
-machine move the times (not the counts): compare ratios from one run. ``benchmarks/gpu_check.sh`` runs this on
-the GPU host beside the real clocks.
+calling thread). An allocation here is a new tensor, however the allocator serves it. The fake C launch is a Python
+call (``fake_gpu.py``) and adds a fraction of a microsecond per launch. CPUs differ: the GPU host's per-call costs
+may be several times this machine's, so ratios carry over better than microseconds; ``benchmarks/gpu_check.sh``
+runs this on the GPU host beside the real clocks. Other processes on the machine move the times (not the counts):
+compare ratios from one run.
 
 Output: a table (stdout) and, with ``--jsonl PATH``, one JSON line per case (route x mode x width), appended as it
 finishes: ``{"type": "host_time", "case", "mode", "route", "backend", "width", "rows", "dtype", "fused": {...},
@@ -59,15 +60,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # before the package decorates its kernels
-    sys.exit("benchmarks.host_time measures compiled kernels' launch path: unset TRITON_INTERPRET")
+import torch
 
-import torch  # noqa: E402
+import fused_residual as fr
 
-import fused_residual as fr  # noqa: E402
-
-from . import host_counts, records  # noqa: E402
-from .fake_gpu import FakeGpu, fake_gpu, prefer_cpp_meta_kernels  # noqa: E402
+from . import host_counts, records
+from .fake_gpu import FakeGpu, fake_gpu, prefer_cpp_meta_kernels
 
 ROUTES = {"whole_block": "triton", "two_gemm": "triton:two_gemm"}
 MODES = ("forward", "train")
@@ -203,25 +201,35 @@ def measure_case(gpu: FakeGpu, mode: str, width: int, rows: int, dtype: str, rou
             for route in routes]
 
 
-def profile_table(impl: Impl, calls: int, title: str, top: int = 15) -> str:
-    """cProfile's view of ``calls`` cached calls: the functions with the most own time, per call (cProfile's
-    overhead inflates small functions: read it for shares, not for absolute times)."""
+def profile_table(impl: Impl, calls: int, title: str, top: int = 15, batches: int = 11) -> str:
+    """cProfile's view of ``batches`` batches of ``calls`` cached calls: per function, the median over batches of
+    its own and cumulative time per call (a batch the scheduler preempted does not move the median), the
+    functions with the most own time first. cProfile's overhead inflates small functions: read it for shares."""
     import cProfile
     import pstats
 
     impl.use()
-    profiler = cProfile.Profile()
-    for _ in range(calls):
-        impl.setup()
-        profiler.enable()
-        impl.step()
-        profiler.disable()
-    stats = pstats.Stats(profiler).stats
-    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    lines = [f"-- profile: {title} ({calls} calls; us per call: own, cumulative; calls per call)"]
-    for (file, line, name), (_, ncalls, own, cumulative, _) in rows:
+    own: dict[tuple, list[float]] = {}
+    cumulative: dict[tuple, list[float]] = {}
+    ncalls: dict[tuple, float] = {}
+    for _ in range(batches):
+        profiler = cProfile.Profile()
+        for _ in range(calls):
+            impl.setup()
+            profiler.enable()
+            impl.step()
+            profiler.disable()
+        for key, (_, n, tt, ct, _) in pstats.Stats(profiler).stats.items():
+            own.setdefault(key, []).append(tt / calls * 1e6)
+            cumulative.setdefault(key, []).append(ct / calls * 1e6)
+            ncalls[key] = n / calls
+    median = {key: statistics.median(v + [0.0] * (batches - len(v))) for key, v in own.items()}
+    lines = [f"-- profile: {title} (medians over {batches} x {calls} calls; us per call: own, cumulative; calls "
+             "per call)"]
+    for key in sorted(median, key=median.get, reverse=True)[:top]:
+        file, line, name = key
         where = f"{os.path.basename(file)}:{line}" if file != "~" else "C"
-        lines.append(f"  {own / calls * 1e6:7.2f} {cumulative / calls * 1e6:8.2f} {ncalls / calls:6.1f}  "
+        lines.append(f"  {median[key]:7.2f} {statistics.median(cumulative[key]):8.2f} {ncalls[key]:6.1f}  "
                      f"{name} ({where})")
     return "\n".join(lines)
 
@@ -265,7 +273,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--jsonl", help="append one JSON line per case to this file")
     p.add_argument("--profile", type=int, default=0, metavar="CALLS",
-                   help="also print cProfile's top functions over CALLS calls of each fused route")
+                   help="also print cProfile's top functions per fused route (11 batches of CALLS calls)")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (5 if args.quick else 30)
     args.inner = args.inner or (10 if args.quick else 20)
@@ -279,6 +287,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("benchmarks.host_time measures the launch path of compiled kernels: unset TRITON_INTERPRET",
+              file=sys.stderr)
+        return 2
     from .env_info import describe
 
     environment = describe()
