@@ -1,5 +1,5 @@
 """Host (CPU-side) time of a cached call, the fused block's Triton routes against the eager reference block, on any
-CPU: ``python -m benchmarks.host_time [--quick] [--jsonl PATH]``.
+CPU: ``python -m benchmarks.host_time [--quick] [--jsonl PATH]`` (``--show PATH`` prints a saved run's table).
 
 On a GPU the host issues work and the GPU runs it; when a call's host time exceeds its GPU time, the host time is
 the wall time. This measures the host side alone, without a GPU, so that every change to the call path can be
@@ -272,6 +272,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=65536)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--jsonl", help="append one JSON line per case to this file")
+    p.add_argument("--show", metavar="PATH", help="print the table of a JSON-lines file written by --jsonl; no run")
     p.add_argument("--profile", type=int, default=0, metavar="CALLS",
                    help="also print cProfile's top functions per fused route (11 batches of CALLS calls)")
     args = p.parse_args(argv)
@@ -287,6 +288,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.show:
+        print(table([r for r in records.read(args.show)[0] if r.get("type") == "host_time"]))
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("benchmarks.host_time measures the launch path of compiled kernels: unset TRITON_INTERPRET",
               file=sys.stderr)

@@ -27,7 +27,7 @@ else:
 
 
 @pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton with its NVIDIA backend (compiles for sm_90)")
-def test_host_time_benchmark_runs_and_counts(tmp_path):
+def test_host_time_benchmark_runs_and_counts(tmp_path, capsys):
     out = tmp_path / "host_time.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_RESIDUAL_BACKEND")}
     command = [sys.executable, "-m", "benchmarks.host_time", "--quick", "--widths", "64", "--routes", "whole_block",
@@ -55,3 +55,11 @@ def test_host_time_benchmark_runs_and_counts(tmp_path):
             assert record[side]["estimate_us"] == pytest.approx(host["median"] + 3 * record[side]["launches"]["total"])
         assert record["fused_over_eager"]["host"] == pytest.approx(
             record["fused"]["host_us"]["median"] / record["eager"]["host_us"]["median"])
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import host_time
+
+    assert host_time.main(["--show", str(out)]) == 0  # the saved run's table, as the run printed it
+    shown = capsys.readouterr().out.strip()
+    assert shown == done.stdout[done.stdout.index("case "):].strip()
