@@ -19,10 +19,11 @@ everything the package and Triton do in Python per call kept. Only what needs a 
   check: ``torch._C`` entries replaced by C builtins such as ``int``); its Python wrappers around them run as in a
   CUDA build (on a CPU build, the stubs that raise are replaced by the CUDA build's two-line wrappers), and
   ``torch.cuda.get_device_properties`` answers the H200's properties.
-- The device-facts module ``kernels/_common.py`` answers for ``meta`` what it answers for ``cuda:0``: each of its
-  device functions is wrapped (meta -> cuda:0, then the real function) and rebound wherever the package imported
-  it. Cached functions get a cached wrapper, so a cached call costs what it costs on a GPU; an uncached one (e.g.
-  ``launch_device``) costs one extra Python call (~0.1 us).
+- The device-facts module ``kernels/_common.py`` answers for ``meta`` what it answers for ``cuda:0``: each function
+  defined there whose first parameter is ``device`` (``capability``, ``multiprocessors``, ``max_shared_memory``,
+  ``launch_device``, ``is_gpu``, ...) and whose answer for meta differs is wrapped (meta -> cuda:0, then the real
+  function) and rebound wherever the package imported it. Cached functions get a cached wrapper, so a cached call
+  costs what it costs on a GPU; an uncached one (``launch_device``) costs one extra Python call (~0.1 us).
 - Triton's global scratch (the TMA schedules' device-side descriptors) comes from an allocator of meta tensors, set
   before the package's own (which allocates on ``cuda``).
 
@@ -60,8 +61,6 @@ H200 = types.SimpleNamespace(
 # What triton's C utilities report (``get_device_properties`` of triton's driver.c).
 TRITON_PROPERTIES = {"max_shared_mem": 232_448, "max_num_regs": 65_536, "multiprocessor_count": 132,
                      "warpSize": 32, "sm_clock_rate": 1_980_000, "mem_clock_rate": 3_201_000, "mem_bus_width": 6144}
-# The device functions of kernels/_common.py that take a device first (those present are wrapped).
-DEVICE_FACTS = ("is_gpu", "capability", "multiprocessors", "max_shared_memory", "launch_device")
 
 
 class FakeGpu:
@@ -164,12 +163,29 @@ def _rebind(stack: contextlib.ExitStack, original: Any, replacement: Any) -> Non
                     _patch(stack, module, name, replacement)
 
 
-def _patch_device_facts(stack: contextlib.ExitStack) -> None:
+def device_facts() -> dict[str, Callable]:
+    """The functions of ``kernels/_common.py`` that answer for a device: defined there, first parameter ``device``."""
     from fused_residual.kernels import _common
 
-    for name in DEVICE_FACTS:
-        real = getattr(_common, name, None)
-        if real is not None:
+    found = {}
+    for name, fn in vars(_common).items():
+        if callable(fn) and getattr(fn, "__module__", None) == _common.__name__ and not isinstance(fn, type):
+            parameters = list(inspect.signature(fn).parameters)
+            if parameters[:1] == ["device"]:
+                found[name] = fn
+    return found
+
+
+def _same_answer(fn: Callable) -> bool:
+    try:
+        return fn(torch.device("meta")) == fn(CUDA0)
+    except Exception:
+        return False
+
+
+def _patch_device_facts(stack: contextlib.ExitStack) -> None:
+    for real in device_facts().values():
+        if not _same_answer(real):
             _rebind(stack, real, _on_cuda(real))
 
 
