@@ -191,22 +191,26 @@ def _patch_device_facts(stack: contextlib.ExitStack) -> None:
 
 def _temporary_patches(stack: contextlib.ExitStack) -> list[str]:
     """TEMPORARY: package code that still tests ``device.type == "cuda"`` outside ``kernels/_common.py``. Each patch
-    applies only while that test is there; delete this function once none applies. Returns what was patched."""
-    from fused_residual.kernels import _reduce
+    applies only while that test is there (and the function it patches exists); delete this function once none
+    applies. Returns what was patched."""
+    import importlib
 
     from fused_residual.activations import SEED_FORM
-    from fused_residual.backends import triton_backend
 
     applied = []
-    if triton_backend.unavailable(torch.device("meta"), torch.bfloat16, SEED_FORM) is not None:
-        _rebind(stack, triton_backend.unavailable, _on_cuda(triton_backend.unavailable))
+    triton_backend = importlib.import_module("fused_residual.backends.triton_backend")
+    unavailable = getattr(triton_backend, "unavailable", None)
+    if unavailable is not None and unavailable(torch.device("meta"), torch.bfloat16, SEED_FORM) is not None:
+        _rebind(stack, unavailable, _on_cuda(unavailable))
         applied.append("backends.triton_backend.unavailable")
-    if 'device.type == "cuda"' in inspect.getsource(_reduce.arrival_counters):
+    reduce = importlib.import_module("fused_residual.kernels._reduce")
+    counters = getattr(reduce, "arrival_counters", None)
+    if counters is not None and 'device.type == "cuda"' in inspect.getsource(counters):
         # The CUDA branch keys its zeroed counters on (type, index, stream) and allocates on the device: seed the
         # key of cuda:0's stream 0 with meta counters, and hand it cuda:0 for meta.
-        _patch(stack, _reduce, "_COUNTERS", {**_reduce._COUNTERS, ("cuda", 0, 0): torch.zeros(
+        _patch(stack, reduce, "_COUNTERS", {**reduce._COUNTERS, ("cuda", 0, 0): torch.zeros(
             1 << 20, dtype=torch.int32, device="meta")})
-        _rebind(stack, _reduce.arrival_counters, _on_cuda(_reduce.arrival_counters))
+        _rebind(stack, counters, _on_cuda(counters))
         applied.append("kernels._reduce.arrival_counters")
     return applied
 
@@ -243,11 +247,15 @@ def _patch_triton(stack: contextlib.ExitStack, gpu: FakeGpu) -> None:
 @contextlib.contextmanager
 def fake_gpu() -> Iterator[FakeGpu]:
     """Inside the block the package's Triton routes run on meta tensors as on an H200 (module docstring)."""
-    from fused_residual.kernels import _common, fused_linear
-    from triton.runtime.jit import JITFunction
+    from fused_residual.kernels import _common
+    from triton.runtime.interpreter import InterpretedFunction
 
-    if _common.interpreter_enabled() or not isinstance(fused_linear.fused_linear_kernel, JITFunction):
-        raise RuntimeError("fake_gpu() needs compiled Triton kernels: start the process without TRITON_INTERPRET")
+    interpreted = [f"{module.__name__}.{name}" for module in list(sys.modules.values())
+                   if getattr(module, "__name__", "").startswith("fused_residual.kernels")
+                   for name, value in vars(module).items() if isinstance(value, InterpretedFunction)]
+    if _common.interpreter_enabled() or interpreted:
+        raise RuntimeError("fake_gpu() needs compiled Triton kernels: start the process without TRITON_INTERPRET "
+                           f"(interpreted: {interpreted[:2]})")
     gpu = FakeGpu()
     with contextlib.ExitStack() as stack:
         _patch_torch_cuda(stack)

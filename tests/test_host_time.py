@@ -63,3 +63,34 @@ def test_host_time_benchmark_runs_and_counts(tmp_path, capsys):
     assert host_time.main(["--show", str(out)]) == 0  # the saved run's table, as the run printed it
     shown = capsys.readouterr().out.strip()
     assert shown == done.stdout[done.stdout.index("case "):].strip()
+
+
+RESTORE_SCRIPT = """
+import torch
+import triton
+from triton.runtime.driver import driver
+from benchmarks.fake_gpu import fake_gpu
+from fused_residual.kernels import _common, fused_linear
+
+meta = torch.device("meta")
+before = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, fused_linear.multiprocessors,
+          fused_linear.launch_device)
+with fake_gpu():
+    assert fused_linear.multiprocessors(meta) == 132 and _common.max_shared_memory(meta) == 232448
+    assert isinstance(fused_linear.launch_device(meta), torch.cuda.device)
+    assert triton.runtime.driver.active.get_current_target().arch == 90
+    assert torch.cuda.current_device() == 0 and torch.cuda.get_device_name() == "NVIDIA H200"
+after = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, fused_linear.multiprocessors,
+         fused_linear.launch_device)
+assert after == before, (before, after)
+assert fused_linear.multiprocessors(meta) == 2  # the interpreter's answer again: meta is no GPU outside the block
+print("restored")
+"""
+
+
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton with its NVIDIA backend")
+def test_fake_gpu_answers_as_an_h200_inside_and_restores_everything_after():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "restored", done.stdout[-2000:] + done.stderr[-3000:]
