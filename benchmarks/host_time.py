@@ -261,6 +261,27 @@ def table(found: list[dict[str, Any]]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def measure_in_subprocess(*args: str, timeout: float = 600) -> tuple[list[dict[str, Any]], str]:
+    """``python -m benchmarks.host_time ARGS --jsonl TMP`` in a fresh process (without ``TRITON_INTERPRET`` or
+    ``FUSED_RESIDUAL_BACKEND``): ``(its records, its output)``, RuntimeError with the output if it failed. For tests
+    that assert counts from a pytest process (which runs the interpreter): e.g. ``measure_in_subprocess("--widths",
+    "64", "--rounds", "1", "--inner", "1")``."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", fr.BACKEND_ENV_VAR)}
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "host_time.jsonl"
+        done = subprocess.run([sys.executable, "-m", "benchmarks.host_time", *args, "--jsonl", str(out)], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        output = done.stdout + done.stderr
+        if done.returncode != 0:
+            raise RuntimeError(f"benchmarks.host_time {' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}")
+        return [r for r in records.read(out)[0] if r.get("type") == "host_time"], done.stdout
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_time", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="5 rounds of 10 calls (default 30 of 20)")
