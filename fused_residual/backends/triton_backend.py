@@ -58,8 +58,12 @@ def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | N
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        return None if interpreter_enabled() else (
-            "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1")
+        if not interpreter_enabled():
+            return "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1"
+        if dtype == torch.bfloat16:  # (also a CPU autocast to bfloat16: the weights are cast before routing)
+            return ("bfloat16 on Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): its tl.dot computes "
+                    "bfloat16 wrongly; use float16 or float32 there, or a GPU")
+        return None
     return f"the Triton kernels do not support device type {device.type!r}"
 
 
