@@ -664,6 +664,8 @@ def fused_linear(
             raise ValueError(f"fused_linear: output strides {t.stride()} are too large for in-tile offsets")
     c = out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
     sums = torch.empty((M,), device=a.device, dtype=c.dtype) if rowsum else None
+    if rowsum and N == 0 and M > 0:  # the row sums ride on the GEMM's tiles: with no columns there are none
+        raise ValueError("fused_linear: rowsum needs N > 0")
     if M == 0 or N == 0:
         return c, sums
     if K == 0 and K2 == 0:
