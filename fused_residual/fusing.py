@@ -142,21 +142,25 @@ def _fresh_copy(block: nn.Module, device: torch.device, generator: torch.Generat
 def _compare(block: nn.Module, form: Form) -> str | None:
     weight = block.linear1.weight
     device = torch.device("cpu") if weight.device.type == "meta" else weight.device
-    generator = torch.Generator().manual_seed(0)
-    try:
-        original = _fresh_copy(block, device, generator)
-    except Exception as e:  # an attribute deepcopy cannot copy
-        return f"the check could not copy it ({type(e).__name__}: {e})"
-    x = torch.randn(_CHECK_ROWS, block.linear1.in_features, generator=generator, dtype=torch.float64).to(device)
-    dout = torch.randn(_CHECK_ROWS, block.linear2.out_features, generator=generator, dtype=torch.float64).to(device)
-    params = list(original.parameters())
     cuda = [device] if device.type == "cuda" else []
-    # The user's forward may draw random numbers (dropout): from a forked generator, restored afterwards.
+    # The user's forward may draw random numbers (dropout): from a forked generator, restored afterwards. Grad
+    # mode, inference mode and autocast are the check's own, whatever the caller's.
     with torch.random.fork_rng(devices=cuda), torch.inference_mode(False), torch.enable_grad(), \
             torch.autocast(device.type, enabled=False):
         torch.default_generator.manual_seed(0)
         if cuda:
-            torch.cuda.manual_seed(0)
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(0)
+        generator = torch.Generator().manual_seed(0)
+        try:
+            original = _fresh_copy(block, device, generator)
+        except Exception as e:  # an attribute deepcopy cannot copy
+            return f"the check could not copy it ({type(e).__name__}: {e})"
+        x = torch.randn(_CHECK_ROWS, block.linear1.in_features, generator=generator, dtype=torch.float64)
+        dout = torch.randn(_CHECK_ROWS, block.linear2.out_features, generator=generator, dtype=torch.float64)
+        x, dout = x.to(device), dout.to(device)
+        params = list(original.parameters())
+        names = ["x", *(n for n, _ in original.named_parameters())]
         for mode in ("train", "eval"):
             original.train(mode == "train")
             try:
@@ -167,8 +171,9 @@ def _compare(block: nn.Module, form: Form) -> str | None:
             want, want_grads = _output_and_grads(
                 lambda t: composite.block(t, original.linear1, original.linear2, None, form), x, dout, params)
             why = _difference(got, want, "output")
-            for name, g, w in zip(("x", *(n for n, _ in original.named_parameters())), got_grads, want_grads,
-                                  strict=True):
+            if why is None and len(got_grads) != len(want_grads):
+                why = "output has no gradient"
+            for name, g, w in zip(names, got_grads, want_grads, strict=False):
                 why = why or _difference(g, w, f"gradient of {name}")
             if why is not None:
                 return (f"its forward does not compute the fused block's {_math(form)}: in {mode}() mode the {why} "

@@ -260,3 +260,32 @@ def test_a_fused_reference_block_computes_the_reference_math():
         fr.fuse(model)
     assert all(isinstance(m, fr.FusedResidualBlock) for m in model)
     torch.testing.assert_close(model(x).double(), expected, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("odd", ["tuple", "detached", "detached_shortcut", "wrong_shape", "float32"])
+def test_odd_forwards_are_caught(odd):
+    class Odd(UserBlock):
+        def forward(self, x):
+            out = super().forward(x)
+            if odd == "tuple":
+                return out, x
+            if odd == "detached":
+                return out.detach()
+            if odd == "detached_shortcut":  # the same values, but no gradient through the shortcut
+                return torch.relu(self.linear2(torch.relu(self.linear1(x))) + x.detach())
+            if odd == "wrong_shape":
+                return out[:1]
+            return out.float()
+
+    model = nn.Sequential(Odd(8))
+    fuse_expecting_warning(model, r"Odd\) unfused: its forward does not compute", block_type=Odd)
+    assert type(model[0]) is Odd
+
+
+def test_the_check_runs_under_no_grad_inference_mode_and_autocast():
+    model = nn.Sequential(UserBlock(8), TanhBlock(8))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(UserWarning, match=r"TanhBlock\) unfused"):
+            fr.fuse(model, block_type=UserBlock)
+            fr.fuse(model, block_type=TanhBlock)
+    assert isinstance(model[0], fr.FusedResidualBlock) and type(model[1]) is TanhBlock
