@@ -99,7 +99,7 @@ HOST_ARGS=(--quick)
 if [ "$DRY" = 1 ]; then
   BENCH_SELECT=(-m "not cuda" -k "16x10 and not compile" --bench-shapes smoke --bench-seconds 0.1)
   COLD_ARGS=(--device cpu)
-  HOST_ARGS=(--quick --widths 64)
+  HOST_ARGS=(--quick --widths 64 --routes whole_block --rounds 2 --inner 3)
 elif ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: torch sees no CUDA device; run this on a GPU machine" >&2
   exit 1
