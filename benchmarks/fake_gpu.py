@@ -185,6 +185,8 @@ def _same_answer(fn: Callable) -> bool:
 
 def _patch_device_facts(stack: contextlib.ExitStack) -> None:
     for real in device_facts().values():
+        if hasattr(real, "cache_clear"):  # forget the H200's answers for cuda:0 after the block
+            stack.callback(real.cache_clear)
         if not _same_answer(real):
             _rebind(stack, real, _on_cuda(real))
 
