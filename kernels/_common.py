@@ -10,6 +10,11 @@ import os
 import torch
 
 
+def is_gpu(device: torch.device) -> bool:
+    """Whether ``device`` runs compiled Triton kernels: the one test of it in the package (a CUDA device today)."""
+    return device.type == "cuda"
+
+
 def interpreter_enabled() -> bool:
     """Whether Triton's interpreter is on (``TRITON_INTERPRET``): the one place that reads it."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

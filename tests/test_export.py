@@ -1,4 +1,4 @@
-"""Deployment: torch.export gives an aten-only graph of the block (routing sends export tracing to composite.py)
+"""Deployment: torch.export gives an aten-only graph of the block (dispatch sends export tracing to composite.py)
 that computes every form, ONNX models of it run in onnxruntime, AOTInductor packages of it run, and torch.compile
 still keeps the custom ops.
 

@@ -12,7 +12,7 @@ from conftest import HAS_CUDA, assert_close, backend_choices, float64_reference,
 from torch.utils.checkpoint import checkpoint
 
 import fused_residual as fr
-from fused_residual import backends, routing
+from fused_residual import backends, dispatch
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = backend_choices()
@@ -35,7 +35,7 @@ class CheckpointedNet(torch.nn.Module):
 def count_block_forwards(monkeypatch) -> list:
     """Counts calls of the selected backend's ``block_forward`` (whichever backend the test runs)."""
     calls: list = []
-    backend = backends.get(routing.requested().partition(":")[0])
+    backend = backends.get(dispatch.requested().partition(":")[0])
     original = backend.block_forward
 
     def counting(*args, **kwargs):

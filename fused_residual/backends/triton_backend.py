@@ -24,8 +24,9 @@ Autocast (``x`` and ``dout`` wider than the weights): every kernel reads them on
 on chip for its GEMMs, adds the shortcut un-rounded and writes ``out`` in ``Form.output_dtype``'s dtype and ``dx``
 in ``x``'s: no rounded copy, no cast pass.
 
-Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kernels/whole_block.py``) wherever
-they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, ReLU as the hidden
+Variants: ``"whole_block"`` runs the whole-block kernels (``kernels/whole_block.py``), ``"two_gemm"`` (and None)
+the fused-linear kernels; the backend runs the variant it is told (``dispatch.kernel_variants`` decides, from
+``takes``). The whole-block kernels take the block when: identity shortcut, ``w1`` square, ReLU as the hidden
 activation (either final activation; the smooth activations spill registers there beyond width 16 in backward and
 at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
 ``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in fp32, streamed
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from ..activations import SEED_FORM, Form
 from ..kernels import whole_block, whole_net
-from ..kernels._common import capability, interpreter_enabled, max_shared_memory, multiprocessors
+from ..kernels._common import capability, is_gpu, max_shared_memory, multiprocessors, on_interpreter
 from ..kernels.fused_linear import fused_linear
 
 NAME = "triton"
@@ -55,12 +56,22 @@ _relu_backward = torch.ops.aten.threshold_backward
 def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
     if dtype not in DTYPES:
         return f"the kernels take float16, bfloat16 or float32, not {dtype}"
-    if device.type == "cuda":
+    if is_gpu(device) or on_interpreter(device):
         return None
     if device.type == "cpu":
-        return None if interpreter_enabled() else (
-            "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1")
+        return "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1"
     return f"the Triton kernels do not support device type {device.type!r}"
+
+
+def takes(variant: str, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, grad_dtype: torch.dtype | None) -> bool:
+    """Whether ``variant`` computes the block's forward (``grad_dtype`` None) or its backward for a gradient of
+    ``grad_dtype``: the two-GEMM kernels take every call, the whole-block ones their shapes and widths."""
+    if variant != "whole_block":
+        return True
+    if grad_dtype is None:
+        return whole_block_forward_fits(x, w1, ws, form)
+    return _whole_block_shape(x, w1, ws, form) and _backward_fits(x.shape[-1], torch.finfo(grad_dtype).bits // 8,
+                                                                   w1.element_size(), x.device)
 
 
 def _vector(b: Tensor | None) -> Tensor | None:
@@ -85,20 +96,25 @@ def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residua
 
 def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> bool:
     """The block has the shape the whole-block kernels take: identity shortcut, square w1, ReLU hidden."""
-    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and form.activation == "relu"
+    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[-1] and form.activation == "relu"
 
 
 def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
     if not _whole_block_shape(x, w1, ws, form):
         return False
-    return bool(whole_block.runnable_forward_configs(whole_block.padded_width(x.shape[1]), w1.element_size(),
+    return bool(whole_block.runnable_forward_configs(whole_block.padded_width(x.shape[-1]), w1.element_size(),
                                                      x.element_size(), capability(x.device),
                                                      max_shared_memory(x.device)))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
-    return (_whole_block_shape(dout, w1, ws, form) and whole_block.takes_dout(dout.element_size(), w1.element_size())
-            and whole_block.padded_width(dout.shape[1]) <= whole_block.max_backward_width(capability(dout.device)))
+    return _whole_block_shape(dout, w1, ws, form) and _backward_fits(dout.shape[-1], dout.element_size(),
+                                                                      w1.element_size(), dout.device)
+
+
+def _backward_fits(width: int, grad_size: int, weight_size: int, device: torch.device) -> bool:
+    return (whole_block.takes_dout(grad_size, weight_size)
+            and whole_block.padded_width(width) <= whole_block.max_backward_width(capability(device)))
 
 
 def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch.dtype:
@@ -116,7 +132,7 @@ def block_forward(
     b1, b2 = _vector(b1), _vector(b2)
     out_dtype = _output_dtype(x, w1, ws, form)
     final = form.final_activation
-    if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws, form):
+    if variant == "whole_block":
         return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, final_relu=final == "relu",
                                    out_dtype=out_dtype)
     if x.shape[0] == 0:
@@ -179,8 +195,7 @@ def block_backward(
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
     need_weights = need_w1 or need_b1 or need_w2 or need_b2
     final_relu = form.final_activation == "relu"
-    if (variant != "two_gemm" and (need_x or need_weights)
-            and whole_block_backward_fits(dout, w1, ws, form)):
+    if variant == "whole_block" and (need_x or need_weights):
         dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, saved, x, w1, w2, need_dx=need_x,
                                                       need_weights=need_weights, final_relu=final_relu,
                                                       dx_dtype=dx_dtype)
