@@ -2,8 +2,12 @@
 
 A call of the block goes one of these ways (``route``), decided here and nowhere else:
 
-1. ``torch.compile`` tracing: the custom ops that ``ops.py`` registers (opaque to the compiler, ``REGISTERED_OP``);
-   ``torch.export`` tracing: the plain composite, an aten-only graph for ONNX, AOTInductor and other runtimes.
+1. ``torch.compile`` tracing: where a backend of ours may run the call (``ours_may_run``: one is forced, or ``auto``
+   may pick the Triton kernels at some batch size), the custom ops that ``ops.py`` registers (opaque to the
+   compiler, ``REGISTERED_OP``), whose backend is chosen when they run; elsewhere the plain composite, which the
+   compiler fuses as it fuses the reference. This choice is made when the graph is traced, so a compiled model
+   keeps it until it is compiled again (``torch._dynamo.reset()``). ``torch.export`` tracing: the plain
+   composite, an aten-only graph for ONNX, AOTInductor and other runtimes.
 2. ``torch.func`` transforms active: the plain composite (``composite.py``), differentiable ops that the transforms
    see through. A backward that builds a graph (``create_graph=True``) differentiates through the same composite
    (``backward_builds_graph``).
@@ -249,14 +253,38 @@ def forced(choice: str, device: torch.device, dtype: torch.dtype, form: Form) ->
 
 
 def route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) -> Route:
-    """The way a block call on ``x (..., K)`` with ``w1 (H, K)`` is computed: the registered ops while
-    ``torch.compile`` traces, the composite while ``torch.export`` traces or ``torch.func`` transforms are on,
-    else ``backend_route``."""
+    """The way a block call on ``x (..., K)`` with ``w1 (H, K)`` is computed: while ``torch.compile`` traces, the
+    registered ops where a backend of ours may run the call, else the composite, which the compiler fuses as it
+    fuses the reference; the composite while ``torch.export`` traces or ``torch.func`` transforms are on; else
+    ``backend_route``."""
     if torch.compiler.is_compiling():
-        return COMPOSITE if torch.compiler.is_exporting() else REGISTERED_OP
+        if torch.compiler.is_exporting():
+            return COMPOSITE
+        ours = ours_may_run(os.environ.get(ENV_VAR), x.device, w1.dtype, x.shape[-1], w1.shape[0], ws is not None,
+                            form, training)
+        return REGISTERED_OP if ours else COMPOSITE
     if _functorch_active():
         return COMPOSITE
     return backend_route(x, w1, ws, form, training)
+
+
+@torch.compiler.assume_constant_result
+def ours_may_run(raw_choice: str | None, device: torch.device, dtype: torch.dtype, width: int, hidden: int,
+                 projection: bool, form: Form, training: bool) -> bool:
+    """Whether a compiled graph should hold the registered ops (which choose a backend at run time) rather than the
+    plain composite: where a backend is forced, or where ``auto`` may pick the Triton kernels at some batch size.
+    Decided when the graph is traced (``torch.compile`` calls this once and keeps the answer): a compiled model
+    keeps it until it is compiled again."""
+    choice = (raw_choice or AUTO).strip().lower() or AUTO
+    if choice != AUTO:
+        return choice != COMPOSITE_CHOICE
+    if form != SEED_FORM or projection or not is_gpu(device) or backends.missing_requirement("triton") is not None:
+        return False
+    mode = "train" if training else "forward"
+    key = (DTYPE_NAMES.get(dtype, str(dtype)), padded(width), padded(hidden), mode)
+    if any(w.startswith("triton") for table in _device_tables(device) for w in table.entries.get(key, {}).values()):
+        return True
+    return width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS
 
 
 def backend_route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) -> Route:
