@@ -6,6 +6,15 @@ which of its kernel variants runs (``dispatch`` does, from the facts ``unavailab
 value of ``FUSED_RESIDUAL_BACKEND``, and the parity tests run every registered backend. Adding one is a module
 that provides ``Backend`` plus a ``register`` line below (or a call from the user's code).
 
+A backend may also provide plans (the Triton backend does): ``plan_block_forward``, ``plan_block_backward``,
+``plan_linear_residual_relu_forward`` and ``plan_linear_residual_relu_backward`` take the arguments of the function
+they are named after and return ``(its result, run)``, where ``run`` computes the same for every later call with
+operands like these (the same dtypes, device, shapes but the row count, strides, 16-byte alignment, and the row
+count's power-of-two bucket and class: 1, a multiple of 16, other), faster than the plain function; ``run`` takes
+the tensor arguments only: ``(x, w1, b1, w2, b2, ws)``, ``(dout, x, saved, out, w1, w2, ws)``,
+``(h, w, b, residual)`` (returning a 1-tuple), ``(dout, h, out, w)``. Without them, ``plans.py`` calls the plain
+function every time.
+
 Shapes, for every function: ``x (M, K)``, ``w1 (H, K)``, ``w2 (N, H)``, ``ws (N, K)`` (projection shortcut) or
 None, biases ``(H,)``/``(N,)`` or None; without ``ws``, ``K == N``. All tensors share a device; they share a
 dtype too, except that under autocast ``x`` (and ``dout``) may be wider than the weights: the linears run in the

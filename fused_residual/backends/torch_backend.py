@@ -143,3 +143,4 @@ def net_forward(
 ) -> Tensor | None:
     """No single-unit net computation here: the caller runs the net layer by layer."""
     return None
+

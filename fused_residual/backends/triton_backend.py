@@ -20,6 +20,10 @@ backward  g2  = dout * (out > 0)                        never written: applied o
 A training step is 2 + 4 launches (projection: 2 + 5), the whole block 1 + 1, and nothing else but allocations.
 Zero-size batches return before any launch.
 
+Each computation is written once, as the steps of a launch plan (``kernels/_plan.py``): the ``plan_*`` functions run
+the call through a ``Recorder`` and return its result with the recorded ``Steps``, which ``fused_residual/plans.py``
+replays for later calls of the same signature; the contract's plain functions are the first half of that.
+
 Autocast (``x`` and ``dout`` wider than the weights): every kernel reads them once in their own dtype, rounds them
 on chip for its GEMMs, adds the shortcut un-rounded and writes ``out`` in ``Form.output_dtype``'s dtype and ``dx``
 in ``x``'s: no rounded copy, no cast pass.
@@ -38,12 +42,15 @@ them only where a dispatch table or the conservative rule says so (``dispatch.py
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from ..activations import SEED_FORM, Form
-from ..kernels import whole_block, whole_net
+from ..kernels import _plan, whole_block, whole_net
 from ..kernels._common import capability, is_gpu, max_shared_memory, multiprocessors, on_interpreter
+from ..kernels._plan import NONE, ROWS, Recorder
 from ..kernels.fused_linear import fused_linear
 
 NAME = "triton"
@@ -74,26 +81,6 @@ def takes(variant: str, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, gr
                                                                    w1.element_size(), x.device)
 
 
-def _vector(b: Tensor | None) -> Tensor | None:
-    """A bias the kernels can read with unit stride (a strided or expanded one is copied: N elements)."""
-    return b if b is None or b.stride(0) == 1 else b.contiguous()
-
-
-def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
-    """``act(x @ w.T + b)``, any activation of the registry or none."""
-    if x.shape[0] == 0:
-        return x.new_empty((0, w.shape[0]))
-    return fused_linear(x, w.t(), bias=_vector(b), activation=activation)[0]
-
-
-def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """``relu(h @ w.T + b + residual)`` in ``promote(h, residual)``'s dtype (the residual read un-rounded)."""
-    out_dtype = torch.promote_types(h.dtype, residual.dtype)
-    if h.shape[0] == 0:
-        return h.new_empty((0, w.shape[0]), dtype=out_dtype)
-    return fused_linear(h, w.t(), bias=_vector(b), residual=residual, activation="relu", out_dtype=out_dtype)[0]
-
-
 def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> bool:
     """The block has the shape the whole-block kernels take: identity shortcut, square w1, ReLU hidden."""
     return ws is None and w1.shape[0] == w1.shape[1] == x.shape[-1] and form.activation == "relu"
@@ -122,6 +109,27 @@ def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch
     return w1.dtype if x.dtype == w1.dtype else form.output_dtype(x.dtype, w1.dtype, ws is not None)
 
 
+def _vector(rec: Recorder, name: str) -> str | None:
+    """A bias the kernels read with unit stride: the register itself, or a copy of a strided one (N elements)."""
+    b = rec[name]
+    if b is None:
+        return None
+    if b.stride(0) == 1:
+        return name
+    rec.call(f"{name}.contiguous", Tensor.contiguous, name)
+    return f"{name}.contiguous"
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
+    """``act(x @ w.T + b)``, any activation of the registry or none."""
+    if x.shape[0] == 0:
+        return x.new_empty((0, w.shape[0]))
+    return fused_linear(x, w.t(), bias=b if b is None or b.stride(0) == 1 else b.contiguous(),
+                        activation=activation)[0]
+
+
+# ---- the block ---------------------------------------------------------------------------------------------
+
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, form: Form,
     *, save: bool, variant: str | None = None,
@@ -129,61 +137,38 @@ def block_forward(
     """``(out, saved)`` of the block; see ``Backend.block_forward``. ``saved`` may be None when not ``save``.
     Under autocast ``x`` is read once in its own dtype by the kernels (rounded on chip for the GEMMs, added
     un-rounded as the shortcut): no rounded copy."""
-    b1, b2 = _vector(b1), _vector(b2)
+    return plan_block_forward(x, w1, b1, w2, b2, ws, form, save=save, variant=variant)[0]
+
+
+def plan_block_forward(x, w1, b1, w2, b2, ws, form, *, save, variant=None):
+    """``block_forward``'s result and the steps that compute it for later calls of the same signature."""
     out_dtype = _output_dtype(x, w1, ws, form)
+    if x.shape[0] == 0:
+        return (x.new_empty((0, w2.shape[0]), dtype=out_dtype), x.new_empty((0, w1.shape[0]), dtype=w1.dtype)), None
+    rec = Recorder({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "ws": ws}, x.device)
+    b1_, b2_ = _vector(rec, "b1"), _vector(rec, "b2")
     final = form.final_activation
     if variant == "whole_block":
-        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, final_relu=final == "relu",
-                                   out_dtype=out_dtype)
-    if x.shape[0] == 0:
-        return x.new_empty((0, w2.shape[0]), dtype=out_dtype), x.new_empty((0, w1.shape[0]), dtype=w1.dtype)
-    act = form.hidden
-    pre = x.new_empty((x.shape[0], w1.shape[0]), dtype=w1.dtype) if save and not act.from_output else None
-    h = fused_linear(x, w1.t(), bias=b1, activation=act.name, pre_out=pre, out_dtype=w1.dtype)[0]
-    if ws is None:
-        out = fused_linear(h, w2.t(), bias=b2, residual=x, activation=final, out_dtype=out_dtype)[0]
+        saved = "saved" if save else NONE
+        _plan.whole_block_forward(rec, "out", saved if save else None, "x", "w1", b1_, "w2", b2_,
+                                  activation=form.activation, final_relu=final == "relu", out_dtype=out_dtype)
     else:
-        out = fused_linear(h, w2.t(), second=(x, ws.t()), bias=b2, activation=final, out_dtype=out_dtype)[0]
-    return out, (h if act.from_output else pre)
-
-
-def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
-    """Slices of K for a weight-gradient GEMM: enough tiles to fill the GPU, each slice >= 1024 rows deep."""
-    tiles = -(-rows // 128) * -(-cols // 128)
-    want = max(1, 2 * multiprocessors(device) // tiles)
-    return max(1, min(want, k // 1024, 64))
-
-
-def _weight_grad(g: Tensor, relu_out: Tensor | None, a: Tensor, need_w: bool, need_b: bool, dtype: torch.dtype,
-                 a_activation: str | None = None):
-    """``(g'^T act(a), column sums of g')``, each only if asked, in ``dtype``, where ``g' = g * (relu_out > 0)`` (the
-    mask applied on load) or ``g``, and ``act`` is ``a_activation`` applied on load (or none): one launch, split-K
-    reduced inside it."""
-    if g.shape[0] == 0:  # an empty batch: zero gradients, no launch
-        zeros = g.new_zeros((g.shape[1],), dtype=dtype)
-        return (g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None), (zeros if need_b else None)
-    if not need_w:  # a bias without its weight (e.g. frozen weights): a plain reduction
-        g = g if relu_out is None else _relu_backward(g, relu_out, 0)
-        return None, (g.sum(0, dtype=torch.float32).to(dtype) if need_b else None)
-    split = _split_k(g.shape[1], a.shape[1], g.shape[0], g.device)
-    mask = None if relu_out is None else relu_out.t()
-    return fused_linear(g.t(), a, relu_mask=mask, b_activation=a_activation, rowsum=need_b, split_k=split,
-                        out_dtype=dtype)
-
-
-def linear_residual_relu_backward(
-    dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: tuple[bool, bool, bool, bool], *,
-    dh_dtype: torch.dtype,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(dh, dw, db, dresidual)``; see ``torch_backend.linear_residual_relu_backward``. The ReLU mask is
-    applied on load, unless the residual's gradient (``dout * (out > 0)`` itself) is asked for anyway."""
-    if needs[3]:
-        g, relu_out = _relu_backward(dout, out, 0), None
-    else:
-        g, relu_out = dout, out
-    dh = fused_linear(g, w, relu_mask=relu_out, out_dtype=dh_dtype)[0] if needs[0] else None
-    dw, db = _weight_grad(g, relu_out, h, needs[1], needs[2], w.dtype)
-    return dh, dw, db, (g if needs[3] else None)
+        act = form.hidden
+        pre = None
+        if save and not act.from_output:
+            pre = "pre"
+            rec.empty(pre, (ROWS, w1.shape[0]), w1.dtype)
+        _plan.fused_linear(rec, "h", "x", ("w1", True), bias=b1_, activation=act.name, pre_out=pre,
+                           out_dtype=w1.dtype)
+        if ws is None:
+            _plan.fused_linear(rec, "out", "h", ("w2", True), bias=b2_, residual="x", activation=final,
+                               out_dtype=out_dtype)
+        else:
+            _plan.fused_linear(rec, "out", "h", ("w2", True), second=("x", ("ws", True)), bias=b2_,
+                               activation=final, out_dtype=out_dtype)
+        saved = "h" if act.from_output else (pre or NONE)
+    results = ("out", saved)
+    return tuple(rec[r] for r in results), rec.steps_for(results)
 
 
 def block_backward(
@@ -192,32 +177,129 @@ def block_backward(
 ) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``. ``g2 = dout * (out > 0)`` is
     never written: each launch that reads it applies the mask on load."""
+    return plan_block_backward(dout, x, saved, out, w1, w2, ws, form, needs, dx_dtype=dx_dtype, variant=variant)[0]
+
+
+def plan_block_backward(dout, x, saved, out, w1, w2, ws, form, needs, *, dx_dtype, variant=None):
+    """``block_backward``'s result and the steps that compute it for later calls of the same signature."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
     need_weights = need_w1 or need_b1 or need_w2 or need_b2
     final_relu = form.final_activation == "relu"
+    if dout.shape[0] == 0:  # an empty batch: zero weight gradients, no launch
+        return _empty_block_grads(dout, w1, w2, ws, needs, dx_dtype), None
+    rec = Recorder({"dout": dout, "x": x, "saved": saved, "out": out, "w1": w1, "w2": w2, "ws": ws},
+                   dout.device)
     if variant == "whole_block" and (need_x or need_weights):
-        dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, saved, x, w1, w2, need_dx=need_x,
-                                                      need_weights=need_weights, final_relu=final_relu,
-                                                      dx_dtype=dx_dtype)
-        return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
-                db2 if need_b2 else None, None)
+        _plan.whole_block_backward(rec, "dout", "out" if final_relu else None, "saved", "x" if x is not None else None,
+                                   "w1", "w2", need_dx=need_x, need_weights=need_weights,
+                                   activation=form.activation, final_relu=final_relu, dx_dtype=dx_dtype)
+        results = tuple(name if need else NONE for name, need in zip(
+            ("dx", "dw1", "db1", "dw2", "db2"), (need_x, need_w1, need_b1, need_w2, need_b2), strict=True)) + (NONE,)
+        return tuple(rec[r] for r in results), rec.steps_for(results)
     # Under autocast dout and x may be wider than the weights: each launch rounds them on chip for its GEMM.
     act = form.hidden
-    relu_out = out if final_relu else None
-    dw2, db2 = _weight_grad(dout, relu_out, saved, need_w2, need_b2, w2.dtype,
+    relu_out = "out" if final_relu else None
+    dw2, db2 = _weight_grad(rec, "dw2", "dout", relu_out, "saved", need_w2, need_b2, w2.dtype,
                             None if act.from_output else act.name)
-    dws = _weight_grad(dout, relu_out, x, True, False, ws.dtype)[0] if need_ws else None
-    dx = dw1 = db1 = None
+    dws = _weight_grad(rec, "dws", "dout", relu_out, "x", True, False, ws.dtype)[0] if need_ws else NONE
+    dx = dw1 = db1 = NONE
     if need_x or need_w1 or need_b1:
-        g1 = fused_linear(dout, w2, relu_mask=relu_out, gate=saved, gate_activation=act.name, out_dtype=w1.dtype)[0]
-        dw1, db1 = _weight_grad(g1, None, x, need_w1, need_b1, w1.dtype)
+        _plan.fused_linear(rec, "g1", "dout", "w2", relu_mask=relu_out, gate="saved", gate_activation=act.name,
+                           out_dtype=w1.dtype)
+        dw1, db1 = _weight_grad(rec, "dw1", "g1", None, "x", need_w1, need_b1, w1.dtype)
         if need_x:
+            dx = "dx"
             if ws is None:
-                dx = fused_linear(g1, w1, residual=dout, relu_mask=relu_out, mask_on="residual", out_dtype=dx_dtype)[0]
+                _plan.fused_linear(rec, dx, "g1", "w1", residual="dout", relu_mask=relu_out, mask_on="residual",
+                                   out_dtype=dx_dtype)
             else:
-                dx = fused_linear(dout, ws, relu_mask=relu_out, second=(g1, w1), out_dtype=dx_dtype)[0]
-    return dx, dw1, db1, dw2, db2, dws
+                _plan.fused_linear(rec, dx, "dout", "ws", relu_mask=relu_out, second=("g1", "w1"), out_dtype=dx_dtype)
+    results = (dx, dw1, db1, dw2, db2, dws)
+    return tuple(rec[r] for r in results), rec.steps_for(results)
 
+
+def _empty_block_grads(dout, w1, w2, ws, needs, dx_dtype):
+    shapes = ((0, w1.shape[1]), w1.shape, w1.shape[:1], w2.shape, w2.shape[:1], None if ws is None else ws.shape)
+    grads = [w1.new_zeros(shape) if need else None for shape, need in zip(shapes, needs, strict=True)]
+    if needs[0]:
+        grads[0] = dout.new_empty(shapes[0], dtype=dx_dtype)
+    return tuple(grads)
+
+
+def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str, need_w: bool, need_b: bool,
+                 dtype: torch.dtype, a_activation: str | None = None) -> tuple[str, str]:
+    """Registers ``(g'^T act(a), column sums of g')``, each only if asked (NONE otherwise), in ``dtype``, where
+    ``g' = g * (relu_out > 0)`` (the mask applied on load) or ``g``, and ``act`` is ``a_activation`` applied on
+    load (or none): one launch, split-K reduced inside it."""
+    if not need_w:
+        if not need_b:
+            return NONE, NONE
+        if relu_out is not None:  # a bias without its weight (e.g. frozen weights): a plain reduction
+            rec.call(f"{name}.masked", _relu_backward, g, relu_out, 0)
+            g = f"{name}.masked"
+        rec.call(f"{name}.bias", _row_sums, g, dtype)
+        return NONE, f"{name}.bias"
+    g_t, a_t = rec[g], rec[a]
+    split = functools.partial(_plan.split_k_slices, g_t.shape[1], a_t.shape[1], multiprocessors(rec.device))
+    _plan.fused_linear(rec, name, (g, True), a, rows_in="k", relu_mask=None if relu_out is None else (relu_out, True),
+                       b_activation=a_activation, rowsum=f"{name}.rowsum" if need_b else None, split_k=split,
+                       out_dtype=dtype)
+    return name, (f"{name}.rowsum" if need_b else NONE)
+
+
+def _row_sums(g: Tensor, dtype: torch.dtype) -> Tensor:
+    return g.sum(0, dtype=torch.float32).to(dtype)
+
+
+# ---- the single fused layer --------------------------------------------------------------------------------
+
+def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
+    """``relu(h @ w.T + b + residual)`` in ``promote(h, residual)``'s dtype (the residual read un-rounded)."""
+    return plan_linear_residual_relu_forward(h, w, b, residual)[0][0]
+
+
+def plan_linear_residual_relu_forward(h, w, b, residual):
+    """``(out,)`` and the steps that compute it for later calls of the same signature."""
+    out_dtype = torch.promote_types(h.dtype, residual.dtype)
+    if h.shape[0] == 0:
+        return (h.new_empty((0, w.shape[0]), dtype=out_dtype),), None
+    rec = Recorder({"h": h, "w": w, "b": b, "residual": residual}, h.device)
+    _plan.fused_linear(rec, "out", "h", ("w", True), bias=_vector(rec, "b"), residual="residual", activation="relu",
+                       out_dtype=out_dtype)
+    return (rec["out"],), rec.steps_for(("out",))
+
+
+def linear_residual_relu_backward(
+    dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: tuple[bool, bool, bool, bool], *,
+    dh_dtype: torch.dtype,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dh, dw, db, dresidual)``; see ``torch_backend.linear_residual_relu_backward``. The ReLU mask is
+    applied on load, unless the residual's gradient (``dout * (out > 0)`` itself) is asked for anyway."""
+    return plan_linear_residual_relu_backward(dout, h, out, w, needs, dh_dtype=dh_dtype)[0]
+
+
+def plan_linear_residual_relu_backward(dout, h, out, w, needs, *, dh_dtype):
+    """``linear_residual_relu_backward``'s result and the steps that compute it for later calls."""
+    if dout.shape[0] == 0:
+        zeros = (w.new_zeros(w.shape) if needs[1] else None, w.new_zeros(w.shape[:1]) if needs[2] else None)
+        return (dout.new_empty((0, w.shape[1]), dtype=dh_dtype) if needs[0] else None, *zeros,
+                dout.new_empty(dout.shape) if needs[3] else None), None
+    rec = Recorder({"dout": dout, "h": h, "out": out, "w": w}, dout.device)
+    if needs[3]:
+        rec.call("g", _relu_backward, "dout", "out", 0)
+        g, relu_out = "g", None
+    else:
+        g, relu_out = "dout", "out"
+    dh = NONE
+    if needs[0]:
+        dh = "dh"
+        _plan.fused_linear(rec, dh, g, "w", relu_mask=relu_out, out_dtype=dh_dtype)
+    dw, db = _weight_grad(rec, "dw", g, relu_out, "h", needs[1], needs[2], w.dtype)
+    results = (dh, dw, db, g if needs[3] else NONE)
+    return tuple(rec[r] for r in results), rec.steps_for(results)
+
+
+# ---- the net (inference, no plan) --------------------------------------------------------------------------
 
 def net_forward(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
@@ -235,4 +317,5 @@ def net_forward(
     else:
         w1 = w2 = x.new_empty((0, hidden, hidden))
         b1 = b2 = x.new_empty((0, hidden))
-    return whole_net.forward(x, w_in, _vector(b_in), w1, b1, w2, b2, w_out, _vector(b_out))
+    vector = [b if b is None or b.stride(0) == 1 else b.contiguous() for b in (b_in, b_out)]
+    return whole_net.forward(x, w_in, vector[0], w1, b1, w2, b2, w_out, vector[1])
