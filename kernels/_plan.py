@@ -27,7 +27,6 @@ make the same launches.
 from __future__ import annotations
 
 import torch
-import triton
 from triton import knobs as _knobs
 from triton.runtime.driver import driver as _driver
 
@@ -348,7 +347,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
         kwargs = {**flags, "SPLIT_K": split}
         if config is None:
             def grid(rows, meta, n=N, m=M, k_rows=rows_in == "k"):
-                tiles = triton.cdiv(m if k_rows else rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+                tiles = -(-(m if k_rows else rows) // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"])
                 return fl.persistent_grid(tiles, split, sms) if meta["PERSISTENT"] else (tiles, split)
         else:
             block_m, block_n, block_k, stages, warps = config[:5]
@@ -358,7 +357,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
             persistent = schedule.get("PERSISTENT", False)
 
             def grid(rows, meta, n=N, m=M, k_rows=rows_in == "k"):
-                tiles = triton.cdiv(m if k_rows else rows, block_m) * triton.cdiv(n, block_n)
+                tiles = -(-(m if k_rows else rows) // block_m) * -(-n // block_n)
                 return fl.persistent_grid(tiles, split, sms) if persistent else (tiles, split)
         sub.run(PreparedLaunch(fl._launch_tuned if config is None else fl._launch_fixed,
                                [sub.index(n) for n in names], ints[:at], ints[at + 1:], kwargs, grid, allocator))
@@ -396,7 +395,7 @@ def whole_block_forward(rec: Recorder, out_name: str, saved_name: str | None, x:
         kwargs, launcher = flags, wb._launch_forward_tuned
 
     def grid(rows, meta):
-        tiles = triton.cdiv(rows, meta["BLOCK_M"])
+        tiles = -(-rows // meta["BLOCK_M"])
         per_sm = meta["PROGRAMS_PER_SM"]
         return (min(tiles, per_sm * sms) if per_sm else tiles,)
 
@@ -434,7 +433,7 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
              "DX_SHARE": share, "num_warps": warps, "num_stages": 1}
 
     def programs_of(rows: int) -> int:
-        return wb._programs(device, triton.cdiv(rows, block_m))
+        return wb._programs(device, -(-rows // block_m))
 
     def record(programs: int, sub: Recorder) -> None:
         if chunk:

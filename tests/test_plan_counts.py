@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -74,10 +75,14 @@ def gpu_path_without_a_gpu(monkeypatch):
     the GPU's cached path."""
     launched = []
 
+    def launch(*args):  # keeps the package's files on the stack at each launch
+        stack = traceback.extract_stack()
+        launched.append([f.filename for f in stack if f.filename.startswith(PACKAGE_DIRS)])
+
     def stub(steps):
         for step in steps:
             if isinstance(step, _plan.PreparedLaunch):
-                step.entry = (lambda *args: launched.append(1), None, None, (), dict(step.kwargs))
+                step.entry = (launch, None, None, (), dict(step.kwargs))
             elif isinstance(step, _plan.Family):
                 for member in step.members.values():
                     stub(member)
@@ -130,6 +135,11 @@ def test_counts_per_cached_call(use_backend, monkeypatch, route):
             assert frames <= FRAMES[route, mode], (mode, frames)
             assert allocations <= reference_allocations, (mode, allocations, reference_allocations)
         assert launched, "the do-nothing launchers ran: the calls took the compiled path"
+        # A short hot path: from the module's forward (or the Function's backward) to a launch, 3 files at most.
+        for files in launched:
+            assert len(set(files)) <= 3, sorted(set(files))
+        forward_files = {os.path.basename(f) for f in launched[0]}
+        assert forward_files == {"modules.py", "plans.py", "_plan.py"}, forward_files
 
 
 def test_the_counting_sees_a_change(use_backend, monkeypatch):
