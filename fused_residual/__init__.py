@@ -7,7 +7,8 @@ swaps them back.
 
 from . import functional, ops  # noqa: F401  (ops registers the custom ops that torch.compile traces)
 from .dispatch import ENV_VAR as BACKEND_ENV_VAR
-from .modules import FusedResidualBlock, FusedResidualNet, fuse, unfuse
+from .fusing import fuse, unfuse
+from .modules import FusedResidualBlock, FusedResidualNet
 from .reference import ResidualBlock, ResidualNet
 
 __all__ = [

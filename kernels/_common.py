@@ -1,5 +1,5 @@
 """Host-side helpers shared by the kernel wrappers: interpreter and device facts, launch device, TF32 policy,
-autotune-key buckets. Imports no triton (``fused_residual.routing`` reads the interpreter setting here)."""
+autotune-key buckets. Imports no triton (``fused_residual.dispatch`` imports it)."""
 
 from __future__ import annotations
 

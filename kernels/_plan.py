@@ -45,13 +45,14 @@ NONE = "none"  # a result that is None
 class PreparedLaunch:
     """One launch: ``args = (tensors from registers, *pre, M, *post)``, grid ``grid(M, config)``."""
 
-    __slots__ = ("launcher", "name", "slots", "pre", "post", "kwargs", "grid", "entry", "allocator")
+    __slots__ = ("launcher", "name", "slots", "pre", "post", "kwargs", "grid", "entry", "allocator", "counters")
 
-    def __init__(self, launcher, slots, pre, post, kwargs, grid, allocator=False):
+    def __init__(self, launcher, slots, pre, post, kwargs, grid, allocator=False, counters=None):
         self.launcher, self.name, self.slots = launcher, launcher.name, slots
         self.pre, self.post, self.kwargs, self.grid = tuple(pre), tuple(post), kwargs, grid
         self.entry = None
         self.allocator = allocator  # TMA descriptors need triton's allocator in this thread
+        self.counters = counters  # the register of the arrival counters it uses, if any
 
     def __call__(self, rows, regs, stream):
         args = (*[regs[i] for i in self.slots], *self.pre, rows, *self.post)
@@ -60,7 +61,8 @@ class PreparedLaunch:
         entry = self.entry
         if entry is None or stream is None:
             grid = self.grid
-            self.launcher(lambda meta: grid(rows, meta), *args, **self.kwargs)
+            with _reduce.reset_on_failure(None if self.counters is None else regs[self.counters]):
+                self.launcher(lambda meta: grid(rows, meta), *args, **self.kwargs)
             if entry is None:
                 self.entry = self.launcher.entry(args, self.kwargs)
             return
@@ -236,7 +238,7 @@ class _Sub(Recorder):
 def split_k_slices(rows: int, cols: int, sms: int, k: int) -> int:
     """Slices of K for a weight-gradient GEMM of ``rows x cols`` tiles over ``k`` (the batch): enough tiles to fill
     the GPU's ``sms``, each slice >= 1024 rows deep (a function of the exact batch size: a plan's family key)."""
-    tiles = -(-rows // 128) * -(-cols // 128)
+    tiles = max(1, -(-rows // 128) * -(-cols // 128))
     want = max(1, 2 * sms // tiles)
     return max(1, min(want, k // 1024, 64))
 
@@ -360,7 +362,8 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
                 tiles = -(-(m if k_rows else rows) // block_m) * -(-n // block_n)
                 return fl.persistent_grid(tiles, split, sms) if persistent else (tiles, split)
         sub.run(PreparedLaunch(fl._launch_tuned if config is None else fl._launch_fixed,
-                               [sub.index(n) for n in names], ints[:at], ints[at + 1:], kwargs, grid, allocator))
+                               [sub.index(n) for n in names], ints[:at], ints[at + 1:], kwargs, grid, allocator,
+                               sub.index(counters_name) if split > 1 else None))
 
     if split_k is None:
         record(1, rec)
@@ -453,6 +456,7 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
                 *t[w1].stride(), *t[w2].stride(), *t[dx_name].stride(), *wb._matrix_strides(t[grads[0]]),
                 *wb._matrix_strides(t[grads[2]]), _reduce.group_size(partials))
         sub.run(PreparedLaunch(wb._launch_backward, [sub.index(n) for n in names], (), post, flags,
-                               lambda rows, meta, n=launched: (n,)))
+                               lambda rows, meta, n=launched: (n,), counters=sub.index(counters) if need_weights
+                               else None))
 
     rec.family(programs_of, record)

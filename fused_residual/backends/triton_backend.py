@@ -63,7 +63,12 @@ _relu_backward = torch.ops.aten.threshold_backward
 def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
     if dtype not in DTYPES:
         return f"the kernels take float16, bfloat16 or float32, not {dtype}"
-    if is_gpu(device) or on_interpreter(device):
+    if is_gpu(device):
+        return None
+    if on_interpreter(device):
+        if dtype == torch.bfloat16:  # (also a CPU autocast to bfloat16: the weights are cast before routing)
+            return ("bfloat16 on Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): its tl.dot computes "
+                    "bfloat16 wrongly; use float16 or float32 there, or a GPU")
         return None
     if device.type == "cpu":
         return "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1"
@@ -231,15 +236,21 @@ def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str,
     """Registers ``(g'^T act(a), column sums of g')``, each only if asked (NONE otherwise), in ``dtype``, where
     ``g' = g * (relu_out > 0)`` (the mask applied on load) or ``g``, and ``act`` is ``a_activation`` applied on
     load (or none): one launch, split-K reduced inside it."""
-    if not need_w:
+    g_t, a_t = rec[g], rec[a]
+    if not need_w or g_t.shape[1] == 0 or a_t.shape[1] == 0:
+        # No GEMM to run: the bias without its weight (e.g. frozen weights), or a weight with no elements (a
+        # zero-size layer): a plain reduction.
+        dw = NONE
+        if need_w:
+            dw = f"{name}.zeros"
+            rec.call(dw, _zeros, (g_t.shape[1], a_t.shape[1]), dtype, rec.device)
         if not need_b:
-            return NONE, NONE
-        if relu_out is not None:  # a bias without its weight (e.g. frozen weights): a plain reduction
+            return dw, NONE
+        if relu_out is not None:
             rec.call(f"{name}.masked", _relu_backward, g, relu_out, 0)
             g = f"{name}.masked"
         rec.call(f"{name}.bias", _row_sums, g, dtype)
-        return NONE, f"{name}.bias"
-    g_t, a_t = rec[g], rec[a]
+        return dw, f"{name}.bias"
     split = functools.partial(_plan.split_k_slices, g_t.shape[1], a_t.shape[1], multiprocessors(rec.device))
     _plan.fused_linear(rec, name, (g, True), a, rows_in="k", relu_mask=None if relu_out is None else (relu_out, True),
                        b_activation=a_activation, rowsum=f"{name}.rowsum" if need_b else None, split_k=split,
@@ -249,6 +260,10 @@ def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str,
 
 def _row_sums(g: Tensor, dtype: torch.dtype) -> Tensor:
     return g.sum(0, dtype=torch.float32).to(dtype)
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 # ---- the single fused layer --------------------------------------------------------------------------------
