@@ -56,6 +56,7 @@ _environ_get = os.environ.get
 # os.environ.get's cost; the same value, os.environ keeps it in step).
 _environ_data = getattr(os.environ, "_data", None)
 _backend_key = os.environ.encodekey(dispatch.ENV_VAR) if hasattr(os.environ, "encodekey") else None
+_fast_environ = _backend_key is not None and type(_environ_data) is dict
 _grad_enabled = torch.is_grad_enabled
 _autocast_on = checks.any_autocast_enabled
 _functorch_on = torch._C._are_functorch_transforms_active
@@ -81,9 +82,7 @@ def _store(key: tuple, plan: object) -> None:
 
 def _backend_choice():
     """The raw value of ``FUSED_RESIDUAL_BACKEND`` (bytes or str), for keys."""
-    if _backend_key is not None and type(_environ_data) is dict:
-        return _environ_data.get(_backend_key)
-    return _environ_get(dispatch.ENV_VAR)
+    return _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR)
 
 
 def _rows_facts(t: Tensor) -> tuple:
@@ -139,11 +138,15 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             key = (form, x.dtype, x.device, n, True if x.is_contiguous() else (x.stride(), shape[1:-1]),
                    x.data_ptr() & 15, (m - 1).bit_length(), m == 1, m & 15 == 0, m >> 31,
                    w1.dtype, w1.device, w1.shape, w1.stride(), w1.data_ptr() & 15,
-                   w2.dtype, w2.device, w2.shape, w2.stride(), w2.data_ptr() & 15, _facts(b1), _facts(b2), _facts(ws),
+                   w2.dtype, w2.device, w2.shape, w2.stride(), w2.data_ptr() & 15,
+                   b1 is not None and (b1.dtype, b1.device, b1.shape, b1.stride(), b1.data_ptr() & 15),
+                   b2 is not None and (b2.dtype, b2.device, b2.shape, b2.stride(), b2.data_ptr() & 15),
+                   _facts(ws),
                    _grad_enabled() and (x.requires_grad, w1.requires_grad, b1 is not None and b1.requires_grad,
                                         w2.requires_grad, b2 is not None and b2.requires_grad,
                                         ws is not None and ws.requires_grad),
-                   _backend_choice(), x.dtype is _F32 and _tf32())
+                   _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR),
+                   x.dtype is _F32 and _tf32())
             plan = _plans[key]
         except Exception:  # a new signature (KeyError), or operands the key cannot describe: the layered path
             pass
@@ -174,15 +177,24 @@ class BlockPlan:
 
     def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, training: bool):
         self.backend: Backend | None = chosen.backend
-        self.variants, self.form, self.training = variants, form, training
+        # training: under the block's Function (the composite runs under PyTorch's own autograd instead)
+        self.variants, self.form, self.training = variants, form, training and chosen.backend is not None
         self.forward = None if chosen.backend is not None else composite.block_of_weights
         self.backwards: dict[tuple, object] = {}
 
     def __call__(self, x, w1, b1, w2, b2, ws):
-        if self.backend is None:
-            return composite.block_of_weights(x, w1, b1, w2, b2, ws, self.form)
         if self.training:
             return ResidualBlockFunction.apply(x, w1, b1, w2, b2, ws, self)
+        run = self.forward
+        if run is None or self.backend is None:
+            return self.first_or_composite(x, w1, b1, w2, b2, ws)
+        if x.dim() == 2:
+            return run(x, w1, b1, w2, b2, ws)[0]
+        return with_leading_dims(run(rows(x), w1, b1, w2, b2, ws)[0], x, w2.shape[0])
+
+    def first_or_composite(self, x, w1, b1, w2, b2, ws):
+        if self.backend is None:
+            return composite.block_of_weights(x, w1, b1, w2, b2, ws, self.form)
         out = self.run_forward(x if x.dim() == 2 else rows(x), w1, b1, w2, b2, ws, False)[0]
         return out if x.dim() == 2 else with_leading_dims(out, x, w2.shape[0])
 

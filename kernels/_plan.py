@@ -15,9 +15,11 @@ nothing else. What changes between such calls is only the tensors and the row co
 - a torch op (the few the backward makes outside the kernels).
 
 Triton's own path is taken for a launch with no compiled kernel (Triton's interpreter, a launch the cache
-refused), and whenever something a compiled launch depends on differs from when the steps were recorded: a
-launch hook is set, a Triton knob changed, the current device is not the tensors'. Launches are counted like
-``CachedLauncher``'s (``_launch.launch_counts``).
+refused), and where a compiled launch would not do what Triton does: a launch hook is set (a profiler wants to see
+the launch), the current device is not the tensors'. Triton's compilation knobs (``runtime.debug``,
+``compilation.instrumentation_mode``, ...) are those of the recording: they change how a kernel is checked or
+instrumented, not what it computes; after changing one at run time, ``fused_residual.plans.clear()`` makes the
+next calls record again. Launches are counted like ``CachedLauncher``'s (``_launch.launch_counts``).
 
 The kernels' arguments are laid out here as their wrappers (``fused_linear.fused_linear``,
 ``whole_block.forward`` / ``backward``) lay them out; ``tests/test_plans.py`` checks, launch by launch, that both
@@ -35,7 +37,7 @@ from . import fused_linear as fl
 from . import whole_block as wb
 from ._common import capability, input_precision, is_gpu, multiprocessors, next_power_of_2, on_interpreter
 from ._launch import _LAUNCHES as _COUNTS
-from ._launch import _HookChain, _knob_reader
+from ._launch import _HookChain
 from .activations import IDENTITY
 
 ROWS = "rows"  # in a recorded shape: the call's row count
@@ -124,14 +126,13 @@ class Steps:
     """A recorded forward or backward: ``steps(*inputs)`` returns the result registers for new inputs of the
     recorded signature (the first input's leading dim is M)."""
 
-    __slots__ = ("steps", "blank", "results", "index", "gpu", "knobs")
+    __slots__ = ("steps", "blank", "results", "index", "gpu")
 
     def __init__(self, steps, n_inputs, n_regs, results, device):
         # Registers past the inputs, and one more that stays None (the ``NONE`` results).
         self.steps, self.blank, self.results = steps, [None] * (n_regs - n_inputs + 1), results
         self.gpu = is_gpu(device)
         self.index = device.index if device.index is not None else 0
-        self.knobs = _knob_reader()(_knobs)
 
     def stream(self):
         """The stream to launch on, or None where the launches must take Triton's own path."""
@@ -142,7 +143,7 @@ class Steps:
                 and (leave is None or (type(leave) is _HookChain and not leave.calls))):
             return None
         active = _driver.active
-        if active.get_current_device() != self.index or _knob_reader()(_knobs) != self.knobs:
+        if active.get_current_device() != self.index:
             return None
         return active.get_current_stream(self.index)
 
