@@ -141,7 +141,7 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
                    w2.dtype, w2.device, w2.shape, w2.stride(), w2.data_ptr() & 15,
                    b1 is not None and (b1.dtype, b1.device, b1.shape, b1.stride(), b1.data_ptr() & 15),
                    b2 is not None and (b2.dtype, b2.device, b2.shape, b2.stride(), b2.data_ptr() & 15),
-                   _facts(ws),
+                   ws is not None and (ws.dtype, ws.device, ws.shape, ws.stride(), ws.data_ptr() & 15),
                    _grad_enabled() and (x.requires_grad, w1.requires_grad, b1 is not None and b1.requires_grad,
                                         w2.requires_grad, b2 is not None and b2.requires_grad,
                                         ws is not None and ws.requires_grad),

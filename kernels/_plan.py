@@ -28,6 +28,8 @@ make the same launches.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from triton import knobs as _knobs
 from triton.runtime.driver import driver as _driver
@@ -47,17 +49,17 @@ NONE = "none"  # a result that is None
 class PreparedLaunch:
     """One launch: ``args = (tensors from registers, *pre, M, *post)``, grid ``grid(M, config)``."""
 
-    __slots__ = ("launcher", "name", "slots", "pre", "post", "kwargs", "grid", "entry", "allocator", "counters")
+    __slots__ = ("launcher", "name", "gather", "pre", "post", "kwargs", "grid", "entry", "allocator", "counters")
 
     def __init__(self, launcher, slots, pre, post, kwargs, grid, allocator=False, counters=None):
-        self.launcher, self.name, self.slots = launcher, launcher.name, slots
+        self.launcher, self.name, self.gather = launcher, launcher.name, operator.itemgetter(*slots)
         self.pre, self.post, self.kwargs, self.grid = tuple(pre), tuple(post), kwargs, grid
         self.entry = None
         self.allocator = allocator  # TMA descriptors need triton's allocator in this thread
         self.counters = counters  # the register of the arrival counters it uses, if any
 
     def __call__(self, rows, regs, stream):
-        args = (*[regs[i] for i in self.slots], *self.pre, rows, *self.post)
+        args = (*self.gather(regs), *self.pre, rows, *self.post)
         if self.allocator:
             fl._ensure_scratch_allocator()
         entry = self.entry
@@ -91,6 +93,35 @@ class Alloc:
         regs[self.index] = torch.empty(shape, dtype=self.dtype, device=self.device)
 
 
+class Workspace:
+    """``regs[index]`` = fp32 scratch for a launch's partial sums (split-K, the whole-block backward), which it
+    writes before it reads them: on a compiled launch, one cached buffer per (device, stream), since launches on one
+    stream run one after the other (as ``_reduce.arrival_counters``); a fresh one on Triton's path and while a CUDA
+    graph is captured (from the graph's pool: a graph may be replayed on any stream)."""
+
+    __slots__ = ("index", "shape", "elements", "device", "device_index")
+
+    def __init__(self, index, shape, device):
+        self.index, self.shape, self.device = index, tuple(shape), device
+        self.elements = 1
+        for n in shape:
+            self.elements *= n
+        self.device_index = device.index
+
+    def __call__(self, rows, regs, stream):
+        if stream is None or torch.cuda.is_current_stream_capturing():
+            regs[self.index] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+            return
+        key = (self.device_index, stream)
+        buffer = _WORKSPACES.get(key)
+        if buffer is None or buffer.numel() < self.elements:  # the launcher reads only its address
+            buffer = _WORKSPACES[key] = torch.empty(self.elements, dtype=torch.float32, device=self.device)
+        regs[self.index] = buffer
+
+
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
 class Call:
     """``regs[index] = fn(*registers and constants)``: a torch op between launches."""
 
@@ -118,8 +149,7 @@ class Family:
         if steps is None:
             self.members[k] = self.make(k, rows, regs)
             return
-        for step in steps:
-            step(rows, regs, stream)
+        _run(steps, rows, regs, stream)
 
 
 class Steps:
@@ -150,10 +180,23 @@ class Steps:
     def __call__(self, *inputs):
         rows = inputs[0].shape[0]
         regs = [*inputs, *self.blank]
-        stream = self.stream()
-        for step in self.steps:
-            step(rows, regs, stream)
+        _run(self.steps, rows, regs, self.stream())
         return tuple([regs[i] for i in self.results])
+
+
+def _run(steps: list, rows: int, regs: list, stream) -> None:
+    """Run ``steps``; allocations inline (a call's most frequent step: no frame of its own)."""
+    for step in steps:
+        if type(step) is Alloc:
+            at = step.at
+            shape = step.shape if at < 0 else (rows, *step.shape[1:]) if at == 0 else (
+                *step.shape[:at], rows, *step.shape[at + 1:])
+            regs[step.index] = _empty(shape, dtype=step.dtype, device=step.device)
+        else:
+            step(rows, regs, stream)
+
+
+_empty = torch.empty
 
 
 class Recorder:
@@ -190,6 +233,11 @@ class Recorder:
 
     def empty(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         self.run(Alloc(self._new(name), shape, dtype, self.device))
+        return self[name]
+
+    def workspace(self, name: str, shape: tuple) -> torch.Tensor:
+        """fp32 scratch a launch writes before it reads (``Workspace``)."""
+        self.run(Workspace(self._new(name), shape, self.device))
         return self[name]
 
     def call(self, name: str, fn, *args) -> torch.Tensor:
@@ -340,7 +388,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
         if split > 1:
             ws_elements, counter_count = fl._split_k_sizes(M, N, split, config)
             ws_name, counters_name = f"{out_name}.ws", f"{out_name}.counters"
-            sub.empty(ws_name, (ws_elements,), torch.float32)
+            sub.workspace(ws_name, (ws_elements,))
             sub.call(counters_name, _reduce.arrival_counters, device, counter_count)
         names += [ws_name, counters_name]
         # The int arguments: M, N, K, K2, strides, the reduction group, M_BUCKET, K_BUCKET; the call's rows are M
@@ -449,7 +497,7 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
         ws = counters = dout
         if need_weights:
             ws, counters = "ws", "counters"
-            sub.empty(ws, (reductions * _reduce.workspace_slots(partials), slot), torch.float32)
+            sub.workspace(ws, (reductions * _reduce.workspace_slots(partials), slot))
             sub.call(counters, _reduce.arrival_counters, device, reductions * _reduce.counters_needed(partials))
         names = (dout, out_name, saved, x_name, w1, w2, dx_name, *grads, ws, counters)
         t = {n: sub[n] for n in names}
