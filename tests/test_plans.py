@@ -363,3 +363,46 @@ def test_recorded_whole_block_launches_are_the_wrappers(monkeypatch, need_dx, ne
         Recorder(dict(t), t["x"].device), "dout", "out", "saved", "x", "w1", "w2", need_dx=need_dx,
         need_weights=need_weights, activation="relu", final_relu=True, dx_dtype=torch.float32), t)
     assert actual == expected and len(actual) == 1
+
+
+# ---- CUDA graphs -------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("choice", ["triton", "triton:two_gemm"])
+def test_plans_replay_inside_a_captured_cuda_graph(use_backend, fresh_plans, choice):
+    """Captured after its plans exist, a training step replays with new data: no host sync, no allocation outside
+    the graph's pool (a sync or a cached buffer would fail the capture or give stale results)."""
+    use_backend(choice)
+    torch.manual_seed(0)
+    block = fr.FusedResidualBlock(64, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        out = block(x)
+        out.float().sum().backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # plans recorded and kernels compiled before the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    grads = [x.grad, *(p.grad for p in block.parameters())]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        captured = [out.detach().clone(), *(g.clone() for g in grads)]
+        expected = step()
+        torch.testing.assert_close(captured[0], expected.detach())
+        for got, want in zip(captured[1:], [x.grad, *(p.grad for p in block.parameters())], strict=True):
+            torch.testing.assert_close(got, want)
