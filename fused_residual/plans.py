@@ -13,8 +13,10 @@ A key seen before finds its plan, which runs the call with nothing else decided,
 recorded steps (``kernels/_plan.py``: allocations and launches of compiled kernels) or the composite. A new key
 takes the layered path once: validation (``checks.py``), ``dispatch`` (route, kernel variants), the backend
 recording its steps while it computes the call; the finished plan is stored only then, so two threads never
-share a half-built one. What is not in the key is checked where it would change a result: autocast, ``torch.func``
-transforms and ``torch.compile`` tracing skip plans (the layered path handles them); the modules check their hooks
+share a half-built one. Under autocast the key holds the dtype it runs ``x``'s linears in, and the plan casts the
+weights as the layered path does. What is not in the key is checked where it would change a result:
+``torch.func`` transforms and ``torch.compile`` tracing skip plans (the layered path handles them); the modules
+check their hooks
 before every call; the steps check Triton's launch hooks, knobs and current device; the row count's exact value
 picks split-K slices and program counts (functions of M inside the steps). ``dispatch.reset()`` clears the plans.
 ``FUSED_RESIDUAL_PLANS=0`` (read at import, or ``ENABLED``) turns them off; at most ``MAX_PLANS`` are kept.
@@ -129,9 +131,11 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
               form: Form) -> Tensor:
     """The block on a call's operands (``x`` of any leading dims): its plan, or the layered path that validates
     them and builds one. Under autocast the linears run in its dtype and the output has the reference's dtype."""
-    key, m = None, 0
-    if ENABLED and not (_functorch_on() or _autocast_on() or _compiling()):
+    key, m, low = None, 0, None
+    if ENABLED and not (_functorch_on() or _compiling()):
         try:  # the key, written out: this runs on every call
+            if _autocast_on():
+                low = checks.autocast_dtype(x)  # the dtype autocast runs x's linears in, or None
             shape = x.shape
             n = shape[-1]
             m = shape[0] if len(shape) == 2 else x.numel() // n
@@ -146,7 +150,7 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
                                         w2.requires_grad, b2 is not None and b2.requires_grad,
                                         ws is not None and ws.requires_grad),
                    _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR),
-                   x.dtype is _F32 and _tf32())
+                   x.dtype is _F32 and _tf32(), low)
             plan = _plans[key]
         except Exception:  # a new signature (KeyError), or operands the key cannot describe: the layered path
             pass
@@ -154,6 +158,7 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             return plan(x, w1, b1, w2, b2, ws)  # type: ignore[operator]
         if not m:
             key = None
+    given = (w1, b1, w2, b2, ws)
     w1, b1, w2, b2, ws, out_dtype = checks.block_operands(x, w1, b1, w2, b2, ws, form)
     training = needs_autograd(x, w1, b1, w2, b2, ws)
     chosen = dispatch.route(x, w1, ws, form, training)
@@ -165,8 +170,24 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         plan = BlockPlan(chosen, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype), form, training)
         out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
-            _store(key, plan)
+            cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
+            _store(key, plan if low is None else AutocastPlan(plan, low, cast, out_dtype))
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
+
+
+class AutocastPlan:
+    """A block plan under autocast: the weights cast as ``checks.block_operands`` casts them (``cast``: which of
+    w1, b1, w2, b2, ws it cast to ``low``), the output converted to the reference's dtype."""
+
+    __slots__ = ("plan", "low", "cast", "out_dtype")
+
+    def __init__(self, plan: BlockPlan, low: torch.dtype, cast: tuple[bool, ...], out_dtype: torch.dtype | None):
+        self.plan, self.low, self.cast, self.out_dtype = plan, low, cast, out_dtype
+
+    def __call__(self, x, *weights):
+        low = self.low
+        out = self.plan(x, *(t.to(low) if c else t for t, c in zip(weights, self.cast, strict=True)))
+        return out if self.out_dtype is None or self.out_dtype == out.dtype else out.to(self.out_dtype)
 
 
 class BlockPlan:

@@ -140,16 +140,31 @@ def test_dispatch_reset_clears_the_plans(use_backend, fresh_plans):
     assert not plans._plans
 
 
-def test_autocast_and_torch_func_take_the_layered_path(use_backend, fresh_plans):
+@pytest.mark.parametrize("choice", ["triton", "torch", "composite"])
+def test_autocast_is_in_the_key_and_the_plan_casts_like_the_layered_path(use_backend, fresh_plans, choice):
+    use_backend(choice)
+    ops = make_operands(grad=True)
+    run(*ops, backward=True)
+    assert len(plans._plans) == 1
+    for dtype, seed in ((torch.float16, 1), (torch.float16, 2), (torch.bfloat16, 3)):
+        if dtype == torch.bfloat16 and choice == "triton":
+            continue  # no bfloat16 on Triton's interpreter
+        ops = make_operands(seed=seed, grad=True)
+        with torch.autocast("cpu", dtype=dtype):
+            result = run(*ops, backward=True)
+            expected = layered(lambda ops=ops: run(*ops, backward=True))
+        assert result[0].dtype == dtype
+        assert_same_bits(result, expected)
+    assert len(plans._plans) == (2 if choice == "triton" else 3), "one plan per autocast dtype, the second hits"
+
+
+def test_torch_func_takes_the_layered_path(use_backend, fresh_plans):
     use_backend("torch")
     block = fr.FusedResidualBlock(24, 24)
     x = torch.randn(20, 24)
     with torch.no_grad():
         block(x)
     assert len(plans._plans) == 1
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = block(x)
-    assert out.dtype == torch.bfloat16 and len(plans._plans) == 1
     params = dict(block.named_parameters())
     grads = torch.func.grad(lambda p: torch.func.functional_call(block, p, (x,)).sum())(params)
     reference = fr.ResidualBlock(24, 24)
@@ -295,31 +310,31 @@ def recorded_launches(monkeypatch, fn, inputs: dict) -> list:
 
 def _fused_linear_cases(t):
     """(wrapper call, recorder call) pairs of the launches the Triton backend makes."""
-    from fused_residual.kernels import _plan
+    from fused_residual.kernels import _plan_launches as pl
     from fused_residual.kernels import fused_linear as fl
 
     return {
         "bias_activation": (lambda: fl.fused_linear(t["x"], t["w1"].t(), bias=t["b1"], activation="relu"),
-                            lambda rec: _plan.fused_linear(rec, "c", "x", ("w1", True), bias="b1", activation="relu")),
+                            lambda rec: pl.fused_linear(rec, "c", "x", ("w1", True), bias="b1", activation="relu")),
         "pre_out_gelu": (lambda: fl.fused_linear(t["x"], t["w1"].t(), bias=t["b1"], activation="gelu",
                                                  pre_out=t["pre"]),
-                         lambda rec: _plan.fused_linear(rec, "c", "x", ("w1", True), bias="b1", activation="gelu",
+                         lambda rec: pl.fused_linear(rec, "c", "x", ("w1", True), bias="b1", activation="gelu",
                                                         pre_out="pre")),
         "residual": (lambda: fl.fused_linear(t["h"], t["w2"].t(), bias=t["b2"], residual=t["x"], activation="relu"),
-                     lambda rec: _plan.fused_linear(rec, "c", "h", ("w2", True), bias="b2", residual="x",
+                     lambda rec: pl.fused_linear(rec, "c", "h", ("w2", True), bias="b2", residual="x",
                                                     activation="relu")),
         "second": (lambda: fl.fused_linear(t["h"], t["w2"].t(), second=(t["x"], t["ws"].t()), bias=t["b2"]),
-                   lambda rec: _plan.fused_linear(rec, "c", "h", ("w2", True), second=("x", ("ws", True)),
+                   lambda rec: pl.fused_linear(rec, "c", "h", ("w2", True), second=("x", ("ws", True)),
                                                   bias="b2")),
         "gate": (lambda: fl.fused_linear(t["dout"], t["w2"], relu_mask=t["out"], gate=t["h"]),
-                 lambda rec: _plan.fused_linear(rec, "c", "dout", "w2", relu_mask="out", gate="h")),
+                 lambda rec: pl.fused_linear(rec, "c", "dout", "w2", relu_mask="out", gate="h")),
         "mask_on_residual": (lambda: fl.fused_linear(t["h"], t["w1"], residual=t["dout"], relu_mask=t["out"],
                                                      mask_on="residual"),
-                             lambda rec: _plan.fused_linear(rec, "c", "h", "w1", residual="dout", relu_mask="out",
+                             lambda rec: pl.fused_linear(rec, "c", "h", "w1", residual="dout", relu_mask="out",
                                                             mask_on="residual")),
         "weight_grad_split_k": (lambda: fl.fused_linear(t["dout"].t(), t["h"], relu_mask=t["out"].t(), rowsum=True,
                                                         split_k=3, b_activation="gelu"),
-                                lambda rec: _plan.fused_linear(rec, "c", ("dout", True), "h", rows_in="k",
+                                lambda rec: pl.fused_linear(rec, "c", ("dout", True), "h", rows_in="k",
                                                                relu_mask=("out", True), rowsum="sums",
                                                                split_k=lambda rows: 3, b_activation="gelu")),
     }
@@ -342,7 +357,7 @@ def test_recorded_fused_linear_launches_are_the_wrappers(monkeypatch, case):
 
 @pytest.mark.parametrize("need_dx,need_weights", [(True, True), (True, False), (False, True)])
 def test_recorded_whole_block_launches_are_the_wrappers(monkeypatch, need_dx, need_weights):
-    from fused_residual.kernels import _plan
+    from fused_residual.kernels import _plan_launches as pl
     from fused_residual.kernels import whole_block as wb
     from fused_residual.kernels._plan import Recorder
 
@@ -352,14 +367,14 @@ def test_recorded_whole_block_launches_are_the_wrappers(monkeypatch, need_dx, ne
         ("out", (40, 24)), ("saved", (40, 24)))}
     expected = recorded_launches(monkeypatch, lambda: wb.forward(t["x"], t["w1"], t["b1"], t["w2"], t["b2"],
                                                                  store_saved=True, out_dtype=torch.float32), t)
-    actual = recorded_launches(monkeypatch, lambda: _plan.whole_block_forward(
+    actual = recorded_launches(monkeypatch, lambda: pl.whole_block_forward(
         Recorder(dict(t), t["x"].device), "o", "s", "x", "w1", "b1", "w2", "b2", activation="relu",
         final_relu=True, out_dtype=torch.float32), t)
     assert actual == expected
     expected = recorded_launches(monkeypatch, lambda: wb.backward(
         t["dout"], t["out"], t["saved"], t["x"], t["w1"], t["w2"], need_dx=need_dx, need_weights=need_weights,
         dx_dtype=torch.float32), t)
-    actual = recorded_launches(monkeypatch, lambda: _plan.whole_block_backward(
+    actual = recorded_launches(monkeypatch, lambda: pl.whole_block_backward(
         Recorder(dict(t), t["x"].device), "dout", "out", "saved", "x", "w1", "w2", need_dx=need_dx,
         need_weights=need_weights, activation="relu", final_relu=True, dx_dtype=torch.float32), t)
     assert actual == expected and len(actual) == 1

@@ -20,9 +20,10 @@ backward  g2  = dout * (out > 0)                        never written: applied o
 A training step is 2 + 4 launches (projection: 2 + 5), the whole block 1 + 1, and nothing else but allocations.
 Zero-size batches return before any launch.
 
-Each computation is written once, as the steps of a launch plan (``kernels/_plan.py``): the ``plan_*`` functions run
-the call through a ``Recorder`` and return its result with the recorded ``Steps``, which ``fused_residual/plans.py``
-replays for later calls of the same signature; the contract's plain functions are the first half of that.
+Each computation is written once, as the steps of a launch plan (``kernels/_plan.py``, the launches recorded by
+``kernels/_plan_launches.py``): the ``plan_*`` functions run the call through a ``Recorder`` and return its result
+with the recorded ``Steps``, which ``fused_residual/plans.py`` replays for later calls of the same signature; the
+contract's plain functions are the first half of that.
 
 Autocast (``x`` and ``dout`` wider than the weights): every kernel reads them once in their own dtype, rounds them
 on chip for its GEMMs, adds the shortcut un-rounded and writes ``out`` in ``Form.output_dtype``'s dtype and ``dx``
@@ -49,6 +50,7 @@ from torch import Tensor
 
 from ..activations import SEED_FORM, Form
 from ..kernels import _plan, whole_block, whole_net
+from ..kernels import _plan_launches as recorded
 from ..kernels._common import capability, is_gpu, max_shared_memory, multiprocessors, on_interpreter
 from ..kernels._plan import NONE, ROWS, Recorder
 from ..kernels.fused_linear import fused_linear
@@ -155,7 +157,7 @@ def plan_block_forward(x, w1, b1, w2, b2, ws, form, *, save, variant=None):
     final = form.final_activation
     if variant == "whole_block":
         saved = "saved" if save else NONE
-        _plan.whole_block_forward(rec, "out", saved if save else None, "x", "w1", b1_, "w2", b2_,
+        recorded.whole_block_forward(rec, "out", saved if save else None, "x", "w1", b1_, "w2", b2_,
                                   activation=form.activation, final_relu=final == "relu", out_dtype=out_dtype)
     else:
         act = form.hidden
@@ -163,13 +165,13 @@ def plan_block_forward(x, w1, b1, w2, b2, ws, form, *, save, variant=None):
         if save and not act.from_output:
             pre = "pre"
             rec.empty(pre, (ROWS, w1.shape[0]), w1.dtype)
-        _plan.fused_linear(rec, "h", "x", ("w1", True), bias=b1_, activation=act.name, pre_out=pre,
+        recorded.fused_linear(rec, "h", "x", ("w1", True), bias=b1_, activation=act.name, pre_out=pre,
                            out_dtype=w1.dtype)
         if ws is None:
-            _plan.fused_linear(rec, "out", "h", ("w2", True), bias=b2_, residual="x", activation=final,
+            recorded.fused_linear(rec, "out", "h", ("w2", True), bias=b2_, residual="x", activation=final,
                                out_dtype=out_dtype)
         else:
-            _plan.fused_linear(rec, "out", "h", ("w2", True), second=("x", ("ws", True)), bias=b2_,
+            recorded.fused_linear(rec, "out", "h", ("w2", True), second=("x", ("ws", True)), bias=b2_,
                                activation=final, out_dtype=out_dtype)
         saved = "h" if act.from_output else (pre or NONE)
     results = ("out", saved)
@@ -195,9 +197,10 @@ def plan_block_backward(dout, x, saved, out, w1, w2, ws, form, needs, *, dx_dtyp
     rec = Recorder({"dout": dout, "x": x, "saved": saved, "out": out, "w1": w1, "w2": w2, "ws": ws},
                    dout.device)
     if variant == "whole_block" and (need_x or need_weights):
-        _plan.whole_block_backward(rec, "dout", "out" if final_relu else None, "saved", "x" if x is not None else None,
-                                   "w1", "w2", need_dx=need_x, need_weights=need_weights,
-                                   activation=form.activation, final_relu=final_relu, dx_dtype=dx_dtype)
+        recorded.whole_block_backward(rec, "dout", "out" if final_relu else None, "saved",
+                                      "x" if x is not None else None, "w1", "w2", need_dx=need_x,
+                                      need_weights=need_weights, activation=form.activation, final_relu=final_relu,
+                                      dx_dtype=dx_dtype)
         results = tuple(name if need else NONE for name, need in zip(
             ("dx", "dw1", "db1", "dw2", "db2"), (need_x, need_w1, need_b1, need_w2, need_b2), strict=True)) + (NONE,)
         return tuple(rec[r] for r in results), rec.steps_for(results)
@@ -209,16 +212,17 @@ def plan_block_backward(dout, x, saved, out, w1, w2, ws, form, needs, *, dx_dtyp
     dws = _weight_grad(rec, "dws", "dout", relu_out, "x", True, False, ws.dtype)[0] if need_ws else NONE
     dx = dw1 = db1 = NONE
     if need_x or need_w1 or need_b1:
-        _plan.fused_linear(rec, "g1", "dout", "w2", relu_mask=relu_out, gate="saved", gate_activation=act.name,
+        recorded.fused_linear(rec, "g1", "dout", "w2", relu_mask=relu_out, gate="saved", gate_activation=act.name,
                            out_dtype=w1.dtype)
         dw1, db1 = _weight_grad(rec, "dw1", "g1", None, "x", need_w1, need_b1, w1.dtype)
         if need_x:
             dx = "dx"
             if ws is None:
-                _plan.fused_linear(rec, dx, "g1", "w1", residual="dout", relu_mask=relu_out, mask_on="residual",
+                recorded.fused_linear(rec, dx, "g1", "w1", residual="dout", relu_mask=relu_out, mask_on="residual",
                                    out_dtype=dx_dtype)
             else:
-                _plan.fused_linear(rec, dx, "dout", "ws", relu_mask=relu_out, second=("g1", "w1"), out_dtype=dx_dtype)
+                recorded.fused_linear(rec, dx, "dout", "ws", relu_mask=relu_out, second=("g1", "w1"),
+                                      out_dtype=dx_dtype)
     results = (dx, dw1, db1, dw2, db2, dws)
     return tuple(rec[r] for r in results), rec.steps_for(results)
 
@@ -252,9 +256,9 @@ def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str,
         rec.call(f"{name}.bias", _row_sums, g, dtype)
         return dw, f"{name}.bias"
     split = functools.partial(_plan.split_k_slices, g_t.shape[1], a_t.shape[1], multiprocessors(rec.device))
-    _plan.fused_linear(rec, name, (g, True), a, rows_in="k", relu_mask=None if relu_out is None else (relu_out, True),
-                       b_activation=a_activation, rowsum=f"{name}.rowsum" if need_b else None, split_k=split,
-                       out_dtype=dtype)
+    recorded.fused_linear(rec, name, (g, True), a, rows_in="k",
+                          relu_mask=None if relu_out is None else (relu_out, True), b_activation=a_activation,
+                          rowsum=f"{name}.rowsum" if need_b else None, split_k=split, out_dtype=dtype)
     return name, (f"{name}.rowsum" if need_b else NONE)
 
 
@@ -279,7 +283,7 @@ def plan_linear_residual_relu_forward(h, w, b, residual):
     if h.shape[0] == 0:
         return (h.new_empty((0, w.shape[0]), dtype=out_dtype),), None
     rec = Recorder({"h": h, "w": w, "b": b, "residual": residual}, h.device)
-    _plan.fused_linear(rec, "out", "h", ("w", True), bias=_vector(rec, "b"), residual="residual", activation="relu",
+    recorded.fused_linear(rec, "out", "h", ("w", True), bias=_vector(rec, "b"), residual="residual", activation="relu",
                        out_dtype=out_dtype)
     return (rec["out"],), rec.steps_for(("out",))
 
@@ -308,7 +312,7 @@ def plan_linear_residual_relu_backward(dout, h, out, w, needs, *, dh_dtype):
     dh = NONE
     if needs[0]:
         dh = "dh"
-        _plan.fused_linear(rec, dh, g, "w", relu_mask=relu_out, out_dtype=dh_dtype)
+        recorded.fused_linear(rec, dh, g, "w", relu_mask=relu_out, out_dtype=dh_dtype)
     dw, db = _weight_grad(rec, "dw", g, relu_out, "h", needs[1], needs[2], w.dtype)
     results = (dh, dw, db, g if needs[3] else NONE)
     return tuple(rec[r] for r in results), rec.steps_for(results)
