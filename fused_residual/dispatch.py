@@ -339,8 +339,10 @@ def route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) 
     if torch.compiler.is_compiling():
         if torch.compiler.is_exporting():
             return COMPOSITE
-        ours = ours_may_run(os.environ.get(ENV_VAR), x.device, w1.dtype, x.shape[-1], w1.shape[0], ws is not None,
-                            form, training)
+        # The weights' widths (x's width is w1's in-features): a parameter's shape stays static where a compiled
+        # batch dimension turns dynamic.
+        width, hidden = int(w1.shape[1]), int(w1.shape[0])  # int(): specialised where dynamic, as the graph is
+        ours = ours_may_run(os.environ.get(ENV_VAR), x.device, w1.dtype, width, hidden, ws is not None, form, training)
         return REGISTERED_OP if ours else COMPOSITE
     if _functorch_active():
         return COMPOSITE

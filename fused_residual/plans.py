@@ -205,7 +205,7 @@ class BlockPlan:
 
     def __call__(self, x, w1, b1, w2, b2, ws):
         if self.training:
-            return ResidualBlockFunction.apply(x, w1, b1, w2, b2, ws, self)
+            return _apply_block(x, w1, b1, w2, b2, ws, self)
         run = self.forward
         if run is None or self.backend is None:
             return self.first_or_composite(x, w1, b1, w2, b2, ws)
@@ -268,6 +268,19 @@ class ResidualBlockFunction(torch.autograd.Function):
         return (dx, *grads[1:], None)
 
 
+def _c_apply(function: type[torch.autograd.Function]):
+    """``function.apply`` without its Python part. The Functions run only where no ``torch.func`` transform is
+    active (``dispatch.route`` sends those calls to the composite), and there ``Function.apply`` only unwraps
+    functorch's dead wrappers before it calls the C entry: a few microseconds per training call."""
+    try:
+        return super(torch.autograd.Function, function).apply
+    except AttributeError:  # another torch's layout of Function: its own apply
+        return function.apply
+
+
+_apply_block = _c_apply(ResidualBlockFunction)
+
+
 def save_block(ctx, form: Form, x: Tensor, hidden: Tensor, out: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                b2: Tensor | None, ws: Tensor | None) -> None:
     """Keep what the block's backward needs (``needs_input_grad`` in the order x, w1, b1, w2, b2, ws)."""
@@ -327,7 +340,7 @@ class LayerPlan:
         if self.backend is None:
             return composite.linear_add_relu(h, w, b, residual)
         if self.training:
-            return LinearResidualReluFunction.apply(h, w, b, residual, self)
+            return _apply_layer(h, w, b, residual, self)
         out = self.run_forward(rows(h), w, b, rows(residual))
         return with_leading_dims(out, h, w.shape[0])
 
@@ -378,6 +391,9 @@ class LinearResidualReluFunction(torch.autograd.Function):
         if dres is not None:
             dres = dres.view(ctx.residual_shape)
         return dh, dw, db, dres, None
+
+
+_apply_layer = _c_apply(LinearResidualReluFunction)
 
 
 def save_linear(ctx, h: Tensor, out: Tensor, w: Tensor) -> None:
