@@ -1,5 +1,5 @@
 """Host-side helpers shared by the kernel wrappers: interpreter and device facts, launch device, TF32 policy,
-autotune-key buckets. Imports no triton (``fused_residual.routing`` reads the interpreter setting here).
+autotune-key buckets. Imports no triton (``fused_residual.dispatch`` imports it).
 
 The device facts are read here and nowhere else: whether a device runs compiled Triton kernels (``is_gpu``), its
 capability, SMs and shared memory, the device to launch on and where launch scratch goes. Callers read them
