@@ -24,8 +24,8 @@ everything the package and Triton do in Python per call kept. Only what needs a 
   ``launch_device``, ``is_gpu``, ...) and whose answer for meta differs is wrapped (meta -> cuda:0, then the real
   function) and rebound wherever the package imported it. Cached functions get a cached wrapper, so a cached call
   costs what it costs on a GPU; an uncached one (``launch_device``) costs one extra Python call (~0.1 us).
-- Triton's global scratch (the TMA schedules' device-side descriptors) comes from an allocator of meta tensors, set
-  before the package's own (which allocates on ``cuda``).
+- Triton's global scratch (the TMA schedules' device-side descriptors) comes from the package's own allocator
+  (``kernels/_tma.py``), which allocates on the current GPU, ``_common.current_gpu()``: meta here.
 
 ``TEMPORARY`` patches (``_temporary_patches``), needed only while package code outside ``kernels/_common.py``
 tests ``device.type == "cuda"`` itself; each applies only where that test is still there, so they fall away by
@@ -53,6 +53,7 @@ from unittest import mock
 import torch
 
 CUDA0 = torch.device("cuda", 0)
+META = torch.device("meta")
 H200 = types.SimpleNamespace(
     name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=150_754_820_096,
     shared_memory_per_block_optin=232_448, L2_cache_size=60 * 1024 * 1024, warp_size=32, max_threads_per_block=1024,
@@ -220,7 +221,6 @@ def _temporary_patches(stack: contextlib.ExitStack) -> list[str]:
 def _patch_triton(stack: contextlib.ExitStack, gpu: FakeGpu) -> None:
     import triton
     from triton.backends.nvidia import driver as nvidia
-    from triton.runtime import _allocation
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
 
@@ -239,10 +239,11 @@ def _patch_triton(stack: contextlib.ExitStack, gpu: FakeGpu) -> None:
         return [rank, rank, rank]
 
     _patch(stack, Autotuner, "_bench", first_candidate)
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        token = _allocation._allocator.set(lambda size, alignment, stream: torch.empty(
-            size, dtype=torch.int8, device="meta"))
-        stack.callback(_allocation._allocator.reset, token)
+    # The package's allocator of Triton's global scratch allocates on the current GPU: meta here.
+    from fused_residual.kernels import _common, _tma
+
+    _patch(stack, _common, "current_gpu", lambda: META)
+    stack.callback(_tma._SCRATCH.clear)
     assert triton.runtime.driver.active.get_current_target().arch == 90
 
 

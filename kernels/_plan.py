@@ -8,8 +8,10 @@ nothing else. What changes between such calls is only the tensors and the row co
 
 - an allocation: its shape with ``ROWS`` for M, dtype, device;
 - a launch (``PreparedLaunch``): the kernel's arguments with every one but the tensors and the row count fixed,
-  its grid as a function of M (and the autotuner's config), and, after its first launch, the compiled kernel
-  that Triton chose (``CachedLauncher.entry``), launched directly as ``JITFunction.run`` would;
+  its grid as a function of M (arithmetic on a form fixed by the autotuner's config), and, after its first
+  launch, the compiled kernel that Triton chose (``CachedLauncher.entry``), launched as ``JITFunction.run``
+  would: through Triton's C launcher directly where ``_direct.py`` proves that is the call Triton's Python
+  launcher makes, else through that launcher;
 - a family of launches where a choice depends on the exact M (split-K slices, the whole-block backward's
   program count): one member per value, prepared when that value is first met;
 - a torch op (the few the backward makes outside the kernels).
@@ -31,11 +33,13 @@ import operator
 
 import torch
 from triton import knobs as _knobs
+from triton.runtime import _allocation
 from triton.runtime.driver import driver as _driver
 
 from . import _common, _reduce
 from . import fused_linear as fl
 from . import whole_block as wb
+from ._direct import direct_launch
 from ._launch import _LAUNCHES as _COUNTS
 from ._launch import _HookChain
 from ._tma import ensure_scratch_allocator
@@ -45,33 +49,76 @@ NONE = "none"  # a result that is None
 
 
 class PreparedLaunch:
-    """One launch: ``args = (tensors from registers, *pre, M, *post)``, grid ``grid(M, config)``."""
+    """One launch: ``args = (tensors from registers, *pre, M, *post)``, its grid ``grid_of(grid(meta), M)``.
 
-    __slots__ = ("launcher", "name", "gather", "pre", "post", "kwargs", "grid", "entry", "allocator", "counters")
+    After its first launch on Triton's path it holds ``fast``: the grid's form for the config Triton chose, the
+    compiled kernel's launch (``_direct.direct_launch``, else the compiled kernel's own ``run``) and the arguments
+    after ``args`` (the config's and the defaults)."""
+
+    __slots__ = ("launcher", "name", "gather", "pre", "post", "kwargs", "grid", "allocator", "counters", "fast")
 
     def __init__(self, launcher, slots, pre, post, kwargs, grid, allocator=False, counters=None):
         self.launcher, self.name, self.gather = launcher, launcher.name, operator.itemgetter(*slots)
         self.pre, self.post, self.kwargs, self.grid = tuple(pre), tuple(post), kwargs, grid
-        self.entry = None
         self.allocator = allocator  # TMA descriptors need triton's allocator in this thread
         self.counters = counters  # the register of the arrival counters it uses, if any
+        self.fast = None
 
     def __call__(self, rows, regs, stream):
-        args = (*self.gather(regs), *self.pre, rows, *self.post)
-        if self.allocator:
-            ensure_scratch_allocator()
-        entry = self.entry
-        if entry is None or stream is None:
-            grid = self.grid
-            with _reduce.reset_on_failure(None if self.counters is None else regs[self.counters]):
-                self.launcher(lambda meta: grid(rows, meta), *args, **self.kwargs)
-            if entry is None:
-                self.entry = self.launcher.entry(args, self.kwargs)
+        fast = self.fast
+        if fast is None or stream is None:
+            self.through_triton(rows, regs)
             return
         _COUNTS[self.name] += 1
+        block, mult, cap, g1, launch, before, middle, tail, packed, per_program, align = fast
+        g0 = min(-(-rows // block) * mult, cap) if block else cap
+        args = (*self.gather(regs), *self.pre, rows, *self.post, *tail)
+        if packed is None:  # the compiled kernel's own launcher (``before``: its function and metadata, no hooks)
+            if self.allocator:
+                ensure_scratch_allocator()
+            launch(g0, g1, 1, stream, *before, *args)
+            return
+        scratch = None
+        if per_program:  # as Triton's launcher asks its allocator for the kernel's global scratch
+            allocator = _ALLOCATOR.get()
+            if self.allocator and type(allocator) is _NullAllocator:
+                ensure_scratch_allocator()
+                allocator = _ALLOCATOR.get()
+            scratch = allocator(g0 * g1 * per_program, align, stream)
+        if packed:
+            launch(g0, g1, 1, stream, *before, scratch, None, *middle, args)
+        else:
+            launch(g0, g1, 1, stream, *before, scratch, None, *middle, *args)
+
+    def through_triton(self, rows, regs) -> None:
+        """The launch through ``CachedLauncher`` (Triton binds, compiles, autotunes); the first one that leaves a
+        compiled kernel in its cache sets ``fast``."""
+        args = (*self.gather(regs), *self.pre, rows, *self.post)
+        grid = self.grid
+        if self.allocator:
+            ensure_scratch_allocator()
+        with _reduce.reset_on_failure(None if self.counters is None else regs[self.counters]):
+            self.launcher(lambda meta: grid_of(grid(meta), rows), *args, **self.kwargs)
+        if self.fast is None:
+            entry = self.launcher.entry(args, self.kwargs)
+            if entry is not None:
+                self.take(entry)
+
+    def take(self, entry: tuple) -> None:
+        """Launch later calls with ``entry`` (``CachedLauncher.entry``: run, function, packed metadata, the
+        arguments after ``args``, them by name)."""
         run, function, packed_metadata, tail, meta = entry
-        g = self.grid(rows, meta)
-        run(g[0], g[1] if len(g) > 1 else 1, 1, stream, function, packed_metadata, None, None, *args, *tail)
+        form = self.grid(meta)
+        direct = direct_launch(run, function, packed_metadata)
+        if direct is None:
+            self.fast = (*form, run, (function, packed_metadata, None, None), (), tuple(tail), None, 0, 0)
+        else:
+            self.fast = (*form, direct.launch, direct.before, direct.after, tuple(tail), direct.packed,
+                         direct.per_program, direct.align)
+
+
+_ALLOCATOR = _allocation._allocator  # Triton's allocator (a ContextVar), as its launcher reads it
+_NullAllocator = _allocation.NullAllocator
 
 
 class Alloc:
@@ -80,6 +127,8 @@ class Alloc:
     __slots__ = ("index", "shape", "at", "dtype", "device")
 
     def __init__(self, index, shape, dtype, device):
+        if not shape:
+            raise ValueError("a recorded allocation has at least one dim")  # replayed as torch.empty(*shape)
         self.index, self.dtype, self.device = index, dtype, device
         self.at = shape.index(ROWS) if ROWS in shape else -1
         self.shape = tuple(shape)
@@ -88,7 +137,7 @@ class Alloc:
         shape = self.shape
         if self.at >= 0:
             shape = (*shape[:self.at], rows, *shape[self.at + 1:])
-        regs[self.index] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        regs[self.index] = _empty(*shape, dtype=self.dtype, device=self.device)
 
 
 class Workspace:
@@ -187,13 +236,19 @@ def _run(steps: list, rows: int, regs: list, stream) -> None:
     for step in steps:
         if type(step) is Alloc:
             at = step.at
-            shape = step.shape if at < 0 else (rows, *step.shape[1:]) if at == 0 else (
-                *step.shape[:at], rows, *step.shape[at + 1:])
-            regs[step.index] = _empty(shape, dtype=step.dtype, device=step.device)
+            if at < 0:
+                regs[step.index] = _empty(*step.shape, dtype=step.dtype, device=step.device)
+            elif at == 0:
+                regs[step.index] = _empty(rows, *step.shape[1:], dtype=step.dtype, device=step.device)
+            else:
+                regs[step.index] = _empty(*step.shape[:at], rows, *step.shape[at + 1:], dtype=step.dtype,
+                                          device=step.device)
         else:
             step(rows, regs, stream)
 
 
+# torch.empty(*sizes, ...) rather than torch.empty(sizes, ...): the same tensor, and Python's argument parser
+# matches the sizes-as-ints form first (half a microsecond less per allocation).
 _empty = torch.empty
 
 
@@ -290,23 +345,41 @@ def split_k_slices(rows: int, cols: int, sms: int, k: int) -> int:
     return max(1, min(want, k // 1024, 64))
 
 
-def fused_linear_grid(m: int, n: int, rows_are_k: bool, split: int, sms: int, fixed: tuple | None, rows: int,
-                      meta: dict) -> tuple[int, int]:
-    """``fl.fused_linear``'s grid: ``fixed`` = (BLOCK_M, BLOCK_N, PERSISTENT) of a fixed config, else the
-    autotuner's config in ``meta``; M is the call's rows unless they are K (a weight gradient)."""
+# A grid's form for one config: ``(block, mult, cap, g1)``, the grid ``(min(cdiv(M, block) * mult, cap), g1)`` for
+# the call's row count M, or ``(cap, g1)`` for every M where ``block`` is 0 (``grid_of``): a launch computes it with
+# arithmetic alone.
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on a grid's x dimension: no cap
+
+
+def grid_of(form: tuple[int, int, int, int], rows: int) -> tuple[int, int]:
+    block, mult, cap, g1 = form
+    return (min(-(-rows // block) * mult, cap) if block else cap), g1
+
+
+def fused_linear_grid(m: int, n: int, rows_are_k: bool, split: int, sms: int, fixed: tuple | None,
+                      meta: dict) -> tuple[int, int, int, int]:
+    """The form of ``fl.fused_linear``'s grid: ``fixed`` = (BLOCK_M, BLOCK_N, PERSISTENT) of a fixed config, else
+    the autotuner's config in ``meta``; M is the call's rows unless they are K (a weight gradient: a fixed grid).
+    Split-K slices only for a weight gradient (a persistent grid's slices would depend on M)."""
     block_m, block_n, persistent = fixed or (meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"])
-    tiles = -(-(m if rows_are_k else rows) // block_m) * -(-n // block_n)
-    return fl.persistent_grid(tiles, split, sms) if persistent else (tiles, split)
+    columns = -(-n // block_n)
+    if rows_are_k:
+        tiles = -(-m // block_m) * columns
+        g0, g1 = fl.persistent_grid(tiles, split, sms) if persistent else (tiles, split)
+        return 0, 0, g0, g1
+    if split != 1:
+        raise ValueError("split-K over the rows' dimension: only weight gradients (rows are K) split K")
+    # persistent_grid(tiles, 1, sms) = (min(tiles, sms), 1)
+    return block_m, columns, max(1, sms) if persistent else MAX_PROGRAMS, 1
 
 
-def whole_block_forward_grid(sms: int, rows: int, meta: dict) -> tuple[int]:
-    tiles = -(-rows // meta["BLOCK_M"])
+def whole_block_forward_grid(sms: int, meta: dict) -> tuple[int, int, int, int]:
     per_sm = meta["PROGRAMS_PER_SM"]
-    return (min(tiles, per_sm * sms) if per_sm else tiles,)
+    return meta["BLOCK_M"], 1, per_sm * sms if per_sm else MAX_PROGRAMS, 1
 
 
-def fixed_grid(programs: int, rows: int, meta: dict) -> tuple[int]:
-    return (programs,)
+def fixed_grid(programs: int, meta: dict) -> tuple[int, int, int, int]:
+    return 0, 0, programs, 1
 
 
 def whole_block_programs(device: torch.device, block_m: int, rows: int) -> int:

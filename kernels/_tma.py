@@ -49,8 +49,22 @@ def tma_layout(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None = None,
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global scratch for the device-side TMA descriptors (128 bytes each per program), on the current device."""
-    return torch.empty(size, dtype=torch.int8, device=_common.current_gpu())
+    """Global scratch for the device-side TMA descriptors (128 bytes each per program), on the current device: one
+    cached buffer per (device, stream), since launches on one stream run one after the other and each writes its
+    descriptors before it reads them (as ``_reduce.arrival_counters`` and the plans' workspaces); a fresh one while
+    a CUDA graph is captured (from the graph's pool: a graph may be replayed on any stream) or without a stream. A
+    buffer outgrown is replaced, and freed by the caching allocator in stream order."""
+    device = _common.current_gpu()
+    if stream is None or torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=torch.int8, device=device)
+    key = (torch.cuda.current_device(), stream)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < size:  # the kernel reads only its address
+        buffer = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device=device)
+    return buffer
+
+
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def ensure_scratch_allocator() -> None:

@@ -82,7 +82,7 @@ def gpu_path_without_a_gpu(monkeypatch):
     def stub(steps):
         for step in steps:
             if isinstance(step, _plan.PreparedLaunch):
-                step.entry = (launch, None, None, (), dict(step.kwargs))
+                step.take((launch, None, None, (), dict(step.kwargs)))
             elif isinstance(step, _plan.Family):
                 for member in step.members.values():
                     stub(member)

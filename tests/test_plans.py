@@ -304,8 +304,11 @@ def recorded_launches(monkeypatch, fn, inputs: dict) -> list:
             return names.get(a.data_ptr(), ("new", tuple(a.shape), a.stride(), a.dtype))
         return a
 
-    return [(kernel, tuple(grid(kwargs)) if callable(grid) else tuple(grid), tuple(map(name, args)), kwargs)
-            for kernel, grid, args, kwargs in seen]
+    def dims(grid, kwargs):  # Triton launches missing grid dims as 1
+        grid = tuple(grid(kwargs)) if callable(grid) else tuple(grid)
+        return grid + (1,) * (3 - len(grid))
+
+    return [(kernel, dims(grid, kwargs), tuple(map(name, args)), kwargs) for kernel, grid, args, kwargs in seen]
 
 
 def _fused_linear_cases(t):

@@ -1,0 +1,107 @@
+"""A launch plan's own C launch (``kernels/_direct.py``) makes exactly the call Triton's launcher makes, and only
+for a launcher whose source it knows; Triton's global scratch comes from one buffer per (device, stream), and from
+a fresh one while a CUDA graph is captured."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TRITON_INSTALLED
+
+pytestmark = pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
+
+if TRITON_INSTALLED:
+    import triton
+    from fused_residual.kernels import _common, _direct, _plan, _tma
+    from triton.backends.amd.driver import HIPLauncher
+    from triton.backends.nvidia.driver import CudaLauncher
+    from triton.runtime import _allocation
+    from triton.runtime.driver import driver
+
+KNOWN = ("3.6.0", "3.9.0")  # the Tritons whose CudaLauncher.__call__ _direct.py was written from
+
+
+def make_launcher(launches: list, scratch: int = 0, cls=None):
+    """A ``CudaLauncher`` of the installed Triton without its C module (its constructor compiles one): the C launch
+    records its arguments."""
+    run = object.__new__(cls or CudaLauncher)
+    run.launch = lambda *args: launches.append(args)
+    run.num_ctas = 2
+    run.global_scratch_size, run.global_scratch_align = scratch, 128
+    run.profile_scratch_size, run.profile_scratch_align = 0, 1
+    run.launch_cooperative_grid, run.launch_pdl = False, True
+    run.gsan_enabled = False
+    run.arg_annotations, run.kernel_signature = ("annotations",), b"signature"
+    return run
+
+
+@pytest.fixture
+def recording_allocator(monkeypatch):
+    """Triton's allocator records what it is asked for; the active driver is a stand-in (3.9's launcher reads it)."""
+    monkeypatch.setattr(driver, "_active", SimpleNamespace())
+    asked = []
+    token = _allocation._allocator.set(lambda size, align, stream: asked.append((size, align, stream)) or "scratch")
+    yield asked
+    _allocation._allocator.reset(token)
+
+
+@pytest.mark.parametrize("scratch", [0, 384])
+def test_the_plans_launch_is_tritons(recording_allocator, scratch):
+    launches: list = []
+    run = make_launcher(launches, scratch)
+    x, w = torch.empty(4, 3), torch.empty(3, 3)
+    # What the launch cache's hit (and JITFunction.run with empty hooks) calls: grid (6, 2, 1), stream 99, the
+    # compiled function and its packed metadata, no launch metadata, no hooks, then the bound arguments.
+    run(6, 2, 1, 99, "function", "packed", None, None, None, x, w, 5, 40, 7, "constexpr")
+    # A recorded launch of the same: registers x and w, one int before the row count M = 40, one after; its grid
+    # (min(cdiv(40, 16) * 2, 100), 2) = (6, 2).
+    step = _plan.PreparedLaunch(SimpleNamespace(name="kernel"), [0, 1], (5,), (7,), {},
+                                lambda meta: (16, 2, 100, 2))
+    step.take((run, "function", "packed", ("constexpr",), {}))
+    step(40, [x, w], 99)
+    assert len(launches) == 2 and launches[1] == launches[0]
+    assert recording_allocator == ([(6 * 2 * 2 * scratch, 128, 99)] * 2 if scratch else [])
+    if triton.__version__ in KNOWN:
+        assert step.fast[4] is run.launch, "the C launch is called directly"
+
+
+def test_only_a_known_launcher_is_taken_apart():
+    launches: list = []
+    if triton.__version__ in KNOWN:
+        assert _direct.launcher_form(CudaLauncher) is not None
+    assert _direct.launcher_form(HIPLauncher) is None  # AMD keeps Triton's launcher
+
+    class Changed(CudaLauncher):
+        def __call__(self, *args):
+            return super().__call__(*args)
+
+    assert _direct.direct_launch(make_launcher(launches, cls=Changed), "f", "m") is None
+    instrumented = make_launcher(launches)
+    instrumented.gsan_enabled = True
+    assert _direct.direct_launch(instrumented, "f", "m") is None
+    profiled = make_launcher(launches)
+    profiled.profile_scratch_size = 64
+    assert _direct.direct_launch(profiled, "f", "m") is None
+    assert _direct.direct_launch(lambda *args: None, "f", "m") is None
+
+
+def test_the_scratch_is_cached_per_device_and_stream_but_not_while_capturing(monkeypatch):
+    capturing = [False]
+    monkeypatch.setattr(_common, "current_gpu", lambda: torch.device("meta"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(_tma, "_SCRATCH", {})
+    first = _tma._scratch(256, 128, 7)
+    assert first.numel() >= 256 and _tma._scratch(200, 128, 7) is first
+    assert _tma._scratch(256, 128, 8) is not first  # another stream: its own buffer
+    bigger = _tma._scratch(1024, 128, 7)
+    assert bigger.numel() >= 1024 and _tma._scratch(256, 128, 7) is bigger
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _tma._scratch(256, 128, 7) is not bigger  # another device, the same stream handle
+    assert _tma._scratch(256, 128, None) is not _tma._scratch(256, 128, None)
+    capturing[0] = True
+    cached = dict(_tma._SCRATCH)
+    captured = _tma._scratch(256, 128, 7)
+    assert all(captured is not b for b in cached.values()) and _tma._SCRATCH == cached
