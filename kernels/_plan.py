@@ -30,6 +30,7 @@ their grids and row-count keys are here, beside the replay that calls them per l
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 from triton import knobs as _knobs
@@ -70,9 +71,9 @@ class PreparedLaunch:
             self.through_triton(rows, regs)
             return
         _COUNTS[self.name] += 1
-        block, mult, cap, g1, launch, before, middle, tail, packed, per_program, align = fast
+        block, mult, cap, g1, launch, before, middle, after, packed, per_program, align = fast
         g0 = min(-(-rows // block) * mult, cap) if block else cap
-        args = (*self.gather(regs), *self.pre, rows, *self.post, *tail)
+        args = (*self.gather(regs), *self.pre, rows, *after)
         if packed is None:  # the compiled kernel's own launcher (``before``: its function and metadata, no hooks)
             if self.allocator:
                 ensure_scratch_allocator()
@@ -110,10 +111,11 @@ class PreparedLaunch:
         run, function, packed_metadata, tail, meta = entry
         form = self.grid(meta)
         direct = direct_launch(run, function, packed_metadata)
+        after = (*self.post, *tail)  # the arguments after M
         if direct is None:
-            self.fast = (*form, run, (function, packed_metadata, None, None), (), tuple(tail), None, 0, 0)
+            self.fast = (*form, run, (function, packed_metadata, None, None), (), after, None, 0, 0)
         else:
-            self.fast = (*form, direct.launch, direct.before, direct.after, tuple(tail), direct.packed,
+            self.fast = (*form, direct.launch, direct.before, direct.after, after, direct.packed,
                          direct.per_program, direct.align)
 
 
@@ -169,6 +171,26 @@ class Workspace:
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 
+class Counters:
+    """``regs[index]`` = ``count`` zeroed arrival counters (``_reduce.arrival_counters``): on a compiled launch its
+    cached buffer of the (device, stream), looked up with the stream the steps launch on; else, or where that
+    buffer is missing, too small or a CUDA graph is being captured, ``arrival_counters`` itself."""
+
+    __slots__ = ("index", "device", "count", "device_type", "device_index")
+
+    def __init__(self, index, device, count):
+        self.index, self.device, self.count = index, device, count
+        self.device_type, self.device_index = device.type, device.index if device.index is not None else 0
+
+    def __call__(self, rows, regs, stream):
+        if stream is not None:
+            buffer = _reduce._COUNTERS.get((self.device_type, self.device_index, stream))
+            if buffer is not None and buffer.numel() >= self.count and not torch.cuda.is_current_stream_capturing():
+                regs[self.index] = buffer
+                return
+        regs[self.index] = _reduce.arrival_counters(self.device, self.count)
+
+
 class Call:
     """``regs[index] = fn(*registers and constants)``: a torch op between launches."""
 
@@ -181,17 +203,29 @@ class Call:
         regs[self.index] = self.fn(*[regs[v] if is_reg else v for is_reg, v in self.args])
 
 
+class RowsKey(NamedTuple):
+    """A family's key as a function of the row count M, arithmetic alone: ``max(1, min((M + add) // div, cap))``."""
+
+    add: int
+    div: int
+    cap: int
+
+    def __call__(self, rows: int) -> int:
+        return max(1, min((rows + self.add) // self.div, self.cap))
+
+
 class Family:
-    """Steps that depend on the exact row count through ``key(M)``: one list per key, recorded (and run) by
-    ``make(key, rows, regs)`` on the call that first meets the key."""
+    """Steps that depend on the exact row count through ``key(M)`` (a ``RowsKey``): one list per key, recorded (and
+    run) by ``make(key, rows, regs)`` on the call that first meets the key."""
 
     __slots__ = ("key", "make", "members")
 
-    def __init__(self, key, make):
-        self.key, self.make, self.members = key, make, {}
+    def __init__(self, key: RowsKey, make):
+        self.key, self.make, self.members = RowsKey(*key), make, {}
 
     def __call__(self, rows, regs, stream):
-        k = self.key(rows)
+        add, div, cap = self.key
+        k = max(1, min((rows + add) // div, cap))
         steps = self.members.get(k)
         if steps is None:
             self.members[k] = self.make(k, rows, regs)
@@ -293,13 +327,18 @@ class Recorder:
         self.run(Workspace(self._new(name), shape, self.device))
         return self[name]
 
+    def counters(self, name: str, count: int) -> torch.Tensor:
+        """``count`` zeroed arrival counters (``Counters``)."""
+        self.run(Counters(self._new(name), self.device, count))
+        return self[name]
+
     def call(self, name: str, fn, *args) -> torch.Tensor:
         """``name = fn(*args)``, each arg a register's name (str) or a constant."""
         pairs = tuple((True, self.index(a)) if isinstance(a, str) else (False, a) for a in args)
         self.run(Call(self._new(name), fn, pairs))
         return self[name]
 
-    def family(self, key, make) -> None:
+    def family(self, key: RowsKey, make) -> None:
         """Steps chosen by ``key(M)``: ``make(key, recorder)`` records them for each key, over the registers of the
         call that first meets it. Their new registers must have the same names for every key."""
         names, device, frozen = self.names, self.device, self.frozen  # not self: its registers must not live on
@@ -337,12 +376,11 @@ class _Sub(Recorder):
 
 # ---- grids and row-count keys of the recorded launches (called per launch: here, beside the replay) ------------
 
-def split_k_slices(rows: int, cols: int, sms: int, k: int) -> int:
-    """Slices of K for a weight-gradient GEMM of ``rows x cols`` tiles over ``k`` (the batch): enough tiles to fill
-    the GPU's ``sms``, each slice >= 1024 rows deep (a function of the exact batch size: a plan's family key)."""
+def split_k_slices(rows: int, cols: int, sms: int) -> RowsKey:
+    """Slices of K for a weight-gradient GEMM of ``rows x cols`` tiles over K = the batch M (a plan's family key):
+    enough tiles to fill the GPU's ``sms``, each slice >= 1024 rows deep, at most 64."""
     tiles = max(1, -(-rows // 128) * -(-cols // 128))
-    want = max(1, 2 * sms // tiles)
-    return max(1, min(want, k // 1024, 64))
+    return RowsKey(0, 1024, min(max(1, 2 * sms // tiles), 64))
 
 
 # A grid's form for one config: ``(block, mult, cap, g1)``, the grid ``(min(cdiv(M, block) * mult, cap), g1)`` for
@@ -382,6 +420,7 @@ def fixed_grid(programs: int, meta: dict) -> tuple[int, int, int, int]:
     return 0, 0, programs, 1
 
 
-def whole_block_programs(device: torch.device, block_m: int, rows: int) -> int:
-    """The whole-block backward's program count for ``rows`` (its family key)."""
-    return wb._programs(device, -(-rows // block_m))
+def whole_block_programs(device: torch.device, block_m: int) -> RowsKey:
+    """The whole-block backward's program count for M rows (its family key): one per tile of ``block_m`` rows, at
+    most ``wb.max_programs``."""
+    return RowsKey(block_m - 1, block_m, wb.max_programs(device))

@@ -70,7 +70,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
     """Record ``fl.fused_linear`` (same operands and meaning) into register ``out_name`` (and ``rowsum``, the row
     sums' register). Operands are register names or ``(name, True)`` for a transpose; ``rows_in``: whether M is
     the GEMM's "m" (a forward: rows of a) or its "k" (a weight gradient: a = g^T); ``split_k``: slices as a
-    function of M (weight gradients), recorded as a family."""
+    function of M (a ``RowsKey``; weight gradients only), recorded as a family."""
     operands = {"a": a, "b": b, "sa": second[0] if second else None, "sb": second[1] if second else None,
                 "bias": bias, "residual": residual, "mask": relu_mask, "gate": gate, "pre": pre_out}
     views = {k: _tile_safe(rec, f"{out_name}.{k}", op) for k, op in operands.items()}
@@ -124,7 +124,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
             ws_elements, counter_count = fl._split_k_sizes(M, N, split, config)
             ws_name, counters_name = f"{out_name}.ws", f"{out_name}.counters"
             sub.workspace(ws_name, (ws_elements,))
-            sub.call(counters_name, _reduce.arrival_counters, device, counter_count)
+            sub.counters(counters_name, counter_count)
         names += [ws_name, counters_name]
         # The int arguments: M, N, K, K2, strides, the reduction group, M_BUCKET, K_BUCKET; the call's rows are M
         # (a forward) or K (a weight gradient).
@@ -220,7 +220,7 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
         if need_weights:
             ws, counters = "ws", "counters"
             sub.workspace(ws, (reductions * _reduce.workspace_slots(partials), slot))
-            sub.call(counters, _reduce.arrival_counters, device, reductions * _reduce.counters_needed(partials))
+            sub.counters(counters, reductions * _reduce.counters_needed(partials))
         names = (dout, out_name, saved, x_name, w1, w2, dx_name, *grads, ws, counters)
         t = {n: sub[n] for n in names}
         post = (F, *t[dout].stride(), *t[out_name].stride(), *t[saved].stride(), *t[x_name].stride(),
@@ -230,4 +230,4 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
                                functools.partial(fixed_grid, launched),
                                counters=sub.index(counters) if need_weights else None))
 
-    rec.family(functools.partial(whole_block_programs, device, block_m), record)
+    rec.family(whole_block_programs(device, block_m), record)

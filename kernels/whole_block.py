@@ -89,7 +89,12 @@ def forward(x, w1, b1, w2, b2, *, store_saved: bool, activation: str = "relu", f
 
 def _programs(device: torch.device, tiles: int) -> int:
     """Programs of the persistent backward: two per SM, at most one per tile."""
-    return max(1, min(tiles, 2 * _common.multiprocessors(device)))
+    return max(1, min(tiles, max_programs(device)))
+
+
+def max_programs(device: torch.device) -> int:
+    """The persistent backward's program count for many tiles: two per SM."""
+    return 2 * _common.multiprocessors(device)
 
 
 def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, activation: str = "relu",

@@ -105,3 +105,23 @@ def test_the_scratch_is_cached_per_device_and_stream_but_not_while_capturing(mon
     cached = dict(_tma._SCRATCH)
     captured = _tma._scratch(256, 128, 7)
     assert all(captured is not b for b in cached.values()) and _tma._SCRATCH == cached
+
+
+def test_the_counters_step_takes_the_streams_cached_buffer(monkeypatch):
+    from fused_residual.kernels import _reduce
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    device = torch.device("cpu")
+    cached = torch.zeros(64, dtype=torch.int32)
+    monkeypatch.setattr(_reduce, "_COUNTERS", {("cpu", 0, 5): cached})
+    fresh = []
+    monkeypatch.setattr(_reduce, "arrival_counters", lambda d, count: fresh.append(count) or torch.zeros(count))
+    regs = [None]
+    _plan.Counters(0, device, 32)(1, regs, 5)
+    assert regs[0] is cached and not fresh
+    for count, stream, capture in ((128, 5, False), (32, 6, False), (32, None, False), (32, 5, True)):
+        capturing[0] = capture  # too small, another stream, Triton's path, a capture: arrival_counters decides
+        _plan.Counters(0, device, count)(1, regs, stream)
+        assert regs[0] is not cached and fresh[-1] == count
+    assert len(fresh) == 4

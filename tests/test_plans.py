@@ -315,6 +315,7 @@ def _fused_linear_cases(t):
     """(wrapper call, recorder call) pairs of the launches the Triton backend makes."""
     from fused_residual.kernels import _plan_launches as pl
     from fused_residual.kernels import fused_linear as fl
+    from fused_residual.kernels._plan import RowsKey
 
     return {
         "bias_activation": (lambda: fl.fused_linear(t["x"], t["w1"].t(), bias=t["b1"], activation="relu"),
@@ -339,7 +340,7 @@ def _fused_linear_cases(t):
                                                         split_k=3, b_activation="gelu"),
                                 lambda rec: pl.fused_linear(rec, "c", ("dout", True), "h", rows_in="k",
                                                                relu_mask=("out", True), rowsum="sums",
-                                                               split_k=lambda rows: 3, b_activation="gelu")),
+                                                               split_k=RowsKey(0, 1, 3), b_activation="gelu")),
     }
 
 

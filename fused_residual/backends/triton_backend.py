@@ -44,8 +44,6 @@ under autocast). ``auto`` takes them only where a dispatch table or the conserva
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -256,7 +254,7 @@ def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str,
             g = f"{name}.masked"
         rec.call(f"{name}.bias", _row_sums, g, dtype)
         return dw, f"{name}.bias"
-    split = functools.partial(_plan.split_k_slices, g_t.shape[1], a_t.shape[1], _common.multiprocessors(rec.device))
+    split = _plan.split_k_slices(g_t.shape[1], a_t.shape[1], _common.multiprocessors(rec.device))
     recorded.fused_linear(rec, name, (g, True), a, rows_in="k",
                           relu_mask=None if relu_out is None else (relu_out, True), b_activation=a_activation,
                           rowsum=f"{name}.rowsum" if need_b else None, split_k=split, out_dtype=dtype)
