@@ -13,7 +13,9 @@ Method:
   first candidate after the prune) are replaced, and the kernels are really compiled for sm_90. Routes are forced
   with ``FUSED_RESIDUAL_BACKEND``: ``whole_block`` is ``triton`` (the whole-block kernels where they take the
   block: forward to width 256, backward to 128 on sm_90, else the two-GEMM kernels), ``two_gemm`` is
-  ``triton:two_gemm``.
+  ``triton:two_gemm``. The ``floor`` route (``--routes ...,floor``) is not the package: a Python autograd.Function
+  that does only what any such design must do per call (``benchmarks/host_floor.py``), its ratio the lowest one
+  a fused block built on a Python Function can reach here.
 - Eager: the reference ``ResidualBlock`` on meta tensors, with PyTorch's C++ meta kernels (for both blocks, the
   Python meta registrations are unregistered wherever a C++ kernel serves meta tensors,
   ``fake_gpu.prefer_cpp_meta_kernels``); each implementation's Python calls are counted and a frame of
@@ -66,8 +68,10 @@ import fused_residual as fr
 
 from . import host_counts, records
 from .fake_gpu import FakeGpu, fake_gpu, prefer_cpp_meta_kernels
+from .host_floor import FloorBlock
 
 ROUTES = {"whole_block": "triton", "two_gemm": "triton:two_gemm"}
+FLOOR = "floor"  # not the package: a do-nothing Python autograd.Function in the block's place (host_floor.py)
 MODES = ("forward", "train")
 LAUNCH_US = 3.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -114,7 +118,10 @@ def make_impls(mode: str, width: int, rows: int, dtype: torch.dtype, routes: lis
     """Eager first, then the fused block under each route, on meta tensors of one shape."""
     modules = [("eager", None, fr.ResidualBlock(width, width).to(device="meta", dtype=dtype))]
     for route in routes:
-        modules.append((route, ROUTES[route], fr.FusedResidualBlock(width, width, device="meta", dtype=dtype)))
+        if route == FLOOR:
+            modules.append((route, None, FloorBlock(width, device="meta", dtype=dtype)))
+        else:
+            modules.append((route, ROUTES[route], fr.FusedResidualBlock(width, width, device="meta", dtype=dtype)))
     impls = []
     for name, backend, module in modules:
         x = torch.empty(rows, width, device="meta", dtype=dtype, requires_grad=mode == "train")
@@ -194,7 +201,7 @@ def measure_case(gpu: FakeGpu, mode: str, width: int, rows: int, dtype: str, rou
         results[impl.name] = info
     eager = results["eager"]
     return [{"type": "host_time", "case": f"{mode}-{dtype}-{rows}x{width}-{route}", "mode": mode, "route": route,
-             "backend": ROUTES[route], "width": width, "rows": rows, "dtype": dtype, "fused": results[route],
+             "backend": ROUTES.get(route), "width": width, "rows": rows, "dtype": dtype, "fused": results[route],
              "eager": eager,
              "fused_over_eager": {"host": results[route]["host_us"]["median"] / eager["host_us"]["median"],
                                   "estimate": results[route]["estimate_us"] / eager["estimate_us"]}}
@@ -288,7 +295,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved rounds per case")
     p.add_argument("--inner", type=int, help="timed calls per implementation and round")
     p.add_argument("--modes", default=",".join(MODES), help="forward,train")
-    p.add_argument("--routes", default=",".join(ROUTES), help="whole_block,two_gemm")
+    p.add_argument("--routes", default=",".join(ROUTES),
+                   help=f"whole_block,two_gemm (and {FLOOR}: the floor of any design on a Python autograd.Function)")
     p.add_argument("--widths", default="64,256", help="comma-separated block widths")
     p.add_argument("--rows", type=int, default=65536)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -301,7 +309,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.inner = args.inner or (10 if args.quick else 20)
     args.modes, args.routes = args.modes.split(","), args.routes.split(",")
     args.widths = [int(w) for w in args.widths.split(",")]
-    for value, allowed in ((args.modes, MODES), (args.routes, ROUTES)):
+    for value, allowed in ((args.modes, MODES), (args.routes, [*ROUTES, FLOOR])):
         if not set(value) <= set(allowed):
             p.error(f"{value} not among {list(allowed)}")
     return args

@@ -167,7 +167,9 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         out = with_leading_dims(out, x, w2.shape[0])
     else:
         grad_dtype = form.output_dtype(x.dtype, w1.dtype, ws is not None) if training else None
-        plan = BlockPlan(chosen, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype), form, training)
+        needs = tuple(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, ws)) if training else None
+        plan = BlockPlan(chosen, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype), form, needs,
+                         x.dtype)
         out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
             cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
@@ -192,16 +194,21 @@ class AutocastPlan:
 
 class BlockPlan:
     """A block call at one signature: the composite, or a backend's forward (and, in training, its backward per
-    output-gradient signature) as the backend recorded them (``Backend.plan_block_forward``)."""
+    output-gradient signature) as the backend recorded them (``Backend.plan_block_forward``). In training, what
+    needs a gradient (``needs``: x, w1, b1, w2, b2, ws; part of the key) and so what the backward keeps
+    (``keep``) are the plan's."""
 
-    __slots__ = ("backend", "variants", "form", "training", "forward", "backwards")
+    __slots__ = ("backend", "variants", "form", "training", "forward", "backwards", "needs", "keep", "x_dtype")
 
-    def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, training: bool):
+    def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, needs: tuple[bool, ...] | None,
+                 x_dtype: torch.dtype):
         self.backend: Backend | None = chosen.backend
         # training: under the block's Function (the composite runs under PyTorch's own autograd instead)
-        self.variants, self.form, self.training = variants, form, training and chosen.backend is not None
+        self.variants, self.form, self.training = variants, form, needs is not None and chosen.backend is not None
         self.forward = None if chosen.backend is not None else composite.block_of_weights
         self.backwards: dict[tuple, object] = {}
+        self.needs, self.x_dtype = needs, x_dtype
+        self.keep = block_keeps(form, needs) if needs is not None else None
 
     def __call__(self, x, w1, b1, w2, b2, ws):
         if self.training:
@@ -247,21 +254,31 @@ class BlockPlan:
 class ResidualBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, ws, plan):  # type: ignore[override]
-        out, hidden = plan.run_forward(x if x.dim() == 2 else rows(x), w1, b1, w2, b2, ws, True)
-        ctx.plan, ctx.x_dtype = plan, x.dtype
-        save_block(ctx, plan.form, x, hidden, out, w1, b1, w2, b2, ws)
+        run = plan.forward
+        if run is not None and x.dim() == 2:  # the cached call, written out
+            out, hidden = run(x, w1, b1, w2, b2, ws)
+        else:
+            out, hidden = plan.run_forward(x if x.dim() == 2 else rows(x), w1, b1, w2, b2, ws, True)
+        ctx.plan = plan
+        keep = plan.keep  # block_keeps' order
+        ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, w1, b1 if keep[4] else None,
+                              w2, b2 if keep[6] else None, ws)
         return out if x.dim() == 2 else with_leading_dims(out, x, w2.shape[0])
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        needs = ctx.needs_input_grad[:6]
+        plan = ctx.plan
         saved = ctx.saved_tensors
         x, hidden, out, w1, _, w2, _, ws = saved
+        if dout.dim() == 2:  # the cached call, written out
+            run = plan.backwards.get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
+            if run is not None:
+                return (*run(dout, x, hidden, out, w1, w2, ws), None)
         nd = dout.dim() != 2
-        grads = ctx.plan.run_backward(rows(dout) if nd else dout, rows(x) if nd and x is not None else x, hidden,
-                                      out, w1, w2, ws, needs, ctx.x_dtype)
+        grads = plan.run_backward(rows(dout) if nd else dout, rows(x) if nd and x is not None else x, hidden,
+                                  out, w1, w2, ws, plan.needs, plan.x_dtype)
         if grads is None:
-            return (*composite.block_grads(dout, saved, ctx.plan.form, needs, ctx.x_dtype), None)
+            return (*composite.block_grads(dout, saved, plan.form, plan.needs, plan.x_dtype), None)
         dx = grads[0]
         if dx is not None and nd:
             dx = dx.view(*dout.shape[:-1], dx.shape[-1])
@@ -281,16 +298,24 @@ def _c_apply(function: type[torch.autograd.Function]):
 _apply_block = _c_apply(ResidualBlockFunction)
 
 
+def block_keeps(form: Form, needs: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Which of ``(x, hidden, out, w1, b1, w2, b2, ws)`` the block's backward keeps, given ``needs`` (what needs a
+    gradient: x, w1, b1, w2, b2, ws): nothing if nothing does."""
+    if not any(needs[:6]):
+        return (False,) * 8
+    keep_x = any(needs[1:6]) or not form.hidden.piecewise_linear
+    keep_out = form.final_activation is not None
+    # The biases only serve the recompute of a double backward, which needs x too.
+    return keep_x, True, keep_out, True, keep_x, True, keep_x, True
+
+
 def save_block(ctx, form: Form, x: Tensor, hidden: Tensor, out: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                b2: Tensor | None, ws: Tensor | None) -> None:
     """Keep what the block's backward needs (``needs_input_grad`` in the order x, w1, b1, w2, b2, ws)."""
-    needs = ctx.needs_input_grad
-    if any(needs[:6]):
-        keep_x = any(needs[1:6]) or not form.hidden.piecewise_linear
-        keep_out = form.final_activation is not None
-        # The biases only serve the recompute of a double backward, which needs x too.
-        ctx.save_for_backward(x if keep_x else None, hidden, out if keep_out else None, w1, b1 if keep_x else None,
-                              w2, b2 if keep_x else None, ws)
+    keep = block_keeps(form, ctx.needs_input_grad)
+    if keep[1]:
+        ctx.save_for_backward(*(t if k else None for t, k in zip((x, hidden, out, w1, b1, w2, b2, ws), keep,
+                                                                 strict=True)))
 
 
 # ---- the single fused layer -----------------------------------------------------------------------------------
