@@ -30,6 +30,7 @@ their grids and row-count keys are here, beside the replay that calls them per l
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -37,9 +38,7 @@ from triton import knobs as _knobs
 from triton.runtime import _allocation
 from triton.runtime.driver import driver as _driver
 
-from . import _common, _reduce
-from . import fused_linear as fl
-from . import whole_block as wb
+from . import _common, _reduce, _replay
 from ._direct import direct_launch
 from ._launch import _LAUNCHES as _COUNTS
 from ._launch import _HookChain
@@ -56,10 +55,12 @@ class PreparedLaunch:
     compiled kernel's launch (``_direct.direct_launch``, else the compiled kernel's own ``run``) and the arguments
     after ``args`` (the config's and the defaults)."""
 
-    __slots__ = ("launcher", "name", "gather", "pre", "post", "kwargs", "grid", "allocator", "counters", "fast")
+    __slots__ = ("launcher", "name", "slots", "gather", "pre", "post", "kwargs", "grid", "allocator", "counters",
+                 "fast")
 
     def __init__(self, launcher, slots, pre, post, kwargs, grid, allocator=False, counters=None):
-        self.launcher, self.name, self.gather = launcher, launcher.name, operator.itemgetter(*slots)
+        self.launcher, self.name, self.slots = launcher, launcher.name, tuple(slots)
+        self.gather = operator.itemgetter(*slots)
         self.pre, self.post, self.kwargs, self.grid = tuple(pre), tuple(post), kwargs, grid
         self.allocator = allocator  # TMA descriptors need triton's allocator in this thread
         self.counters = counters  # the register of the arrival counters it uses, if any
@@ -91,6 +92,35 @@ class PreparedLaunch:
         else:
             launch(g0, g1, 1, stream, *before, scratch, None, *middle, *args)
 
+    def scratch(self, g0: int, g1: int, stream) -> object:
+        """The global scratch a compiled launch of ``g0 x g1`` programs needs, from Triton's allocator (as
+        ``__call__``)."""
+        per_program, align = self.fast[9], self.fast[10]
+        allocator = _ALLOCATOR.get()
+        if self.allocator and type(allocator) is _NullAllocator:
+            ensure_scratch_allocator()
+            allocator = _ALLOCATOR.get()
+        return allocator(g0 * g1 * per_program, align, stream)
+
+    def emit(self, name: str, space: dict) -> list[str] | None:
+        """``__call__`` on a compiled launch as source (``compile_steps``); None before the first launch."""
+        if self.fast is None:
+            return None
+        block, mult, cap, g1, launch, before, middle, after, packed, per_program, _ = self.fast
+        space[f"{name}_launch"], space[f"{name}_before"], space[f"{name}_middle"] = launch, before, middle
+        args = ", ".join([*(f"regs[{i}]" for i in self.slots), *map(repr, self.pre), "rows",
+                          *(repr(v) if _replay.is_literal(v) else f"{name}_after[{i}]" for i, v in enumerate(after))])
+        space[f"{name}_after"] = after
+        lines = [f"_COUNTS[{self.name!r}] += 1",
+                 f"g0 = min(-(-rows // {block}) * {mult}, {cap})" if block else f"g0 = {cap}"]
+        if packed is None:
+            if self.allocator:
+                lines.append("ensure_scratch_allocator()")
+            return [*lines, f"{name}_launch(g0, {g1}, 1, stream, *{name}_before, {args})"]
+        scratch = f"{name}.scratch(g0, {g1}, stream)" if per_program else "None"
+        call = f"{name}_launch(g0, {g1}, 1, stream, *{name}_before, {scratch}, None, *{name}_middle, "
+        return [*lines, call + (f"({args},))" if packed else f"{args})")]
+
     def through_triton(self, rows, regs) -> None:
         """The launch through ``CachedLauncher`` (Triton binds, compiles, autotunes); the first one that leaves a
         compiled kernel in its cache sets ``fast``."""
@@ -117,6 +147,7 @@ class PreparedLaunch:
         else:
             self.fast = (*form, direct.launch, direct.before, direct.after, after, direct.packed,
                          direct.per_program, direct.align)
+        _TAKEN[0] += 1
 
 
 _ALLOCATOR = _allocation._allocator  # Triton's allocator (a ContextVar), as its launcher reads it
@@ -144,6 +175,11 @@ class Alloc:
         else:
             regs[self.index] = self.template.new_empty(*self.before, rows, *self.after)
 
+    def emit(self, name: str, space: dict) -> list[str]:
+        space[name] = self.template
+        sizes = self.shape if self.at < 0 else (*self.before, ROWS, *self.after)
+        return [f"regs[{self.index}] = {name}.new_empty({', '.join(str(n) for n in sizes)})"]
+
 
 class Workspace:
     """``regs[index]`` = fp32 scratch for a launch's partial sums (split-K, the whole-block backward), which it
@@ -170,6 +206,13 @@ class Workspace:
             buffer = _WORKSPACES[key] = torch.empty(self.elements, dtype=torch.float32, device=self.device)
         regs[self.index] = buffer
 
+    def emit(self, name: str, space: dict) -> list[str]:
+        return [f"b = _WORKSPACES.get(({self.device_index!r}, stream))",
+                f"if b is None or b.numel() < {self.elements} or torch.cuda.is_current_stream_capturing():",
+                f"    {name}(rows, regs, stream)",
+                "else:",
+                f"    regs[{self.index}] = b"]
+
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
@@ -193,6 +236,13 @@ class Counters:
                 return
         regs[self.index] = _reduce.arrival_counters(self.device, self.count)
 
+    def emit(self, name: str, space: dict) -> list[str]:
+        return [f"b = _reduce._COUNTERS.get(({self.device_type!r}, {self.device_index}, stream))",
+                f"if b is None or b.numel() < {self.count} or torch.cuda.is_current_stream_capturing():",
+                f"    {name}(rows, regs, stream)",
+                "else:",
+                f"    regs[{self.index}] = b"]
+
 
 class Call:
     """``regs[index] = fn(*registers and constants)``: a torch op between launches."""
@@ -204,6 +254,9 @@ class Call:
 
     def __call__(self, rows, regs, stream):
         regs[self.index] = self.fn(*[regs[v] if is_reg else v for is_reg, v in self.args])
+
+    def emit(self, name: str, space: dict) -> list[str]:
+        return [f"{name}(rows, regs, stream)"]
 
 
 class RowsKey(NamedTuple):
@@ -219,32 +272,46 @@ class RowsKey(NamedTuple):
 
 class Family:
     """Steps that depend on the exact row count through ``key(M)`` (a ``RowsKey``): one list per key, recorded (and
-    run) by ``make(key, rows, regs)`` on the call that first meets the key."""
+    run) by ``make(key, rows, regs)`` on the call that first meets the key; ``functions`` holds the members that
+    compiled (``Compiled``)."""
 
-    __slots__ = ("key", "make", "members")
+    __slots__ = ("key", "make", "members", "functions")
 
     def __init__(self, key: RowsKey, make):
         self.key, self.make, self.members = RowsKey(*key), make, {}
+        self.functions: dict[int, Callable] = {}
 
     def __call__(self, rows, regs, stream):
         add, div, cap = self.key
         k = max(1, min((rows + add) // div, cap))
-        steps = self.members.get(k)
-        if steps is None:
-            self.members[k] = self.make(k, rows, regs)
+        member = self.members.get(k)
+        if member is None:
+            self.members[k] = Compiled(self.make(k, rows, regs))
             return
-        _run(steps, rows, regs, stream)
+        member(rows, regs, stream)
+        if member.function is not None:
+            self.functions[k] = member.function
+
+    def emit(self, name: str, space: dict) -> list[str]:
+        add, div, cap = self.key
+        space[f"{name}_functions"] = self.functions
+        return [f"member = {name}_functions.get(max(1, min((rows + {add}) // {div}, {cap})))",
+                "if member is None:",
+                f"    {name}(rows, regs, stream)",
+                "else:",
+                "    member(rows, regs, stream)"]
 
 
 class Steps:
     """A recorded forward or backward: ``steps(*inputs)`` returns the result registers for new inputs of the
     recorded signature (the first input's leading dim is M)."""
 
-    __slots__ = ("steps", "blank", "results", "index", "gpu")
+    __slots__ = ("steps", "blank", "results", "index", "gpu", "run")
 
     def __init__(self, steps, n_inputs, n_regs, results, device):
         # Registers past the inputs, and one more that stays None (the ``NONE`` results).
         self.steps, self.blank = steps, [None] * (n_regs - n_inputs + 1)
+        self.run = Compiled(steps)
         self.results = operator.itemgetter(*results) if len(results) > 1 else lambda regs: (regs[results[0]],)
         self.gpu = _common.is_gpu(device)
         self.index = device.index if device.index is not None else 0
@@ -262,7 +329,11 @@ class Steps:
                 active = _driver.active
                 if active.get_current_device() == self.index:
                     stream = active.get_current_stream(self.index)
-        _run(self.steps, rows, regs, stream)
+        run = self.run
+        if run.function is not None and stream is not None:
+            run.function(rows, regs, stream)
+        else:
+            run(rows, regs, stream)
         return self.results(regs)
 
 
@@ -276,6 +347,36 @@ def _run(steps: list, rows: int, regs: list, stream) -> None:
                 regs[step.index] = step.template.new_empty(*step.before, rows, *step.after)
         else:
             step(rows, regs, stream)
+
+
+class Compiled:
+    """``compiled(rows, regs, stream)`` runs a step list: on a compiled launch (``stream`` not None) as one generated
+    function once every launch in it has its compiled kernel (``compile_steps``), else step by step (``_run``).
+    Tried again only after a launch took its kernel (``PreparedLaunch.take``) since the last try."""
+
+    __slots__ = ("steps", "function", "tried")
+
+    def __init__(self, steps: list):
+        self.steps, self.function, self.tried = steps, None, -1
+
+    def __call__(self, rows, regs, stream):
+        function = self.function
+        if function is None and stream is not None and self.tried != _TAKEN[0]:
+            self.tried = _TAKEN[0]
+            function = self.function = compile_steps(self.steps)
+        if function is None or stream is None:
+            _run(self.steps, rows, regs, stream)
+        else:
+            function(rows, regs, stream)
+
+
+_TAKEN = [0]  # launches that took their compiled kernel so far (a later compile may succeed)
+
+
+def compile_steps(steps: list) -> Callable | None:
+    """``_replay.compile_steps`` with the names the steps' sources use."""
+    return _replay.compile_steps(steps, {"_COUNTS": _COUNTS, "_WORKSPACES": _WORKSPACES, "_reduce": _reduce,
+                                         "torch": torch, "ensure_scratch_allocator": ensure_scratch_allocator})
 
 
 class Recorder:
@@ -366,53 +467,9 @@ class _Sub(Recorder):
         return Recorder._new(self, name)
 
 
-# ---- grids and row-count keys of the recorded launches (called per launch: here, beside the replay) ------------
-
-def split_k_slices(rows: int, cols: int, sms: int) -> RowsKey:
-    """Slices of K for a weight-gradient GEMM of ``rows x cols`` tiles over K = the batch M (a plan's family key):
-    enough tiles to fill the GPU's ``sms``, each slice >= 1024 rows deep, at most 64."""
-    tiles = max(1, -(-rows // 128) * -(-cols // 128))
-    return RowsKey(0, 1024, min(max(1, 2 * sms // tiles), 64))
-
-
 # A grid's form for one config: ``(block, mult, cap, g1)``, the grid ``(min(cdiv(M, block) * mult, cap), g1)`` for
-# the call's row count M, or ``(cap, g1)`` for every M where ``block`` is 0 (``grid_of``): a launch computes it with
-# arithmetic alone.
-MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on a grid's x dimension: no cap
-
-
+# the call's row count M, or ``(cap, g1)`` for every M where ``block`` is 0: a launch computes it with arithmetic
+# alone (``_plan_launches.py`` gives each kernel's).
 def grid_of(form: tuple[int, int, int, int], rows: int) -> tuple[int, int]:
     block, mult, cap, g1 = form
     return (min(-(-rows // block) * mult, cap) if block else cap), g1
-
-
-def fused_linear_grid(m: int, n: int, rows_are_k: bool, split: int, sms: int, fixed: tuple | None,
-                      meta: dict) -> tuple[int, int, int, int]:
-    """The form of ``fl.fused_linear``'s grid: ``fixed`` = (BLOCK_M, BLOCK_N, PERSISTENT) of a fixed config, else
-    the autotuner's config in ``meta``; M is the call's rows unless they are K (a weight gradient: a fixed grid).
-    Split-K slices only for a weight gradient (a persistent grid's slices would depend on M)."""
-    block_m, block_n, persistent = fixed or (meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"])
-    columns = -(-n // block_n)
-    if rows_are_k:
-        tiles = -(-m // block_m) * columns
-        g0, g1 = fl.persistent_grid(tiles, split, sms) if persistent else (tiles, split)
-        return 0, 0, g0, g1
-    if split != 1:
-        raise ValueError("split-K over the rows' dimension: only weight gradients (rows are K) split K")
-    # persistent_grid(tiles, 1, sms) = (min(tiles, sms), 1)
-    return block_m, columns, max(1, sms) if persistent else MAX_PROGRAMS, 1
-
-
-def whole_block_forward_grid(sms: int, meta: dict) -> tuple[int, int, int, int]:
-    per_sm = meta["PROGRAMS_PER_SM"]
-    return meta["BLOCK_M"], 1, per_sm * sms if per_sm else MAX_PROGRAMS, 1
-
-
-def fixed_grid(programs: int, meta: dict) -> tuple[int, int, int, int]:
-    return 0, 0, programs, 1
-
-
-def whole_block_programs(device: torch.device, block_m: int) -> RowsKey:
-    """The whole-block backward's program count for M rows (its family key): one per tile of ``block_m`` rows, at
-    most ``wb.max_programs``."""
-    return RowsKey(block_m - 1, block_m, wb.max_programs(device))

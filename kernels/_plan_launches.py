@@ -1,7 +1,7 @@
 """The kernels' launches as recorded steps (``_plan.py``), their arguments laid out as the kernels' wrappers
 (``fused_linear.fused_linear``, ``whole_block.forward`` / ``backward``) lay them out; ``tests/test_plans.py``
-checks, launch by launch, that both make the same launches. The grids and the row-count keys are functions of
-``_plan.py`` (they run per call, beside the replay).
+checks, launch by launch, that both make the same launches. Beside them, the grids' forms and the row-count keys
+that the replay evaluates per call with arithmetic alone.
 """
 
 from __future__ import annotations
@@ -16,15 +16,7 @@ from . import fused_linear as fl
 from . import whole_block as wb
 from . import whole_block_configs as wbc
 from ._common import next_power_of_2
-from ._plan import (
-    ROWS,
-    PreparedLaunch,
-    Recorder,
-    fixed_grid,
-    fused_linear_grid,
-    whole_block_forward_grid,
-    whole_block_programs,
-)
+from ._plan import ROWS, PreparedLaunch, Recorder, RowsKey
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
@@ -231,3 +223,47 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
                                counters=sub.index(counters) if need_weights else None))
 
     rec.family(whole_block_programs(device, block_m), record)
+
+
+# ---- grids and row-count keys of the recorded launches: fixed per config, arithmetic on M per call --------------
+
+def split_k_slices(rows: int, cols: int, sms: int) -> RowsKey:
+    """Slices of K for a weight-gradient GEMM of ``rows x cols`` tiles over K = the batch M (a plan's family key):
+    enough tiles to fill the GPU's ``sms``, each slice >= 1024 rows deep, at most 64."""
+    tiles = max(1, -(-rows // 128) * -(-cols // 128))
+    return RowsKey(0, 1024, min(max(1, 2 * sms // tiles), 64))
+
+
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on a grid's x dimension: no cap
+
+
+def fused_linear_grid(m: int, n: int, rows_are_k: bool, split: int, sms: int, fixed: tuple | None,
+                      meta: dict) -> tuple[int, int, int, int]:
+    """The form of ``fl.fused_linear``'s grid: ``fixed`` = (BLOCK_M, BLOCK_N, PERSISTENT) of a fixed config, else
+    the autotuner's config in ``meta``; M is the call's rows unless they are K (a weight gradient: a fixed grid).
+    Split-K slices only for a weight gradient (a persistent grid's slices would depend on M)."""
+    block_m, block_n, persistent = fixed or (meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"])
+    columns = -(-n // block_n)
+    if rows_are_k:
+        tiles = -(-m // block_m) * columns
+        g0, g1 = fl.persistent_grid(tiles, split, sms) if persistent else (tiles, split)
+        return 0, 0, g0, g1
+    if split != 1:
+        raise ValueError("split-K over the rows' dimension: only weight gradients (rows are K) split K")
+    # persistent_grid(tiles, 1, sms) = (min(tiles, sms), 1)
+    return block_m, columns, max(1, sms) if persistent else MAX_PROGRAMS, 1
+
+
+def whole_block_forward_grid(sms: int, meta: dict) -> tuple[int, int, int, int]:
+    per_sm = meta["PROGRAMS_PER_SM"]
+    return meta["BLOCK_M"], 1, per_sm * sms if per_sm else MAX_PROGRAMS, 1
+
+
+def fixed_grid(programs: int, meta: dict) -> tuple[int, int, int, int]:
+    return 0, 0, programs, 1
+
+
+def whole_block_programs(device: torch.device, block_m: int) -> RowsKey:
+    """The whole-block backward's program count for M rows (its family key): one per tile of ``block_m`` rows, at
+    most ``wb.max_programs``."""
+    return RowsKey(block_m - 1, block_m, wb.max_programs(device))

@@ -125,3 +125,44 @@ def test_the_counters_step_takes_the_streams_cached_buffer(monkeypatch):
         _plan.Counters(0, device, count)(1, regs, stream)
         assert regs[0] is not cached and fresh[-1] == count
     assert len(fresh) == 4
+
+
+def test_the_written_out_replay_does_what_the_steps_do(recording_allocator, monkeypatch):
+    """``_replay.compile_steps`` against the step-by-step replay, on a compiled launch: the same allocations, cached
+    buffers, launch counts and C launches (the scratch allocator asked the same)."""
+    from fused_residual.kernels import _launch, _replay
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cpu = torch.device("cpu")
+    launches: list = []
+
+    def launch_step(slots, form, scratch, tail):
+        step = _plan.PreparedLaunch(SimpleNamespace(name="kernel"), slots, (5,), (7, "relu"), {},
+                                    lambda meta: form)
+        step.take((make_launcher(launches, scratch), "function", "packed", tail, {}))
+        return step
+
+    rows = _plan.ROWS
+    steps = [_plan.Alloc(1, (rows, 8), torch.float32, cpu), _plan.Alloc(2, (3, rows, 2), torch.float16, cpu),
+             _plan.Alloc(3, (8,), torch.float16, cpu), _plan.Workspace(4, (100,), cpu), _plan.Counters(5, cpu, 17),
+             launch_step([0, 1, 2, 3, 4, 5], (16, 2, 100, 2), 0, ("constexpr", 1.5, None)),  # grid (6, 2)
+             launch_step([2, 3], (4, 5, 30, 1), 0, ()),  # (min(10 * 5, 30), 1): capped
+             launch_step([1, 0], (0, 0, 7, 1), 384, (float("inf"), object()))]  # (7, 1) for every M
+
+    def described(value):  # a new tensor by its layout (the cached ones are compared by identity below)
+        if isinstance(value, tuple):
+            return tuple(map(described, value))
+        return ("tensor", tuple(value.shape), value.dtype, value.stride()) if isinstance(value, torch.Tensor) else value
+
+    results = []
+    for run in (lambda regs: _plan._run(steps, 40, regs, 99), lambda regs: _plan.compile_steps(steps)(40, regs, 99)):
+        launches.clear()
+        regs = [torch.empty(40, 8)] + [None] * 5
+        with _launch.count_launches() as counted:
+            run(regs)
+        results.append((described(tuple(regs)), regs[4], regs[5], described(tuple(launches)), dict(counted)))
+    (generic, ws, counters, generic_launches, generic_counts), (compiled, ws2, counters2, *rest) = results
+    assert compiled == generic and ws2 is ws and counters2 is counters
+    assert rest == [generic_launches, generic_counts] and generic_counts == {"kernel": 3}
+    assert recording_allocator[0] == recording_allocator[1] == (7 * 1 * 2 * 384, 128, 99)
+    assert "def replay" in _replay.compile_steps(steps, {}, source=True)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..activations import SEED_FORM, Form
-from ..kernels import _common, _plan, whole_block_configs, whole_net
+from ..kernels import _common, whole_block_configs, whole_net
 from ..kernels import _plan_launches as recorded
 from ..kernels._plan import NONE, ROWS, Recorder
 from ..kernels.fused_linear import fused_linear
@@ -254,7 +254,7 @@ def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str,
             g = f"{name}.masked"
         rec.call(f"{name}.bias", _row_sums, g, dtype)
         return dw, f"{name}.bias"
-    split = _plan.split_k_slices(g_t.shape[1], a_t.shape[1], _common.multiprocessors(rec.device))
+    split = recorded.split_k_slices(g_t.shape[1], a_t.shape[1], _common.multiprocessors(rec.device))
     recorded.fused_linear(rec, name, (g, True), a, rows_in="k",
                           relu_mask=None if relu_out is None else (relu_out, True), b_activation=a_activation,
                           rowsum=f"{name}.rowsum" if need_b else None, split_k=split, out_dtype=dtype)
