@@ -306,14 +306,14 @@ class Steps:
     """A recorded forward or backward: ``steps(*inputs)`` returns the result registers for new inputs of the
     recorded signature (the first input's leading dim is M)."""
 
-    __slots__ = ("steps", "blank", "results", "index", "gpu", "run")
+    __slots__ = ("steps", "blank", "results", "device", "index", "gpu", "run")
 
     def __init__(self, steps, n_inputs, n_regs, results, device):
         # Registers past the inputs, and one more that stays None (the ``NONE`` results).
         self.steps, self.blank = steps, [None] * (n_regs - n_inputs + 1)
         self.run = Compiled(steps)
         self.results = operator.itemgetter(*results) if len(results) > 1 else lambda regs: (regs[results[0]],)
-        self.gpu = _common.is_gpu(device)
+        self.gpu, self.device = _common.is_gpu(device), device
         self.index = device.index if device.index is not None else 0
 
     def __call__(self, *inputs):
@@ -332,6 +332,9 @@ class Steps:
         run = self.run
         if run.function is not None and stream is not None:
             run.function(rows, regs, stream)
+        elif stream is None and self.gpu:  # Triton launches on the current device: make it the tensors'
+            with _common.launch_device(self.device):
+                run(rows, regs, stream)
         else:
             run(rows, regs, stream)
         return self.results(regs)
@@ -409,7 +412,8 @@ class Recorder:
 
     def run(self, step) -> None:
         self.steps.append(step)
-        step(self.rows, self.regs, None)
+        with _common.launch_device(self.device):  # Triton launches on the current device: the tensors'
+            step(self.rows, self.regs, None)
 
     def empty(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         self.run(Alloc(self._new(name), shape, dtype, self.device))

@@ -166,3 +166,36 @@ def test_the_written_out_replay_does_what_the_steps_do(recording_allocator, monk
     assert rest == [generic_launches, generic_counts] and generic_counts == {"kernel": 3}
     assert recording_allocator[0] == recording_allocator[1] == (7 * 1 * 2 * 384, 128, 99)
     assert "def replay" in _replay.compile_steps(steps, {}, source=True)
+
+
+def test_steps_launch_on_the_tensors_device_when_another_is_current(monkeypatch):
+    """Triton launches on the current device: a replay whose tensors are on another one takes Triton's path inside
+    the tensors' device (as the kernel wrappers do), and so does a recording."""
+    entered = []
+
+    class Context:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    monkeypatch.setattr(_common, "launch_device", Context)
+    monkeypatch.setattr(_plan, "_driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 1, get_current_stream=lambda index: 5)))
+    seen = []
+
+    def step(rows, regs, stream):
+        seen.append((stream, list(entered)))
+
+    device = torch.device("cpu")
+    steps = _plan.Steps([step], 1, 1, (0,), device)
+    steps.gpu = True  # a GPU's steps, device 0, while device 1 is current
+    steps(torch.empty(4, 2))
+    assert seen == [(None, [device])] and entered == [device, None]
+    recorder = _plan.Recorder({"x": torch.empty(4, 2)}, device)
+    recorder.run(step)
+    assert seen[-1] == (None, [device, None, device])
