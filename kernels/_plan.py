@@ -107,19 +107,19 @@ class PreparedLaunch:
         if self.fast is None:
             return None
         block, mult, cap, g1, launch, before, middle, after, packed, per_program, _ = self.fast
-        space[f"{name}_launch"], space[f"{name}_before"], space[f"{name}_middle"] = launch, before, middle
-        args = ", ".join([*(f"regs[{i}]" for i in self.slots), *map(repr, self.pre), "rows",
-                          *(repr(v) if _replay.is_literal(v) else f"{name}_after[{i}]" for i, v in enumerate(after))])
-        space[f"{name}_after"] = after
+        space[f"{name}_launch"] = launch
+        before, middle = _replay.spelled(before, f"{name}_b", space), _replay.spelled(middle, f"{name}_m", space)
+        args = ", ".join([*(f"regs[{i}]" for i in self.slots), *_replay.spelled(self.pre, f"{name}_p", space), "rows",
+                          *_replay.spelled(after, f"{name}_a", space)])
         lines = [f"_COUNTS[{self.name!r}] += 1",
                  f"g0 = min(-(-rows // {block}) * {mult}, {cap})" if block else f"g0 = {cap}"]
         if packed is None:
             if self.allocator:
                 lines.append("ensure_scratch_allocator()")
-            return [*lines, f"{name}_launch(g0, {g1}, 1, stream, *{name}_before, {args})"]
+            return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {', '.join([*before, args])})"]
         scratch = f"{name}.scratch(g0, {g1}, stream)" if per_program else "None"
-        call = f"{name}_launch(g0, {g1}, 1, stream, *{name}_before, {scratch}, None, *{name}_middle, "
-        return [*lines, call + (f"({args},))" if packed else f"{args})")]
+        head = ", ".join([*before, scratch, "None", *middle])
+        return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {head}, " + (f"({args},))" if packed else f"{args})")]
 
     def through_triton(self, rows, regs) -> None:
         """The launch through ``CachedLauncher`` (Triton binds, compiles, autotunes); the first one that leaves a

@@ -51,3 +51,15 @@ def is_literal(value) -> bool:
     if value is None or type(value) in (bool, int, str):
         return True
     return type(value) is float and math.isfinite(value)
+
+
+def spelled(values: tuple, prefix: str, space: dict) -> list[str]:
+    """Source for each of ``values``: its literal where ``is_literal``, else a name bound to it in ``space``."""
+    names = []
+    for i, value in enumerate(values):
+        if is_literal(value):
+            names.append(repr(value))
+        else:
+            names.append(f"{prefix}{i}")
+            space[names[-1]] = value
+    return names
