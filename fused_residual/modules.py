@@ -69,9 +69,12 @@ class FusedResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = block_parameters(self)
+        activation, final = self.activation, self.final_activation
+        form = SEED_FORM if activation == "relu" and final == "relu" else Form(activation, final)  # self.form
         if params is None:
-            return composite.block_of_modules(x, self.linear1, self.linear2, self.shortcut, self.form)
-        return plans.run_block(x, *params, self.form)
+            return composite.block_of_modules(x, self.linear1, self.linear2, self.shortcut, form)
+        w1, b1, w2, b2, ws = params
+        return plans.run_block(x, w1, b1, w2, b2, ws, form)
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, out_features={self.out_features}"
