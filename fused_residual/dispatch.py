@@ -425,6 +425,14 @@ def kernel_variants(chosen: Route, x: Tensor, w1: Tensor, ws: Tensor | None, for
     return forward, backward
 
 
+def net_as_one(chosen: Route, x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list, w_out: Tensor,
+               b_out: Tensor | None) -> bool:
+    """Whether a net without autograd runs as one unit (``Backend.net_forward``) on a forced backend: where no
+    kernel variant is forced and the backend takes the net (``takes_net``); else layer by layer."""
+    backend = chosen.backend
+    return backend is not None and not chosen.variant and backend.takes_net(x, w_in, b_in, blocks, w_out, b_out)
+
+
 def backward_builds_graph() -> bool:
     """Whether the running backward builds a graph (``create_graph=True``: double backward, gradient penalties):
     then it differentiates through the plain composite (``composite.block_grads``), not the kernels."""

@@ -447,8 +447,9 @@ def run_net_inference(x: Tensor, w_in: Tensor, b_in: Tensor | None,
     else:
         chosen = dispatch.forced(choice, x.device, x.dtype, SEED_FORM)
         backend: Backend = chosen.backend  # type: ignore[assignment]
-        y = None if chosen.variant else backend.net_forward(x2d, w_in, b_in, blocks, w_out, b_out)
-        if y is None:
+        if dispatch.net_as_one(chosen, x2d, w_in, b_in, blocks, w_out, b_out):
+            y = backend.net_forward(x2d, w_in, b_in, blocks, w_out, b_out)
+        else:
             a = backend.linear(x2d, w_in, b_in, "relu")
             if blocks:
                 variant = dispatch.kernel_variants(chosen, a, blocks[0][0], None, SEED_FORM, None)[0]

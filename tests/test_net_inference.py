@@ -72,6 +72,26 @@ def test_one_launch_for_the_whole_net_when_widths_fit(use_backend, monkeypatch):
     assert launches() == 1
 
 
+@pytest.mark.skipif(backends.missing_requirement("triton") is not None, reason="needs triton")
+def test_dispatch_decides_whether_the_net_runs_as_one_unit():
+    """``dispatch.net_as_one``: the Triton backend's facts (``takes_net``: every bias, widths on chip), and never
+    with a kernel variant forced or on a backend without a single-unit net."""
+    from fused_residual import dispatch
+
+    x = torch.randn(20, 5, dtype=torch.float16)
+    w_in, b_in, w_out, b_out = torch.randn(64, 5), torch.randn(64), torch.randn(3, 64), torch.randn(3)
+    blocks = [(torch.randn(64, 64), torch.randn(64), torch.randn(64, 64), torch.randn(64))]
+    triton_route, torch_route = dispatch.Route(backends.get("triton")), dispatch.Route(backends.get("torch"))
+    assert dispatch.net_as_one(triton_route, x, w_in, b_in, blocks, w_out, b_out)
+    assert not dispatch.net_as_one(dispatch.Route(backends.get("triton"), "two_gemm"), x, w_in, b_in, blocks, w_out,
+                                   b_out)
+    assert not dispatch.net_as_one(triton_route, x, w_in, b_in, [(*blocks[0][:3], None)], w_out, b_out)
+    wide = [(torch.randn(300, 300), torch.randn(300), torch.randn(300, 300), torch.randn(300))]
+    assert not dispatch.net_as_one(triton_route, x, torch.randn(300, 5), torch.randn(300), wide, torch.randn(3, 300),
+                                   b_out)
+    assert not dispatch.net_as_one(torch_route, x, w_in, b_in, blocks, w_out, b_out)
+
+
 def test_training_and_autocast_take_the_per_block_path(use_backend, monkeypatch):
     use_backend("torch")
     _, fused = make_pair(5, 16, 2, 2, torch.float32)

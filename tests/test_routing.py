@@ -150,7 +150,8 @@ CONTRACT = sorted({*Backend.__annotations__, *(name for name, member in vars(Bac
 
 def test_the_contract_lists_what_the_code_calls():
     assert set(CONTRACT) >= {"NAME", "VARIANTS", "unavailable", "block_forward", "block_backward", "linear",
-                             "linear_residual_relu_forward", "linear_residual_relu_backward", "net_forward"}
+                             "linear_residual_relu_forward", "linear_residual_relu_backward", "takes_net",
+                             "net_forward"}
 
 
 @pytest.mark.parametrize("name", backends.names())

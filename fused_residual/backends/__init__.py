@@ -78,11 +78,16 @@ class Backend(Protocol):
                                       ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """``(dh, dw, db, dresidual)``, each only where ``needs`` asks."""
 
+    def takes_net(self, x: Tensor, w_in: Tensor, b_in: Tensor | None,
+                  blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]], w_out: Tensor,
+                  b_out: Tensor | None) -> bool:
+        """Whether ``net_forward`` computes this net (these shapes, biases, dtype) as one unit."""
+
     def net_forward(self, x: Tensor, w_in: Tensor, b_in: Tensor | None,
                     blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]], w_out: Tensor,
-                    b_out: Tensor | None) -> Tensor | None:
-        """``linear(blocks(relu(linear(x))))`` of seed-form blocks as one unit, without autograd; None where the
-        backend has no such computation for these shapes (the caller then runs the net layer by layer)."""
+                    b_out: Tensor | None) -> Tensor:
+        """``linear(blocks(relu(linear(x))))`` of seed-form blocks as one unit, without autograd, where
+        ``dispatch.net_as_one`` sends it (``takes_net``); elsewhere the caller runs the net layer by layer."""
 
 
 # name -> (module path, packages it needs to import)

@@ -137,10 +137,17 @@ def block_backward(
     return dx, dw1, db1, dw2, db2, dws
 
 
+def takes_net(
+    x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
+    w_out: Tensor, b_out: Tensor | None,
+) -> bool:
+    """No single-unit net computation here: the caller runs the net layer by layer."""
+    return False
+
+
 def net_forward(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
     w_out: Tensor, b_out: Tensor | None,
-) -> Tensor | None:
-    """No single-unit net computation here: the caller runs the net layer by layer."""
-    return None
+) -> Tensor:
+    raise NotImplementedError("the torch backend has no single-unit net (takes_net is False)")
 

@@ -319,17 +319,24 @@ def plan_linear_residual_relu_backward(dout, h, out, w, needs, *, dh_dtype):
 
 # ---- the net (inference, no plan) --------------------------------------------------------------------------
 
-def net_forward(
+def takes_net(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
     w_out: Tensor, b_out: Tensor | None,
-) -> Tensor | None:
-    """The whole net in one launch where every padded width fits the whole-net kernel, else None (the caller
-    then runs it layer by layer). Block parameters are stacked per call: a few small copies, no activations."""
+) -> bool:
+    """The whole-net kernel takes nets with every bias and every padded width within its on-chip limit."""
     hidden = w_in.shape[0]
     has_biases = b_in is not None and b_out is not None and all(
         b1 is not None and b2 is not None and w1.shape[0] == hidden for w1, b1, _, b2 in blocks)
-    if not (has_biases and whole_net.fits(x.shape[1], w_in.shape[0], w_out.shape[0], x.element_size())):
-        return None
+    return has_biases and whole_net.fits(x.shape[1], w_in.shape[0], w_out.shape[0], x.element_size())
+
+
+def net_forward(
+    x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
+    w_out: Tensor, b_out: Tensor | None,
+) -> Tensor:
+    """The whole net in one launch (where ``dispatch.net_as_one`` sends it: ``takes_net``). Block parameters are
+    stacked per call: a few small copies, no activations."""
+    hidden = w_in.shape[0]
     if blocks:
         w1, b1, w2, b2 = (torch.stack(ts) for ts in zip(*blocks, strict=True))
     else:
