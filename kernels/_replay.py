@@ -12,6 +12,7 @@ interpreter stays for Triton's own path (no stream: the interpreter, a launch ho
 
 from __future__ import annotations
 
+import collections
 import itertools
 import linecache
 import math
@@ -36,14 +37,19 @@ def compile_steps(steps: list, space: dict, source: bool = False) -> Callable | 
     if source:
         return text
     # A file name in this folder (the package's code, for profilers and frame counts), its source in linecache (for
-    # tracebacks).
+    # tracebacks; the latest ``MAX_SOURCES`` of them).
     filename = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"<replay {next(_COUNT)}>")
     linecache.cache[filename] = (len(text), None, [line + "\n" for line in lines], filename)
+    _SOURCES.append(filename)
+    if len(_SOURCES) > MAX_SOURCES:
+        linecache.cache.pop(_SOURCES.popleft(), None)
     exec(compile(text, filename, "exec"), space)  # noqa: S102
     return space["replay"]
 
 
+MAX_SOURCES = 1024
 _COUNT = itertools.count()
+_SOURCES: collections.deque[str] = collections.deque()
 
 
 def is_literal(value) -> bool:
