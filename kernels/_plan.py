@@ -13,18 +13,21 @@ nothing else. What changes between such calls is only the tensors and the row co
   would: through Triton's C launcher directly where ``_direct.py`` proves that is the call Triton's Python
   launcher makes, else through that launcher;
 - a family of launches where a choice depends on the exact M (split-K slices, the whole-block backward's
-  program count): one member per value, prepared when that value is first met;
-- a torch op (the few the backward makes outside the kernels).
+  program count, a ``RowsKey``): one member per value, prepared when that value is first met;
+- cached scratch (``Workspace``, ``Counters``: one buffer per device and stream, fresh ones under CUDA-graph
+  capture) and a torch op (the few the backward makes outside the kernels).
 
-Triton's own path is taken for a launch with no compiled kernel (Triton's interpreter, a launch the cache
-refused), and where a compiled launch would not do what Triton does: a launch hook is set (a profiler wants to see
-the launch), the current device is not the tensors'. Triton's compilation knobs (``runtime.debug``,
+Once every launch of a list has its compiled kernel, the list runs as one generated function (``_replay.py``:
+each step's ``emit`` writes out what its ``__call__`` does). Triton's own path is taken, step by step and inside
+the tensors' device, for a launch with no compiled kernel (Triton's interpreter, a launch the cache refused), and
+where a compiled launch would not do what Triton does: a launch hook is set (a profiler wants to see the launch),
+the current device is not the tensors'. Triton's compilation knobs (``runtime.debug``,
 ``compilation.instrumentation_mode``, ...) are those of the recording: they change how a kernel is checked or
 instrumented, not what it computes; after changing one at run time, ``fused_residual.plans.clear()`` makes the
 next calls record again. Launches are counted like ``CachedLauncher``'s (``_launch.launch_counts``).
 
-The kernels' launches are recorded by ``_plan_launches.py``, which lays out their arguments as their wrappers do;
-their grids and row-count keys are here, beside the replay that calls them per launch.
+The kernels' launches are recorded by ``_plan_launches.py``, which lays out their arguments as their wrappers do,
+with their grids' forms and row-count keys.
 """
 
 from __future__ import annotations
