@@ -62,7 +62,7 @@ from torch import Tensor
 
 from . import backends, composite, dispatch
 from .activations import SEED_FORM, Form
-from .plans import save_block, save_linear
+from .plans import run_op, save_block, save_linear
 
 _NAMESPACE = "fused_residual"
 
@@ -97,7 +97,7 @@ def block_forward(
     """``(out, saved)`` of the block for 2-D ``x``."""
     form = Form(activation, final_activation)
     backend, variants = _backend(x, w1, ws, form)
-    out, saved = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=True, variant=variants[0])
+    out, saved = run_op(backend, "block_forward", (x, w1, b1, w2, b2, ws), form, save=True, variant=variants[0])
     return out.contiguous(), saved.contiguous()
 
 
@@ -121,8 +121,8 @@ def block_backward(
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
     form = Form(activation, final_activation)
     backend, variants = _backend(dout if x is None else x, w1, ws, form, dout.dtype)
-    grads = backend.block_backward(dout, x, saved, out, w1, w2, ws, form, tuple(needs), dx_dtype=dx_dtype,
-                                   variant=variants[1])
+    grads = run_op(backend, "block_backward", (dout, x, saved, out, w1, w2, ws), form, tuple(needs),
+                   dx_dtype=dx_dtype, variant=variants[1])
     return [g.contiguous() for g in grads if g is not None]
 
 
@@ -170,7 +170,7 @@ block_forward.register_autograd(_block_backward, setup_context=_setup_block)
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h @ w.T + b + residual)`` for 2-D ``h`` and ``residual``."""
     backend, _ = _backend(h, w, None, SEED_FORM)
-    return backend.linear_residual_relu_forward(h, w, b, residual).contiguous()
+    return run_op(backend, "linear_residual_relu_forward", (h, w, b, residual))[0].contiguous()
 
 
 @linear_residual_relu_forward.register_fake
@@ -188,7 +188,7 @@ def linear_residual_relu_backward(
 ) -> list[Tensor]:
     """The gradients ``(dh, dw, db, dresidual)`` that ``needs`` asks for, in that order."""
     backend, _ = _backend(dout, w, None, SEED_FORM)
-    grads = backend.linear_residual_relu_backward(dout, h, out, w, tuple(needs), dh_dtype=dh_dtype)
+    grads = run_op(backend, "linear_residual_relu_backward", (dout, h, out, w), tuple(needs), dh_dtype=dh_dtype)
     return [g.contiguous() for g in grads if g is not None]
 
 

@@ -119,6 +119,33 @@ def _planned(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tu
     return result, run
 
 
+def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
+    """``backend.<name>(*tensors, *args, **kwargs)`` (a tuple) for a registered op (``ops.py``: what a compiled graph
+    calls), through a plan keyed by each tensor's facts (those with the call's rows as in a call's key), the
+    arguments and TF32, so that later calls replay recorded steps."""
+    key = None
+    if ENABLED:
+        try:
+            with_rows = _OP_ROWS[name]
+            key = ("op", backend.NAME, name, *(_rows_facts(t)[1] if i in with_rows and t is not None else _facts(t)
+                                              for i, t in enumerate(tensors)),
+                   args, tuple(kwargs.items()), tensors[0].dtype is _F32 and _tf32())
+            run = _plans[key]
+        except Exception:  # a new signature, or facts the key cannot hold
+            pass
+        else:
+            return run(*tensors)  # type: ignore[operator]
+    result, run = _planned(backend, name, tensors, *args, **kwargs)
+    if key is not None and run is not None and tensors[0].shape[0]:
+        _store(key, run)
+    return result
+
+
+# The operands of each op that have the call's rows (the rest have fixed shapes).
+_OP_ROWS = {"block_forward": (0,), "block_backward": (0, 1, 2, 3), "linear_residual_relu_forward": (0, 3),
+            "linear_residual_relu_backward": (0, 1, 2)}
+
+
 def needs_autograd(*tensors: Tensor | None) -> bool:
     if not torch.is_grad_enabled():
         return False

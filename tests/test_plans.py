@@ -271,6 +271,34 @@ def test_the_plan_cache_is_bounded(use_backend, fresh_plans, monkeypatch):
     assert len(plans._plans) == 4
 
 
+@pytest.mark.parametrize("choice", ["triton", "triton:two_gemm"])
+def test_registered_ops_replay_their_plans(use_backend, fresh_plans, monkeypatch, choice):
+    """What a compiled graph calls (the registered ops) records its steps once per signature and replays them."""
+    from fused_residual.backends import triton_backend
+
+    use_backend(choice)
+    recorded = []
+    for name in ("plan_block_forward", "plan_block_backward"):
+        original = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name, lambda *a, _f=original, **k: recorded.append(1) or _f(*a, **k))
+    ops = torch.ops.fused_residual
+
+    def both_ops(x, w1, b1, w2, b2, dout):
+        out, saved = ops.block_forward(x, w1, b1, w2, b2, None, "relu", "relu")
+        grads = ops.block_backward(dout, x, saved, out, w1, w2, None, "relu", "relu", [True] * 5 + [False],
+                                   torch.float32)
+        return [out, saved, *grads]
+
+    for seed in (0, 1, 2):  # three row counts of one signature
+        x, w1, b1, w2, b2 = make_operands(rows=20 + seed, seed=seed)
+        dout = torch.randn(20 + seed, 24)
+        result = both_ops(x, w1, b1, w2, b2, dout)
+        if seed == 0:
+            assert len(recorded) == 2
+        assert_same_bits(result, layered(lambda ops=(x, w1, b1, w2, b2, dout): both_ops(*ops)))
+    assert len(recorded) == 2 + 2 * 3, "one recording per signature; the layered calls record every time"
+
+
 def test_plans_can_be_turned_off_by_the_environment():
     code = ("import torch, fused_residual as fr\nfrom fused_residual import plans\n"
             "fr.FusedResidualBlock(4, 4)(torch.randn(3, 4))\nprint(plans.ENABLED, len(plans._plans))")
