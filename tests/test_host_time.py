@@ -92,3 +92,16 @@ def test_fake_gpu_answers_as_an_h200_inside_and_restores_everything_after():
     done = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "restored", done.stdout[-2000:] + done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton with its NVIDIA backend (compiles for sm_90)")
+def test_two_gemm_allocates_no_more_than_eager():
+    """At width 256 the two-GEMM kernels take TMA schedules on sm_90, whose device-side descriptors need Triton's
+    global scratch per launch: it comes from a cached buffer, so a cached call allocates no more than eager."""
+    found, _ = host_time.measure_in_subprocess("--widths", "256", "--routes", "two_gemm", "--rounds", "1", "--inner",
+                                               "1")
+    assert {r["mode"] for r in found} == {"forward", "train"}
+    for record in found:
+        fused, eager = record["fused"], record["eager"]
+        assert fused["allocations"] <= eager["allocations"], (record["mode"], fused["allocations"])
+        assert fused["triton_launches"] == {"fused_linear_kernel": 2 if record["mode"] == "forward" else 6}
