@@ -34,6 +34,7 @@ kernels (``composite.block_grads``), so double backward and gradient penalties a
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -114,9 +115,21 @@ def _planned(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tu
 
     result = run(*tensors)
     if name == "linear_residual_relu_forward":  # its plan returns a 1-tuple, as the recorded steps do
-        result = (result,)
-        return result, lambda *tensors: (fn(*tensors, *args, **kwargs),)
-    return result, run
+        return (result,), Run(lambda *tensors: (fn(*tensors, *args, **kwargs),))
+    return result, Run(run)
+
+
+class Run:
+    """A plan's computation that is a plain call: ``function`` (as a recorded ``Steps``' generated function, which
+    callers take where it is not None)."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *tensors):
+        return self.function(*tensors)
 
 
 def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
@@ -200,7 +213,7 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
             cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
-            _store(key, plan if low is None else AutocastPlan(plan, low, cast, out_dtype))
+            _store(key, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype))
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
 
@@ -237,9 +250,14 @@ class BlockPlan:
         self.needs, self.x_dtype = needs, x_dtype
         self.keep = block_keeps(form, needs) if needs is not None else None
 
+    def entry(self):
+        """What a cached call calls: in training the Function's C apply with this plan bound (no Python frame of
+        its own), else the plan."""
+        return functools.partial(_apply_block, self) if self.training else self
+
     def __call__(self, x, w1, b1, w2, b2, ws):
         if self.training:
-            return _apply_block(x, w1, b1, w2, b2, ws, self)
+            return _apply_block(self, x, w1, b1, w2, b2, ws)
         run = self.forward
         if run is None or self.backend is None:
             return self.first_or_composite(x, w1, b1, w2, b2, ws)
@@ -280,10 +298,10 @@ class BlockPlan:
 
 class ResidualBlockFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, ws, plan):  # type: ignore[override]
+    def forward(ctx, plan, x, w1, b1, w2, b2, ws):  # type: ignore[override]
         run = plan.forward
         if run is not None and x.dim() == 2:  # the cached call, written out
-            out, hidden = run(x, w1, b1, w2, b2, ws)
+            out, hidden = (run.function or run)(x, w1, b1, w2, b2, ws)
         else:
             out, hidden = plan.run_forward(x if x.dim() == 2 else rows(x), w1, b1, w2, b2, ws, True)
         ctx.plan = plan
@@ -300,16 +318,16 @@ class ResidualBlockFunction(torch.autograd.Function):
         if dout.dim() == 2:  # the cached call, written out
             run = plan.backwards.get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
             if run is not None:
-                return (*run(dout, x, hidden, out, w1, w2, ws), None)
+                return (None, *(run.function or run)(dout, x, hidden, out, w1, w2, ws))
         nd = dout.dim() != 2
         grads = plan.run_backward(rows(dout) if nd else dout, rows(x) if nd and x is not None else x, hidden,
                                   out, w1, w2, ws, plan.needs, plan.x_dtype)
         if grads is None:
-            return (*composite.block_grads(dout, saved, plan.form, plan.needs, plan.x_dtype), None)
+            return (None, *composite.block_grads(dout, saved, plan.form, plan.needs, plan.x_dtype))
         dx = grads[0]
         if dx is not None and nd:
             dx = dx.view(*dout.shape[:-1], dx.shape[-1])
-        return (dx, *grads[1:], None)
+        return (None, dx, *grads[1:])
 
 
 def _c_apply(function: type[torch.autograd.Function]):

@@ -4,6 +4,7 @@ a fresh one while a CUDA graph is captured."""
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -199,3 +200,63 @@ def test_steps_launch_on_the_tensors_device_when_another_is_current(monkeypatch)
     recorder = _plan.Recorder({"x": torch.empty(4, 2)}, device)
     recorder.run(step)
     assert seen[-1] == (None, [device, None, device])
+
+
+@pytest.mark.parametrize("inline", [1, 4])
+def test_a_steps_whole_call_written_out_does_what_its_steps_do(recording_allocator, monkeypatch, inline):
+    """``Steps.compile`` (the call as one function: registers as locals, a family's members as branches, the
+    members beyond ``inline`` through the family) against the steps run one by one: the same results, cached
+    buffers, launches and counts, for row counts whose family keys were met before and one met there first."""
+    from fused_residual.kernels import _launch, _replay
+
+    monkeypatch.setattr(_replay, "INLINE_MEMBERS", inline)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_plan, "_driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda index: 99)))
+    cpu = torch.device("cpu")
+    launches: list = []
+
+    def launch_step(slots, form):
+        step = _plan.PreparedLaunch(SimpleNamespace(name=f"kernel{len(slots)}"), slots, (5,), (7,), {},
+                                    lambda meta: form)
+        step.take((make_launcher(launches), "function", "packed", ("constexpr",), {}))
+        return step
+
+    def make(k, rows, regs):  # a member: its own allocation and a launch of k programs
+        member = [_plan.Alloc(3, (k, 4), torch.float32, cpu), launch_step([0, 3, 2], (0, 0, k, 1))]
+        _plan._run(member, rows, regs, 99)
+        return member
+
+    family = _plan.Family(_plan.RowsKey(0, 10, 8), make)  # k = max(1, min(M // 10, 8))
+    steps = _plan.Steps([_plan.Alloc(1, (_plan.ROWS, 8), torch.float32, cpu), _plan.Workspace(2, (100,), cpu),
+                         launch_step([0, 1, 2], (16, 2, 100, 2)), family], 1, 4, (1, 3, 4), cpu)
+    steps.gpu = True
+    for rows in (40, 20, 85):  # members 4, 2, 8, met through the steps' own path (the first writes them out)
+        steps(torch.empty(rows, 8))
+    steps.function = None
+    text = steps.compile(source=True)
+    assert text.count("k == ") == min(inline, 3) and ("_stale()" in text) == (inline > 3)
+
+    def described(value):
+        if isinstance(value, tuple):
+            return tuple(map(described, value))
+        return ("tensor", tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+    for rows in (40, 20, 85, 33, 61):  # 33, 61: keys 3 and 6, new members (written in by the next compile)
+        results = []
+        for whole in (False, True):
+            launches.clear()
+            x = torch.empty(rows, 8)
+            with _launch.count_launches() as counted:
+                if whole:
+                    out = steps(x)
+                else:
+                    regs = [x, None, None, None, None]
+                    _plan._run(steps.steps, rows, regs, 99)
+                    out = steps.take(regs)
+            results.append((described(out), described(tuple(launches)), dict(counted)))
+        assert results[0] == results[1] and results[0][0][2] is None
+        if rows == 33:  # a member met after the function was written: written in next time, if there is room
+            assert (steps.function is None) == (inline > 3)
+    assert sorted(family.members) == [2, 3, 4, 6, 8]
+    assert steps.function is not None and ("k == 3" in inspect.getsource(steps.function)) == (inline > 3)
