@@ -300,15 +300,16 @@ class ResidualBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, x, w1, b1, w2, b2, ws):  # type: ignore[override]
         run = plan.forward
-        if run is not None and x.dim() == 2:  # the cached call, written out
+        flat = x.dim() == 2
+        if run is not None and flat:  # the cached call, written out
             out, hidden = (run.function or run)(x, w1, b1, w2, b2, ws)
         else:
-            out, hidden = plan.run_forward(x if x.dim() == 2 else rows(x), w1, b1, w2, b2, ws, True)
+            out, hidden = plan.run_forward(x if flat else rows(x), w1, b1, w2, b2, ws, True)
         ctx.plan = plan
         keep = plan.keep  # block_keeps' order
         ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, w1, b1 if keep[4] else None,
                               w2, b2 if keep[6] else None, ws)
-        return out if x.dim() == 2 else with_leading_dims(out, x, w2.shape[0])
+        return out if flat else with_leading_dims(out, x, w2.shape[0])
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]

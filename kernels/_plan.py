@@ -19,13 +19,14 @@ nothing else. What changes between such calls is only the tensors and the row co
 
 The step types are in ``_steps.py``. Once every launch of a list has its compiled kernel, the whole call runs as
 one generated function, ``Steps.function`` (``_replay.py``: each step's ``emit`` writes out what its ``__call__``
-does; the registers are its locals, the choice of the stream is its head, a family's members are its branches). Triton's own path is taken, step by step and inside
-the tensors' device, for a launch with no compiled kernel (Triton's interpreter, a launch the cache refused), and
-where a compiled launch would not do what Triton does: a launch hook is set (a profiler wants to see the launch),
-the current device is not the tensors'. Triton's compilation knobs (``runtime.debug``,
-``compilation.instrumentation_mode``, ...) are those of the recording: they change how a kernel is checked or
-instrumented, not what it computes; after changing one at run time, ``fused_residual.plans.clear()`` makes the
-next calls record again. Launches are counted like ``CachedLauncher``'s (``_launch.launch_counts``).
+does; the registers are its locals, the choice of the stream is its head, a family's members are its branches).
+Triton's own path is taken, step by step and inside the tensors' device, for a launch with no compiled kernel
+(Triton's interpreter, a launch the cache refused), and where a compiled launch would not do what Triton does: a
+launch hook is set (a profiler wants to see the launch), the current device is not the tensors'. Triton's
+compilation knobs (``runtime.debug``, ``compilation.instrumentation_mode``, ...) are those of the recording: they
+change how a kernel is checked or instrumented, not what it computes; after changing one at run time,
+``fused_residual.plans.clear()`` makes the next calls record again. Launches are counted like ``CachedLauncher``'s
+(``_launch.launch_counts``).
 
 The kernels' launches are recorded by ``_plan_launches.py``, which lays out their arguments as their wrappers do,
 with their grids' forms and row-count keys.
