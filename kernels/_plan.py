@@ -34,7 +34,6 @@ with their grids' forms and row-count keys.
 
 from __future__ import annotations
 
-import operator
 import sys
 import weakref
 
@@ -73,14 +72,13 @@ class Steps:
     ``function`` is the whole call as one generated function (``_replay.compile_function``; the callers that count
     microseconds call it themselves where it is not None)."""
 
-    __slots__ = ("steps", "n_inputs", "n_regs", "results", "take", "device", "index", "gpu", "function", "tried",
+    __slots__ = ("steps", "n_inputs", "names", "results", "device", "index", "gpu", "function", "tried",
                  "__weakref__")
 
-    def __init__(self, steps, n_inputs, n_regs, results, device):
-        # Registers past the inputs, and one more that stays None (the ``NONE`` results).
-        self.steps, self.n_inputs, self.n_regs = steps, n_inputs, n_regs
-        self.results = tuple(None if r >= n_regs else r for r in results)
-        self.take = operator.itemgetter(*results) if len(results) > 1 else lambda regs: (regs[results[0]],)
+    def __init__(self, steps: list, n_inputs: int, names: list, results: tuple[int | None, ...], device):
+        # ``names``: the registers' names, shared with the recording's families (a member met later may add one);
+        # ``results``: the registers returned, None for a None result.
+        self.steps, self.n_inputs, self.names, self.results = steps, n_inputs, names, tuple(results)
         self.gpu, self.device = _common.is_gpu(device), device
         self.index = device.index if device.index is not None else 0
         self.function, self.tried = None, -1
@@ -94,7 +92,7 @@ class Steps:
     def slow(self, *inputs):
         """The call step by step (``_run``), writing the steps out (``function``) where they may be."""
         rows = inputs[0].shape[0]
-        regs = [*inputs, *[None] * (self.n_regs - self.n_inputs + 1)]
+        regs = [*inputs, *[None] * (len(self.names) - self.n_inputs)]
         # The stream to launch on, or None where the launches must take Triton's own path: a launch hook is set
         # (a profiler wants to see the launch) or the current device is not the tensors'. (The generated
         # function's head says the same: _HEAD.)
@@ -120,6 +118,10 @@ class Steps:
             _run(self.steps, rows, regs, None)
         return self.take(regs)
 
+    def take(self, regs: list) -> tuple:
+        """The results from a call's registers."""
+        return tuple(None if r is None else regs[r] for r in self.results)
+
     def compile(self, source: bool = False):
         """The generated function of the whole call (or its source); None while a launch has no compiled kernel."""
         ref = weakref.ref(self)  # the function's names must not keep its Steps alive
@@ -131,8 +133,9 @@ class Steps:
 
         inputs = ", ".join(f"r{i}" for i in range(self.n_inputs))
         head = [line.format(index=self.index, inputs=inputs) for line in _HEAD]
-        space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale)
-        return _replay.compile_function(self.steps, space, self.n_inputs, self.n_regs, self.results, head, source)
+        space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale, _names=self.names)
+        return _replay.compile_function(self.steps, space, self.n_inputs, len(self.names), self.results, head,
+                                        source)
 
 
 # The head of a Steps' generated function: ``Steps.slow``'s choice of the stream, written out.
@@ -161,7 +164,6 @@ class Recorder:
         self.rows = self.regs[0].shape[0]
         self.device = device
         self.steps: list = []
-        self.frozen = [False]  # steps_for() was called: the register file is fixed (shared with family members)
 
     def __getitem__(self, name: str):
         return None if name == NONE else self.regs[self.names.index(name)]
@@ -203,11 +205,11 @@ class Recorder:
 
     def family(self, key: RowsKey, make) -> None:
         """Steps chosen by ``key(M)``: ``make(key, recorder)`` records them for each key, over the registers of the
-        call that first meets it. Their new registers must have the same names for every key."""
-        names, device, frozen = self.names, self.device, self.frozen  # not self: its registers must not live on
+        call that first meets it. A name that two members use is one register."""
+        names, device = self.names, self.device  # not self: its registers must not live on
 
         def member(k, rows, regs):
-            sub = _Sub(names, regs, rows, device, frozen[0])
+            sub = _Sub(names, regs, rows, device)
             make(k, sub)
             return sub.steps
 
@@ -215,9 +217,8 @@ class Recorder:
 
     def steps_for(self, results: tuple[str, ...]) -> Steps:
         """The recorded steps, returning the registers named by ``results`` (``NONE``: None)."""
-        self.frozen[0] = True
-        n = len(self.regs)
-        steps = Steps(self.steps, self.n_inputs, n, [n if r == NONE else self.index(r) for r in results], self.device)
+        steps = Steps(self.steps, self.n_inputs, self.names, [None if r == NONE else self.index(r) for r in results],
+                      self.device)
         self.regs = []  # this call's tensors belong to it alone
         return steps
 
@@ -225,14 +226,13 @@ class Recorder:
 class _Sub(Recorder):
     """Records a family member into its own list, over one call's registers."""
 
-    def __init__(self, names: list, regs: list, rows: int, device: torch.device, frozen: bool):  # noqa: D107
+    def __init__(self, names: list, regs: list, rows: int, device: torch.device):  # noqa: D107
         self.names, self.regs, self.rows, self.device, self.steps = names, regs, rows, device, []
-        self.frozen = frozen
 
     def _new(self, name: str) -> int:
-        if name in self.names:  # a later member: the register the first one named
+        if name in self.names:  # a later member: the register an earlier one named
             return self.names.index(name)
-        if self.frozen:
-            raise ValueError(f"register {name!r}: a family's members must name the same registers")
+        # A register no member named before (a split-K member's workspace after one without): appended to the
+        # names the steps share and to this call's registers (as long as the names, ``Source.run_step``).
         return Recorder._new(self, name)
 

@@ -39,12 +39,14 @@ class Source:
     def reg(self, i: int) -> str:
         return f"r{i}" if self.local else f"regs[{i}]"
 
-    def run_step(self, name: str, writes: tuple[int, ...]) -> list[str]:
-        """Lines that run the step bound to ``name`` itself (its ``__call__`` on a register list)."""
+    def run_step(self, name: str, writes: tuple[int, ...], grows: bool = False) -> list[str]:
+        """Lines that run the step bound to ``name`` itself (its ``__call__`` on a register list); ``grows``: a
+        family, whose members met later may have named registers past these (``_names``: all the names)."""
         if not self.local:
             return [f"{name}(rows, regs, stream)"]
         every = ", ".join(f"r{i}" for i in range(self.n_regs))
-        return [f"regs = [{every}]", f"{name}(rows, regs, stream)", *(f"r{i} = regs[{i}]" for i in writes)]
+        pad = [f"regs += [None] * (len(_names) - {self.n_regs})"] if grows else []
+        return [f"regs = [{every}]", *pad, f"{name}(rows, regs, stream)", *(f"r{i} = regs[{i}]" for i in writes)]
 
     def spelled(self, values: tuple, prefix: str) -> list[str]:
         """Source for each of ``values``: its literal where ``is_literal``, else a name bound to it."""

@@ -290,7 +290,7 @@ class Family:
             if body is not None:
                 branches += [f"{'elif' if inlined else 'if'} k == {k}:", *_replay.indented(body)]
                 inlined += 1
-        other = src.run_step(name, self.written())
+        other = src.run_step(name, self.written(), grows=True)
         if inlined < _replay.INLINE_MEMBERS:  # room for more: write them in once they compile
             other.append(f"if _TAKEN[0] != {_TAKEN[0]}: _stale()")
         if not branches:

@@ -193,7 +193,7 @@ def test_steps_launch_on_the_tensors_device_when_another_is_current(monkeypatch)
         seen.append((stream, list(entered)))
 
     device = torch.device("cpu")
-    steps = _plan.Steps([step], 1, 1, (0,), device)
+    steps = _plan.Steps([step], 1, ["x"], (0,), device)
     steps.gpu = True  # a GPU's steps, device 0, while device 1 is current
     steps(torch.empty(4, 2))
     assert seen == [(None, [device])] and entered == [device, None]
@@ -222,14 +222,20 @@ def test_a_steps_whole_call_written_out_does_what_its_steps_do(recording_allocat
         step.take((make_launcher(launches), "function", "packed", ("constexpr",), {}))
         return step
 
+    names = ["x", "out", "ws", "member"]
+
     def make(k, rows, regs):  # a member: its own allocation and a launch of k programs
         member = [_plan.Alloc(3, (k, 4), torch.float32, cpu), launch_step([0, 3, 2], (0, 0, k, 1))]
+        if k == 6:  # a register no member named before (as a split-K workspace after a member without)
+            names.append("extra")
+            regs.append(None)
+            member += [_plan.Alloc(4, (k,), torch.float16, cpu), launch_step([4, 3], (0, 0, 1, 1))]
         _plan._run(member, rows, regs, 99)
         return member
 
     family = _plan.Family(_plan.RowsKey(0, 10, 8), make)  # k = max(1, min(M // 10, 8))
     steps = _plan.Steps([_plan.Alloc(1, (_plan.ROWS, 8), torch.float32, cpu), _plan.Workspace(2, (100,), cpu),
-                         launch_step([0, 1, 2], (16, 2, 100, 2)), family], 1, 4, (1, 3, 4), cpu)
+                         launch_step([0, 1, 2], (16, 2, 100, 2)), family], 1, names, (1, 3, None), cpu)
     steps.gpu = True
     for rows in (40, 20, 85):  # members 4, 2, 8, met through the steps' own path (the first writes them out)
         steps(torch.empty(rows, 8))
@@ -242,7 +248,7 @@ def test_a_steps_whole_call_written_out_does_what_its_steps_do(recording_allocat
             return tuple(map(described, value))
         return ("tensor", tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
 
-    for rows in (40, 20, 85, 33, 61):  # 33, 61: keys 3 and 6, new members (written in by the next compile)
+    for rows in (40, 20, 85, 33, 61, 62):  # 33, 61: keys 3 and 6, new members (6 with a register of its own)
         results = []
         for whole in (False, True):
             launches.clear()
@@ -251,7 +257,7 @@ def test_a_steps_whole_call_written_out_does_what_its_steps_do(recording_allocat
                 if whole:
                     out = steps(x)
                 else:
-                    regs = [x, None, None, None, None]
+                    regs = [x] + [None] * (len(names) - 1)
                     _plan._run(steps.steps, rows, regs, 99)
                     out = steps.take(regs)
             results.append((described(out), described(tuple(launches)), dict(counted)))

@@ -235,6 +235,16 @@ def test_plans_match_the_layered_path_over_random_signature_changes(use_backend,
     assert calls - len(built) >= 20, "the second call of each signature is served by its plan"
 
 
+def test_a_row_count_that_splits_k_after_one_that_did_not(use_backend, fresh_plans):
+    """One plan (rows 1040 and 2048: the same bucket and class) serves a weight gradient without split-K slices,
+    then one with them (its workspace a register the first member did not name): both as the layered path."""
+    use_backend("triton:two_gemm")
+    for rows in (1040, 2048, 1040):
+        ops = make_operands(rows=rows, width=16, seed=rows, grad=True)
+        assert_same_bits(run(*ops, backward=True), layered(lambda ops=ops: run(*ops, backward=True)))
+    assert len(plans._plans) == 1
+
+
 def test_threads_share_plans_safely(use_backend, fresh_plans):
     """Several threads calling new and seen signatures at once: every result right, no half-built plan used."""
     use_backend("torch")
