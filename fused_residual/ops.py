@@ -60,9 +60,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, composite, dispatch
+from . import backends, composite, dispatch, plans
 from .activations import SEED_FORM, Form
-from .plans import run_op, save_block, save_linear
+from .backends import Backend
+from .plans import save_block, save_linear
+
+
+def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
+    """``backend.<name>(*tensors, *args, **kwargs)`` (a tuple) for a registered op (what a compiled graph calls),
+    through a plan keyed by each tensor's facts (those with the call's rows as in a call's key), the
+    arguments and TF32, so that later calls replay recorded steps."""
+    key = None
+    if plans.ENABLED:
+        try:
+            with_rows = _OP_ROWS[name]
+            facts = (plans.rows_facts(t)[1] if i in with_rows and t is not None else plans.tensor_facts(t)
+                     for i, t in enumerate(tensors))
+            key = ("op", backend.NAME, name, *facts, args, tuple(kwargs.items()),
+                   tensors[0].dtype is torch.float32 and plans._tf32())
+            run = plans._plans[key]
+        except Exception:  # a new signature, or facts the key cannot hold
+            pass
+        else:
+            return run(*tensors)  # type: ignore[operator]
+    result, run = plans.planned(backend, name, tensors, *args, **kwargs)
+    if key is not None and run is not None and tensors[0].shape[0]:
+        plans.store(key, run)
+    return result
+
+
+# The operands of each op that have the call's rows (the rest have fixed shapes).
+_OP_ROWS = {"block_forward": (0,), "block_backward": (0, 1, 2, 3), "linear_residual_relu_forward": (0, 3),
+            "linear_residual_relu_backward": (0, 1, 2)}
+
 
 _NAMESPACE = "fused_residual"
 

@@ -76,7 +76,7 @@ def clear() -> None:
 dispatch.on_reset(clear)
 
 
-def _store(key: tuple, plan: object) -> None:
+def store(key: tuple, plan: object) -> None:
     with _lock:
         if len(_plans) >= MAX_PLANS:
             del _plans[next(iter(_plans))]  # the oldest
@@ -88,7 +88,7 @@ def _backend_choice():
     return _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR)
 
 
-def _rows_facts(t: Tensor) -> tuple:
+def rows_facts(t: Tensor) -> tuple:
     """``(M, facts)`` of an operand whose row count varies: M and everything else a plan depends on."""
     s = t.shape
     n = s[-1]
@@ -98,11 +98,11 @@ def _rows_facts(t: Tensor) -> tuple:
                (m - 1).bit_length(), m == 1, m & 15 == 0, m >> 31)
 
 
-def _facts(t: Tensor | None) -> tuple | None:
+def tensor_facts(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
 
 
-def _planned(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
+def planned(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
     """``(backend.<name>(*tensors, *args, **kwargs), run)`` where ``run(*tensors)`` computes it again for new
     tensors of the same signature: the backend's own ``plan_<name>`` where it has one, else a call of ``<name>``."""
     planner = getattr(backend, f"plan_{name}", None)
@@ -130,33 +130,6 @@ class Run:
 
     def __call__(self, *tensors):
         return self.function(*tensors)
-
-
-def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
-    """``backend.<name>(*tensors, *args, **kwargs)`` (a tuple) for a registered op (``ops.py``: what a compiled graph
-    calls), through a plan keyed by each tensor's facts (those with the call's rows as in a call's key), the
-    arguments and TF32, so that later calls replay recorded steps."""
-    key = None
-    if ENABLED:
-        try:
-            with_rows = _OP_ROWS[name]
-            key = ("op", backend.NAME, name, *(_rows_facts(t)[1] if i in with_rows and t is not None else _facts(t)
-                                              for i, t in enumerate(tensors)),
-                   args, tuple(kwargs.items()), tensors[0].dtype is _F32 and _tf32())
-            run = _plans[key]
-        except Exception:  # a new signature, or facts the key cannot hold
-            pass
-        else:
-            return run(*tensors)  # type: ignore[operator]
-    result, run = _planned(backend, name, tensors, *args, **kwargs)
-    if key is not None and run is not None and tensors[0].shape[0]:
-        _store(key, run)
-    return result
-
-
-# The operands of each op that have the call's rows (the rest have fixed shapes).
-_OP_ROWS = {"block_forward": (0,), "block_backward": (0, 1, 2, 3), "linear_residual_relu_forward": (0, 3),
-            "linear_residual_relu_backward": (0, 1, 2)}
 
 
 def needs_autograd(*tensors: Tensor | None) -> bool:
@@ -213,7 +186,7 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
             cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
-            _store(key, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype))
+            store(key, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype))
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
 
@@ -275,7 +248,7 @@ class BlockPlan:
         run = self.forward
         if run is not None:
             return run(x, w1, b1, w2, b2, ws)
-        result, self.forward = _planned(self.backend, "block_forward", (x, w1, b1, w2, b2, ws), self.form, save=save,
+        result, self.forward = planned(self.backend, "block_forward", (x, w1, b1, w2, b2, ws), self.form, save=save,
                                         variant=self.variants[0])
         return result
 
@@ -289,7 +262,7 @@ class BlockPlan:
             return run(dout, x, saved, out, w1, w2, ws)
         if dispatch.backward_builds_graph():
             return None  # the Function differentiates through the composite
-        grads, run = _planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws), self.form, needs,
+        grads, run = planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws), self.form, needs,
                               dx_dtype=x_dtype, variant=self.variants[1])
         if run is not None and dout.shape[0]:
             self.backwards[key] = run
@@ -367,16 +340,19 @@ def save_block(ctx, form: Form, x: Tensor, hidden: Tensor, out: Tensor, w1: Tens
 # ---- the single fused layer -----------------------------------------------------------------------------------
 
 def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """``relu(h W^T + b + residual)`` on a call's operands: its plan, or the layered path that validates them."""
-    key, m = None, 0
-    if ENABLED and not (_autocast_on() or _compiling() or _functorch_on()):
+    """``relu(h W^T + b + residual)`` on a call's operands: its plan, or the layered path that validates them.
+    Under autocast the key holds its dtype, and the plan casts as the layered path does."""
+    key, m, low = None, 0, None
+    if ENABLED and not (_compiling() or _functorch_on()):
         try:
-            m, h_facts = _rows_facts(h)
-            r_facts = _rows_facts(residual)[1]
+            if _autocast_on():
+                low = checks.autocast_dtype(h)
+            m, h_facts = rows_facts(h)
+            r_facts = rows_facts(residual)[1]
             needs = (h.requires_grad, w.requires_grad, b is not None and b.requires_grad,
                      residual.requires_grad) if _grad_enabled() else None
-            key = ("linear_residual_relu", needs, _backend_choice(), h_facts, r_facts, _facts(w),
-                   _facts(b), h.dtype is _F32 and _tf32())
+            key = ("linear_residual_relu", needs, _backend_choice(), h_facts, r_facts, tensor_facts(w),
+                   tensor_facts(b), h.dtype is _F32 and _tf32(), low)
             plan = _plans[key]
         except Exception:
             pass
@@ -384,6 +360,7 @@ def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: T
             return plan(h, w, b, residual)  # type: ignore[operator]
         if not m:
             key = None
+    given = (h, w, b)
     h, w, b = checks.linear_residual_relu_operands(h, w, b, residual)
     training = needs_autograd(h, w, b, residual)
     chosen = dispatch.route(h, w, None, SEED_FORM, training)
@@ -393,8 +370,24 @@ def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: T
     plan = LayerPlan(chosen.backend, training)
     out = plan(h, w, b, residual)
     if key is not None and plan.forward is not None:
-        _store(key, plan)
+        cast = tuple(a is not c for a, c in zip((h, w, b), given, strict=True))
+        store(key, plan if low is None else AutocastLayerPlan(plan, low, cast, w.dtype))
     return out
+
+
+class AutocastLayerPlan:
+    """A single-layer plan under autocast: ``w`` and ``b`` cast to ``low`` and ``h`` to the weights' dtype where
+    ``checks.linear_residual_relu_operands`` casts them (``cast``: h, w, b)."""
+
+    __slots__ = ("plan", "low", "cast", "h_dtype")
+
+    def __init__(self, plan: LayerPlan, low: torch.dtype, cast: tuple[bool, ...], h_dtype: torch.dtype):
+        self.plan, self.low, self.cast, self.h_dtype = plan, low, cast, h_dtype
+
+    def __call__(self, h, w, b, residual):
+        cast_h, cast_w, cast_b = self.cast
+        return self.plan(h.to(self.h_dtype) if cast_h else h, w.to(self.low) if cast_w else w,
+                         b.to(self.low) if cast_b else b, residual)
 
 
 class LayerPlan:
@@ -419,7 +412,7 @@ class LayerPlan:
         run = self.forward
         if run is not None:
             return run(h, w, b, residual)[0]
-        result, self.forward = _planned(self.backend, "linear_residual_relu_forward", (h, w, b, residual))
+        result, self.forward = planned(self.backend, "linear_residual_relu_forward", (h, w, b, residual))
         return result[0]
 
     def run_backward(self, dout, h, out, w, needs, h_dtype):
@@ -432,7 +425,7 @@ class LayerPlan:
             return run(dout, h, out, w)
         if dispatch.backward_builds_graph():
             return None
-        grads, run = _planned(self.backend, "linear_residual_relu_backward", (dout, h, out, w), needs,
+        grads, run = planned(self.backend, "linear_residual_relu_backward", (dout, h, out, w), needs,
                               dh_dtype=h_dtype)
         if run is not None and dout.shape[0]:
             self.backwards[key] = run

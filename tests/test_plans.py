@@ -235,6 +235,64 @@ def test_plans_match_the_layered_path_over_random_signature_changes(use_backend,
     assert calls - len(built) >= 20, "the second call of each signature is served by its plan"
 
 
+def make_layer_operands(rows=20, width=24, dtype=torch.float32, seed=0, grad=False):
+    """``(h, w, b, residual)`` of the single fused layer."""
+    torch.manual_seed(seed)
+    h, residual = torch.randn(rows, width, dtype=dtype), torch.randn(rows, width, dtype=dtype)
+    w, b = torch.randn(width, width, dtype=dtype) / width**0.5, torch.randn(width, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (h, w, b, residual)]
+
+
+def run_layer(h, w, b, residual, backward=False):
+    out = fr.functional.linear_residual_relu(h, w, b, residual)
+    if not backward:
+        return [out.detach()]
+    leaves = [t for t in (h, w, b, residual) if t is not None and t.requires_grad]
+    return [out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out) * 0.5 + out.detach() * 0.25)]
+
+
+LAYER_CHANGES = {
+    "row bucket": lambda ops: make_layer_operands(rows=40, seed=2),
+    "dtype": lambda ops: [t.half() for t in ops],
+    "h strided": lambda ops: [torch.randn(20, 48)[:, :24], *ops[1:]],
+    "w strides": lambda ops: [ops[0], transposed_layout(ops[1]), *ops[2:]],
+    "b absent": lambda ops: [*ops[:2], None, ops[3]],
+    "residual misaligned": lambda ops: [*ops[:3], misaligned(ops[3])],
+    "residual needs a gradient": lambda ops: [*ops[:3], ops[3].detach().clone().requires_grad_(True)],
+}
+
+
+@pytest.mark.parametrize("choice", ["triton", "torch"])
+@pytest.mark.parametrize("change", LAYER_CHANGES)
+def test_every_fact_in_the_single_layers_key_changed_alone_misses(use_backend, fresh_plans, choice, change):
+    use_backend(choice)
+    run_layer(*make_layer_operands())
+    again = make_layer_operands(rows=21, seed=1)  # same bucket and class: the plan serves it
+    assert_same_bits(run_layer(*again), layered(lambda: run_layer(*again)))
+    assert len(plans._plans) == 1
+    changed = LAYER_CHANGES[change](make_layer_operands(seed=2))
+    backward = any(t is not None and t.requires_grad for t in changed)
+    result = run_layer(*changed, backward=backward)
+    assert len(plans._plans) == 2, "the changed fact must not find the first plan"
+    assert_same_bits(result, layered(lambda: run_layer(*changed, backward=backward)))
+
+
+@pytest.mark.parametrize("choice", ["triton", "torch"])
+def test_the_single_layer_under_autocast_is_planned_and_casts_like_the_layered_path(use_backend, fresh_plans,
+                                                                                     choice):
+    use_backend(choice)
+    run_layer(*make_layer_operands(grad=True), backward=True)
+    for seed in (1, 2, 3):  # the second and third find the first one's plan
+        ops = make_layer_operands(seed=seed, grad=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            result = run_layer(*ops, backward=True)
+            expected = layered(lambda ops=ops: run_layer(*ops, backward=True))
+        assert_same_bits(result, expected)
+        assert not torch.equal(result[0], run_layer(*ops)[0]), "the GEMM ran in float16"
+    assert len(plans._plans) == 2, "one plan without autocast, one with it"
+    assert sum(isinstance(p, plans.AutocastLayerPlan) for p in plans._plans.values()) == 1
+
+
 def test_a_row_count_that_splits_k_after_one_that_did_not(use_backend, fresh_plans):
     """One plan (rows 1040 and 2048: the same bucket and class) serves a weight gradient without split-K slices,
     then one with them (its workspace a register the first member did not name): both as the layered path."""
