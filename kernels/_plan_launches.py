@@ -1,5 +1,5 @@
 """The kernels' launches as recorded steps (``_plan.py``), their arguments laid out as the kernels' wrappers
-(``fused_linear.fused_linear``, ``whole_block.forward`` / ``backward``) lay them out; ``tests/test_plans.py``
+(``fused_linear.fused_linear``, ``whole_block.forward`` / ``backward``) lay them out; ``tests/test_plan_launches.py``
 checks, launch by launch, that both make the same launches. Beside them, the grids' forms and the row-count keys
 that the replay evaluates per call with arithmetic alone.
 """
