@@ -36,7 +36,7 @@ def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
     shortcut = x if ws is None else F.linear(x_low, ws)
     if form.final_activation is None:
         return _finish(y, shortcut, form)
-    return torch.relu_(y.add_(shortcut))  # the seed's `out += identity`: y is F.linear's own tensor, never a view
+    return torch.relu_(y.add_(shortcut))  # the reference's `out += identity`: y is F.linear's own tensor, never a view
 
 
 def _hidden(pre: Tensor, form: Form) -> Tensor:
@@ -45,7 +45,7 @@ def _hidden(pre: Tensor, form: Form) -> Tensor:
 
 
 def _finish(y: Tensor, s: Tensor, form: Form) -> Tensor:
-    """``final(y + s)``. The seed's ``out += identity`` keeps linear2's dtype; it is written out of place, since
+    """``final(y + s)``. The reference's ``out += identity`` keeps linear2's dtype; it is written out of place, since
     linear2's output may be a view that autograd forbids modifying (a module with a full backward hook returns
     one). The FFN form's ``s + y`` promotes, as written out of place by users."""
     out = s + y

@@ -125,11 +125,11 @@ def lookup(found: tuple[Table, ...], dtype: torch.dtype, width: int, hidden: int
 
 
 # The first GPU measurement's wall-time wins of the Triton kernels (H200, torch 2.11, triton 3.6, 2026-11-26,
-# ../shared/measurements): the whole-block forward at width 128 and 65536 rows, bf16 1.56x and fp16 1.39x. It
+# benchmarks/results/h200-2026-11-26-44834e3): whole-block forward, width 128, 65536 rows: bf16 1.56x, fp16 1.39x. It
 # lost at widths 32 and 64 (host cost per launch), every two-GEMM shape and every training step.
 MEASURED_WINS = {("forward", torch.bfloat16, 128), ("forward", torch.float16, 128)}
 MEASURED_ROWS = 1 << 16
-# CPU (``python -m fused_residual.tune --device cpu``, two runs on a 2-core EPYC, benchmarks/results/cpu-*-tune):
+# CPU (``python -m fused_residual.tune --device cpu``, two runs on a 2-core EPYC, results/cpu-2026-11-26-76e4445/tune):
 # below this row bucket the block's Function costs more than it saves (training 16 x 16: 0.85x the reference's
 # wall time, the composite 0.95x; forward the composite 1.1-1.2x); from it on the torch backend's fewer passes
 # over memory win (training 65536 x 32: 1.19x, 4096 x 256: 1.13x).

@@ -134,7 +134,7 @@ def _auto(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, 
             triton_backend = None
     if form == SEED_FORM:
         winner = dispatch.winner(device, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None, training)
-    else:  # no form but the seed's was measured: the rule's non-Triton choice (projection=True never takes Triton)
+    else:  # only the reference form was measured: the rule's non-Triton choice (projection=True never takes Triton)
         winner = dispatch.conservative(device.type, dtype, x.shape[-1], w1.shape[0], rows_, True, training)
     if winner.startswith("triton"):
         if triton_backend is not None:

@@ -1,7 +1,7 @@
 """Whole residual block in one kernel, forward and fused backward, h never written unless training needs it.
 
 The block ``out = final(act(x W1^T + b1) W2^T + b2 + x)``, ``act`` one of ``kernels/activations.py`` and
-``final`` ReLU (the seed block) or nothing (the FFN form), both constexprs. The backend runs these kernels with
+``final`` ReLU (the reference block) or nothing (the FFN form), both constexprs. The backend runs these kernels with
 ``act`` = ReLU only: the smooth activations compute right here but spill registers in the backward beyond width 16
 and in the forward at width 128 on sm_80, so they are not compiled ahead of time and take the two-GEMM kernels.
 ``F`` = in = hidden = out features, padded to WIDTH, a power of two >= 16; the pad is masked to zero on load, never
