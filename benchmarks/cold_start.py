@@ -11,8 +11,8 @@ For each width, three fresh processes share one new, empty Triton cache director
 
 Each process times its import of torch and fused_residual, CUDA's start-up, the first training step
 (``FusedResidualBlock`` forward + ``backward(dout)``, synchronized) and a second one (steady state), and checks
-that step against the eager reference (``harness.PARITY_TOLERANCE``). The parent adds the whole process's wall
-time and the number of compiled kernels (``*.cubin``) in the cache. Issue 10's target: the first step of the
+that step against the eager reference (``checks.PARITY_TOLERANCE``). The parent adds the whole process's wall
+time and the number of compiled kernels (``*.cubin``) in the cache. The cold-start target: the first step of the
 empty-cache process <= 20 s on an H100.
 
 Each process's record is printed and, with ``--out``, appended to a JSON-lines file at once (``records.py``,
@@ -38,7 +38,7 @@ from . import records
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("empty", "warm", "warm_tuned")
 READS_AUTOTUNE_CACHE = {"empty": True, "warm": False, "warm_tuned": True}  # TRITON_CACHE_AUTOTUNING per process
-TARGET_S = 20.0  # issue 10: the first forward + backward at a new width, empty cache, on an H100
+TARGET_S = 20.0  # the cold-start target: the first forward + backward at a new width, empty cache, on an H100
 DEFAULTS = {"cuda": {"dtype": "bf16", "rows": 16384, "widths": [256], "backend": "triton"},
             "cpu": {"dtype": "fp32", "rows": 256, "widths": [64], "backend": "auto"}}
 
@@ -63,7 +63,11 @@ def child(device: str, dtype: str, rows: int, width: int) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     from .cases import FUSED, Case
-    from .harness import PARITY_TOLERANCE, SEED, TORCH_DTYPES, backend_name, device_name, environment, relative_error
+    from .checks import PARITY_TOLERANCE, relative_error
+    from .clocks import TORCH_DTYPES
+    from .env_info import device_name, environment
+    from .harness import backend_name
+    from .impls import SEED
 
     factory = {"device": device, "dtype": TORCH_DTYPES[dtype]}
     torch.manual_seed(SEED)
