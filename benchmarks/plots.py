@@ -77,15 +77,19 @@ def _draw_panel(ax, rows: list[Row], timer: str, categorical: bool, colors: list
                 yerr = [[spread.value - spread.q1], [spread.q3 - spread.value]] if has_bar else None
                 ax.errorbar([x], [spread.value], yerr=yerr, fmt=marker, color=color[width], capsize=3,
                             markerfacecolor=color[width] if filled else "white", markersize=5)
-                if spread.rounds:
-                    ax.annotate(f"n={spread.rounds}", (x, spread.q3 if has_bar else spread.value),
-                                textcoords="offset points", xytext=(0, 4), ha="center", fontsize=6)
+                if spread.rounds:  # paired counts below their points, separate ones above: no overlap
+                    below = name == "paired"
+                    anchor = (spread.q1 if below else spread.q3) if has_bar else spread.value
+                    ax.annotate(f"n={spread.rounds}", (x, anchor), textcoords="offset points",
+                                xytext=(0, -9 if below else 4), ha="center", fontsize=6)
                 if flagged(row, timer):
                     ax.plot([x], [spread.value], "x", color="red", markersize=9, mew=2)
                 drawn = True
             if not categorical and len(found) > 1 and name == ("paired" if series["paired"] else "separate"):
                 ax.plot([f[0] for f in found], [f[1].value for f in found], "-", color=color[width], linewidth=1)
     ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_yscale("log", base=2)  # ratios: 2x faster and 2x slower sit as far from 1
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     if categorical:
         ax.set_xticks(range(len(shapes)), [f"{r} x {w}" for w, r in shapes], rotation=30, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(shapes) - 0.4)
