@@ -33,6 +33,7 @@ MESSAGE_CHARS = 600  # enough for the first lines of an assertion message
 def append(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append ``record`` as one line and push it to the disk before returning."""
     line = json.dumps(record, default=str) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()

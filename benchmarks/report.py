@@ -66,7 +66,8 @@ def render(sections: list[Section], timer: str, figures: dict[str, list[tuple[st
            "`fused/bare-gemm` is the fused block's time over its GEMMs alone (`torch.mm`, no epilogues): 1.00x is "
            f"the floor. `{RO}`: the reference over the fused module, both under "
            '`torch.compile(mode="reduce-overhead")` (CUDA graphs).', "",
-           "Modes: " + "; ".join(MODE_CAPTIONS.values()) + ".", ""]
+           "Modes: " + "; ".join(text for mode, text in MODE_CAPTIONS.items()
+                                 if any(row.mode == mode for s in sections for row in s.rows.values())) + ".", ""]
     for section in sections:
         t = section_timer(section, timer)
         out += [f"## {section.title}", "", *tables.source_lines(section), "",

@@ -87,8 +87,9 @@ def speed_table(section: Section, rows: list[Row], timer: str) -> list[str]:
     if has_paired:
         ratio_cols.insert(1, PAIRED)
     cuda = section.device == "cuda"
-    rounds_label = "rounds eager / fused" + (" / pairs" if has_paired else "")
-    header = ["shape", "dtype", "mode", *[f"{i} ms" for i in impls], *ratio_cols, rounds_label]
+    with_rounds = any(set(_rounds(r, timer).split(" / ")) != {"—"} for r in rows)
+    rounds_label = ["rounds eager / fused" + (" / pairs" if has_paired else "")] if with_rounds else []
+    header = ["shape", "dtype", "mode", *[f"{i} ms" for i in impls], *ratio_cols, *rounds_label]
     if cuda:
         header += ["fused GB/s (of copy)", "fused TFLOP/s (of matmul)"]
     header.append("note")
@@ -103,7 +104,8 @@ def speed_table(section: Section, rows: list[Row], timer: str) -> list[str]:
                 cells.append(x_spread(paired_spread(row)))
             else:
                 cells.append(x(r[column]))
-        cells.append(_rounds(row, timer))
+        if with_rounds:
+            cells.append(_rounds(row, timer))
         if cuda:
             a = achieved(section, row, timer)
             cells.append("—" if a["GBps"] is None else
@@ -225,8 +227,9 @@ def source_lines(section: Section) -> list[str]:
                                        for r in row.records.values() if r.extra.get("ceilings")), None)
         if c and section.device == "cuda":
             mm = ", ".join(f"{k} {v:.0f}" for k, v in c.get("matmul_TFLOPs", {}).items())
+            tf32 = "" if c.get("allow_tf32") is None else f" (allow_tf32={c['allow_tf32']})"
             lines.append(f"  - ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read + write); "
-                         f"{c.get('matmul_n', 8192)}^3 matmul TFLOP/s: {mm} (allow_tf32={c.get('allow_tf32')})")
+                         f"{c.get('matmul_n', 8192)}^3 matmul TFLOP/s: {mm}{tf32}")
     return lines
 
 

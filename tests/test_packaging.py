@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -46,8 +47,11 @@ def test_gpu_extra_sets_a_triton_floor_without_an_upper_pin():
 
 def test_the_wheel_ships_py_typed_the_license_and_the_dispatch_tables_readme(tmp_path):
     pytest.importorskip("setuptools", minversion="77")
+    source = tmp_path / "src"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
+                                                                  "__pycache__", "results", ".*_cache"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr, done.stderr  # e.g. setuptools' BuildBackendWarning
     (wheel,) = tmp_path.glob("fused_residual-*.whl")
