@@ -368,3 +368,21 @@ def test_reduce_overhead_variants_compile_the_reference_or_the_fused_block(impl,
     built = impls.build_impl(case, reference)  # torch.compile is lazy: nothing compiles here
     assert built.compiled and type(built.module).__name__ == module_type
     torch.testing.assert_close(built.module.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("args", [["--rows", "0"], ["--width", "abc"], ["--timeout", "-1"], ["--dtype", "int8"]])
+def test_cold_start_rejects_bad_values_with_a_usage_error(args, capsys):
+    from benchmarks import cold_start
+
+    with pytest.raises(SystemExit) as stopped:
+        cold_start.main(["--device", "cpu", *args])
+    assert stopped.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_cold_start_takes_the_main_commands_dtype_spelling(monkeypatch):
+    from benchmarks import cold_start
+
+    seen = []
+    monkeypatch.setattr(cold_start, "measure", lambda device, dtype, *rest: seen.append(dtype) or [])
+    assert cold_start.main(["--device", "cpu", "--dtype", "float32"]) == 0
+    assert seen == ["fp32"]
