@@ -89,6 +89,7 @@ def _draw_panel(ax, rows: list[Row], timer: str, categorical: bool, colors: list
                 ax.plot([f[0] for f in found], [f[1].value for f in found], "-", color=color[width], linewidth=1)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_yscale("log", base=2)  # ratios: 2x faster and 2x slower sit as far from 1
+    ax.margins(y=0.15)  # room for the round counts above and below the outermost bars
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     if categorical:
         ax.set_xticks(range(len(shapes)), [f"{r} x {w}" for w, r in shapes], rotation=30, ha="right", fontsize=7)
@@ -125,7 +126,8 @@ def plot(section: Section, timer: str, out_dir) -> list[tuple[str, str]]:
         for r in every:
             width_rows.setdefault(r.width, set()).add(r.rows)
         categorical = all(len(v) == 1 for v in width_rows.values())
-        fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes) + 1, 4.6), sharey=True, squeeze=False)
+        fig_width = 4.2 * len(modes) + 1
+        fig, axes = plt.subplots(1, len(modes), figsize=(fig_width, 4.6), sharey=True, squeeze=False)
         for ax, mode in zip(axes[0], modes, strict=True):
             _draw_panel(ax, by_mode[mode], timer, categorical, colors)
             ax.set_title(mode, fontsize=9)
@@ -143,8 +145,8 @@ def plot(section: Section, timer: str, out_dir) -> list[tuple[str, str]]:
                    frameon=False)
         fig.suptitle(f"{section.device_name} ({section.device}): {KIND_TITLES.get(kind, kind)}, {dtype}",
                      fontsize=10, y=0.99)
-        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(text, 150 + 60 * (len(modes) - 1))), fontsize=6.5,
-                 va="bottom")
+        chars_per_line = int(fig_width * 19)  # what fits across the figure at this font size
+        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(text, chars_per_line)), fontsize=6.5, va="bottom")
         fig.tight_layout(rect=(0, 0.1, 1, 0.88))
         name = f"speedup-{section.slug}-{kind}-{dtype}.png"
         fig.savefig(out_dir / name, dpi=110)
