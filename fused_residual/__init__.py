@@ -6,7 +6,8 @@ swaps them back.
 """
 
 from . import functional
-from .modules import FusedResidualBlock, FusedResidualNet, fuse, unfuse
+from .fusing import fuse, unfuse
+from .modules import FusedResidualBlock, FusedResidualNet
 from .reference import ResidualBlock, ResidualNet
 from .routing import ENV_VAR as BACKEND_ENV_VAR
 

@@ -11,7 +11,9 @@ winner. Tables are read from, in this order: the file named by ``FUSED_RESIDUAL_
 tuned tables (``~/.cache/fused_residual/`` or ``$FUSED_RESIDUAL_CACHE``), and the tables shipped in
 ``fused_residual/dispatch_tables/``. A table of the same device name is preferred to one of the same compute
 capability. For a call, the entry of the same dtype, widths and mode whose row bucket is nearest (in powers of
-two) decides.
+two) decides. A table found in those folders that cannot be read (not JSON, not this format, a bad entry) is
+skipped with a warning naming the file and why; the file named by ``FUSED_RESIDUAL_DISPATCH_TABLE`` must be
+readable: otherwise every ``auto`` call raises a ValueError naming the file, the variable and why.
 
 Without an entry, the conservative rule decides (``conservative``): it takes the Triton kernels only where the
 first GPU measurement (H200, commit 44834e3, ``benchmarks/results`` and the design notes) found them faster in
@@ -23,6 +25,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,37 +67,113 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "fused_residual")
 
 
-def parse(data: dict, source: str) -> Table:
-    """A table from its JSON object (ValueError if it is not one this version reads)."""
+def parse(data: object, source: str) -> Table:
+    """A table from its JSON value; ValueError naming ``source`` and what is wrong if it is not one this version
+    reads."""
+    try:
+        return _parse(data, source)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _positive_int(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def _parse(data: object, source: str) -> Table:
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not a dispatch table (an object)")
     if data.get("format") != FORMAT:
-        raise ValueError(f"{source}: dispatch table format {data.get('format')!r}, expected {FORMAT}")
+        raise ValueError(f"dispatch table format {data.get('format')!r}, expected {FORMAT}")
+    device, cap, raw_entries = data.get("device"), data.get("capability"), data.get("entries")
+    if not isinstance(device, str):
+        raise ValueError(f"device {device!r} is not a device name")
+    if not (isinstance(cap, list) and len(cap) == 2 and all(type(c) is int for c in cap)):
+        raise ValueError(f"capability {cap!r} is not [major, minor]")
+    if not isinstance(raw_entries, list):
+        raise ValueError(f"entries {type(raw_entries).__name__ if raw_entries is not None else 'missing'}, "
+                         "expected a list")
+    dtypes = set(DTYPE_NAMES.values())
     entries: dict[tuple[str, int, int, str], dict[int, str]] = {}
-    for e in data["entries"]:
-        if e["winner"] not in CANDIDATES or e["mode"] not in MODES:
-            raise ValueError(f"{source}: bad entry {e}")
-        key = (e["dtype"], padded(e["width"]), padded(e.get("hidden", e["width"])), e["mode"])
+    for i, e in enumerate(raw_entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"bad entry {i}: {e!r} is not an object")
+        sizes = {"width": e.get("width"), "hidden": e.get("hidden", e.get("width")), "rows": e.get("rows")}
+        problem = (f"dtype {e.get('dtype')!r}" if e.get("dtype") not in dtypes
+                   else f"winner {e.get('winner')!r}" if e.get("winner") not in CANDIDATES
+                   else f"mode {e.get('mode')!r}" if e.get("mode") not in MODES
+                   else next((f"{k} {v!r}, not a positive integer" for k, v in sizes.items()
+                              if not _positive_int(v)), None))
+        if problem is not None:
+            raise ValueError(f"bad entry {i} ({problem}): {e!r}")
+        key = (e["dtype"], padded(sizes["width"]), padded(sizes["hidden"]), e["mode"])
         entries.setdefault(key, {})[bucket(e["rows"])] = e["winner"]
-    return Table(data["device"], tuple(data["capability"]), source, entries)
+    return Table(device, (cap[0], cap[1]), source, entries)
 
 
 def _read(path: Path) -> Table:
-    return parse(json.loads(path.read_text()), str(path))
+    """The table in ``path``; ValueError (or OSError) saying why it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    return _parse(data, str(path))
 
 
-@functools.cache
+# (tables, skipped) once read; built whole and published with one assignment, under a lock so that threads
+# asking at once read (and warn about) each file once.
+_loaded: tuple[tuple[Table, ...], tuple[tuple[Path, str], ...]] | None = None
+_loading = threading.Lock()
+
+
 def tables() -> tuple[Table, ...]:
-    """Every readable table, highest precedence first (see the module docstring)."""
-    paths: list[Path] = []
-    if os.environ.get(TABLE_ENV_VAR):
-        paths.append(Path(os.environ[TABLE_ENV_VAR]))
+    """Every readable table, highest precedence first (see the module docstring). A table found by scanning that
+    cannot be read is skipped with a warning (``skipped_tables()``); the one named by ``FUSED_RESIDUAL_DISPATCH_TABLE``
+    must be readable (ValueError otherwise)."""
+    return (_loaded or _load())[0]
+
+
+def skipped_tables() -> tuple[tuple[Path, str], ...]:
+    """The tables found by scanning that could not be read, with why."""
+    return (_loaded or _load())[1]
+
+
+def _load() -> tuple[tuple[Table, ...], tuple[tuple[Path, str], ...]]:
+    global _loaded
+    with _loading:
+        if _loaded is None:
+            _loaded = _scan()
+        return _loaded
+
+
+def _scan() -> tuple[tuple[Table, ...], tuple[tuple[Path, str], ...]]:
+    found: list[Table] = []
+    skipped: list[tuple[Path, str]] = []
+    named = os.environ.get(TABLE_ENV_VAR)
+    if named:
+        try:
+            found.append(_read(Path(named)))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{TABLE_ENV_VAR}={named}: cannot read this dispatch table: {e}") from None
     for folder in (user_cache_dir(), SHIPPED):
-        if folder.is_dir():
-            paths.extend(sorted(folder.glob("dispatch-*.json")))
-    return tuple(_read(p) for p in paths)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("dispatch-*.json")):
+            try:
+                found.append(_read(path))
+            except (OSError, ValueError) as e:
+                skipped.append((path, str(e)))
+                warnings.warn(f"fused_residual: skipped the dispatch table {path}: {e}", stacklevel=2)
+    return tuple(found), tuple(skipped)
 
 
 def reset() -> None:
-    tables.cache_clear()
+    global _loaded
+    _loaded = None
     _device_tables.cache_clear()
 
 

@@ -71,9 +71,9 @@ def requested() -> str:
     """The choice ``FUSED_RESIDUAL_BACKEND`` asks for: ``auto``, a registered backend's name, or ``name:variant``
     (e.g. ``triton:two_gemm``) to force one of its kernel variants. Validated."""
     global _parsed
-    raw = os.environ.get(ENV_VAR)
-    if raw == _parsed[0]:
-        return _parsed[1]
+    raw, parsed = os.environ.get(ENV_VAR), _parsed  # one read of the pair: another thread may replace it
+    if raw == parsed[0]:
+        return parsed[1]
     choice = (raw or AUTO).strip().lower() or AUTO
     if choice not in (AUTO, COMPOSITE_CHOICE) and choice.partition(":")[0] not in backends.names():
         raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join((AUTO, COMPOSITE_CHOICE, *backends.names()))}"

@@ -15,11 +15,16 @@ run stopped at any point keeps what it measured. By default it goes to the user'
 
     python -m fused_residual.tune                      # this machine's GPU (else CPU), <= 5 minutes
     python -m fused_residual.tune --device cpu --budget-s 120 --out table.json
+    python -m fused_residual.tune --dtypes bfloat16 --widths 64,128 --rows 65536 --modes forward
+
+Each entry prints ``[n of N, ETA ...]``: N is the entries planned, the ETA the time they take at the pace so far,
+capped by the budget. A bad option is a usage error (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -28,6 +33,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +44,10 @@ from . import dispatch, routing
 from .modules import FusedResidualBlock
 from .reference import ResidualBlock
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The main command's spellings (and the tables'); the short forms are refused with a hint, not guessed.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CUDA_DTYPES = ("bfloat16", "float16", "float32")
+CPU_DTYPES = ("float32",)
 CUDA_WIDTHS = (64, 128, 256, 32, 512, 1024, 4096, 16, 2048)
 CUDA_ROWS = (65536, 16384, 1024)
 CPU_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)
@@ -215,34 +224,131 @@ def default_out(device: torch.device) -> Path:
     return dispatch.user_cache_dir() / f"dispatch-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
 
 
+def write_table(path: Path, table: dict) -> None:
+    """Write ``table`` to ``path`` atomically: a temporary file beside it, then a rename. A reader (or a run
+    stopped at any point) sees the previous whole table or the new one, never part of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(table, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+_SHORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+
+
+def _listed(item: Callable[[str], object], what: str) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list of ``item``s, at least one, no repeats."""
+
+    def parse(text: str) -> list:
+        words = [w.strip() for w in text.split(",")]
+        if not all(words):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty item in a comma-separated list of {what}")
+        values = [item(w) for w in words]
+        repeated = [str(v) for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given twice")
+        return values
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number of seconds")
+    return value
+
+
+def _dtype(text: str) -> str:
+    if text in DTYPES:
+        return text
+    hint = f" (did you mean {_SHORT_DTYPES[text]}?)" if text in _SHORT_DTYPES else ""
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(DTYPES)}{hint}")
+
+
+def _mode(text: str) -> str:
+    if text not in dispatch.MODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(dispatch.MODES)}")
+    return text
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: tune measures on cpu or cuda[:index]")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA device")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(prog="python -m fused_residual.tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=default_device)
-    parser.add_argument("--out", type=Path, help="table path (default: the user's tuned tables, used by auto)")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting entries after this")
-    parser.add_argument("--seconds", type=float, default=None, help="timing seconds per entry")
-    parser.add_argument("--dtypes", default=None, help="comma-separated, of bf16, fp16, fp32 (default: CUDA "
-                        "bf16,fp16,fp32; CPU fp32)")
-    parser.add_argument("--widths", default=None, help="comma-separated widths")
-    parser.add_argument("--rows", default=None, help="comma-separated row counts")
-    parser.add_argument("--modes", default="forward,train")
+    parser = argparse.ArgumentParser(prog="python -m fused_residual.tune",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument("--device", type=_device, default=default_device,
+                        help="where to measure: cpu, cuda or cuda:N (default: cuda where there is one, else cpu; "
+                             "here %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="table path (default: the user's tuned tables, which auto reads: "
+                             f"{dispatch.user_cache_dir()}/dispatch-<device>.json)")
+    parser.add_argument("--budget-s", type=_positive_float, default=300.0, metavar="SECONDS",
+                        help="start no entry after this many seconds (default: %(default)s)")
+    parser.add_argument("--seconds", type=_positive_float, default=None,
+                        help="timing seconds per entry (default: 0.3 on CUDA, 1.0 on the CPU)")
+    parser.add_argument("--dtypes", type=_listed(_dtype, "dtypes"), default=None,
+                        help=f"comma-separated, of {', '.join(DTYPES)} (default: {','.join(CUDA_DTYPES)} on CUDA, "
+                             f"{','.join(CPU_DTYPES)} on the CPU)")
+    parser.add_argument("--widths", type=_listed(_positive_int, "widths"), default=None,
+                        help="comma-separated block widths (default: CUDA "
+                             f"{','.join(map(str, CUDA_WIDTHS))}; CPU {','.join(map(str, CPU_WIDTHS))})")
+    parser.add_argument("--rows", type=_listed(_positive_int, "row counts"), default=None,
+                        help=f"comma-separated row counts (default: CUDA {','.join(map(str, CUDA_ROWS))}; CPU "
+                             f"{','.join(map(str, CPU_ROWS))}; on the CPU rows x width above 2^23 is skipped)")
+    parser.add_argument("--modes", type=_listed(_mode, "modes"), default=list(dispatch.MODES),
+                        help=f"comma-separated, of {', '.join(dispatch.MODES)}: inference (no autograd), or a "
+                             f"forward and backward step (default: {','.join(dispatch.MODES)})")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
-    default_dtypes = "bf16,fp16,fp32" if args.device.type == "cuda" else "fp32"
-    args.dtypes = [d for d in (args.dtypes or default_dtypes).split(",") if d]
-    unknown = [d for d in args.dtypes if d not in DTYPES]
-    if unknown:
-        parser.error(f"unknown dtypes {unknown}; choose from {', '.join(DTYPES)}")
-    args.widths = [int(w) for w in args.widths.split(",")] if args.widths else None
-    args.rows = [int(r) for r in args.rows.split(",")] if args.rows else None
-    args.modes = [m for m in args.modes.split(",") if m]
+    if args.dtypes is None:
+        args.dtypes = list(CUDA_DTYPES if args.device.type == "cuda" else CPU_DTYPES)
     if args.seconds is None:
         args.seconds = 0.3 if args.device.type == "cuda" else 1.0
     args.out = args.out or default_out(args.device)
     return args
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,25 +356,31 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     table = header(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    plan = [(dtype_name, width, rows, mode)
+            for dtype_name, width, rows in shapes(args.device.type, args.dtypes, args.widths, args.rows)
+            for mode in args.modes]
     print(f"tune: {table['device']} | torch {table['torch']} | triton {table['triton']} -> {args.out}", flush=True)
-    for dtype_name, width, rows in shapes(args.device.type, args.dtypes, args.widths, args.rows):
-        for mode in args.modes:
-            if time.monotonic() - started > args.budget_s:
-                print(f"tune: budget of {args.budget_s:.0f} s spent; {len(table['entries'])} entries", flush=True)
-                return 0
-            try:
-                entry = measure(args.device, DTYPES[dtype_name], width, rows, mode == "train", args.seconds)
-            except torch.OutOfMemoryError:
-                print(f"  {dtype_name} {rows}x{width} {mode}: out of memory, skipped", flush=True)
-                continue
-            table["entries"].append(entry)
-            tmp = args.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(table, indent=1) + "\n")
-            tmp.replace(args.out)  # a stopped run leaves a whole table
-            times = "  ".join(f"{k} {v:.1f}" for k, v in entry["us"].items())
-            print(f"  {dtype_name} {rows:>6}x{width:<5} {mode:<7} winner {entry['winner']:<19} "
-                  f"{entry['reference_over_winner']:.2f}x vs reference | us: {times}", flush=True)
-    print(f"tune: done, {len(table['entries'])} entries in {time.monotonic() - started:.0f} s", flush=True)
+    print(f"tune: {len(plan)} entries planned, a budget of {_duration(args.budget_s)}", flush=True)
+    for done, (dtype_name, width, rows, mode) in enumerate(plan):
+        elapsed = time.monotonic() - started
+        if elapsed > args.budget_s:
+            print(f"tune: budget of {_duration(args.budget_s)} spent; {len(table['entries'])} of {len(plan)} "
+                  "entries measured", flush=True)
+            return 0
+        try:
+            entry = measure(args.device, DTYPES[dtype_name], width, rows, mode == "train", args.seconds)
+        except torch.OutOfMemoryError:
+            print(f"  {dtype_name} {rows}x{width} {mode}: out of memory, skipped", flush=True)
+            continue
+        table["entries"].append(entry)
+        write_table(args.out, table)  # after each entry: a stopped run keeps what it measured
+        elapsed = time.monotonic() - started
+        remaining = min(elapsed / (done + 1) * (len(plan) - done - 1), max(0.0, args.budget_s - elapsed))
+        times = "  ".join(f"{k} {v:.1f}" for k, v in entry["us"].items())
+        print(f"  [{done + 1} of {len(plan)}, ETA {_duration(remaining)}] {dtype_name} {rows:>6}x{width:<5} "
+              f"{mode:<7} winner {entry['winner']:<19} {entry['reference_over_winner']:.2f}x vs reference | us: "
+              f"{times}", flush=True)
+    print(f"tune: done, {len(table['entries'])} entries in {_duration(time.monotonic() - started)}", flush=True)
     return 0
 
 

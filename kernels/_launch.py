@@ -53,6 +53,13 @@ and on a Triton whose ``JITFunction.run`` / ``Autotuner.run`` lack the exact sta
 once on their source, a feature test rather than a version test: 3.6.0, 3.8.0 and 3.9.0 pass).
 Autotuning is decided once per key, as Triton's own cache does: clearing ``Autotuner.cache`` needs ``clear()``.
 
+Threads: Triton's interpreter keeps the running program's ids and its patches of ``triton.language`` in
+process-wide state, so two interpreted launches at once raise or compute wrong results. Interpreted launches
+(a kernel decorated while ``TRITON_INTERPRET=1``) are therefore serialised by one process-wide lock; compiled
+launches take no lock. Compiled launches may come from several threads: a cache entry is built whole before it is
+stored with one dict assignment, and a miss (Triton's path, then ``_store``) holds the launcher's own lock, so the
+autotuner's ``best_config`` read for an entry is the one chosen for that call, not another thread's.
+
 Counting: every launch through a ``CachedLauncher`` adds 1 to ``launch_counts()[name]`` (name: the kernel
 function's ``__name__``), on either path and under the interpreter; ``triton_path_counts()`` counts the ones
 that went through Triton. Autotuning's benchmark launches are not counted.
@@ -66,6 +73,7 @@ import inspect
 import operator
 import os
 import re
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -75,6 +83,7 @@ import torch
 from triton import knobs as _knobs
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver as _driver
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction, mangle_type
 
 ENABLED: bool = os.environ.get("FUSED_RESIDUAL_LAUNCH_CACHE", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -226,6 +235,19 @@ for _name in ("__contains__", "__iter__", "__len__", "__reversed__", "__eq__", "
     setattr(_BoundArgs, _name, _filled_first(_name))
 
 
+_INTERPRETER_LOCK = threading.RLock()  # one interpreted launch at a time, process-wide (module docstring)
+
+
+def _interpreted(kernel: Any) -> bool:
+    """Whether ``kernel`` (or the function an autotuner or heuristics wraps) runs in Triton's interpreter."""
+    fn = kernel
+    while fn is not None and not inspect.isfunction(fn):
+        if isinstance(fn, InterpretedFunction):
+            return True
+        fn = getattr(fn, "fn", None)
+    return False
+
+
 def _base_function(kernel: Any) -> Any:
     fn = kernel
     while not inspect.isfunction(fn) and hasattr(fn, "fn"):
@@ -245,6 +267,8 @@ class CachedLauncher:
         jit = kernel.fn if self._tuner is not None else kernel
         self._jit = jit if getattr(type(jit), "run", None) is JITFunction.run else None
         self._plans: dict[tuple[type, ...], _Plan] | None = None
+        self._interpreted = _interpreted(kernel)
+        self._miss_lock = threading.Lock()
         if self._jit is not None and support_problem() is None:
             self._plans = {}
             params = self._jit.params
@@ -294,8 +318,13 @@ class CachedLauncher:
 
     def _triton_path(self, grid: Any, args: tuple, kwargs: dict) -> Any:
         _TRITON_PATH[self.name] += 1
-        compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
-        if self._plans is not None and ENABLED:
+        if self._interpreted:
+            with _INTERPRETER_LOCK:
+                return self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
+        if self._plans is None or not ENABLED:
+            return self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
+        with self._miss_lock:
+            compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
             try:
                 self.last_refusal = self._store(args, kwargs, compiled)
             except Exception as e:  # never fail a launch that Triton made; say why it was not cached

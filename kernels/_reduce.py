@@ -28,14 +28,17 @@ leaves the buffer as it found it (all 0) and the next launch needs no memset. Wh
   fresh zeroed buffer (``torch.zeros``, captured as a memset node that re-zeroes it at every replay, from the
   graph's private memory pool), never the cached one: a graph may be replayed on any stream, concurrently with
   eager work or with another graph, so it cannot share a buffer with them.
-- A launch that dies midway (a device fault) leaves counters set; a CUDA context that faulted cannot run kernels
-  again anyway.
+- A launch that stops midway leaves counters set. Under the interpreter that is an exception raised while its
+  programs run (Ctrl-C, an interpreter error): the wrappers launch inside ``reset_on_failure``, which zeroes the
+  counters again. On a GPU it is a device fault, and a CUDA context that faulted cannot run kernels again anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -75,6 +78,18 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
         size = max(count, 1024, 2 * buffer.numel() if buffer is not None else 0)
         buffer = _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
     return buffer
+
+
+@contextlib.contextmanager
+def reset_on_failure(counters: torch.Tensor | None) -> Iterator[None]:
+    """Run a launch that uses ``counters`` (None: none); if it raises, zero them: some programs may have arrived,
+    and the next launch would take an early program for the last one."""
+    try:
+        yield
+    except BaseException:
+        if counters is not None:
+            counters.zero_()
+        raise
 
 
 @triton.jit

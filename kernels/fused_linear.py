@@ -664,6 +664,8 @@ def fused_linear(
             raise ValueError(f"fused_linear: output strides {t.stride()} are too large for in-tile offsets")
     c = out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
     sums = torch.empty((M,), device=a.device, dtype=c.dtype) if rowsum else None
+    if rowsum and N == 0 and M > 0:  # the row sums ride on the GEMM's tiles: with no columns there are none
+        raise ValueError("fused_linear: rowsum needs N > 0")
     if M == 0 or N == 0:
         return c, sums
     if K == 0 and K2 == 0:
@@ -673,10 +675,11 @@ def fused_linear(
     if config is None and on_interpreter(a.device):
         config = INTERPRETER_CONFIG
     ws = counters = c
+    used_counters = None
     if split_k > 1:
         ws_elements, counter_count = _split_k_sizes(M, N, split_k, config)
         ws = torch.empty((ws_elements,), device=a.device, dtype=torch.float32)
-        counters = _reduce.arrival_counters(a.device, counter_count)
+        counters = used_counters = _reduce.arrival_counters(a.device, counter_count)
     mask = "none" if relu_mask is None else mask_on
     layout = ""
     if a.dtype == b.dtype and capability(a.device)[0] >= 9:
@@ -703,7 +706,7 @@ def fused_linear(
         "INPUT_PRECISION": input_precision(a if a.element_size() <= b.element_size() else b),
         "TMA_LAYOUT": layout,
     }
-    with launch_device(a.device):
+    with launch_device(a.device), _reduce.reset_on_failure(used_counters):
         if config is None:
             grid = lambda meta: _grid(M, N, split_k, a.device, meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"])
             _launch_tuned(grid, *args, **flags)

@@ -727,7 +727,7 @@ def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, 
         dx_arg = dx if dx is not None else dout
         x_arg = x if x is not None else dout
         out_arg = out if final_relu else dout
-        with launch_device(dout.device):
+        with launch_device(dout.device), _reduce.reset_on_failure(counters if need_weights else None):
             _launch_backward(
                 (programs,),
                 dout, out_arg, saved, x_arg, w1, w2, dx_arg, dw1, db1, dw2, db2, ws, counters, M, F,

@@ -17,6 +17,15 @@ import fused_residual as fr  # noqa: E402
 from fused_residual import backends, routing  # noqa: E402
 from fused_residual.activations import SEED_FORM  # noqa: E402
 
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fused_residual")
+    group.addoption("--fuzz-cases", type=int, default=320, metavar="N",
+                    help="cases of tests/test_fuzz.py, drawn from --fuzz-seed (default: 320)")
+    group.addoption("--fuzz-seed", type=int, default=0, metavar="S",
+                    help="seed of the fuzz cases; the same seed draws the same cases (default: 0)")
+
+
 # (atol, rtol) for a result in `dtype` compared with a float64 computation of the same math.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-10),

@@ -58,8 +58,12 @@ def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | N
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        return None if interpreter_enabled() else (
-            "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1")
+        if not interpreter_enabled():
+            return "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1"
+        if dtype == torch.bfloat16:  # (also a CPU autocast to bfloat16: the weights are cast before routing)
+            return ("bfloat16 on Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): its tl.dot computes "
+                    "bfloat16 wrongly; use float16 or float32 there, or a GPU")
+        return None
     return f"the Triton kernels do not support device type {device.type!r}"
 
 
@@ -133,7 +137,7 @@ def block_forward(
 
 def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
     """Slices of K for a weight-gradient GEMM: enough tiles to fill the GPU, each slice >= 1024 rows deep."""
-    tiles = -(-rows // 128) * -(-cols // 128)
+    tiles = max(1, -(-rows // 128) * -(-cols // 128))
     want = max(1, 2 * multiprocessors(device) // tiles)
     return max(1, min(want, k // 1024, 64))
 
@@ -146,9 +150,12 @@ def _weight_grad(g: Tensor, relu_out: Tensor | None, a: Tensor, need_w: bool, ne
     if g.shape[0] == 0:  # an empty batch: zero gradients, no launch
         zeros = g.new_zeros((g.shape[1],), dtype=dtype)
         return (g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None), (zeros if need_b else None)
-    if not need_w:  # a bias without its weight (e.g. frozen weights): a plain reduction
+    if not need_w or g.shape[1] == 0 or a.shape[1] == 0:
+        # No GEMM to run: the bias without its weight (e.g. frozen weights), or a weight with no elements (a
+        # zero-size layer): a plain reduction.
+        dw = g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None
         g = g if relu_out is None else _relu_backward(g, relu_out, 0)
-        return None, (g.sum(0, dtype=torch.float32).to(dtype) if need_b else None)
+        return dw, (g.sum(0, dtype=torch.float32).to(dtype) if need_b else None)
     split = _split_k(g.shape[1], a.shape[1], g.shape[0], g.device)
     mask = None if relu_out is None else relu_out.t()
     return fused_linear(g.t(), a, relu_mask=mask, b_activation=a_activation, rowsum=need_b, split_k=split,
