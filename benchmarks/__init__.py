@@ -4,7 +4,10 @@
   ``--bench-jsonl PATH`` writes a JSON line per finished case (``records.py``), so a stopped run keeps them.
 - ``python -m benchmarks.cold_start``: the first forward + backward at a new width, empty and warm Triton cache.
 - ``python -m benchmarks.report RESULTS [...]`` turns pytest-benchmark JSON or JSON lines into markdown and plots.
-- ``benchmarks/gpu_check.sh OUTDIR`` runs tests, benchmarks, the cold start and the report on a CUDA machine.
+- ``python -m benchmarks.host_time``: host time of a cached call, fused vs eager, on any CPU (the GPU stubbed:
+  ``fake_gpu.py``); ``host_counts.py``: deterministic counts of a call (Python calls, launches, allocations).
+- ``benchmarks/gpu_check.sh OUTDIR`` runs tests, benchmarks, the cold start, the report and the host-time
+  benchmark on a CUDA machine.
 
 See ``benchmarks/README.md``.
 """

@@ -2,13 +2,13 @@
 # benchmarks/gpu_check.sh OUTDIR [--full]
 #
 # On a CUDA machine: the CUDA tests, the dispatch-table tuner, the benchmark suite (with the tuned table), the cold
-# start, the report and the rest of the test suite, everything written into OUTDIR; a compact table of both clocks
-# (wall / host / GPU time per shape, eager vs fused) is printed last. Installs nothing: run it after
+# start, the report, the host-time benchmark and the rest of the test suite, everything written into OUTDIR; a compact
+# host-time table and the table of both clocks (wall / host / GPU time per shape, eager vs fused) are printed last. Installs nothing: run it after
 # `pip install --no-deps --no-build-isolation -e .` where torch, triton, pytest, pytest-benchmark and matplotlib
 # are already installed.
 #
 # Time: one budget of GPU_CHECK_BUDGET_S seconds (default 420; the lender allows 8 minutes for the whole script)
-# shared by the steps in order; each step gets at most its cap and leaves the reserve of the steps after it
+# shared by the steps in order (host-time takes 45 s of the benchmark step's share); each step gets at most its cap and leaves the reserve of the steps after it
 # (a step past its limit gets SIGINT, then SIGKILL 10 s later). The benchmark step runs the reduced shape set in
 # priority order (cases.priority: the measurement file's shapes, eager vs fused, first) and appends a JSON line
 # per finished case to bench.jsonl, so when the budget stops it, everything it measured is kept and reported
@@ -21,9 +21,9 @@
 # OUTDIR gets: env.json (device, versions, date, commit), nvidia-smi.txt, tests-cuda.log, tests-general.log,
 # tune.log, dispatch_table.json, bench.log, bench.jsonl (a line per finished case), raw/pytest-benchmark.json
 # (pytest-benchmark's full dump, every round's time, only if the step finished; git ignores raw/ under
-# benchmarks/results), cold-start.log, cold_start.jsonl, report.md, speedup-*.png, report.log, steps.txt.
-# Each step starts with a progress line: "[k of 6] name, elapsed, the most the rest may take".
-# Exit status: 0 if every step that ran passed.
+# benchmarks/results), cold-start.log, cold_start.jsonl, report.md, speedup-*.png, report.log, host-time.log,
+# host_time.jsonl, steps.txt. Each step starts with a progress line: "[k of 7] name, elapsed, the most the rest
+# may take". Exit status: 0 if every step that ran passed.
 set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
 
 usage() { echo "usage: $0 OUTDIR [--full]" >&2; exit 2; }
@@ -40,12 +40,14 @@ for arg in "$@"; do
 done
 # Order and caps (seconds), most important first: tests-cuda 110 (every kernel on the GPU), tune 130 (the
 # dispatch table, bf16 first), bench at least 120 (the 32 pairs of the measured shapes first), cold-start 50,
-# report 25, then tests-general with whatever is left (CI runs those tests on every commit; here they add CUDA
-# as the default device).
+# report 25, host-time 45 (CPU only: the host side of a cached call with the driver stubbed, on this host's CPU,
+# beside the real clocks above), then tests-general with whatever is left (CI runs those tests on every commit;
+# here they add CUDA as the default device).
 TESTS_CUDA_CAP=110
 TUNE_CAP=130
 COLD_CAP=50
 REPORT_CAP=25
+HOST_CAP=45
 BENCH_MIN=120
 KILL_AFTER=10
 
@@ -58,7 +60,7 @@ STARTED=$(date +%s)
 : > "$OUT/steps.txt"
 rm -f "$OUT/bench.jsonl" "$OUT/raw/pytest-benchmark.json" "$OUT/cold_start.jsonl"  # results of this run only
 mkdir -p "$OUT/raw"
-STEPS=6  # tests-cuda, tune, bench, cold-start, report, tests-general
+STEPS=7  # tests-cuda, tune, bench, cold-start, report, host-time, tests-general
 STEP_NO=0
 
 # announce NAME: the progress line of the next step, with what is left of the budget.
@@ -108,9 +110,11 @@ step() {
 DRY=${GPU_CHECK_CPU_DRY_RUN:-0}
 BENCH_SELECT=(-m cuda --bench-shapes "$SHAPES")
 COLD_ARGS=()
+HOST_ARGS=(--quick)
 if [ "$DRY" = 1 ]; then
   BENCH_SELECT=(-m "not cuda" -k "16x10 and not compile" --bench-shapes smoke --bench-seconds 0.1)
   COLD_ARGS=(--device cpu)
+  HOST_ARGS=(--quick --widths 64 --routes whole_block --rounds 2 --inner 3)
 elif ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: torch sees no CUDA device; run this on a GPU machine" >&2
   exit 1
@@ -129,7 +133,7 @@ fi
 "$PY" -m benchmarks.env_info "$OUT/env.json" > /dev/null
 command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-AFTER_BENCH=$(( COLD_CAP + REPORT_CAP + KILL_AFTER ))  # what the benchmark step leaves for the rest
+AFTER_BENCH=$(( COLD_CAP + REPORT_CAP + HOST_CAP + 2 * KILL_AFTER ))  # what the benchmark step leaves
 if wanted tests-cuda; then
   step tests-cuda "$(limit "$TESTS_CUDA_CAP" $(( BENCH_MIN + AFTER_BENCH )))" \
     "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
@@ -160,7 +164,7 @@ else
 fi
 
 if wanted cold-start; then
-  cold_limit=$(limit "$COLD_CAP" $(( REPORT_CAP + KILL_AFTER )))
+  cold_limit=$(limit "$COLD_CAP" $(( REPORT_CAP + HOST_CAP + 2 * KILL_AFTER )))
   # Three processes (empty, then warm Triton cache, then warm with the autotuners' choices on disk too), each
   # stopped after half the step's limit (the warm ones compile nothing; a stopped step keeps what finished).
   step cold-start "$cold_limit" "$PY" -m benchmarks.cold_start "${COLD_ARGS[@]}" \
@@ -177,10 +181,21 @@ if [ ! -s "$OUT/bench.jsonl" ] && [ -s "$OUT/raw/pytest-benchmark.json" ]; then
   RESULTS+=("$OUT/raw/pytest-benchmark.json")
 fi
 if [ ${#RESULTS[@]} -gt 0 ]; then
-  step report "$(limit "$REPORT_CAP" 0)" "$PY" -m benchmarks.report "${RESULTS[@]}" -o "$OUT"
+  step report "$(limit "$REPORT_CAP" $(( HOST_CAP + KILL_AFTER )))" "$PY" -m benchmarks.report "${RESULTS[@]}" -o "$OUT"
 else
   announce report
   echo "report         rc=-    no results: neither the benchmark nor the cold-start step wrote any" >> "$OUT/steps.txt"
+fi
+
+# ---- Host time per cached call with the GPU stubbed (benchmarks/host_time.py), on this host's CPU. -------------
+# The same measurement as on a CPU-only machine, so the stub's figures can be set beside the real host clock of the
+# benchmark step. A line per finished case goes to host_time.jsonl; a stopped run prints what it measured.
+if wanted host-time; then
+  rm -f "$OUT/host_time.jsonl"
+  STOP_OK=1 step host-time "$(limit "$HOST_CAP" 0)" env -u TRITON_INTERPRET "$PY" -m benchmarks.host_time \
+    "${HOST_ARGS[@]}" --jsonl "$OUT/host_time.jsonl"
+else
+  skipped host-time "GPU_CHECK_SKIP"
 fi
 
 if wanted tests-general; then
@@ -204,6 +219,11 @@ print(d["gpu"] or d["cpu"], "| torch", d["torch"], "| triton", d["triton"], "| c
 echo "== gpu_check: $where | shapes $SHAPES | $(( $(date +%s) - STARTED ))s | results in $OUT"
 cat "$OUT/steps.txt"
 echo
+if [ -s "$OUT/host_time.jsonl" ]; then
+  echo "== host time per cached call, GPU stubbed, on this host's CPU (benchmarks/host_time.py)"
+  sed -n '/^case /,$p' "$OUT/host-time.log"
+  echo
+fi
 if [ -f "$OUT/report.log" ]; then
   grep -v '^wrote ' "$OUT/report.log"  # ends with the compact table of both clocks
 fi

@@ -72,7 +72,7 @@ def test_gpu_check_dry_run_reports_and_records_the_named_commit(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = (out / "steps.txt").read_text()
-    for name in ("bench", "cold-start", "report"):
+    for name in ("bench", "cold-start", "report", "host-time"):
         assert f"\n{name}" in "\n" + steps and f"{name:<14} rc=0" in steps, steps
     assert "tune           skipped   CPU dry run" in steps
     assert json.loads((out / "env.json").read_text())["commit"] == "test-commit-not-a-real-one"
@@ -81,6 +81,9 @@ def test_gpu_check_dry_run_reports_and_records_the_named_commit(tmp_path):
     cold = [r for r in records.read(out / "cold_start.jsonl")[0] if r["type"] == "cold_start"]
     assert [r["cache"] for r in cold] == ["empty", "warm"] and all(r["outcome"] == "passed" for r in cold)
     assert [r["autotune_cache"] for r in cold] == [True, False]  # the CPU runs no third (warm_tuned) process
+    host = [r for r in records.read(out / "host_time.jsonl")[0] if r["type"] == "host_time"]
+    assert [(r["mode"], r["route"]) for r in host] == [("forward", "whole_block"), ("train", "whole_block")]
+    assert "== host time per cached call" in done.stdout
     markdown = (out / "report.md").read_text()
     assert "commit test-commit-" in markdown and "### Cold start" in markdown
     assert "4 of 4 planned cases finished" in markdown
