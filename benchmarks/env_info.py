@@ -90,14 +90,14 @@ def route_name(device: str, dtype: torch.dtype, rows: int, width: int, hidden: i
                training: bool) -> str:
     """The route ``auto`` (or the forced backend) takes for such a block call, e.g. "triton:whole_block",
     "torch", "composite"; "unknown" where it cannot be told (metadata only: never fails a benchmark)."""
-    from fused_residual import routing
+    from fused_residual import dispatch
     from fused_residual.activations import SEED_FORM, Form
 
     try:
         probe = torch.empty(1, width, device=device, dtype=dtype).expand(rows, width)
         weight = torch.empty(hidden, width, device=device, dtype=dtype)
         form = Form("gelu", None) if ffn else SEED_FORM
-        return routing.route(probe, weight, None, form, training).name
+        return dispatch.route(probe, weight, None, form, training).name
     except (TypeError, AttributeError, RuntimeError, ValueError):
         return "unknown"
 

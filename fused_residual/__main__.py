@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import routing
+from . import dispatch
 from .activations import SEED_FORM
 from .modules import FusedResidualNet
 from .reference import ResidualNet
@@ -100,7 +100,7 @@ def example() -> None:
 
 def block_route(x: torch.Tensor, weight: torch.Tensor, training: bool) -> str:
     """The route a residual block call on ``x`` takes: the one place this command asks the package."""
-    return routing.route(x, weight, None, SEED_FORM, training).name
+    return dispatch.route(x, weight, None, SEED_FORM, training).name
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -181,9 +181,9 @@ def timing(args: argparse.Namespace) -> None:
     ref_times, fused_times = alternate(run_reference, run_fused, rounds,
                                        progress=_progress_printer(rounds * per_round))
     ratios = [r / f for r, f in zip(ref_times, fused_times, strict=True)]
-    env = os.environ.get(routing.ENV_VAR, "auto")
+    env = os.environ.get(dispatch.ENV_VAR, "auto")
     dtype_name = str(args.dtype).removeprefix("torch.")
-    print(f"route: {route} (each residual block's call at this shape; {routing.ENV_VAR}={env})")
+    print(f"route: {route} (each residual block's call at this shape; {dispatch.ENV_VAR}={env})")
     print(f"timing: ResidualNet({width}, {width}, {width}, {args.blocks}), batch {args.batch}, {dtype_name}, "
           f"{args.device}, {mode}; {rounds} rounds, reference and fused alternated (A B, B A, ...)")
     print(f"{'implementation':<16}{'median ms':>12}{'IQR ms':>22}")

@@ -1,13 +1,17 @@
 """The fused ops registered with ``torch.library``, so ``torch.compile`` keeps them in one graph.
 
-``routing`` sends a call here only while ``torch.compile`` traces (``torch.compiler.is_compiling()``, and not
-``torch.compiler.is_exporting()``: see "Export" below); eager calls go straight to the Functions of
-``autograd.py`` (a registered op costs a dispatcher round trip per call). The ops hold no math: each
-implementation asks ``routing.route`` for the call's backend, the same decision an eager call gets (the
-plain-composite route runs the ``torch`` backend here: inside an op there is no autograd to see it), and their
-autograd keeps the same tensors as the eager path (``autograd.save_block`` / ``autograd.save_linear``).
+``dispatch`` sends a call here only while ``torch.compile`` traces (``torch.compiler.is_compiling()``, and not
+``torch.compiler.is_exporting()``: see "Export" below), and only where a backend of ours may run the call (where
+the route is the plain composite, the compiler sees the composite itself and fuses it as it fuses the reference);
+eager calls go straight to the Functions of ``plans.py`` (a registered op costs a dispatcher round trip per call).
+The callers (``plans.py``) call the ops through ``torch.ops.fused_residual``: this module registers them and is
+imported by the package's ``__init__``; it calls down and nothing imports it back. The ops hold no math: each
+implementation asks ``dispatch.backend_route`` for the call's backend and ``dispatch.kernel_variants`` for its
+kernels, the same decisions an eager call gets (the plain-composite route runs the ``torch`` backend here: inside
+an op there is no autograd to see it), and their autograd keeps the same tensors as the eager path
+(``plans.save_block`` / ``plans.save_linear``).
 
-Ops (all tensors 2-D; ``residual_block`` / ``linear_residual_relu`` below flatten):
+Ops (all tensors 2-D; callers flatten):
 
 - ``fused_residual::block_forward(x, w1, b1?, w2, b2?, ws?, activation, final_activation?) -> (out, saved)``
 - ``fused_residual::block_backward(dout, x?, saved, out?, w1, w2, ws?, activation, final_activation?, needs,
@@ -26,7 +30,7 @@ float arguments). A backward op returns a list holding only the gradients asked 
 return None. The fakes promise row-major outputs, which Inductor plans its memory by; backends promise
 row-major outputs too, and the ops make sure with ``.contiguous()`` (free where a backend wrote them row-major).
 
-**Export.** While ``torch.export`` traces (``torch.compiler.is_exporting()``), ``routing`` sends the block to
+**Export.** While ``torch.export`` traces (``torch.compiler.is_exporting()``), ``dispatch`` sends the block to
 ``composite.py`` instead of these ops: the exported program holds only aten ops (``linear``, the activation,
 ``add``, ``relu``: the ops the reference modules export to, with the same dtypes under autocast, since it is the
 same code), so ``torch.onnx.export(..., dynamo=True)``, ``run_decompositions()``, AOTInductor and
@@ -56,17 +60,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, composite, routing
-from ._tensors import rows, with_leading_dims
-from .activations import Form
-from .autograd import save_block, save_linear
+from . import backends, composite, dispatch
+from .activations import SEED_FORM, Form
+from .plans import save_block, save_linear
 
 _NAMESPACE = "fused_residual"
 
 
-def _backend(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> tuple[backends.Backend, str | None]:
-    chosen = routing.route(x, w1, ws, form, training=True)
-    return chosen.backend or backends.get("torch"), chosen.variant
+def _backend(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, grad_dtype: torch.dtype | None = None,
+             ) -> tuple[backends.Backend, tuple[str | None, str | None]]:
+    """The backend for a call inside an op, and its (forward, backward) kernel variants."""
+    chosen = dispatch.backend_route(x, w1, ws, form, training=True)
+    if chosen.backend is None:
+        chosen = dispatch.Route(backends.get("torch"))
+    return chosen.backend, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype)
 
 
 def _spread(grads: list[Tensor], needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
@@ -89,8 +96,8 @@ def block_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(out, saved)`` of the block for 2-D ``x``."""
     form = Form(activation, final_activation)
-    backend, variant = _backend(x, w1, ws, form)
-    out, saved = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=True, variant=variant)
+    backend, variants = _backend(x, w1, ws, form)
+    out, saved = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=True, variant=variants[0])
     return out.contiguous(), saved.contiguous()
 
 
@@ -113,9 +120,9 @@ def block_backward(
 ) -> list[Tensor]:
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
     form = Form(activation, final_activation)
-    backend, variant = _backend(dout if x is None else x, w1, ws, form)
+    backend, variants = _backend(dout if x is None else x, w1, ws, form, dout.dtype)
     grads = backend.block_backward(dout, x, saved, out, w1, w2, ws, form, tuple(needs), dx_dtype=dx_dtype,
-                                   variant=variant)
+                                   variant=variants[1])
     return [g.contiguous() for g in grads if g is not None]
 
 
@@ -142,7 +149,7 @@ def _block_backward(ctx, dout, _dsaved):
     if dout is None:
         return (None,) * 8
     saved = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
+    if dispatch.backward_builds_graph():
         return (*composite.block_grads(dout, saved, ctx.form, needs, ctx.x_dtype), None, None)
     x, hidden, out, w1, _, w2, _, ws = saved
     grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, w1, w2, ws, *ctx.form, list(needs),
@@ -162,7 +169,7 @@ block_forward.register_autograd(_block_backward, setup_context=_setup_block)
 )
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h @ w.T + b + residual)`` for 2-D ``h`` and ``residual``."""
-    backend, _ = _backend(h, w, None, routing.SEED_FORM)
+    backend, _ = _backend(h, w, None, SEED_FORM)
     return backend.linear_residual_relu_forward(h, w, b, residual).contiguous()
 
 
@@ -180,7 +187,7 @@ def linear_residual_relu_backward(
     dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: list[bool], dh_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dh, dw, db, dresidual)`` that ``needs`` asks for, in that order."""
-    backend, _ = _backend(dout, w, None, routing.SEED_FORM)
+    backend, _ = _backend(dout, w, None, SEED_FORM)
     grads = backend.linear_residual_relu_backward(dout, h, out, w, tuple(needs), dh_dtype=dh_dtype)
     return [g.contiguous() for g in grads if g is not None]
 
@@ -206,25 +213,10 @@ def _linear_backward(ctx, dout):
     if dout is None:
         return (None,) * len(needs)
     h, out, w = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
+    if dispatch.backward_builds_graph():
         return composite.linear_grads(dout, h, out, w, needs, ctx.h_dtype)
     grads = torch.ops.fused_residual.linear_residual_relu_backward(dout, h, out, w, list(needs), ctx.h_dtype)
     return _spread(grads, needs)
 
 
 linear_residual_relu_forward.register_autograd(_linear_backward, setup_context=_setup_linear)
-
-
-# ---- what routing calls while compiling ------------------------------------------------------------------
-
-def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
-                   form: Form) -> Tensor:
-    """The block through the registered op: ``x`` of any leading dims, output with the same leading dims."""
-    out, _ = torch.ops.fused_residual.block_forward(rows(x), w1, b1, w2, b2, ws, *form)
-    return with_leading_dims(out, x, w2.shape[0])
-
-
-def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """The single layer through the registered op, leading dims kept like ``residual_block``."""
-    out = torch.ops.fused_residual.linear_residual_relu_forward(rows(h), w, b, rows(residual))
-    return with_leading_dims(out, h, w.shape[0])

@@ -151,7 +151,8 @@ def test_compiled_projection_block_and_leading_dims_match_the_reference():
     assert_matches_reference(block, compiled, torch.randn(2, 3, 6), torch.randn(2, 3, 10))
 
 
-def test_compiled_single_layer_op_matches_its_definition():
+def test_compiled_single_layer_op_matches_its_definition(use_backend):
+    use_backend("torch")
     torch.manual_seed(3)
     inputs = [torch.randn(*s, requires_grad=True) for s in ((2, 5, 8), (6, 8), (6,), (2, 5, 6))]
     dout = torch.randn(2, 5, 6)
@@ -195,7 +196,25 @@ def test_dynamic_batch_size_compiles_once():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("choice", ["auto", "composite"])
+def test_where_no_kernel_of_ours_can_run_the_compiler_sees_the_composite(use_backend, choice):
+    """On the CPU ``auto`` never takes the Triton kernels: the compiled graph holds the reference's own aten ops,
+    which the compiler fuses as it fuses the reference, and none of ours."""
+    use_backend(choice)
+    torch.manual_seed(11)
+    net = fr.FusedResidualNet(5, 16, 3, 2)
+    graphs: list = []
+    compiled = torch.compile(net, fullgraph=True, backend=graph_recorder(graphs))
+    assert_matches_reference(net, compiled, torch.randn(9, 5), torch.randn(9, 3))
+    targets = {str(t) for t in called_ops(graphs)}
+    assert not {t for t in targets if t.startswith("fused_residual")}, targets
+    assert "aten.addmm.default" in targets or "aten.mm.default" in targets
+
+
 def test_backend_is_chosen_at_run_time_not_baked_into_the_graph(use_backend, monkeypatch):
+    """Where a graph holds our ops (traced with a backend forced), the backend they run is chosen at run time.
+    Whether it holds our ops or the composite is decided when it is traced: compile afresh."""
+    torch._dynamo.reset()
     use_backend("torch")
     block = fr.FusedResidualBlock(8, 8)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
