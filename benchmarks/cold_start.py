@@ -30,11 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import records
+from . import cli, records
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("empty", "warm", "warm_tuned")
@@ -167,43 +166,27 @@ def describe(record: dict[str, Any]) -> str:
             + ("" if record["outcome"] == "passed" else f", {record['outcome']}: {record.get('message')}"))
 
 
-# The command line spells dtypes as torch and ``python -m fused_residual`` do; records keep the suite's short names.
-DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
-
-def _positive(kind: type) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.splitlines()[0],
+                                     formatter_class=cli.HelpWithDefaults)
     parser.add_argument("--device", choices=sorted(DEFAULTS), default="cuda", help="where to run (default: cuda)")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES) + sorted(DTYPE_NAMES.values()), default=None,
+    parser.add_argument("--dtype", type=cli.short_dtype, metavar=cli.DTYPE_METAVAR, default=None,
                         help="dtype of the block (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--rows", type=_positive(int), default=None,
+    parser.add_argument("--rows", type=cli.positive(int), default=None,
                         help=f"rows of the input (default: {DEFAULTS['cuda']['rows']} on CUDA, "
                              f"{DEFAULTS['cpu']['rows']} on CPU)")
-    parser.add_argument("--width", type=_positive(int), action="append", default=None,
+    parser.add_argument("--width", type=cli.positive(int), action="append", default=None,
                         help=f"width of the block; repeat for several widths (default: {DEFAULTS['cuda']['widths'][0]} "
                              f"on CUDA, {DEFAULTS['cpu']['widths'][0]} on CPU)")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
                         help="FUSED_RESIDUAL_BACKEND of the processes (default: triton on CUDA, auto on CPU)")
-    parser.add_argument("--timeout", type=_positive(float), default=120.0, help="seconds per process (default: 120)")
+    parser.add_argument("--timeout", type=cli.positive(float), default=120.0, help="seconds per process (default: 120)")
     parser.add_argument("--out", type=Path, default=None,
                         help="append the records to this JSON-lines file (default: print them only)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     defaults = DEFAULTS[args.device]
-    dtype, rows = DTYPE_NAMES.get(args.dtype, args.dtype) or defaults["dtype"], args.rows or defaults["rows"]
+    dtype, rows = args.dtype or defaults["dtype"], args.rows or defaults["rows"]
     widths = args.width or defaults["widths"]
     if args.child:
         print(json.dumps(child(args.device, dtype, rows, widths[0]), default=str), flush=True)

@@ -18,14 +18,13 @@ order across both files (measured shapes' eager/fused pairs first).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import pytest
 import torch
 
-from . import cases, clocks, env_info, harness, records
+from . import cases, cli, clocks, env_info, harness, records
 
 SHAPES_ENV = "FUSED_RESIDUAL_BENCH_SHAPES"
 TIMING_OPTIONS = ("benchmark_only", "benchmark_enable", "benchmark_json", "benchmark_save", "benchmark_autosave",
@@ -33,21 +32,11 @@ TIMING_OPTIONS = ("benchmark_only", "benchmark_enable", "benchmark_json", "bench
 QUICK_SECONDS = 0.3
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fused_residual benchmarks")
     group.addoption("--bench-shapes", choices=cases.SHAPE_SETS, default=None,
                     help=f"shape set (default: ${SHAPES_ENV}, else smoke when not timing, reduced when timing)")
-    group.addoption("--bench-seconds", type=_positive_seconds, default=None,
+    group.addoption("--bench-seconds", type=cli.positive(float), default=None,
                     help="timed seconds per benchmark (default: 1 on CPU, 0.25 on CUDA; --quick: "
                          f"{QUICK_SECONDS})")
     group.addoption("--quick", dest="bench_quick", action="store_true", default=False,

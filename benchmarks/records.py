@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 3 or argv[0] != "compact":
         print("usage: python -m benchmarks.records compact RUN.json OUT.jsonl", file=sys.stderr)
         return 2
-    lines = compact(json.loads(Path(argv[1]).read_text(encoding="utf-8")))
+    try:
+        run = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # a usage error: the file named is missing or not JSON
+        print(f"python -m benchmarks.records: error: {argv[1]}: {error}", file=sys.stderr)
+        return 2
+    lines = compact(run)
     Path(argv[2]).write_text("".join(json.dumps(line, default=str) + "\n" for line in lines), encoding="utf-8")
     print(f"wrote {argv[2]}: {len(lines) - 1} cases")
     return 0

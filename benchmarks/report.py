@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from . import plots, tables
+from . import cli, plots, tables
 from .analysis import (
     PAIRED,
     RO,
@@ -171,7 +171,7 @@ def print_summary(sections: list[Section], timer: str, file: TextIO | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpWithDefaults)
     parser.add_argument("results", nargs="+", type=Path,
                         help="the suite's JSON lines (--bench-jsonl, benchmarks.cold_start --out), pytest-benchmark "
                              "JSON (--benchmark-json) or the first GPU run's blocks.json")
