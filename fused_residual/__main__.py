@@ -2,7 +2,8 @@
 
 1. A small example: the reference ``ResidualNet(5, 10, 2, 2)`` on ``torch.randn(10, 5)``, the fused net with the
    same weights, both predictions and their largest difference.
-2. Which route the fused blocks take at the timed shape (``FUSED_RESIDUAL_BACKEND``, default ``auto``).
+2. Which route the fused blocks take at the timed shape (``FUSED_RESIDUAL_BACKEND``, default ``auto``), and why
+   (``python -m fused_residual info`` tells it for other shapes and models).
 3. Timing of the reference and the fused net (``--batch`` rows, ``--hidden`` width, ``--blocks`` blocks) on
    ``--device`` (CUDA if present, else CPU), inference or ``--train`` (forward + backward): the two are timed in
    alternation, the side that goes first switching every round (A B, B A, ...), so that load from other processes
@@ -22,53 +23,33 @@ from collections.abc import Callable
 import torch
 
 from . import dispatch
+from ._cli import DTYPES, HelpWithDefaults, positive
 from .activations import SEED_FORM
 from .modules import FusedResidualNet
 from .reference import ResidualNet
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 MIN_ROUNDS, MAX_ROUNDS = 5, 1000
 PROGRESS_AFTER_S = 2.0  # a timing expected to take longer prints an "n of N, ETA" line now and then
 
 
-def _positive(kind: type) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (a flag, an optional number)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(prog="python -m fused_residual", formatter_class=_HelpWithDefaults,
+    parser = argparse.ArgumentParser(prog="python -m fused_residual", formatter_class=HelpWithDefaults,
                                      description="The reference residual block against the fused one on this "
                                                  "machine: an example, the route taken, and the two timed in "
-                                                 "alternation.")
+                                                 "alternation.",
+                                     epilog="python -m fused_residual info [--help]: what runs here and why "
+                                            "(versions, device, dispatch tables, the route of a block call or of "
+                                            "each block of a model).")
     parser.add_argument("--device", default=default_device, help="torch device of the timed nets")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the timed nets")
-    parser.add_argument("--batch", type=_positive(int), default=8192, help="rows of the timed input")
-    parser.add_argument("--hidden", type=_positive(int), default=256, help="width of the timed net")
-    parser.add_argument("--blocks", type=_positive(int), default=4, help="residual blocks in the timed net")
+    parser.add_argument("--batch", type=positive(int), default=8192, help="rows of the timed input")
+    parser.add_argument("--hidden", type=positive(int), default=256, help="width of the timed net")
+    parser.add_argument("--blocks", type=positive(int), default=4, help="residual blocks in the timed net")
     parser.add_argument("--train", action="store_true", help="time forward + backward instead of inference")
-    parser.add_argument("--seconds", type=_positive(float), default=3.0,
+    parser.add_argument("--seconds", type=positive(float), default=3.0,
                         help=f"timing budget for both sides together (at least {MIN_ROUNDS} rounds)")
-    parser.add_argument("--rounds", type=_positive(int), default=None,
+    parser.add_argument("--rounds", type=positive(int), default=None,
                         help="exact number of alternated rounds (default: as many as --seconds allows)")
     args = parser.parse_args(argv)
     device_text = args.device
@@ -98,9 +79,10 @@ def example() -> None:
     print(f"max |reference - fused| = {(expected - actual).abs().max().item():.3e}\n")
 
 
-def block_route(x: torch.Tensor, weight: torch.Tensor, training: bool) -> str:
-    """The route a residual block call on ``x`` takes: the one place this command asks the package."""
-    return dispatch.route(x, weight, None, SEED_FORM, training).name
+def block_route(x: torch.Tensor, weight: torch.Tensor, training: bool) -> tuple[str, str]:
+    """The route a residual block call on ``x`` takes and why: the one place this command asks the package."""
+    chosen, why = dispatch.decide(dispatch.requested(), x, weight, None, SEED_FORM, training)
+    return chosen.name, why
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -152,7 +134,7 @@ def timing(args: argparse.Namespace) -> None:
     fused = FusedResidualNet(width, width, width, args.blocks, **factory)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(args.batch, width, **factory)
-    route = block_route(x, fused.blocks[0].linear1.weight, args.train)
+    route, why = block_route(x, fused.blocks[0].linear1.weight, args.train)
     sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     if args.train:
         x.requires_grad_(True)
@@ -183,7 +165,7 @@ def timing(args: argparse.Namespace) -> None:
     ratios = [r / f for r, f in zip(ref_times, fused_times, strict=True)]
     env = os.environ.get(dispatch.ENV_VAR, "auto")
     dtype_name = str(args.dtype).removeprefix("torch.")
-    print(f"route: {route} (each residual block's call at this shape; {dispatch.ENV_VAR}={env})")
+    print(f"route: {route} (each residual block's call at this shape; {dispatch.ENV_VAR}={env}): {why}")
     print(f"timing: ResidualNet({width}, {width}, {width}, {args.blocks}), batch {args.batch}, {dtype_name}, "
           f"{args.device}, {mode}; {rounds} rounds, reference and fused alternated (A B, B A, ...)")
     print(f"{'implementation':<16}{'median ms':>12}{'IQR ms':>22}")
@@ -196,6 +178,11 @@ def timing(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["info"]:
+        from . import info  # only for this command: it imports nothing the comparison needs
+
+        return info.main(argv[1:])
     args = parse_args(argv)
     example()
     timing(args)
