@@ -74,6 +74,18 @@ def test_quickstart_example_runs(monkeypatch, use_backend, tmp_path):
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
 
 
+def test_the_quickstart_is_in_the_first_40_lines_and_covers_a_first_hour():
+    lines = README.read_text().splitlines()
+    start = lines.index(QUICKSTART)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    assert end <= 40, f"the quickstart ends at line {end}"
+    text = "\n".join(lines[start:end])
+    for needle in ("--index-url https://download.pytorch.org/whl/cpu", "'.[gpu]'", "fr.FusedResidualBlock(",
+                   "fr.fuse(", "python -m fused_residual info", "python -m pytest -q", "python -m pytest benchmarks",
+                   "python -m benchmarks.report"):
+        assert needle in text, needle
+
+
 def test_the_deploying_page_has_an_example_for_each_route():
     code = "\n".join(deploying())
     for needle in ("torch.onnx.export(", "onnxruntime.InferenceSession(", "torch.export.export(",
