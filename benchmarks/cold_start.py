@@ -113,10 +113,14 @@ def cached_kernels(cache: Path) -> int:
     return sum(1 for _ in cache.rglob("*.cubin"))
 
 
+def phases(device: str) -> tuple[str, ...]:
+    return PHASES if device == "cuda" else PHASES[:2]  # no Triton on the CPU: nothing to tune
+
+
 def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeout: float,
-            out: Path | None = None) -> list[dict[str, Any]]:
+            out: Path | None = None, progress: cli.Progress | None = None) -> list[dict[str, Any]]:
     """The three processes for one width (the warm ones only if the first finished); each record appended to
-    ``out`` as soon as its process ends."""
+    ``out`` as soon as its process ends, a ``progress`` step after each."""
     from fused_residual import BACKEND_ENV_VAR
 
     cache = Path(tempfile.mkdtemp(prefix="fused-residual-triton-cache-"))
@@ -125,7 +129,7 @@ def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeou
                "--rows", str(rows), "--width", str(width)]
     found = []
     try:
-        for phase in PHASES if device == "cuda" else PHASES[:2]:  # no Triton on the CPU: nothing to tune
+        for phase in phases(device):
             record: dict[str, Any] = {"type": "cold_start", "cache": phase, "device": device, "dtype": dtype,
                                       "rows": rows, "width": width, "backend": backend, "timeout_s": timeout}
             tuned = READS_AUTOTUNE_CACHE[phase]
@@ -149,6 +153,8 @@ def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeou
             if out is not None:
                 records.append(out, record)
             print(describe(record), flush=True)
+            if progress is not None:
+                progress.step(f"width {width}, {phase}")
             if record["outcome"] != "passed":
                 break  # a warm cache is only meaningful after a complete first process
     finally:
@@ -197,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             parser.error("torch sees no CUDA device (--device cpu checks the plumbing)")
     failed = False
+    progress = cli.Progress("cold start", len(widths) * len(phases(args.device)))  # at most: a failure stops a width
     for width in widths:
-        found = measure(args.device, dtype, rows, width, args.backend or defaults["backend"], args.timeout, args.out)
+        found = measure(args.device, dtype, rows, width, args.backend or defaults["backend"], args.timeout, args.out,
+                        progress)
         failed |= any(r["outcome"] != "passed" for r in found)
     return 1 if failed else 0
 
