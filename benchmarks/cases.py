@@ -1,8 +1,11 @@
-"""What the suite measures: one ``Case`` per (device, dtype, mode, shape, implementation), in three shape sets.
+"""What the suite measures: one ``Case`` per (device, dtype, mode, shape, implementation), in four shape sets.
 
 - ``smoke``: a handful of small shapes, every code path once (CI runs it with timing disabled).
+- ``quick``: on CPU the six benchmark block shapes in every mode, one FFN and one net, eager vs fused only (with
+  ``--quick``'s shorter timing it takes under 3 minutes on 2 cores); on CUDA the same as ``reduced``.
 - ``reduced`` (the default when timing): on CUDA a bf16 sweep that fits in a few minutes on an H100, on CPU the
-  issue-2 set; ``full``: every CUDA width x row count x dtype of issue 4 (hours with max-autotune).
+  six benchmark block shapes, two FFNs and two nets with torch.compile too; ``full``: every CUDA width x row count
+  x dtype (hours with max-autotune).
 
 Implementations (``impl``): ``eager`` (the reference module), ``compile`` (reference under ``torch.compile``),
 ``max-autotune`` (``mode="max-autotune"``, CUDA only), ``fused`` (FusedResidualBlock/Net, auto backend),
@@ -23,8 +26,16 @@ from dataclasses import dataclass
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
 MODES = ("forward", "train", "train-sum")  # train-sum: loss = y.sum() (CPU set only)
+# What each mode times, as plots and reports caption it.
+MODE_CAPTIONS = {
+    "forward": "forward: inference under torch.no_grad()",
+    "train": "train: a training step, forward + y.backward(dout) with x and every parameter requiring grad",
+    "train-sum": "train-sum: a training step with the loss y.sum(), y.sum().backward() (the gradient handed to "
+                 "the block is expanded ones)",
+}
 STEP_MODES = ("forward", "train")
-SHAPE_SETS = ("smoke", "reduced", "full")
+SHAPE_SETS = ("smoke", "quick", "reduced", "full")
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 REFERENCE = "eager"
 FUSED = "fused"
 RO_REFERENCE = "reduce-overhead"
@@ -65,7 +76,7 @@ class Case:
         return f"{self.device} {self.dtype} {self.mode} {self.kind} {self.shape}"
 
 
-# Issue 2's CPU shapes, (rows, width).
+# The six benchmark block shapes on CPU, (rows, width): tiny, tall-narrow, and GEMM-bound wide ones.
 CPU_BLOCK_SHAPES = ((16, 10), (4096, 64), (16384, 128), (4096, 512), (1024, 1024), (65536, 32))
 # (rows, width, blocks): ResidualNet vs FusedResidualNet.
 CPU_NET_SHAPES = ((16384, 64, 8), (4096, 512, 4))
@@ -77,13 +88,13 @@ CUDA_FFN_SHAPES = ((16384, 512), (16384, 1024), (8192, 2048))
 CUDA_WIDTHS = (10, 32, 64, 128, 256, 512, 1024, 4096)
 CUDA_ROWS = (1024, 16384, 65536)
 CUDA_NET_SHAPES_FULL = ((65536, 64, 8), (16384, 256, 8), (16384, 512, 4), (16384, 1024, 4), (65536, 1024, 8))
-# The block shapes of the first GPU measurement (../shared/measurements/h200-2026-11-26-44834e3.md), (rows, width,
-# dtype): issue 9's targets are judged on them, and a run measures them first.
+# The block shapes of the first GPU measurement (results/h200-2026-11-26-44834e3/), (rows, width, dtype): the GPU
+# targets are judged on them, and a run measures them first.
 CUDA_MEASURED_SHAPES = (
     (65536, 32, "bf16"), (65536, 64, "bf16"), (65536, 128, "bf16"), (65536, 256, "bf16"),
     (32768, 512, "bf16"), (16384, 1024, "bf16"), (8192, 4096, "bf16"), (65536, 128, "fp16"),
 )
-# Issue 9's reduce-overhead target holds at widths up to this.
+# The reduce-overhead target (both sides under CUDA graphs) holds at widths up to this.
 RO_TARGET_MAX_WIDTH = 256
 MAIN_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
 
@@ -144,7 +155,11 @@ def cpu_cases(shape_set: str) -> list[Case]:
             + _net_cases("cpu", ["fp32"], [(64, 32, 4)], compiled=False)
             + _ffn_cases("cpu", ["fp32"], [(64, 32)], compiled=False)
         )
-    # reduced and full are the same on CPU: issue 2's set, two nets and two FFNs.
+    if shape_set == "quick":  # eager vs fused only: torch.compile costs ~20 s per cold compile on 2 cores
+        return (_block_cases("cpu", ["fp32"], CPU_BLOCK_SHAPES, modes=MODES, compiled=False)
+                + _ffn_cases("cpu", ["fp32"], CPU_FFN_SHAPES[:1], compiled=False)
+                + _net_cases("cpu", ["fp32"], CPU_NET_SHAPES[:1], compiled=False))
+    # reduced and full are the same on CPU: the six block shapes, two nets and two FFNs.
     return (_block_cases("cpu", ["fp32"], CPU_BLOCK_SHAPES, modes=MODES)
             + _net_cases("cpu", ["fp32"], CPU_NET_SHAPES) + _ffn_cases("cpu", ["fp32"], CPU_FFN_SHAPES))
 
@@ -157,20 +172,20 @@ def cuda_cases(shape_set: str) -> list[Case]:
             + _net_cases("cuda", ["bf16"], [(1024, 64, 4)])
             + _ffn_cases("cuda", ["bf16"], [(1024, 256)], compiled=False)
         )
-    if shape_set == "reduced":
-        # Run in `priority` order: a budgeted run (gpu_check.sh) measures the measurement file's shapes first and
+    if shape_set in ("quick", "reduced"):
+        # Run in `priority` order: a budgeted run (gpu_check.sh) measures the first GPU run's shapes first and
         # stops wherever its time runs out, keeping every finished case (--bench-jsonl).
         measured = {dtype: [(r, w) for r, w, d in CUDA_MEASURED_SHAPES if d == dtype] for dtype in ("bf16", "fp16")}
         return (
             _block_cases("cuda", ["bf16"], measured["bf16"], compiled=False)
             + _block_cases("cuda", ["fp16"], measured["fp16"], compiled=False)
-            # Issue 9: both sides under CUDA graphs at widths <= 256 (whole-block and two-GEMM paths).
+            # Both sides under CUDA graphs at widths <= 256 (whole-block and two-GEMM paths).
             + _block_cases("cuda", ["bf16"], [(65536, 64), (65536, 256)], compiled=False, baselines=False,
                            reduce_overhead=True)
             + _net_cases("cuda", ["bf16"], [(16384, 256, 4)])
             + _block_cases("cuda", ["fp32"], [(65536, 256)], compiled=False)
-            # Issue 6's on-chip targets: blocks at widths 64-128 in inference vs max-autotune (autotuning costs
-            # tens of seconds per shape), and the 8-block width-64 net at 2^20 rows.
+            # The on-chip widths: blocks at widths 64-128 in inference vs max-autotune (autotuning costs tens of
+            # seconds per shape), and the 8-block width-64 net at 2^20 rows.
             + _block_cases("cuda", ["bf16"], [(65536, 64), (65536, 128), (16384, 1024)], modes=("forward",),
                            max_autotune=True)
             + _net_cases("cuda", ["bf16"], [(1 << 20, 64, 8)], modes=("forward",), max_autotune=True)
@@ -183,7 +198,7 @@ def cuda_cases(shape_set: str) -> list[Case]:
 
 
 def is_measured_shape(case: Case) -> bool:
-    """A shape whose result matters most: the measurement file's blocks on CUDA, issue 2's blocks on CPU."""
+    """A shape whose result matters most: the first GPU run's blocks on CUDA, the six block shapes on CPU."""
     if case.kind != "block":
         return False
     if case.device == "cuda":
@@ -223,3 +238,20 @@ def select(shape_set: str, devices: list[str], kind: str) -> list[Case]:
     if "cuda" in devices:
         cases += cuda_cases(shape_set)
     return sorted((c for c in dict.fromkeys(cases) if c.kind == kind), key=priority)
+
+
+def work(case: Case) -> tuple[int, int | None]:
+    """(FLOPs, minimum bytes through memory) of one step; bytes only for a block.
+
+    Block forward: 2 GEMMs, ``4 M H^2`` FLOPs; bytes read x and the weights, write out (the whole-block
+    kernel's 2 passes). Training: 3x the FLOPs; bytes of the saved-h design: forward writes h and out (3
+    passes), backward reads dout, out, h, x and writes dx (5 passes), weights read twice, weight grads written.
+    """
+    m, h, e = case.rows, case.width, ELEMENT_BYTES[case.dtype]
+    gemms = 2 * case.blocks + 2 if case.blocks else 2 * FFN_HIDDEN if case.ffn else 2
+    flops = 2 * m * h * h * gemms * (3 if case.mode != "forward" else 1)
+    if case.blocks or case.ffn:
+        return flops, None
+    if case.mode == "forward":
+        return flops, e * (2 * m * h + 2 * h * h + 2 * h)
+    return flops, e * (8 * m * h + 6 * h * h + 4 * h)

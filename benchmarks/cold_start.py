@@ -11,8 +11,8 @@ For each width, three fresh processes share one new, empty Triton cache director
 
 Each process times its import of torch and fused_residual, CUDA's start-up, the first training step
 (``FusedResidualBlock`` forward + ``backward(dout)``, synchronized) and a second one (steady state), and checks
-that step against the eager reference (``harness.PARITY_TOLERANCE``). The parent adds the whole process's wall
-time and the number of compiled kernels (``*.cubin``) in the cache. Issue 10's target: the first step of the
+that step against the eager reference (``checks.PARITY_TOLERANCE``). The parent adds the whole process's wall
+time and the number of compiled kernels (``*.cubin``) in the cache. The cold-start target: the first step of the
 empty-cache process <= 20 s on an H100.
 
 Each process's record is printed and, with ``--out``, appended to a JSON-lines file at once (``records.py``,
@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import records
+from . import cli, records
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("empty", "warm", "warm_tuned")
 READS_AUTOTUNE_CACHE = {"empty": True, "warm": False, "warm_tuned": True}  # TRITON_CACHE_AUTOTUNING per process
-TARGET_S = 20.0  # issue 10: the first forward + backward at a new width, empty cache, on an H100
+TARGET_S = 20.0  # the cold-start target: the first forward + backward at a new width, empty cache, on an H100
 DEFAULTS = {"cuda": {"dtype": "bf16", "rows": 16384, "widths": [256], "backend": "triton"},
             "cpu": {"dtype": "fp32", "rows": 256, "widths": [64], "backend": "auto"}}
 
@@ -63,7 +63,11 @@ def child(device: str, dtype: str, rows: int, width: int) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     from .cases import FUSED, Case
-    from .harness import PARITY_TOLERANCE, SEED, TORCH_DTYPES, backend_name, device_name, environment, relative_error
+    from .checks import PARITY_TOLERANCE, relative_error
+    from .clocks import TORCH_DTYPES
+    from .env_info import device_name, environment
+    from .harness import backend_name
+    from .impls import SEED
 
     factory = {"device": device, "dtype": TORCH_DTYPES[dtype]}
     torch.manual_seed(SEED)
@@ -109,10 +113,14 @@ def cached_kernels(cache: Path) -> int:
     return sum(1 for _ in cache.rglob("*.cubin"))
 
 
+def phases(device: str) -> tuple[str, ...]:
+    return PHASES if device == "cuda" else PHASES[:2]  # no Triton on the CPU: nothing to tune
+
+
 def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeout: float,
-            out: Path | None = None) -> list[dict[str, Any]]:
+            out: Path | None = None, progress: cli.Progress | None = None) -> list[dict[str, Any]]:
     """The three processes for one width (the warm ones only if the first finished); each record appended to
-    ``out`` as soon as its process ends."""
+    ``out`` as soon as its process ends, a ``progress`` step after each."""
     from fused_residual import BACKEND_ENV_VAR
 
     cache = Path(tempfile.mkdtemp(prefix="fused-residual-triton-cache-"))
@@ -121,7 +129,7 @@ def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeou
                "--rows", str(rows), "--width", str(width)]
     found = []
     try:
-        for phase in PHASES if device == "cuda" else PHASES[:2]:  # no Triton on the CPU: nothing to tune
+        for phase in phases(device):
             record: dict[str, Any] = {"type": "cold_start", "cache": phase, "device": device, "dtype": dtype,
                                       "rows": rows, "width": width, "backend": backend, "timeout_s": timeout}
             tuned = READS_AUTOTUNE_CACHE[phase]
@@ -145,6 +153,8 @@ def measure(device: str, dtype: str, rows: int, width: int, backend: str, timeou
             if out is not None:
                 records.append(out, record)
             print(describe(record), flush=True)
+            if progress is not None:
+                progress.step(f"width {width}, {phase}")
             if record["outcome"] != "passed":
                 break  # a warm cache is only meaningful after a complete first process
     finally:
@@ -163,15 +173,22 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=sorted(DEFAULTS), default="cuda")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
-    parser.add_argument("--rows", type=int, default=None)
-    parser.add_argument("--width", type=int, action="append", default=None, help="repeat for several widths")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.splitlines()[0],
+                                     formatter_class=cli.HelpWithDefaults)
+    parser.add_argument("--device", choices=sorted(DEFAULTS), default="cuda", help="where to run (default: cuda)")
+    parser.add_argument("--dtype", type=cli.short_dtype, metavar=cli.DTYPE_METAVAR, default=None,
+                        help="dtype of the block (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--rows", type=cli.positive(int), default=None,
+                        help=f"rows of the input (default: {DEFAULTS['cuda']['rows']} on CUDA, "
+                             f"{DEFAULTS['cpu']['rows']} on CPU)")
+    parser.add_argument("--width", type=cli.positive(int), action="append", default=None,
+                        help=f"width of the block; repeat for several widths (default: {DEFAULTS['cuda']['widths'][0]} "
+                             f"on CUDA, {DEFAULTS['cpu']['widths'][0]} on CPU)")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
                         help="FUSED_RESIDUAL_BACKEND of the processes (default: triton on CUDA, auto on CPU)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per process (default 120)")
-    parser.add_argument("--out", type=Path, default=None, help="append the records to this JSON-lines file")
+    parser.add_argument("--timeout", type=cli.positive(float), default=120.0, help="seconds per process (default: 120)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="append the records to this JSON-lines file (default: print them only)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     defaults = DEFAULTS[args.device]
@@ -186,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             parser.error("torch sees no CUDA device (--device cpu checks the plumbing)")
     failed = False
+    progress = cli.Progress("cold start", len(widths) * len(phases(args.device)))  # at most: a failure stops a width
     for width in widths:
-        found = measure(args.device, dtype, rows, width, args.backend or defaults["backend"], args.timeout, args.out)
+        found = measure(args.device, dtype, rows, width, args.backend or defaults["backend"], args.timeout, args.out,
+                        progress)
         failed |= any(r["outcome"] != "passed" for r in found)
     return 1 if failed else 0
 

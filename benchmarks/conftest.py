@@ -5,9 +5,11 @@ Timing is opt-in: without one of ``--benchmark-only``, ``--benchmark-enable``, `
 is a smoke run (``--benchmark-disable``: every case built, parity-checked and run once), so that a plain
 ``python -m pytest -q`` stays quick.
 
-Shape set: ``--bench-shapes smoke|reduced|full`` or ``FUSED_RESIDUAL_BENCH_SHAPES``; by default ``smoke``
-when not timing and ``reduced`` when timing. ``--bench-seconds S``: timed seconds per benchmark.
+Shape set: ``--bench-shapes smoke|quick|reduced|full`` or ``FUSED_RESIDUAL_BENCH_SHAPES``; by default ``smoke``
+when not timing and ``reduced`` when timing. ``--bench-seconds S``: timed seconds per benchmark. ``--quick``: the
+quick set, timed, ``QUICK_SECONDS`` per benchmark unless ``--bench-seconds`` says otherwise.
 CUDA cases exist only where CUDA is available and carry the ``cuda`` marker (``-m cuda`` selects them).
+A timed run prints a progress line after each case: "n of N cases, elapsed, ETA".
 
 ``--bench-jsonl PATH`` appends one JSON line per finished case to PATH (``records.py``), flushed at once, so a
 run stopped at a time limit keeps what it measured; it turns timing on. The cases run in ``cases.priority``
@@ -17,23 +19,29 @@ order across both files (measured shapes' eager/fused pairs first).
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
-from . import cases, harness, records
+from . import cases, cli, clocks, env_info, harness, records
 
 SHAPES_ENV = "FUSED_RESIDUAL_BENCH_SHAPES"
 TIMING_OPTIONS = ("benchmark_only", "benchmark_enable", "benchmark_json", "benchmark_save", "benchmark_autosave",
-                  "benchmark_compare", "benchmark_histogram", "bench_jsonl")
+                  "benchmark_compare", "benchmark_histogram", "bench_jsonl", "bench_quick")
+QUICK_SECONDS = 0.3
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fused_residual benchmarks")
     group.addoption("--bench-shapes", choices=cases.SHAPE_SETS, default=None,
                     help=f"shape set (default: ${SHAPES_ENV}, else smoke when not timing, reduced when timing)")
-    group.addoption("--bench-seconds", type=float, default=None,
-                    help="timed seconds per benchmark (default: 1 on CPU, 0.25 on CUDA)")
+    group.addoption("--bench-seconds", type=cli.positive(float), default=None,
+                    help="timed seconds per benchmark (default: 1 on CPU, 0.25 on CUDA; --quick: "
+                         f"{QUICK_SECONDS})")
+    group.addoption("--quick", dest="bench_quick", action="store_true", default=False,
+                    help="the quick set, timed: on CPU under 3 minutes on 2 cores (eager vs fused, no "
+                         "torch.compile); turns timing on")
     group.addoption("--bench-jsonl", metavar="PATH", default=None,
                     help="append one JSON line per finished benchmark to PATH, flushed at once (a stopped run "
                          "keeps what it measured); turns timing on")
@@ -56,7 +64,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def shape_set(config: pytest.Config) -> str:
-    chosen = config.getoption("--bench-shapes") or os.environ.get(SHAPES_ENV, "").strip()
+    chosen = (config.getoption("--bench-shapes") or ("quick" if config.getoption("bench_quick") else None)
+              or os.environ.get(SHAPES_ENV, "").strip())
     if chosen:
         if chosen not in cases.SHAPE_SETS:
             raise pytest.UsageError(f"{SHAPES_ENV}={chosen!r}: choose one of {', '.join(cases.SHAPE_SETS)}")
@@ -86,15 +95,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def bench_settings(request: pytest.FixtureRequest) -> harness.Settings:
-    return harness.Settings(seconds=request.config.getoption("--bench-seconds"))
+    seconds = request.config.getoption("--bench-seconds")
+    if seconds is None and request.config.getoption("bench_quick"):
+        seconds = QUICK_SECONDS
+    return harness.Settings(seconds=seconds)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     machine_info["fused_residual"] = {
-        **harness.environment(),
+        **env_info.environment(),
         "shape_set": shape_set(config),
-        "ceilings": harness.measured_ceilings(),
+        "ceilings": clocks.measured_ceilings(),
     }
 
 
@@ -116,8 +128,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     path = session.config.getoption("--bench-jsonl")
     planned = [case.id for case in map(case_of, session.items) if case is not None]
+    if planned and _timing_enabled(session.config) and not session.config.option.collectonly:
+        session.config.stash[_PROGRESS] = _Progress(len(planned))  # the progress line's N
     if path and planned and not session.config.option.collectonly:
-        records.append(path, {"type": "session", "fused_residual": harness.environment(),
+        records.append(path, {"type": "session", "fused_residual": env_info.environment(),
                               "shape_set": shape_set(session.config), "timing": _timing_enabled(session.config),
                               "planned": planned})
 
@@ -143,3 +157,41 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         fixture = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
         records.append(path, records.benchmark_record(case.id, case.group, item.name, report.outcome, fixture,
                                                       _message(report, call)))
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_line(done: int, total: int, elapsed_s: float) -> str:
+    """``"12 of 52 cases, 1m05s elapsed, ETA 3m37s"``: the remaining cases at the mean pace so far."""
+    eta = elapsed_s / done * (total - done) if done else None
+    return (f"{done} of {total} cases, {_duration(elapsed_s)} elapsed, "
+            + ("ETA unknown" if eta is None else f"ETA {_duration(eta)}"))
+
+
+
+class _Progress:
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+
+_PROGRESS = pytest.StashKey[_Progress]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    progress = item.config.stash.get(_PROGRESS, None)
+    case = case_of(item)
+    if progress is None or case is None:
+        return
+    progress.done += 1
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        line = progress_line(progress.done, progress.total, time.perf_counter() - progress.start)
+        reporter.write_line(f"[benchmarks] {line}: {case.id}")

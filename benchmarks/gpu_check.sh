@@ -19,9 +19,11 @@
 # FUSED_RESIDUAL_COMMIT: the commit of this tree, where it is not its own git checkout (env.json records it).
 #
 # OUTDIR gets: env.json (device, versions, date, commit), nvidia-smi.txt, tests-cuda.log, tests-general.log,
-# tune.log, dispatch_table.json, bench.log, bench.jsonl (a line per finished case), bench.json
-# (pytest-benchmark's, only if the step finished), cold-start.log, cold_start.jsonl, report.md, speedup-*.png,
-# report.log, host-time.log, host_time.jsonl, steps.txt. Exit status: 0 if every step that ran passed.
+# tune.log, dispatch_table.json, bench.log, bench.jsonl (a line per finished case), raw/pytest-benchmark.json
+# (pytest-benchmark's full dump, every round's time, only if the step finished; git ignores raw/ under
+# benchmarks/results), cold-start.log, cold_start.jsonl, report.md, speedup-*.png, report.log, host-time.log,
+# host_time.jsonl, steps.txt. Each step starts with a progress line: "[k of 7] name, elapsed, the most the rest
+# may take". Exit status: 0 if every step that ran passed.
 set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
 
 usage() { echo "usage: $0 OUTDIR [--full]" >&2; exit 2; }
@@ -56,7 +58,19 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 STARTED=$(date +%s)
 : > "$OUT/steps.txt"
-rm -f "$OUT/bench.jsonl" "$OUT/bench.json" "$OUT/cold_start.jsonl"  # results of this run only
+rm -f "$OUT/bench.jsonl" "$OUT/raw/pytest-benchmark.json" "$OUT/cold_start.jsonl"  # results of this run only
+mkdir -p "$OUT/raw"
+STEPS=7  # tests-cuda, tune, bench, cold-start, report, host-time, tests-general
+STEP_NO=0
+
+# announce NAME: the progress line of the next step, with what is left of the budget.
+announce() {
+  STEP_NO=$(( STEP_NO + 1 ))
+  local elapsed=$(( $(date +%s) - STARTED ))
+  local left=$(( BUDGET - elapsed ))
+  [ "$left" -lt 0 ] && left=0
+  echo "== [$STEP_NO of $STEPS] $1: ${elapsed}s elapsed, ETA at most ${left}s (the budget)"
+}
 
 # limit CAP RESERVE: seconds a step may take: at most CAP, and RESERVE left over for the steps after it.
 limit() {
@@ -68,7 +82,7 @@ limit() {
 
 wanted() { [[ " ${GPU_CHECK_SKIP:-} " != *" $1 "* ]]; }
 
-skipped() { printf '%-14s skipped   %s\n' "$1" "$2" | tee -a "$OUT/steps.txt"; }
+skipped() { announce "$1"; printf '%-14s skipped   %s\n' "$1" "$2" | tee -a "$OUT/steps.txt"; }
 
 # step NAME LIMIT COMMAND...: runs COMMAND with a time limit, output to OUTDIR/NAME.log, status to steps.txt.
 # STOP_OK=1 step ...: being stopped at the limit is expected (the step keeps what it finished): rc=stop.
@@ -76,8 +90,9 @@ step() {
   local name=$1 limit=$2
   shift 2
   local start rc
+  announce "$name"
   start=$(date +%s)
-  echo "== $name (limit ${limit}s): $*"
+  echo "   $name (limit ${limit}s): $*"
   timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -126,7 +141,7 @@ else
   skipped tests-cuda "GPU_CHECK_SKIP"
 fi
 
-# ---- The dispatch-table tuner (issue 9, `python -m fused_residual.tune`). ------------------------------------
+# ---- The dispatch-table tuner (`python -m fused_residual.tune`). ---------------------------------------------
 # Before the benchmarks, which then run with its table (FUSED_RESIDUAL_DISPATCH_TABLE): the fused block as auto
 # dispatches it on this machine. It stops itself within its limit and keeps every entry it measured.
 if ! wanted tune; then
@@ -142,7 +157,7 @@ fi
 
 if wanted bench; then
   STOP_OK=1 step bench "$(limit "$BUDGET" "$AFTER_BENCH")" "$PY" -m pytest -q -p no:cacheprovider benchmarks \
-    "${BENCH_SELECT[@]}" --bench-jsonl "$OUT/bench.jsonl" --benchmark-json "$OUT/bench.json" \
+    "${BENCH_SELECT[@]}" --bench-jsonl "$OUT/bench.jsonl" --benchmark-json "$OUT/raw/pytest-benchmark.json" \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 else
   skipped bench "GPU_CHECK_SKIP"
@@ -162,12 +177,13 @@ RESULTS=()
 for name in bench.jsonl cold_start.jsonl; do
   [ -s "$OUT/$name" ] && RESULTS+=("$OUT/$name")
 done
-if [ ! -s "$OUT/bench.jsonl" ] && [ -s "$OUT/bench.json" ]; then
-  RESULTS+=("$OUT/bench.json")
+if [ ! -s "$OUT/bench.jsonl" ] && [ -s "$OUT/raw/pytest-benchmark.json" ]; then
+  RESULTS+=("$OUT/raw/pytest-benchmark.json")
 fi
 if [ ${#RESULTS[@]} -gt 0 ]; then
   step report "$(limit "$REPORT_CAP" $(( HOST_CAP + KILL_AFTER )))" "$PY" -m benchmarks.report "${RESULTS[@]}" -o "$OUT"
 else
+  announce report
   echo "report         rc=-    no results: neither the benchmark nor the cold-start step wrote any" >> "$OUT/steps.txt"
 fi
 

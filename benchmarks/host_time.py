@@ -60,13 +60,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import fused_residual as fr
 
-from . import host_counts, records
+from . import cli, host_counts, records
 from .fake_gpu import FakeGpu, fake_gpu, prefer_cpp_meta_kernels
 from .host_floor import FloorBlock
 
@@ -275,7 +276,6 @@ def measure_in_subprocess(*args: str, timeout: float = 600) -> tuple[list[dict[s
     "64", "--rounds", "1", "--inner", "1")``."""
     import subprocess
     import tempfile
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", fr.BACKEND_ENV_VAR)}
@@ -290,28 +290,32 @@ def measure_in_subprocess(*args: str, timeout: float = 600) -> tuple[list[dict[s
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.host_time", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="5 rounds of 10 calls (default 30 of 20)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds per case")
-    p.add_argument("--inner", type=int, help="timed calls per implementation and round")
-    p.add_argument("--modes", default=",".join(MODES), help="forward,train")
-    p.add_argument("--routes", default=",".join(ROUTES),
-                   help=f"whole_block,two_gemm (and {FLOOR}: the floor of any design on a Python autograd.Function)")
-    p.add_argument("--widths", default="64,256", help="comma-separated block widths")
-    p.add_argument("--rows", type=int, default=65536)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p = argparse.ArgumentParser(prog="python -m benchmarks.host_time", description=__doc__.split("\n\n")[0],
+                                formatter_class=cli.HelpWithDefaults)
+    p.add_argument("--quick", action="store_true", help="5 rounds of 10 calls (default: 30 of 20)")
+    p.add_argument("--rounds", type=cli.positive(int), help="interleaved rounds per case (default: 30, --quick 5)")
+    p.add_argument("--inner", type=cli.positive(int),
+                   help="timed calls per implementation and round (default: 20, --quick 10)")
+    p.add_argument("--modes", type=cli.choices_of(MODES), default=list(MODES),
+                   help=f"comma-separated, of {', '.join(MODES)} (default: {','.join(MODES)})")
+    p.add_argument("--routes", type=cli.choices_of((*ROUTES, FLOOR)), default=list(ROUTES),
+                   help=f"comma-separated fused routes, of {', '.join(ROUTES)} (default: {','.join(ROUTES)}); "
+                        f"{FLOOR}: the floor of any design on a Python autograd.Function")
+    p.add_argument("--widths", type=cli.positive_ints, default=[64, 256],
+                   help="comma-separated block widths (default: 64,256)")
+    p.add_argument("--rows", type=cli.positive(int), default=65536, help="rows of the input")
+    p.add_argument("--dtype", type=cli.short_dtype, default="bf16", metavar=cli.DTYPE_METAVAR,
+                   help="dtype of the block (default: bfloat16)")
     p.add_argument("--jsonl", help="append one JSON line per case to this file")
     p.add_argument("--show", metavar="PATH", help="print the table of a JSON-lines file written by --jsonl; no run")
-    p.add_argument("--profile", type=int, default=0, metavar="CALLS",
-                   help="also print cProfile's top functions per fused route (11 batches of CALLS calls)")
+    p.add_argument("--profile", type=cli.positive(int), default=0, metavar="CALLS",
+                   help="also print cProfile's top functions per fused route (11 batches of CALLS calls; "
+                        "default: no profile)")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (5 if args.quick else 30)
     args.inner = args.inner or (10 if args.quick else 20)
-    args.modes, args.routes = args.modes.split(","), args.routes.split(",")
-    args.widths = [int(w) for w in args.widths.split(",")]
-    for value, allowed in ((args.modes, MODES), (args.routes, [*ROUTES, FLOOR])):
-        if not set(value) <= set(allowed):
-            p.error(f"{value} not among {list(allowed)}")
+    if args.show and not Path(args.show).is_file():
+        p.error(f"--show {args.show}: no such file")
     return args
 
 
@@ -341,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         with fake_gpu() as gpu:
             if gpu.temporary:
                 print(f"(temporary patches for device tests outside kernels/_common.py: {', '.join(gpu.temporary)})")
+            progress = cli.Progress("host time", len(args.widths) * len(args.modes))
             for width in args.widths:
                 for mode in args.modes:
-                    started = time.perf_counter()
                     new = measure_case(gpu, mode, width, args.rows, args.dtype, args.routes, args.rounds, args.inner,
                                        args.profile)
                     for record in new:
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                         if args.jsonl:
                             records.append(args.jsonl, record)
                     found += new
-                    print(f"   {mode} w{width}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+                    progress.step(f"{mode} w{width}")
     finally:
         if previous is None:
             os.environ.pop(fr.BACKEND_ENV_VAR, None)

@@ -76,7 +76,7 @@ class Form(NamedTuple):
     """What the block computes around its two linears:
     ``out = final_activation(linear2(activation(linear1(x))) + shortcut(x))``.
 
-    ``Form("relu", "relu")`` is the seed's residual block; ``Form("gelu", None)`` the transformer FFN
+    ``Form("relu", "relu")`` is the reference residual block; ``Form("gelu", None)`` the transformer FFN
     ``x + linear2(gelu(linear1(x)))``.
     """
 
@@ -90,7 +90,7 @@ class Form(NamedTuple):
     def output_dtype(self, x_dtype: torch.dtype, compute_dtype: torch.dtype, projection: bool) -> torch.dtype:
         """The block's output dtype when ``x`` is wider than the dtype its linears run in (autocast).
 
-        The seed block adds the shortcut in place (``out += x``), so its output keeps the linears' dtype; the
+        The reference block adds the shortcut in place (``out += x``), so its output keeps the linears' dtype; the
         FFN form is written out of place (``x + ffn(x)``), which promotes; a projection shortcut is a linear.
         """
         if projection or self.final_activation is not None:
@@ -106,6 +106,6 @@ def check_form(activation: object, final_activation: object) -> Form:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {', '.join(map(repr, NAMES))}")
     if final_activation not in FINAL_ACTIVATIONS:
-        raise ValueError(f"final_activation={final_activation!r} must be 'relu' (the seed block) or None "
+        raise ValueError(f"final_activation={final_activation!r} must be 'relu' (the reference block) or None "
                          "(the transformer FFN form x + linear2(act(linear1(x))))")
     return Form(activation, final_activation)  # type: ignore[arg-type]

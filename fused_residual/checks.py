@@ -7,7 +7,7 @@ dtype or a device mismatch, each naming what was involved; sparse tensors are re
 Autocast: under ``torch.autocast`` the block computes what the reference block computes under it. The linears
 run in the autocast dtype: weights and biases are cast to it here (``x`` is cast for its GEMMs by the backends).
 The shortcut adds ``x`` itself, un-rounded; the result has the reference's dtype (``activations.Form
-.output_dtype``): the seed block adds in place (``out += x``), so its output keeps the autocast dtype.
+.output_dtype``): the reference block adds in place (``out += x``), so its output keeps the autocast dtype.
 """
 
 from __future__ import annotations

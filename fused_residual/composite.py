@@ -36,7 +36,7 @@ def block_of_modules(x: Tensor, linear1: Callable[[Tensor], Tensor], linear2: Ca
     out = s + y  # out of place: linear2's output may be a view autograd forbids modifying (a full backward hook)
     if form.final_activation is None:
         return out  # the FFN's `x + ffn(x)` promotes, as users write it
-    # The seed's `out += identity` keeps linear2's dtype (under autocast, not x's).
+    # The reference's `out += identity` keeps linear2's dtype (under autocast, not x's).
     return torch.relu_(out if out.dtype == y.dtype else out.to(y.dtype))
 
 

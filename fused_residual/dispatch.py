@@ -40,8 +40,11 @@ two) decides. A table found in those folders that cannot be read (not JSON, not 
 skipped with a warning naming the file and why; the file named by ``FUSED_RESIDUAL_DISPATCH_TABLE`` must be
 readable: otherwise every ``auto`` call raises a ValueError naming the file, the variable and why.
 
+Each decision is made once per call signature and cached (``backend_route``), with its reason (``decide``: a
+table's entry, the rule, the variable), logged then at DEBUG level on the ``fused_residual`` logger.
+
 Without an entry, the conservative rule decides (``conservative``): it takes the Triton kernels only where the
-first GPU measurement (H200, commit 44834e3, ``benchmarks/results`` and the design notes) found them faster in
+first GPU measurement (H200, commit 44834e3, ``benchmarks/results/h200-2026-11-26-44834e3/``) found them faster in
 wall time per call, and the cuBLAS composite everywhere else, since the composite runs the reference's own ops.
 """
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import threading
 import warnings
@@ -221,22 +225,30 @@ def _device_tables(device: torch.device) -> tuple[Table, ...]:
 
 def lookup(found: tuple[Table, ...], dtype: torch.dtype, width: int, hidden: int, rows: int, mode: str) -> str | None:
     """The winner of the nearest measured row bucket in the first table that has this (dtype, widths, mode)."""
+    entry = _lookup_entry(found, dtype, width, hidden, rows, mode)
+    return None if entry is None else entry[0]
+
+
+def _lookup_entry(found: tuple[Table, ...], dtype: torch.dtype, width: int, hidden: int, rows: int,
+                  mode: str) -> tuple[str, str] | None:
+    """``lookup``'s winner and the entry it comes from, in words."""
     key = (DTYPE_NAMES.get(dtype, str(dtype)), padded(width), padded(hidden), mode)
     target = bucket(rows).bit_length()
     for table in found:
         measured = table.entries.get(key)
         if measured:
             nearest = min(measured, key=lambda b: (abs(b.bit_length() - target), b))
-            return measured[nearest]
+            return measured[nearest], (f"measured table {table.source} ({table.device}), entry {key[0]} width "
+                                       f"{key[1]} hidden {key[2]} {mode} rows {nearest}")
     return None
 
 
 # The first GPU measurement's wall-time wins of the Triton kernels (H200, torch 2.11, triton 3.6, 2026-11-26,
-# ../shared/measurements): the whole-block forward at width 128 and 65536 rows, bf16 1.56x and fp16 1.39x. It
+# benchmarks/results/h200-2026-11-26-44834e3): whole-block forward, width 128, 65536 rows: bf16 1.56x, fp16 1.39x. It
 # lost at widths 32 and 64 (host cost per launch), every two-GEMM shape and every training step.
 MEASURED_WINS = {("forward", torch.bfloat16, 128), ("forward", torch.float16, 128)}
 MEASURED_ROWS = 1 << 16
-# CPU (``python -m fused_residual.tune --device cpu``, two runs on a 2-core EPYC, benchmarks/results/cpu-*-tune):
+# CPU (``python -m fused_residual.tune --device cpu``, two runs on a 2-core EPYC, results/cpu-2026-11-26-76e4445/tune):
 # below this row bucket the block's Function costs more than it saves (training 16 x 16: 0.85x the reference's
 # wall time, the composite 0.95x; forward the composite 1.1-1.2x); from it on the torch backend's fewer passes
 # over memory win (training 65536 x 32: 1.19x, 4096 x 256: 1.13x).
@@ -248,23 +260,42 @@ def conservative(gpu: bool, dtype: torch.dtype, width: int, hidden: int, rows: i
     """The rule where no table has an entry. GPU: the measured Triton wins above, else the cuBLAS composite
     (the torch backend without autograd; in training the reference's own ops under PyTorch's autograd). CPU:
     the torch backend from ``CPU_FUNCTION_ROWS`` rows on, the composite below."""
+    return _conservative(gpu, dtype, width, hidden, rows, projection, training)[0]
+
+
+def _conservative(gpu: bool, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
+                  training: bool) -> tuple[str, str]:
+    """``conservative``'s choice and why."""
     mode = "train" if training else "forward"
     if not gpu:
-        return "torch" if bucket(rows) >= CPU_FUNCTION_ROWS else "composite"
+        if bucket(rows) >= CPU_FUNCTION_ROWS:
+            return "torch", f"conservative rule: on the CPU the torch backend from {CPU_FUNCTION_ROWS} rows"
+        return "composite", (f"conservative rule: on the CPU the plain composite below {CPU_FUNCTION_ROWS} rows "
+                             "(the Function would cost more than it saves)")
     if (not projection and width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS
             and rows >= MEASURED_ROWS):
-        return "triton:whole_block"
-    return "composite" if training else "torch"
+        return "triton:whole_block", (f"conservative rule: the first GPU run measured the whole block faster here "
+                                      f"({mode}, width {padded(width)}, {DTYPE_NAMES[dtype]}, from {MEASURED_ROWS} "
+                                      "rows)")
+    return ("composite" if training else "torch"), ("conservative rule: on a GPU the cuBLAS composite wherever no "
+                                                    "measurement found the Triton kernels faster")
 
 
 def winner(device: torch.device, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
            training: bool) -> str:
     """The implementation for a seed-form block call on ``device``: a table's winner, else the rule."""
+    return _winner(device, dtype, width, hidden, rows, projection, training)[0]
+
+
+def _winner(device: torch.device, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
+            training: bool) -> tuple[str, str]:
+    """``winner``'s choice and why."""
     if not projection:
-        found = lookup(_device_tables(device), dtype, width, hidden, rows, "train" if training else "forward")
-        if found is not None:
-            return found
-    return conservative(is_gpu(device), dtype, width, hidden, rows, projection, training)
+        entry = _lookup_entry(_device_tables(device), dtype, width, hidden, rows, "train" if training else "forward")
+        if entry is not None:
+            return entry
+    found, why = _conservative(is_gpu(device), dtype, width, hidden, rows, projection, training)
+    return found, why + (" (a projection block: no table measures one)" if projection else " (no table entry)")
 
 
 # ---- routes ---------------------------------------------------------------------------------------------------
@@ -294,6 +325,7 @@ REGISTERED_OP = Route(None, op=True)
 
 _parsed: tuple[str | None, str] = (None, AUTO)  # (raw value, choice): parse only when the variable changes
 _routes: dict[tuple, Route] = {}
+_log = logging.getLogger("fused_residual")
 _on_reset: list = []
 _functorch_active = torch._C._are_functorch_transforms_active  # torch.func transforms on: a C call
 
@@ -377,36 +409,50 @@ def backend_route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training
     key = (choice, x.device, x.dtype, w1.dtype, (rows_ - 1).bit_length(), width, w1.shape[0], ws is None, form,
            training)  # (rows - 1).bit_length(): the row bucket's exponent (bucket)
     chosen = _routes.get(key)
-    if chosen is None:
-        if choice == AUTO:
-            chosen = _auto(x, w1, ws, form, training, rows_)
-        elif choice == COMPOSITE_CHOICE:
-            chosen = COMPOSITE
-        else:
-            chosen = forced(choice, x.device, w1.dtype, form)
+    if chosen is None:  # a new signature: decided (and logged) once
+        chosen, why = decide(choice, x, w1, ws, form, training)
         _routes[key] = chosen
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("route %s for a block of width %d, hidden %d, %s, activation %s, final %s, %d rows, %s on %s: "
+                       "%s", chosen.name, width, w1.shape[0], "projection" if ws is not None else "identity shortcut",
+                       form.activation, form.final_activation, rows_, "train" if training else "forward", x.device,
+                       why)
     return chosen
 
 
-def _auto(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, rows_: int) -> Route:
+def decide(choice: str, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) -> tuple[Route, str]:
+    """The route of a call under ``choice`` (``requested()``) and why, decided afresh (no cache read or written)."""
+    if choice == AUTO:
+        width = x.shape[-1]
+        return _auto(x, w1, ws, form, training, x.numel() // width if width else 0)
+    if choice == COMPOSITE_CHOICE:
+        return COMPOSITE, f"forced by {ENV_VAR}={choice}"
+    return forced(choice, x.device, w1.dtype, form), f"forced by {ENV_VAR}={choice}"
+
+
+def _auto(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, rows_: int) -> tuple[Route, str]:
     """``auto``: the dispatch tables' winner for a seed-form call (``winner``), among the candidates that can run
-    it; the conservative rule for other forms and where the Triton kernels cannot run."""
+    it; the conservative rule for other forms and where the Triton kernels cannot run. With why."""
     dtype, device = w1.dtype, x.device
     gpu = is_gpu(device)
-    triton_backend = None
-    if gpu and backends.missing_requirement("triton") is None:
+    triton_backend, why_not = None, "no GPU"
+    if gpu and (missing := backends.missing_requirement("triton")) is None:
         triton_backend = backends.get("triton")
-        if triton_backend.unavailable(device, dtype, form) is not None:
+        if (why_not := triton_backend.unavailable(device, dtype, form)) is not None:
             triton_backend = None
+    elif gpu:
+        why_not = f"{missing} is not installed"
     if form == SEED_FORM:
-        found = winner(device, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None, training)
-    else:  # no form but the seed's was measured: the rule's non-Triton choice (projection=True never takes Triton)
-        found = conservative(gpu, dtype, x.shape[-1], w1.shape[0], rows_, True, training)
+        found, why = _winner(device, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None, training)
+    else:  # only the reference form was measured: the rule's non-Triton choice (projection=True never takes Triton)
+        found, why = _conservative(gpu, dtype, x.shape[-1], w1.shape[0], rows_, True, training)
+        why += f" (only the reference block's form was measured, not {form.activation}/{form.final_activation})"
     if found.startswith("triton"):
         if triton_backend is not None:
-            return Route(triton_backend, found.partition(":")[2] or None)
-        found = conservative(True, dtype, 0, 0, 0, True, training)
-    return COMPOSITE if found == "composite" else Route(backends.get("torch"))
+            return Route(triton_backend, found.partition(":")[2] or None), why
+        picked, (found, rule) = found, _conservative(True, dtype, 0, 0, 0, True, training)
+        why = f"{rule}; {why} picked {picked}, but the Triton kernels cannot run here ({why_not})"
+    return (COMPOSITE if found == "composite" else Route(backends.get("torch"))), why
 
 
 def kernel_variants(chosen: Route, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form,

@@ -12,7 +12,7 @@ mismatch, each naming what was involved; sparse tensors are refused with a Runti
 
 Autocast: under ``torch.autocast`` the block computes what the reference block computes under it: the linears run
 in the autocast dtype, the shortcut adds ``x`` itself, un-rounded, and the result has the reference's dtype
-(``activations.Form.output_dtype``): the seed block adds in place (``out += x``), so its output keeps the autocast
+(``activations.Form.output_dtype``): the reference block adds in place (``out += x``), so its output keeps the autocast
 dtype.
 """
 
@@ -39,8 +39,8 @@ def residual_block(
 
     Shapes: ``x (..., K)``, ``w1 (H, K)``, ``w2 (N, H)``, ``b1 (H,)``, ``b2 (N,)`` or None,
     ``shortcut_weight (N, K)``; without a shortcut weight ``K`` must equal ``N``. Returns ``(..., N)``.
-    ``activation``: ``"relu"`` (the seed block), ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``; ``final_activation``:
-    ``"relu"`` (the seed block) or None (the transformer FFN form).
+    ``activation``: ``"relu"`` (the reference block), ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``; ``final_activation``:
+    ``"relu"`` (the reference block) or None (the transformer FFN form).
     """
     form = SEED_FORM if activation == "relu" and final_activation == "relu" else check_form(activation,
                                                                                           final_activation)

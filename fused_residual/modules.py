@@ -64,7 +64,7 @@ class FusedResidualBlock(nn.Module):
     @property
     def form(self) -> Form:
         activation, final = self.activation, self.final_activation
-        # The seed's form without building one (this runs on every call)
+        # The reference block's form without building one (this runs on every call)
         return SEED_FORM if activation == "relu" and final == "relu" else Form(activation, final)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The reference residual block and net: the seed's modules, with the semantics users have today.
+"""The reference residual block and net: the original modules, with the semantics users have today.
 
-They behave exactly as the project's original specification writes them (``shared/design/reference_block.py``):
+They behave exactly as the project's original specification writes them:
 an ``nn.ReLU(inplace=True)`` submodule named ``relu``, applied in place, and the shortcut added in place
 (``out += identity``), so under autocast the block's output keeps the autocast dtype. Tests and benchmarks compare
 the fused modules against these.

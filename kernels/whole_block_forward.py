@@ -1,7 +1,7 @@
 """Whole residual block forward in one kernel: h never leaves the chip unless training needs it.
 
 The block ``out = final(act(x W1^T + b1) W2^T + b2 + x)``, ``act`` one of ``kernels/activations.py`` and
-``final`` ReLU (the seed block) or nothing (the FFN form), both constexprs. The backend runs these kernels with the
+``final`` ReLU (the reference block) or nothing (the FFN form), both constexprs. The backend runs these kernels with the
 registry's "light" activations only (``register_class``: ReLU today): the "heavy" ones compute right here but spill
 registers in the backward beyond width 16 and in the forward at width 128 on sm_80, so they are not compiled ahead
 of time and take the two-GEMM kernels.

@@ -190,7 +190,7 @@ def hopper_cases(case):
 # beyond the widths whose weights it keeps on chip (the forward streaming its weights, the backward split by role)
 # compiles in 1-5 s per case: CI compiles this representative set, every such config on each
 # architecture it is offered on and each variant kind once, keyed (kernel, cap, dtype, variant, BLOCK_M);
-# AOT_WHOLE_BLOCK=all compiles every case (done with triton 3.6 and 3.9 when they were added; see the README).
+# AOT_WHOLE_BLOCK=all compiles every case (done with triton 3.6 and 3.9 when they were added; see docs/verification.md).
 WHOLE_BLOCK_BEYOND_ON_CHIP = {
     ("whole_block_forward", 90, "bf16", "width256", 64),
     ("whole_block_forward", 90, "bf16", "width256", 128),

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cases, harness  # noqa: E402
+from benchmarks import cases, checks, clocks, env_info, harness, impls  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
 
-ISSUE_2_CPU_SHAPES = {(16, 10), (4096, 64), (16384, 128), (4096, 512), (1024, 1024), (65536, 32)}
+CPU_BENCHMARK_SHAPES = {(16, 10), (4096, 64), (16384, 128), (4096, 512), (1024, 1024), (65536, 32)}
 
 
 class FakeBenchmark:
@@ -35,9 +35,9 @@ class FakeBenchmark:
         return target()
 
 
-def test_cpu_timed_set_is_issue_2s_shapes_in_every_mode():
+def test_cpu_timed_set_is_the_six_block_shapes_in_every_mode():
     block = cases.select("reduced", ["cpu"], "block")
-    assert {(c.rows, c.width) for c in block} == ISSUE_2_CPU_SHAPES
+    assert {(c.rows, c.width) for c in block} == CPU_BENCHMARK_SHAPES
     assert {c.mode for c in block} == {"forward", "train", "train-sum"} and {c.dtype for c in block} == {"fp32"}
     assert {c.impl for c in block} == {"eager", "compile", "fused"}
     assert cases.select("full", ["cpu"], "block") == block
@@ -77,13 +77,13 @@ def test_addmm_activation_is_forward_only_and_gemm_bounds_are_blocks_only():
 
 def test_relative_error_is_scaled_by_the_reference_and_flags_nonfinite_mismatches():
     expected = torch.tensor([0.0, 2.0, -4.0])
-    assert harness.relative_error(expected.clone(), expected) == 0.0
-    assert harness.relative_error(torch.tensor([0.0, 2.0, -3.0]), expected) == pytest.approx(0.25)
-    assert harness.relative_error(torch.tensor([0.0, 2.0, -3.0]), expected, "l2") == pytest.approx(1 / 20**0.5)
-    assert harness.relative_error(torch.tensor([float("nan"), 2.0, -4.0]), expected) == float("inf")
-    assert harness.relative_error(torch.zeros(2), expected) == float("inf")
+    assert checks.relative_error(expected.clone(), expected) == 0.0
+    assert checks.relative_error(torch.tensor([0.0, 2.0, -3.0]), expected) == pytest.approx(0.25)
+    assert checks.relative_error(torch.tensor([0.0, 2.0, -3.0]), expected, "l2") == pytest.approx(1 / 20**0.5)
+    assert checks.relative_error(torch.tensor([float("nan"), 2.0, -4.0]), expected) == float("inf")
+    assert checks.relative_error(torch.zeros(2), expected) == float("inf")
     with_nan = torch.tensor([float("nan"), 1.0])
-    assert harness.relative_error(with_nan.clone(), with_nan) == 0.0
+    assert checks.relative_error(with_nan.clone(), with_nan) == 0.0
 
 
 def test_one_row_changed_by_a_mask_flip_passes_the_norm_wise_gradient_check():
@@ -93,9 +93,9 @@ def test_one_row_changed_by_a_mask_flip_passes_the_norm_wise_gradient_check():
     expected = torch.randn(16384, 64)
     actual = expected.clone()
     actual[3142] = torch.randn(64)
-    _, l2_tolerance = harness.PARITY_TOLERANCE[("cpu", "fp32")]
-    assert harness.relative_error(actual, expected) > 0.1
-    assert harness.relative_error(actual, expected, "l2") < l2_tolerance
+    _, l2_tolerance = checks.PARITY_TOLERANCE[("cpu", "fp32")]
+    assert checks.relative_error(actual, expected) > 0.1
+    assert checks.relative_error(actual, expected, "l2") < l2_tolerance
 
 
 def _runner_scaling_gradients(module, factor):
@@ -113,50 +113,50 @@ def _runner_scaling_gradients(module, factor):
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_parity_gate_fails_a_wrong_answer(mode):
     case = Case("cpu", "fp32", mode, 64, 16, "fused")
-    reference = harness.build_reference(case)
+    reference = impls.build_reference(case)
     wrong = copy.deepcopy(reference)
     with torch.no_grad():
         wrong.linear2.bias.add_(0.05)  # a slightly wrong bias: output and every gradient shift
-    impl = harness.Impl("fused", harness._module_runner(wrong, wrong, mode), wrong)
+    impl = impls.Impl("fused", impls.module_runner(wrong, wrong, mode), wrong)
     x, dout = harness.make_inputs(case, 1)[0]
     with pytest.raises(AssertionError, match="differs from the eager reference"):
-        harness.check_parity(case, impl, reference, x, dout)
-    right = harness.build_impl(case, reference)
-    errors = harness.check_parity(case, right, reference, x, dout)
+        checks.check_parity(case, impl, reference, x, dout)
+    right = impls.build_impl(case, reference)
+    errors = checks.check_parity(case, right, reference, x, dout)
     tensors = ["out"] if mode == "forward" else [
         "out", "dx", "dlinear1.weight", "dlinear1.bias", "dlinear2.weight", "dlinear2.bias"]
     assert set(errors) == {"out", *(f"{name}_l2" for name in tensors)}
-    out_tolerance, l2_tolerance = harness.PARITY_TOLERANCE[("cpu", "fp32")]
+    out_tolerance, l2_tolerance = checks.PARITY_TOLERANCE[("cpu", "fp32")]
     assert errors["out"] <= out_tolerance and max(errors.values()) <= l2_tolerance
 
 
 def test_parity_gate_fails_wrong_gradients_with_a_right_output():
     case = Case("cpu", "fp32", "train", 64, 16, "fused")
-    reference = harness.build_reference(case)
+    reference = impls.build_reference(case)
     module = copy.deepcopy(reference)
-    impl = harness.Impl("fused", _runner_scaling_gradients(module, 1.5), module)
+    impl = impls.Impl("fused", _runner_scaling_gradients(module, 1.5), module)
     x, dout = harness.make_inputs(case, 1)[0]
     with pytest.raises(AssertionError, match="dx_l2"):
-        harness.check_parity(case, impl, reference, x, dout)
+        checks.check_parity(case, impl, reference, x, dout)
 
 
 def test_work_model_of_a_block():
     m, h = 1024, 64
-    forward = harness.work(Case("cpu", "fp32", "forward", m, h, "fused"))
-    train = harness.work(Case("cpu", "fp32", "train", m, h, "fused"))
+    forward = cases.work(Case("cpu", "fp32", "forward", m, h, "fused"))
+    train = cases.work(Case("cpu", "fp32", "train", m, h, "fused"))
     assert forward == (4 * m * h * h, 4 * (2 * m * h + 2 * h * h + 2 * h))
     assert train == (12 * m * h * h, 4 * (8 * m * h + 6 * h * h + 4 * h))
-    flops, nbytes = harness.work(Case("cpu", "fp32", "forward", m, h, "fused", blocks=4))
+    flops, nbytes = cases.work(Case("cpu", "fp32", "forward", m, h, "fused", blocks=4))
     assert flops == 2 * m * h * h * 10 and nbytes is None
 
 
 def test_saved_bytes_of_the_fused_block_do_not_exceed_the_reference():
     case = Case("cpu", "fp32", "train", 256, 32, "eager")
-    reference = harness.build_reference(case)
+    reference = impls.build_reference(case)
     x, dout = harness.make_inputs(case, 1)[0]
-    eager = harness.saved_tensor_bytes(harness._module_runner(reference, reference, "train"), reference, x, dout)
-    fused = harness.build_impl(Case("cpu", "fp32", "train", 256, 32, "fused"), reference)
-    saved = harness.saved_tensor_bytes(fused.run, fused.module, x, dout)
+    eager = checks.saved_tensor_bytes(impls.module_runner(reference, reference, "train"), reference, x, dout)
+    fused = impls.build_impl(Case("cpu", "fp32", "train", 256, 32, "fused"), reference)
+    saved = checks.saved_tensor_bytes(fused.run, fused.module, x, dout)
     assert 0 < saved["saved_activation_bytes"] <= eager["saved_activation_bytes"]
     assert saved["saved_bytes"] >= saved["saved_activation_bytes"]
 
@@ -169,7 +169,7 @@ def test_smoke_run_records_what_the_report_reads(mode):
     info = bench.extra_info
     assert bench.calls == 1 and bench.group == case.group
     assert {"impl", "device", "device_name", "dtype", "mode", "kind", "rows", "width", "flops", "bytes"} <= set(info)
-    assert info["parity_out"] <= harness.PARITY_TOLERANCE[("cpu", "fp32")][0]
+    assert info["parity_out"] <= checks.PARITY_TOLERANCE[("cpu", "fp32")][0]
     assert info["backend"] == "composite"  # the route auto takes on CPU below 4096 rows
     assert ("saved_activation_bytes" in info) == (mode == "train")
 
@@ -178,16 +178,16 @@ def test_smoke_run_records_what_the_report_reads(mode):
 def test_bare_gemm_and_addmm_activation_runners(mode):
     """CUDA-only in the suite; their math runs on any device, so check it here."""
     case = Case("cpu", "fp32", mode, 32, 8, "bare-gemm")
-    reference = harness.build_reference(case)
+    reference = impls.build_reference(case)
     x, dout = harness.make_inputs(case, 1)[0]
-    bare = harness.build_impl(case, reference)
+    bare = impls.build_impl(case, reference)
     w1, w2 = reference.linear1.weight, reference.linear2.weight
     torch.testing.assert_close(bare.run(x, dout), (x @ w1.t()) @ w2.t())
     assert not bare.checks_parity and bare.module is None
     if mode == "forward":
-        addmm = harness.build_impl(Case("cpu", "fp32", mode, 32, 8, "addmm-act"), reference)
-        errors = harness.check_parity(case, addmm, reference, x, dout)
-        assert errors["out"] <= harness.PARITY_TOLERANCE[("cpu", "fp32")][0]
+        addmm = impls.build_impl(Case("cpu", "fp32", mode, 32, 8, "addmm-act"), reference)
+        errors = checks.check_parity(case, addmm, reference, x, dout)
+        assert errors["out"] <= checks.PARITY_TOLERANCE[("cpu", "fp32")][0]
 
 
 def test_timed_run_records_rounds_and_the_paired_ratio():
@@ -196,14 +196,45 @@ def test_timed_run_records_rounds_and_the_paired_ratio():
     bench.enabled = True
     harness.run_case(case, bench, harness.Settings(seconds=0.05))
     info = bench.extra_info
-    assert info["rounds"] >= harness.MIN_ROUNDS and info["rotated_inputs"] > 1
-    assert info["paired_rounds"] >= harness.MIN_ROUNDS and info["paired_eager_over_impl"] > 0
+    assert info["rounds"] >= clocks.MIN_ROUNDS and info["rotated_inputs"] > 1
+    assert info["paired_rounds"] >= clocks.MIN_ROUNDS and info["paired_eager_over_impl"] > 0
+    assert info["paired_ratio_q1"] <= info["paired_eager_over_impl"] <= info["paired_ratio_q3"]
+
+
+def test_paired_timing_alternates_and_summarizes_the_per_pair_ratios():
+    order = []
+
+    def runner(name, per_call):
+        def run(x, dout):
+            order.append(name)
+            time.sleep(per_call)
+        return run
+
+    inputs = [(torch.zeros(1), None)]
+    paired = clocks.paired_timing(runner("eager", 0.002), runner("fused", 0.001), inputs, seconds=0.0)
+    assert paired["paired_rounds"] == clocks.MIN_ROUNDS and len(order) == 2 * clocks.MIN_ROUNDS
+    assert order[:4] == ["eager", "fused", "fused", "eager"]  # A B B A: neither side always goes first
+    assert paired["paired_ratio_q1"] <= paired["paired_eager_over_impl"] <= paired["paired_ratio_q3"]
+
+
+def test_quick_cpu_set_is_eager_and_fused_without_torch_compile():
+    quick = [c for kind in ("block", "net", "ffn") for c in cases.select("quick", ["cpu"], kind)]
+    assert {c.impl for c in quick} == {"eager", "fused"}
+    assert {(c.rows, c.width) for c in quick if c.kind == "block"} == CPU_BENCHMARK_SHAPES
+    assert {c.kind for c in quick} == {"block", "net", "ffn"} and len(quick) == 44
+
+
+def test_progress_line_counts_cases_and_estimates_the_rest_at_the_pace_so_far():
+    from benchmarks.conftest import progress_line
+
+    assert progress_line(0, 52, 0.0) == "0 of 52 cases, 0s elapsed, ETA unknown"
+    assert progress_line(13, 52, 65.0) == "13 of 52 cases, 1m05s elapsed, ETA 3m15s"
 
 
 def test_environment_names_versions_and_commit(monkeypatch):
-    monkeypatch.setattr(harness, "_git", lambda *args: None)
+    monkeypatch.setattr(env_info, "_git", lambda *args: None)
     monkeypatch.setenv("FUSED_RESIDUAL_COMMIT", "abc123")
-    env = harness.environment()
+    env = env_info.environment()
     assert env["commit"] == "abc123" and env["dirty"] is None
     assert env["torch"] == torch.__version__ and env["date"].endswith("+00:00")
 
@@ -258,19 +289,19 @@ def fake_git(answers: dict):
 def test_commit_from_the_environment_wins_over_an_enclosing_repository(monkeypatch):
     enclosing = {("rev-parse", "--show-toplevel"): "/", ("rev-parse", "HEAD"): "e" * 40,
                  ("status", "--porcelain", "--untracked-files=no"): ""}
-    monkeypatch.setattr(harness, "_git", fake_git(enclosing))
-    monkeypatch.delenv(harness.COMMIT_ENV, raising=False)
-    assert harness.commit_info() == (None, None)  # git's answer is some other repository's
-    monkeypatch.setenv(harness.COMMIT_ENV, "abc1234")
-    assert harness.commit_info() == ("abc1234", None)
-    ours = {**enclosing, ("rev-parse", "--show-toplevel"): str(harness.ROOT)}
-    monkeypatch.setattr(harness, "_git", fake_git(ours))
-    assert harness.commit_info() == ("abc1234", None)  # this checkout is at another commit than named
-    monkeypatch.setattr(harness, "_git", fake_git({**ours, ("rev-parse", "HEAD"): "abc1234" + "0" * 33,
+    monkeypatch.setattr(env_info, "_git", fake_git(enclosing))
+    monkeypatch.delenv(env_info.COMMIT_ENV, raising=False)
+    assert env_info.commit_info() == (None, None)  # git's answer is some other repository's
+    monkeypatch.setenv(env_info.COMMIT_ENV, "abc1234")
+    assert env_info.commit_info() == ("abc1234", None)
+    ours = {**enclosing, ("rev-parse", "--show-toplevel"): str(env_info.ROOT)}
+    monkeypatch.setattr(env_info, "_git", fake_git(ours))
+    assert env_info.commit_info() == ("abc1234", None)  # this checkout is at another commit than named
+    monkeypatch.setattr(env_info, "_git", fake_git({**ours, ("rev-parse", "HEAD"): "abc1234" + "0" * 33,
                                                    ("status", "--porcelain", "--untracked-files=no"): " M x.py"}))
-    assert harness.commit_info() == ("abc1234" + "0" * 33, True)
-    monkeypatch.delenv(harness.COMMIT_ENV)
-    assert harness.commit_info() == ("abc1234" + "0" * 33, True)
+    assert env_info.commit_info() == ("abc1234" + "0" * 33, True)
+    monkeypatch.delenv(env_info.COMMIT_ENV)
+    assert env_info.commit_info() == ("abc1234" + "0" * 33, True)
 
 
 def test_host_time_is_per_call_and_does_not_wait_for_the_device():
@@ -279,7 +310,7 @@ def test_host_time_is_per_call_and_does_not_wait_for_the_device():
     def step():
         time.sleep(0.002)
 
-    host = harness.host_time(step, calls=5, synchronize=lambda: syncs.append(time.perf_counter()))
+    host = clocks.host_time(step, calls=5, synchronize=lambda: syncs.append(time.perf_counter()))
     assert len(syncs) == 2 and host["host_calls"] == 5
     assert 2.0 <= host["host_ms"] < 50.0  # ms per call, not per 5 calls or in seconds
     assert host["host_sync_ms"] >= host["host_ms"]
@@ -305,11 +336,11 @@ def test_gpu_time_sums_device_activity_per_call_and_counts_kernels_and_launches(
                    profiler_event("Memset (Device)", "cuda", t + 10, t + 12),
                    profiler_event("whole_block_forward_kernel", "cuda", t + 12, t + 22),
                    profiler_event("sm90_xmma_gemm", "cuda", t + 22, t + 30)]
-    summary = harness.device_time_summary(events, calls=2)
+    summary = clocks.device_time_summary(events, calls=2)
     assert summary["gpu_ms"] == pytest.approx((2 + 10 + 8) * 1e-3)
     assert summary["kernels_per_call"] == 2 and summary["device_ops_per_call"] == 3
     assert summary["launch_calls_per_call"] == 2
-    nothing = harness.device_time_summary(events[:3], calls=2)
+    nothing = clocks.device_time_summary(events[:3], calls=2)
     assert nothing["gpu_ms"] is None and "no device activity" in nothing["gpu_note"]
 
 
@@ -324,7 +355,7 @@ def test_gpu_time_reads_real_profiler_events_and_never_reports_a_zero_gpu_clock(
             torch.mm(a, a)
     events = prof.events()
     assert any(e.name == "aten::mm" for e in events)
-    summary = harness.device_time_summary(events, calls=3)
+    summary = clocks.device_time_summary(events, calls=3)
     assert summary["gpu_ms"] is None and summary["kernels_per_call"] is None
 
 
@@ -333,7 +364,25 @@ def test_gpu_time_reads_real_profiler_events_and_never_reports_a_zero_gpu_clock(
                                                 ("fused-reduce-overhead", "FusedResidualBlock")])
 def test_reduce_overhead_variants_compile_the_reference_or_the_fused_block(impl, module_type):
     case = Case("cpu", "fp32", "forward", 32, 8, impl)
-    reference = harness.build_reference(case)
-    built = harness.build_impl(case, reference)  # torch.compile is lazy: nothing compiles here
+    reference = impls.build_reference(case)
+    built = impls.build_impl(case, reference)  # torch.compile is lazy: nothing compiles here
     assert built.compiled and type(built.module).__name__ == module_type
     torch.testing.assert_close(built.module.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("args", [["--rows", "0"], ["--width", "abc"], ["--timeout", "-1"], ["--dtype", "int8"]])
+def test_cold_start_rejects_bad_values_with_a_usage_error(args, capsys):
+    from benchmarks import cold_start
+
+    with pytest.raises(SystemExit) as stopped:
+        cold_start.main(["--device", "cpu", *args])
+    assert stopped.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_cold_start_takes_the_main_commands_dtype_spelling(monkeypatch):
+    from benchmarks import cold_start
+
+    seen = []
+    monkeypatch.setattr(cold_start, "measure", lambda device, dtype, *rest: seen.append(dtype) or [])
+    assert cold_start.main(["--device", "cpu", "--dtype", "float32"]) == 0
+    assert seen == ["fp32"]

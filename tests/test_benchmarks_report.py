@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import analysis, plots, report  # noqa: E402
 
 CEILINGS = {"copy_GBps": 2000.0, "matmul_TFLOPs": {"bf16": 800.0, "fp16": 800.0, "fp32": 50.0}, "matmul_n": 8192}
 
@@ -96,10 +96,10 @@ def test_summary_geomean_min_and_the_cpu_target(tmp_path):
     assert line["shapes"] == 2
     assert line["geomean eager/fused"] == pytest.approx(2.0)  # sqrt(1 * 4)
     assert line["min eager/fused"] == pytest.approx(1.0)
-    assert "issue 9 met, issue 2 met" in report._cpu_target(section, "pytest")
+    assert "eager/fused: met" in report.cpu_target(section, "pytest")
     results[1] = bench("fused", 1.1, width=64)  # 0.91x on one shape
     section = report.load([write_results(tmp_path / "r.json", results)])[0]
-    assert "NOT met" in report._cpu_target(section, "pytest")
+    assert "eager/fused: NOT met" in report.cpu_target(section, "pytest")
 
 
 def test_geomean_ignores_missing_values():
@@ -127,7 +127,8 @@ def test_cpu_and_gpu_results_get_separate_sections_and_plots(tmp_path, capsys):
     assert "2.00x" in cpu_part and "4.00x" in gpu_part
     assert "| 3.0 MiB | 2.0 MiB | 0.67x |" in cpu_part  # saved activations of the net's training step
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["speedup-cpu-test-cpu-fp32-forward.png", "speedup-cuda-test-gpu-bf16-forward.png"]
+    assert pngs == ["speedup-cpu-test-cpu-block-fp32.png", "speedup-cpu-test-cpu-net-fp32.png",
+                    "speedup-cuda-test-gpu-block-bf16.png"]
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
     assert all(f"]({name})" in markdown for name in pngs)
     printed = capsys.readouterr().out
@@ -153,19 +154,78 @@ def test_stat_option_picks_the_pytest_benchmark_statistic(tmp_path):
 
 
 def test_paired_ratio_is_reported_and_judged_beside_the_separate_one(tmp_path):
-    results = [bench("eager", 3.0, width=64), bench("fused", 1.0, width=64, paired_eager_over_impl=1.1),
-               bench("eager", 2.0, width=128), bench("fused", 1.0, width=128, paired_eager_over_impl=0.9)]
+    results = [bench("eager", 1.2, width=64), bench("fused", 1.0, width=64, paired_eager_over_impl=1.1),
+               bench("eager", 1.0, width=128), bench("fused", 1.0, width=128, paired_eager_over_impl=0.9)]
     section = report.load([write_results(tmp_path / "r.json", results)])[0]
     rows = [section.rows[k] for k in sorted(section.rows)]
     assert [report.ratios(r, "pytest")[report.PAIRED] for r in rows] == [1.1, 0.9]
     (line,) = report.summary(section, "pytest")
-    assert line[f"min {report.PAIRED}"] == pytest.approx(0.9)
+    assert line[f"min {report.PAIRED}"] == pytest.approx(0.9) and line["flagged"] == 0
     assert line[f"geomean {report.PAIRED}"] == pytest.approx((1.1 * 0.9) ** 0.5)
-    target = report._cpu_target(section, "pytest")
-    # geomean 2.45x separately, min 0.9x paired (geomean 0.99x): both targets met, then neither.
-    assert "eager/fused: issue 9 met, issue 2 met" in target
-    assert f"{report.PAIRED}: issue 9 NOT met, issue 2 NOT met" in target
+    target = report.cpu_target(section, "pytest")
+    # separately min 1.0x, geomean 1.095x: met; paired min 0.9x: not met.
+    assert "eager/fused: met" in target and f"{report.PAIRED}: NOT met" in target
     assert "| eager/fused | eager/fused paired |" in report.render([section], "auto", {})
+
+
+def test_a_case_whose_paired_and_separate_ratios_disagree_is_flagged_and_not_counted(tmp_path):
+    # Made-up test data: one case whose separate ratio (8.09x) is far from its paired one (1.17x).
+    results = [bench("eager", 8.09, width=64), bench("fused", 1.0, width=64, paired_eager_over_impl=1.17),
+               bench("eager", 1.10, width=128), bench("fused", 1.0, width=128, paired_eager_over_impl=1.0)]
+    section = report.load([write_results(tmp_path / "r.json", results)])[0]
+    (line,) = report.summary(section, "pytest")
+    assert line["flagged"] == 1 and line["shapes"] == 1
+    assert line["geomean eager/fused"] == pytest.approx(1.10) and line[f"geomean {report.PAIRED}"] == 1.0
+    assert "1 flagged shape-mode(s) not counted" in report.cpu_target(section, "pytest")
+    markdown = report.render([section], "auto", {})
+    assert "### Flagged, not counted" in markdown
+    assert "- block 1024 x 64 fp32 forward: paired 1.17x vs separate 8.09x" in markdown
+    assert markdown.count("flagged, not counted") == 1  # the table's note column, on that row only
+
+
+def test_ratios_carry_the_interquartile_range_and_the_rounds(tmp_path):
+    eager, fused = bench("eager", 2.0), bench("fused", 1.0, paired_eager_over_impl=1.9, paired_ratio_q1=1.8,
+                                                            paired_ratio_q3=2.1, paired_rounds=400)
+    eager["stats"].update(q1=1.8e-3, q3=2.4e-3, rounds=500)
+    fused["stats"].update(q1=0.9e-3, q3=1.2e-3, rounds=600)
+    section = report.load([write_results(tmp_path / "r.json", [eager, fused])])[0]
+    row = only_row([section])
+    spread = analysis.ratio_spread(row, "eager", "fused", "pytest")
+    assert spread.value == pytest.approx(2.0) and spread.rounds == 500
+    assert spread.q1 == pytest.approx(1.8 / 1.2) and spread.q3 == pytest.approx(2.4 / 0.9)
+    markdown = report.render([section], "auto", {})
+    assert "| 2.00x (1.50-2.67) | 1.90x (1.80-2.10) | 500 / 600 / 400 |" in markdown
+
+
+def test_the_first_gpu_runs_blocks_json_renders_with_its_own_geomeans(tmp_path):
+    path = ROOT / "benchmarks" / "results" / "h200-2026-11-26-44834e3" / "blocks.json"
+    recorded = json.loads(path.read_text())
+    (section,) = report.load([path])
+    assert section.device_name == "NVIDIA H200" and len(section.rows) == 2 * len(recorded["cases"])
+    assert section.sources[0]["commit"] == "44834e3" and section.sources[0]["date"] == "2026-11-26"
+    forward = [report.ratio(r, "eager", "fused", "do_bench") for r in section.rows.values() if r.mode == "forward"]
+    train = [report.ratio(r, "eager", "fused", "do_bench") for r in section.rows.values() if r.mode == "train"]
+    assert report.geomean(forward) == pytest.approx(recorded["geomean_fwd"])
+    assert report.geomean(train) == pytest.approx(recorded["geomean_train"])
+    assert report.main([str(path), "-o", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["speedup-cuda-nvidia-h200-block-bf16.png",
+                                                             "speedup-cuda-nvidia-h200-block-fp16.png"]
+    assert "recorded no spread and no round counts" in (tmp_path / "report.md").read_text()
+
+
+def test_ffn_and_net_results_get_plots_with_each_mode_captioned(tmp_path):
+    results = [bench(impl, t, mode=mode, **kind) for impl, t in (("eager", 2.0), ("fused", 1.0))
+               for mode in ("forward", "train", "train-sum") for kind in ({}, {"blocks": 4})]
+    ffn = [bench(impl, t, kind="ffn") for impl, t in (("eager", 2.0), ("fused", 1.0))]
+    for entry in ffn:
+        entry["extra_info"]["kind"] = "ffn"
+    section = report.load([write_results(tmp_path / "r.json", results + ffn)])[0]
+    figures = plots.plot(section, "pytest", tmp_path)
+    assert [name for name, _ in figures] == ["speedup-cpu-test-cpu-block-fp32.png",
+                                             "speedup-cpu-test-cpu-ffn-fp32.png", "speedup-cpu-test-cpu-net-fp32.png"]
+    block_caption = figures[0][1]
+    assert "train-sum: a training step with the loss y.sum()" in block_caption
+    assert "A point without a bar: this run recorded no spread" in block_caption  # these entries have no q1/q3
 
 
 # ------------------------------------------------------------------ JSON lines, both clocks, targets, cold start
@@ -268,7 +328,7 @@ def measured_results(speedup: float, ro_speedup: float | None = None) -> list[di
     return results
 
 
-def test_issue_9_targets_are_judged_on_the_measured_shapes(tmp_path):
+def test_gpu_targets_are_judged_on_the_first_gpu_runs_shapes(tmp_path):
     section = report.load([write_results(tmp_path / "r.json", measured_results(3.0, ro_speedup=1.25))])[0]
     targets = "\n".join(report.cuda_targets(section))
     assert "8 of the 8 block shapes" in targets

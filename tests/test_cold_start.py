@@ -1,7 +1,7 @@
 """Cold start: before compiling anything, each autotuner prunes its candidates by shape, dtype and device.
 
 A first call at a new width compiles and benchmarks every candidate its autotuner keeps, so fewer candidates start
-faster (issue 10 item 3). These tests run the kernels' tuned launch paths in the interpreter, with Triton's
+faster. These tests run the kernels' tuned launch paths in the interpreter, with Triton's
 benchmark step replaced by a recorder, and check that the configs the autotuner would compile for a launch are
 exactly the ones expected for that width, dtype and device (nothing that cannot run there: the ahead-of-time
 tests prove each expected one compiles for its architecture without spills and within its shared memory).

@@ -92,13 +92,13 @@ def test_block_under_autocast_matches_the_reference_under_autocast(autocast_case
     torch.manual_seed(10)
     x = (0.3 * torch.randn(24, 32, device=device)).to(low if x_dtype == "low" else x_dtype)
     out = check_against_reference(to_reference(fused), fused, x, torch.randn(24, 32, device=device), device, low)
-    # The seed block adds x in place into linear2's output: the autocast dtype, whatever x's dtype.
+    # The reference block adds x in place into linear2's output: the autocast dtype, whatever x's dtype.
     assert out.dtype == low
 
 
 def test_block_under_autocast_is_at_least_as_accurate_as_the_seed_block(autocast_case):
     """x far from 0 (100 + rand): rounding x to the autocast dtype before the add would cost ~0.5 there. The
-    fused block adds the un-rounded x; its error against float32 math must not exceed the seed block's."""
+    fused block adds the un-rounded x; its error against float32 math must not exceed the reference block's."""
     device, low = autocast_case
     reference, fused = seeded_pair(32, 32, device=device)
     torch.manual_seed(14)
@@ -114,7 +114,7 @@ def test_block_under_autocast_is_at_least_as_accurate_as_the_seed_block(autocast
     assert fused_err <= seed_err, (fused_err, seed_err)
     # One rounding to the output dtype at most: half a unit in the last place of the largest output.
     assert fused_err <= 0.5 * torch.finfo(low).eps * exact.abs().max().item() * 2 + 1e-3, fused_err
-    if dispatch.requested() == "torch" and device == "cpu":  # the same ops as the seed block: the same bits
+    if dispatch.requested() == "torch" and device == "cpu":  # the same ops as the reference block: the same bits
         assert torch.equal(fused_out, seed_out)
 
 

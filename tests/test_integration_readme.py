@@ -1,5 +1,5 @@
-"""The examples of README.md's "Using it in your model" and "Deploying" run as written (CPU; the torch backend by
-default)."""
+"""The examples of README.md's "Quickstart" and "Using it in your model" and of docs/deploying.md run as written
+(CPU; the auto route)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,24 @@ import torch
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 SECTION = "## Using it in your model"
-DEPLOYING = "## Deploying"
+QUICKSTART = "## Quickstart"
+DEPLOYING = ROOT / "docs" / "deploying.md"
 
 
-def examples(heading: str = SECTION) -> list[str]:
-    text = README.read_text()
-    assert heading in text, f"README.md has no section {heading!r}"
-    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+def examples(heading: str = SECTION, path: Path = README) -> list[str]:
+    """The python code blocks of ``path``: of its section ``heading``, or of the whole file if heading is None."""
+    text = path.read_text()
+    if heading is not None:
+        assert heading in text, f"{path.name} has no section {heading!r}"
+        text = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+def deploying() -> list[str]:
+    return examples(None, DEPLOYING)
 
 
 SINGLE_PROCESS = [code for code in examples() if "init_process_group" not in code]
@@ -59,18 +67,37 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_the_deploying_section_has_an_example_for_each_route():
-    code = "\n".join(examples(DEPLOYING))
+def test_quickstart_example_runs(monkeypatch, use_backend, tmp_path):
+    (code,) = examples(QUICKSTART)
+    use_backend("auto")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+def test_the_quickstart_is_in_the_first_40_lines_and_covers_a_first_hour():
+    lines = README.read_text().splitlines()
+    start = lines.index(QUICKSTART)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    assert end <= 40, f"the quickstart ends at line {end}"
+    text = "\n".join(lines[start:end])
+    for needle in ("--index-url https://download.pytorch.org/whl/cpu", "'.[gpu]'", "fr.FusedResidualBlock(",
+                   "fr.fuse(", "python -m fused_residual info", "python -m pytest -q", "python -m pytest benchmarks",
+                   "python -m benchmarks.report"):
+        assert needle in text, needle
+
+
+def test_the_deploying_page_has_an_example_for_each_route():
+    code = "\n".join(deploying())
     for needle in ("torch.onnx.export(", "onnxruntime.InferenceSession(", "torch.export.export(",
                    "run_decompositions(", "aoti_compile_and_package(", "aoti_load_package(", "fr.unfuse("):
         assert needle in code, needle
 
 
-@pytest.mark.parametrize("code", examples(DEPLOYING), ids=[f"deploying{i}" for i in range(len(examples(DEPLOYING)))])
+@pytest.mark.parametrize("code", deploying(), ids=[f"deploying{i}" for i in range(len(deploying()))])
 def test_deploying_example_runs(code, tmp_path, monkeypatch, use_backend):
     if "onnx" in code:  # test extras; skipped where they are not installed
         for package in ("onnx", "onnxscript", "onnxruntime"):
             pytest.importorskip(package)
     use_backend("auto")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    exec(compile(code, "docs/deploying.md", "exec"), {"__name__": "readme_example"})

@@ -95,7 +95,7 @@ def block_forward(
         return (out.relu_() if relu else out), saved
     if x.dtype == w1.dtype:
         out = _accumulate(h, w2, b2, x)
-    elif relu:  # the seed's `out += identity`: the un-rounded x, added in place into the linears' dtype
+    elif relu:  # the reference's `out += identity`: the un-rounded x, added in place into the linears' dtype
         out = linear(h, w2, b2).add_(x)
     else:  # the FFN's `x + ffn(x)`: promotes to x's dtype
         out = torch.add(x, linear(h, w2, b2))
