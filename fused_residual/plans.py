@@ -167,8 +167,14 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         out = with_leading_dims(out, x, w2.shape[0])
     else:
         grad_dtype = form.output_dtype(x.dtype, w1.dtype, ws is not None) if training else None
-        plan = BlockPlan(chosen, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype), form, training)
-        out = plan(x, w1, b1, w2, b2, ws)
+        plan = BlockPlan(chosen, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype), form, training,
+                         dispatch.signature(x, w1, ws, form) if chosen.may_fall_back else ())
+        try:
+            out = plan(x, w1, b1, w2, b2, ws)
+        except Exception as error:  # the kernels failed on an unverified family: the torch backend, or raise
+            chosen = dispatch.fall_back(chosen, dispatch.signature(x, w1, ws, form), error)
+            plan = BlockPlan(chosen, (None, None), form, training)
+            out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
             cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
             _store(key, plan if low is None else AutocastPlan(plan, low, cast, out_dtype))
@@ -194,9 +200,10 @@ class BlockPlan:
     """A block call at one signature: the composite, or a backend's forward (and, in training, its backward per
     output-gradient signature) as the backend recorded them (``Backend.plan_block_forward``)."""
 
-    __slots__ = ("backend", "variants", "form", "training", "forward", "backwards")
+    __slots__ = ("backend", "variants", "form", "training", "forward", "backwards", "chosen", "signature")
 
-    def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, training: bool):
+    def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, training: bool, signature: tuple = ()):
+        self.chosen, self.signature = chosen, signature  # for dispatch.fall_back
         self.backend: Backend | None = chosen.backend
         # training: under the block's Function (the composite runs under PyTorch's own autograd instead)
         self.variants, self.form, self.training = variants, form, training and chosen.backend is not None
@@ -237,8 +244,12 @@ class BlockPlan:
             return run(dout, x, saved, out, w1, w2, ws)
         if dispatch.backward_builds_graph():
             return None  # the Function differentiates through the composite
-        grads, run = _planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws), self.form, needs,
-                              dx_dtype=x_dtype, variant=self.variants[1])
+        try:
+            grads, run = _planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws), self.form,
+                                  needs, dx_dtype=x_dtype, variant=self.variants[1])
+        except Exception as error:  # the kernels failed on an unverified family: the composite, or raise
+            dispatch.fall_back(self.chosen, self.signature, error)
+            return None
         if run is not None and dout.shape[0]:
             self.backwards[key] = run
         return grads
@@ -320,7 +331,12 @@ def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: T
         out = torch.ops.fused_residual.linear_residual_relu_forward(rows(h), w, b, rows(residual))
         return with_leading_dims(out, h, w.shape[0])
     plan = LayerPlan(chosen.backend, training)
-    out = plan(h, w, b, residual)
+    try:
+        out = plan(h, w, b, residual)
+    except Exception as error:  # the kernels failed on an unverified family: the torch backend, or raise
+        plan = LayerPlan(dispatch.fall_back(chosen, dispatch.signature(h, w, None, SEED_FORM), error).backend,
+                         training)
+        out = plan(h, w, b, residual)
     if key is not None and plan.forward is not None:
         _store(key, plan)
     return out

@@ -98,7 +98,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
     config = fl.INTERPRETER_CONFIG if _common.on_interpreter(device) else None
     mask = "none" if relu_mask is None else mask_on
     layout = ""
-    if a_t.dtype == b_t.dtype and _common.capability(device)[0] >= 9:
+    if a_t.dtype == b_t.dtype and _common.family(device).tma:
         layout = fl.tma_layout(a_t, b_t, sa_t, sb_t, views["mask"][1] if mask == "a" else None)
     has_bias = bias is not None
     flags = {

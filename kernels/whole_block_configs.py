@@ -38,33 +38,40 @@ class BackwardConfig(NamedTuple):
 
 
 # Forward with both weights on chip: the autotuner measures which pays. Every candidate is compiled ahead of time
-# for sm_90 and sm_80 in tests/test_kernels_aot.py (with triton 3.6 and 3.9), whose register reports decided them.
+# for every family in tests/test_kernels_aot.py (with triton 3.6 and 3.9); sm_90's and sm_80's register reports
+# decided them.
 FORWARD_CONFIGS = [ForwardConfig(64, 4, 0), ForwardConfig(128, 4, 0), ForwardConfig(128, 8, 0),
                    ForwardConfig(64, 4, 2), ForwardConfig(128, 8, 2)]
-# Forward with the weights streamed, keyed (sm_90 or later, element size). The fp32 accumulator of the output row
-# tile (BLOCK_M x WIDTH) lives in registers across the hidden chunks: 8 warps; at width 256, 128 rows reach 230-254
-# registers in 16-bit (no spill) and spill with an fp32 x (autocast: 292-660 bytes on sm_90) or on sm_80 (12
+# Forward with the weights streamed, keyed (family, element size). The fp32 accumulator of the output row tile
+# (BLOCK_M x WIDTH) lives in registers across the hidden chunks: 8 warps; at width 256, 128 rows reach 230-254
+# registers in 16-bit on sm_90 (no spill) and spill with an fp32 x (autocast: 292-660 bytes on sm_90) or on sm_80 (12
 # bytes); 64 rows on 4 warps spill (sm_80: 128 bytes; sm_90: 0 bytes at 237-255 registers). Chunks of 64 hidden
 # units need 172 KB of shared memory (sm_90, 3 stages would not fit), fp32 chunks of 32 spill at width 256.
-STREAMED_CONFIGS = {
-    (True, 2): [ForwardConfig(64, 8, 0, 32, 3), ForwardConfig(128, 8, 0, 32, 2)],
-    (False, 2): [ForwardConfig(64, 8, 0, 32, 3)],
-    (True, 4): [ForwardConfig(64, 8, 0, 16, 3)],
-    (False, 4): [ForwardConfig(64, 8, 0, 16, 3)],
-}
+# A family missing here streams nothing: the forward stops at WEIGHTS_ON_CHIP_WIDTH.
+_HOPPER_STREAMED = {2: [ForwardConfig(64, 8, 0, 32, 3), ForwardConfig(128, 8, 0, 32, 2)],
+                    4: [ForwardConfig(64, 8, 0, 16, 3)]}
+_AMPERE_STREAMED = {2: [ForwardConfig(64, 8, 0, 32, 3)], 4: [ForwardConfig(64, 8, 0, 16, 3)]}
+STREAMED_CONFIGS = {(family, size): configs for families, table in (
+    (("hopper", "blackwell"), _HOPPER_STREAMED),
+    (("ampere", "consumer", "blackwell_consumer", "cdna2", "cdna3", "cdna4"), _AMPERE_STREAMED))
+    for family in families for size, configs in table.items()}
 ALL_FORWARD_CONFIGS = list(dict.fromkeys(FORWARD_CONFIGS + [c for cs in STREAMED_CONFIGS.values() for c in cs]))
 INTERPRETER_BLOCK_M = 32
 INTERPRETER_HIDDEN_CHUNK = 32
+# Families whose software pipeliner keeps every stage of the streamed weight chunks in shared memory (sm_90's
+# TMA/wgmma pipeline); the others keep one fewer (sm_80's cp.async pipeline keeps stages - 1 in flight).
+ALL_STAGES_BUFFERED = {"hopper", "blackwell"}
 
 # Widest padded feature count each kernel takes. Forward, by element size: both weights on chip up to
-# WEIGHTS_ON_CHIP_WIDTH (shared memory for both and two tiles), streamed beyond. Backward, by architecture:
-# whole accumulators in every program to MAX_BACKWARD_WIDTH_WHOLE (they and five tiles spill registers at width
-# 64 on sm_80 in every configuration tried, not on sm_90), programs split by role beyond (sm_90 only: on sm_80 the
-# split spills at width 128 on 4 warps and sits at 255 registers on 8, and fp32 needs 172 KB of shared memory).
+# WEIGHTS_ON_CHIP_WIDTH (shared memory for both and two tiles), streamed beyond. Backward, by family: whole
+# accumulators in every program to MAX_BACKWARD_WIDTH_WHOLE (they and five tiles spill registers at width 64 on
+# sm_80 in every configuration tried, not on sm_90), programs split by role beyond (sm_90 only: on sm_80 the split
+# spills at width 128 on 4 warps and sits at 255 registers on 8, and fp32 needs 172 KB of shared memory).
 WEIGHTS_ON_CHIP_WIDTH = {2: 128, 4: 64}
 MAX_FORWARD_WIDTH = {2: 256, 4: 256}
-MAX_BACKWARD_WIDTH_HOPPER, MAX_BACKWARD_WIDTH_OLDER = 128, 32
 MAX_BACKWARD_WIDTH_WHOLE = 64
+MAX_BACKWARD_WIDTH = {"hopper": 128, "blackwell": 128, "ampere": 32, "consumer": 32, "blackwell_consumer": 32,
+                      "cdna2": 32, "cdna3": 32, "cdna4": 32}
 
 
 def padded_width(features: int) -> int:
@@ -78,30 +85,29 @@ def max_forward_width(element_size: int, x_element_size: int | None = None) -> i
     return MAX_FORWARD_WIDTH[element_size]
 
 
-def forward_shared_bytes(config: ForwardConfig, width: int, element_size: int, x_element_size: int | None = None,
-                         capability: tuple[int, int] = (9, 0)) -> int:
+def forward_shared_bytes(config: ForwardConfig, width: int, element_size: int, x_element_size: int | None,
+                         family: str) -> int:
     """Upper bound of the forward's shared memory with ``config`` (checked against the compiler's figure for every
     case compiled ahead of time): the x tile as a dot operand (in its own dtype and rounded when it is wider than
-    the weights), then either h and both weights (on chip), or ``stages`` buffers (one fewer before sm_90) of a
-    chunk of each weight and two h chunks (streamed)."""
+    the weights), then either h and both weights (on chip), or ``stages`` buffers of a chunk of each weight and two
+    h chunks (streamed; one buffer fewer outside ``ALL_STAGES_BUFFERED``)."""
     block_m, chunk, stages = config.block_m, config.hidden_chunk, config.stages
     x_bytes = block_m * width * (element_size + max(0, (x_element_size or element_size) - element_size))
     if chunk == 0:
         return x_bytes + (block_m * width + 2 * width * width) * element_size
-    buffers = stages if capability[0] >= 9 else max(1, stages - 1)
+    buffers = stages if family in ALL_STAGES_BUFFERED else max(1, stages - 1)
     return x_bytes + (buffers * 2 * chunk * width + 2 * block_m * chunk) * element_size
 
 
-def forward_configs(width: int, element_size: int, wide_x: bool = False,
-                    capability: tuple[int, int] = (9, 0)) -> list[ForwardConfig]:
-    """Forward candidates at a padded width for weights of ``element_size`` bytes on a device of ``capability``
+def forward_configs(width: int, element_size: int, wide_x: bool, family: str) -> list[ForwardConfig]:
+    """Forward candidates at a padded width for weights of ``element_size`` bytes on a device of ``family``
     (before the shared-memory check, ``runnable_forward_configs``). On chip: 128 rows on 4 warps spill from width
     32 up, and persistent programs (weights live across tiles) at width 128. ``wide_x``: x wider than the weights
     (autocast)."""
-    if width > MAX_FORWARD_WIDTH[element_size]:
-        return []
+    if width > MAX_FORWARD_WIDTH[element_size] or family not in MAX_BACKWARD_WIDTH:
+        return []  # (a device of no known family: the two-GEMM kernels only)
     if width > WEIGHTS_ON_CHIP_WIDTH[element_size]:
-        configs = STREAMED_CONFIGS[(capability[0] >= 9, element_size)]
+        configs = STREAMED_CONFIGS.get((family, element_size), [])
         return [c for c in configs if not (wide_x and c.block_m > 64)]  # 128 rows spill with an fp32 x
     configs = FORWARD_CONFIGS if width <= 16 else [c for c in FORWARD_CONFIGS if c[:2] != (128, 4)]
     if width > 64:  # and an fp32 x tile spills 64 rows on 4 warps (sm_80, 96 bytes)
@@ -109,16 +115,17 @@ def forward_configs(width: int, element_size: int, wide_x: bool = False,
     return configs
 
 
-def runnable_forward_configs(width: int, element_size: int, x_element_size: int, capability: tuple[int, int],
+def runnable_forward_configs(width: int, element_size: int, x_element_size: int, family: str,
                              shared_limit: int) -> list[ForwardConfig]:
     """The forward candidates that fit a device's shared memory per block (``shared_limit`` bytes): the
     autotuner's prune and the backend's test of whether the whole block runs at all."""
-    return [c for c in forward_configs(width, element_size, x_element_size > element_size, capability)
-            if forward_shared_bytes(c, width, element_size, x_element_size, capability) <= shared_limit]
+    return [c for c in forward_configs(width, element_size, x_element_size > element_size, family)
+            if forward_shared_bytes(c, width, element_size, x_element_size, family) <= shared_limit]
 
 
-def max_backward_width(capability: tuple[int, int]) -> int:
-    return MAX_BACKWARD_WIDTH_HOPPER if capability[0] >= 9 else MAX_BACKWARD_WIDTH_OLDER
+def max_backward_width(family: str) -> int:
+    """The whole-block backward's widest padded width on a device of ``family`` (0: it takes none)."""
+    return MAX_BACKWARD_WIDTH.get(family, 0)
 
 
 def backward_config(width: int, element_size: int, wide: bool = False) -> BackwardConfig:
@@ -151,7 +158,7 @@ def prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     x, w1 = args["x_ptr"], args["w1_ptr"]
     allowed = set(runnable_forward_configs(args["WIDTH"], w1.element_size(), x.element_size(),
-                                           _common.capability(x.device), _common.max_shared_memory(x.device)))
+                                           _common.family(x.device).name, _common.max_shared_memory(x.device)))
     return [c for c in configs if config_of(c) in allowed]
 
 
