@@ -45,15 +45,23 @@ ANY_32BIT = [
     (32, 32, 32, 4, 4),
     (32, 16, 16, 3, 4),
 ]
+# Two stages of 128 x 128 x 32 fp32 tiles: with about 99 KB of shared memory (sm_86, sm_89, sm_120) three need
+# 100 KB with split-K's reduction (102,400 bytes compiled for sm_86 and sm_120); on sm_100 three spill with a second
+# operand pair (8 bytes at 128 registers).
+TWO_STAGE_32BIT = [(128, 128, 32, 2, 8)] + ANY_32BIT[1:]
+# sm_100: tcgen05 takes tiles of 64 rows or more (32-row ones compile to mma.sync): 64-row small tiles.
+BLACKWELL_32BIT = TWO_STAGE_32BIT[:4] + [(64, 32, 32, 4, 4), (64, 16, 16, 3, 4)]
 # AMD Instinct (wavefronts of 64: num_warps counts wavefronts). Two stages: Triton's AMD pipeliner streams one tile
 # ahead through LDS. The AMD knobs are schedule tokens (AMD_OPTIONS): "eu<n>" asks the compiler for n waves per
 # SIMD (waves_per_eu: it caps registers for that occupancy), "mfma16" the 16 x 16 matrix instructions
 # (matrix_instr_nonkdim), "kpack2" two K elements packed per LDS read (kpack; gfx950 has dropped it).
+# 256 x 256 tiles spill there in most epilogues (gfx90a, gfx942, gfx950; and need 193-198 KB of LDS on gfx950), and
+# two waves per SIMD (eu2) on 4 wavefronts spills a 128 x 128 tile with a gate or a split-K epilogue: not offered;
+# on gfx90a and gfx942 a 128 x 128 tile on 4 wavefronts spills 42-46 SGPRs in the gate epilogue: 8 there.
 CDNA_16BIT = [
-    (256, 256, 32, 2, 8, "eu2"),
     (128, 256, 32, 2, 8, "eu2"),
     (128, 128, 64, 2, 8, "eu2+mfma16+kpack2"),
-    (128, 128, 32, 2, 4, "eu2"),
+    (128, 128, 32, 2, 8),
     (64, 128, 64, 2, 4, "mfma16+kpack2"),
     (128, 64, 64, 2, 4, "mfma16+kpack2"),
     (64, 64, 64, 2, 4, "mfma16"),
@@ -61,10 +69,9 @@ CDNA_16BIT = [
     (32, 16, 16, 2, 4),
 ]
 CDNA4_16BIT = [
-    (256, 256, 64, 2, 8, "eu2"),
     (128, 256, 64, 2, 8, "eu2"),
     (128, 128, 64, 3, 8, "eu2+mfma16"),
-    (128, 128, 64, 2, 4, "eu2"),
+    (128, 128, 64, 2, 4),
     (64, 128, 64, 2, 4, "mfma16"),
     (128, 64, 64, 2, 4, "mfma16"),
     (64, 64, 64, 2, 4, "mfma16"),
@@ -84,9 +91,9 @@ OTHER_16BIT = [(64, 64, 32, 2, 4), (64, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
 OTHER_32BIT = [(64, 64, 32, 2, 4), (32, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
 # Family -> (16-bit classic tiles, 32-bit tiles).
 CLASSIC = {
-    "hopper": (HOPPER_16BIT, ANY_32BIT), "blackwell": (HOPPER_16BIT, ANY_32BIT),
-    "ampere": (AMPERE_16BIT, ANY_32BIT), "consumer": (AMPERE_16BIT, ANY_32BIT),
-    "blackwell_consumer": (AMPERE_16BIT, ANY_32BIT),
+    "hopper": (HOPPER_16BIT, ANY_32BIT), "blackwell": (HOPPER_16BIT, BLACKWELL_32BIT),
+    "ampere": (AMPERE_16BIT, ANY_32BIT), "consumer": (AMPERE_16BIT, TWO_STAGE_32BIT),
+    "blackwell_consumer": (AMPERE_16BIT, TWO_STAGE_32BIT),
     "cdna2": (CDNA_16BIT, CDNA_32BIT), "cdna3": (CDNA_16BIT, CDNA_32BIT), "cdna4": (CDNA4_16BIT, CDNA_32BIT),
     "other": (OTHER_16BIT, OTHER_32BIT),
 }
@@ -110,9 +117,11 @@ HOPPER_SCHEDULES = [
 # that 4 warps spill a 128 x 256 accumulator; row sums spill 8 bytes. So: no split, and not offered to launches with
 # a second pair, split-K or row sums (config_table's warp_specialize).
 # Family -> its schedules (TMA, persistent, warp-specialized), offered to fp16/bf16 launches beside the classic
-# tiles; families with TMA only (``_common.Family.tma``).
-SCHEDULES = {"hopper": HOPPER_SCHEDULES, "blackwell": HOPPER_SCHEDULES,
-             "blackwell_consumer": [(128, 128, 32, 3, 8, "tma"), (128, 64, 64, 3, 4, "tma+persistent")]}
+# tiles; families with TMA only (``_common.Family.tma``). sm_100 (its accumulator in tensor memory, read out to
+# registers for the epilogue): the 128 x 256 ones spill (split with split-K 176 bytes, warp-specialized 272-1296);
+# sm_120 (99 KB, mma.sync): 128 x 64 x 64 persistent spills with a second operand pair or split-K (16-76 bytes).
+SCHEDULES = {"hopper": HOPPER_SCHEDULES, "blackwell": HOPPER_SCHEDULES[1:3],
+             "blackwell_consumer": [(128, 128, 32, 3, 8, "tma")]}
 # Schedule feature -> the kernel's constexpr (or, for the AMD knobs, the compile option) and its value.
 SCHEDULE_FEATURES = {"tma": ("TMA", True), "persistent": ("PERSISTENT", True), "ws": ("WARP_SPECIALIZE", True),
                      "split": ("EPILOGUE_SPLIT", 2)}
@@ -134,17 +143,26 @@ MAX_TILE_WITH_TILE_EPILOGUE = {"hopper": 128 * 128, "ampere": 128 * 128, "consum
 # 3.9 fits it. One rule for both versions: 64 x 128 and 128 x 128 remain as large tiles.
 SPILLS_32BIT_WITH_TILE_EPILOGUE = {"ampere": [(128, 64, 32, 3, 4)], "consumer": [(128, 64, 32, 3, 4)]}
 # The ReLU-backward mask on A (two tiles loaded per K step, A modified in registers before the dot) spills with
-# these (BLOCK_M, BLOCK_N, num_warps), dropped for masked-A launches: 128 x 64 on 4 warps (sm_90 fp16/bf16 128
-# bytes, sm_80 bf16 24 bytes; others at 255 registers). (Masking through the load's predicate instead keeps
-# registers low but stops Triton from pipelining the A loads.)
-MASKED_A_SPILLS = {"hopper": [(128, 64, 4)], "ampere": [(128, 64, 4)], "consumer": [(128, 64, 4)]}
+# these (BLOCK_M, BLOCK_N, num_warps), keyed (family, fp32), dropped for masked-A launches: 128 x 64 on 4 warps
+# (sm_90 fp16/bf16 128 bytes, sm_80 bf16 24 bytes; others at 255 registers); on sm_120 64 x 128 too (16-bit split-K
+# 12-28 bytes, fp32 8-160 bytes); on sm_100 fp32 128 x 128 (8 bytes at 128 registers). (Masking through the load's
+# predicate instead keeps registers low but stops Triton from pipelining the A loads.)
+MASKED_A_SPILLS = {
+    **{(family, fp32): {(128, 64, 4)} for family in ("hopper", "ampere", "consumer") for fp32 in (False, True)},
+    ("blackwell", True): {(128, 128, 8)},
+    **{("blackwell_consumer", fp32): {(128, 64, 4), (64, 128, 4)} for fp32 in (False, True)},
+}
 # Autocast launches (an fp32 operand, residual or output next to a 16-bit GEMM) spill with these (BLOCK_M, BLOCK_N,
 # BLOCK_K), per family: with x as B of a weight gradient, 128 x 256 on sm_90 (112 bytes; 255 registers in other
 # variants on sm_80) and 64 x 32 on sm_80 in fp16 (24 bytes); with triton 3.6 also 64 x 128 on 4 warps (sm_90 24
-# bytes; sm_80 fp16 20 bytes in the projection).
+# bytes; sm_80 fp16 20 bytes in the projection); 128 x 128 on sm_86 (24 bytes), 128 x 256 on sm_100 (80 bytes),
+# sm_120 (60 bytes) and gfx950 (70-81 bytes).
 WIDE_SPILLS = {"hopper": {(128, 256, 64), (64, 128, 64)},
                "ampere": {(128, 256, 32), (64, 128, 32), (64, 32, 32)},
-               "consumer": {(128, 256, 32), (64, 128, 32), (64, 32, 32)}}
+               "consumer": {(128, 256, 32), (128, 128, 32), (64, 128, 32), (64, 32, 32)},
+               "blackwell": {(128, 256, 64), (64, 128, 64)},
+               "blackwell_consumer": {(128, 256, 32), (64, 128, 32), (64, 32, 32)},
+               "cdna4": {(128, 256, 64)}}
 # Launches that compute a "heavy" activation (the registry's register_class: gelu, gelu_tanh, silu) keep only these
 # (BLOCK_M, BLOCK_N) per place, keyed (family, fp32), and the small ones (<= SMALL_TILE elements); "light" ones
 # (ReLU) take every tile, as a launch without an activation does. Compiled with triton 3.6 and 3.9, the others
@@ -160,12 +178,16 @@ HEAVY_TILES = {
     "b": {("hopper", False): {(128, 128), (64, 64)}, ("ampere", False): {(64, 64)},
           ("hopper", True): {(64, 128), (64, 64)}, ("ampere", True): {(64, 128), (64, 64)}},
 }
-for _place in HEAVY_TILES.values():  # the families compiled like these two (tests/test_kernels_aot.py)
-    for _like, _families in (("ampere", ("consumer", "blackwell_consumer")), ("hopper", ("blackwell",)),
-                             ("ampere", ("cdna2", "cdna3", "cdna4"))):
-        for _fp32 in (False, True):
-            for _family in _families:
-                _place[(_family, _fp32)] = _place[(_like, _fp32)]
+# The other families take the tiles of sm_90 (blackwell) or sm_80 (the rest), compiled for each (tests/
+# test_kernels_aot.py), less what spills there: the fp32 64 x 64 gelu epilogue on sm_100 (48 bytes), the gelus on
+# B's load at 16-bit 64 x 64 on sm_120 (24-36 bytes).
+for _place in HEAVY_TILES.values():
+    for _fp32 in (False, True):
+        _place[("blackwell", _fp32)] = _place[("hopper", _fp32)]
+        for _family in ("consumer", "blackwell_consumer", "cdna2", "cdna3", "cdna4"):
+            _place[(_family, _fp32)] = _place[("ampere", _fp32)]
+HEAVY_TILES["epilogue"][("blackwell", True)] = {(64, 128)}
+HEAVY_TILES["b"][("blackwell_consumer", False)] = set()
 SMALL_TILE = 64 * 32
 
 
@@ -190,7 +212,7 @@ def config_table(
         if element_size >= 4:
             table = [e for e in table if e not in SPILLS_32BIT_WITH_TILE_EPILOGUE.get(family, ())]
     if masked_a:
-        table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS.get(family, ())]
+        table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS.get((family, element_size >= 4), ())]
     if wide:
         table = [e for e in table if e[:3] not in WIDE_SPILLS.get(family, ())]
     for place in heavy:

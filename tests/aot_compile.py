@@ -272,7 +272,7 @@ def _whole_block_cases(activation: str):
                     widest = width in (backward_widest, min(backward_widest, wb.MAX_BACKWARD_WIDTH_WHOLE))
                     wides = [()] + ([("x_ptr", "dx_ptr")] if dtype in AUTOCAST_DTYPES else [])
                     for wide in wides:
-                        block_m, warps, chunk = wb.backward_config(width, size, bool(wide))
+                        block_m, warps, chunk = wb.backward_config(width, size, bool(wide), fam.name)
                         for final_relu in (True, False) if widest and not wide else (True,):
                             suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu") + named
                             case = {"kernel": "whole_block_backward", "variant": f"width{width}{suffix}",
@@ -292,6 +292,8 @@ def whole_net_cases():
     from fused_residual.kernels import whole_net as wn
 
     for target in TARGETS:
+        if family(target).name not in wn.NET_FAMILIES:
+            continue
         for dtype, size in DTYPES.items():
             for hidden in (16, 64, 128):
                 if hidden > wb.WEIGHTS_ON_CHIP_WIDTH[size]:

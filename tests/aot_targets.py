@@ -72,9 +72,10 @@ def _amdgcn_report(code: str) -> dict:
         found = re.search(rf"\.{name}:\s+(\d+)", code)
         return int(found.group(1)) if found else None
 
-    spills = [field("vgpr_spill_count"), field("sgpr_spill_count")]
-    return {"ptxas_ok": True, "registers": field("vgpr_count"), "agprs": field("agpr_count"),
-            "spills": None if None in spills else sum(spills), "spill_unit": "registers", "ptxas_log": ""}
+    vgpr_spills, sgpr_spills = field("vgpr_spill_count"), field("sgpr_spill_count")
+    spills = None if vgpr_spills is None or sgpr_spills is None else vgpr_spills + sgpr_spills
+    return {"ptxas_ok": True, "registers": field("vgpr_count"), "agprs": field("agpr_count"), "spills": spills,
+            "spill_unit": f"registers ({vgpr_spills} VGPRs, {sgpr_spills} SGPRs)", "ptxas_log": ""}
 
 
 def _ptxas_report(ptx: str, cap: int) -> dict:

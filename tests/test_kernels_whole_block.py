@@ -269,7 +269,7 @@ def test_backward_split_by_role(monkeypatch, width, config, dtype, need_dx, need
     """Two programs per hidden chunk (two partials per reduction) and per dx share, each looping over tiles."""
     rows = 130
     if config is None:
-        assert wbc.backward_config(wbc.padded_width(width), 4).hidden_chunk > 0
+        assert wbc.backward_config(wbc.padded_width(width), 4, False, "hopper").hidden_chunk > 0
     monkeypatch.setattr(whole_block, "_programs", lambda device, tiles: 14)  # 7 roles: 3 dx shares, 4 chunks
     x, w1, b1, w2, b2 = params(width, dtype, seed=width + 11)
     x = x[:rows]

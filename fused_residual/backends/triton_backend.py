@@ -330,7 +330,8 @@ def net_forward(
     hidden = w_in.shape[0]
     has_biases = b_in is not None and b_out is not None and all(
         b1 is not None and b2 is not None and w1.shape[0] == hidden for w1, b1, _, b2 in blocks)
-    if not (has_biases and whole_net.fits(x.shape[1], w_in.shape[0], w_out.shape[0], x.element_size())):
+    if not (has_biases and whole_net.fits(x.shape[1], w_in.shape[0], w_out.shape[0], x.element_size(),
+                                          _common.family(x.device).name)):
         return None
     if blocks:
         w1, b1, w2, b2 = (torch.stack(ts) for ts in zip(*blocks, strict=True))
