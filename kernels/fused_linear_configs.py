@@ -86,8 +86,9 @@ CDNA_32BIT = [
     (32, 32, 32, 2, 4),
     (32, 16, 16, 2, 4),
 ]
-# A device of no known family (``_common.OTHER``): small classic tiles within 48 KB of shared memory.
-OTHER_16BIT = [(64, 64, 32, 2, 4), (64, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
+# A device of no known family (``_common.OTHER``): small classic tiles within 48 KB of shared memory, compiled for
+# sm_75 (where Triton has no 16-bit matrix instruction: 64 x 64 spills 1-2 KB there).
+OTHER_16BIT = [(64, 32, 32, 2, 4), (32, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
 OTHER_32BIT = [(64, 64, 32, 2, 4), (32, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
 # Family -> (16-bit classic tiles, 32-bit tiles).
 CLASSIC = {

@@ -6,8 +6,9 @@ shared memory (LDS) it needs, its registers and spills and whether the family's 
 (``aot_targets.build``). ``tests/test_kernels_aot.py`` asserts on the result.
 
 Targets (``aot_targets.TARGETS``): every case of sm_80 and sm_90; for the other targets CI compiles a representative
-set (``representative``: each config of each kernel once per target and dtype class, and each variant once per
-target); ``AOT_TARGETS=all`` compiles every case of every target, ``AOT_TARGETS=sm_100,gfx942`` every case of those.
+set (``representative``: each fused-linear config once per dtype class, each whole-block kernel on chip and beyond
+at its widest, the whole-net kernel at its widest); ``AOT_TARGETS=all`` compiles every case of every target,
+``AOT_TARGETS=sm_100,gfx942`` every case of those.
 
 A case mirrors a real launch at a typical shape (sizes and strides multiples of 16): those arguments carry the
 divisibility hint the runtime gives them, and unit strides are specialised to 1 as the runtime does.
@@ -390,23 +391,28 @@ def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type,
 
 
 def representative(cases: list[dict]) -> list[dict]:
-    """A representative set of one target's cases, for CI: each config of each kernel once per dtype class (16-bit,
-    fp32) and autocast or not, in the first variant that has it, bf16 before fp16; and each variant once, in its
-    largest config."""
+    """A representative set of one target's cases, for CI: each fused-linear config once per dtype class (16-bit in
+    bf16), the variants taken in turn; each whole-block kernel per dtype class on chip and beyond (streamed forward,
+    role-split backward), at its widest width in its largest config; the whole-net kernel at its widest."""
     order = {"bf16": 0, "fp16": 1, "fp32": 2}
-    area = lambda c: c["config"][0] * c["config"][1] * c["config"][2]  # noqa: E731
-    chosen, configs, variants = [], set(), set()
+    groups: dict[tuple, list[dict]] = {}
     for c in sorted(cases, key=lambda c: order[c["dtype"]]):  # stable: generation order within a dtype
-        key = (c["kernel"], c["dtype"] == "fp32", tuple(c["config"]), bool(c.get("wide")))
-        if key not in configs:
-            configs.add(key)
-            chosen.append(c)
-    for c in sorted(cases, key=lambda c: (order[c["dtype"]], -area(c))):
-        key = (c["kernel"], c["variant"])
-        if key not in variants:
-            variants.add(key)
-            if c not in chosen:
-                chosen.append(c)
+        fp32 = c["dtype"] == "fp32"
+        if c["kernel"] == "fused_linear":
+            key = (c["kernel"], fp32, str(c["config"]))
+        elif c["kernel"] == "whole_net_forward":
+            key = (c["kernel"], False, "")
+        else:  # [BLOCK_M, WIDTH, HIDDEN_CHUNK or WIDTH, stages, warps]: chunked beyond the on-chip widths
+            key = (c["kernel"], fp32, str(c["config"][2] != c["config"][1]))
+        groups.setdefault(key, []).append(c)
+    chosen = []
+    for i, key in enumerate(sorted(groups)):
+        group = groups[key]
+        if key[0] == "fused_linear":
+            variants = sorted({c["variant"] for c in group})
+            chosen.append(next(c for c in group if c["variant"] == variants[i % len(variants)]))
+        else:
+            chosen.append(max(group, key=lambda c: (c["config"][1], c["config"][0], c["config"][4])))
     return chosen
 
 

@@ -27,6 +27,7 @@ TARGETS = {
     "gfx90a": ("hip", "gfx90a", 64),
     "gfx942": ("hip", "gfx942", 64),
     "gfx950": ("hip", "gfx950", 64),
+    "sm_75": ("cuda", 75, 32),  # a GPU of no known family (``_common.OTHER``): its small tiles, no matrix instruction
 }
 EVERY_CASE_IN_CI = ("sm_80", "sm_90")
 # The text each family's matrix instruction shows in the compiled code (PTX or amdgcn).
@@ -36,7 +37,7 @@ MMA_TEXT = {"mma.sync": "mma.sync", "wgmma": "wgmma.mma_async", "tcgen05": "tcge
 def family(target: str):
     from fused_residual.kernels import _common
 
-    return _common.TARGET_FAMILY[target]
+    return _common.TARGET_FAMILY.get(target, _common.OTHER)
 
 
 def is_hip(target: str) -> bool:
@@ -58,7 +59,8 @@ def build(target: str, kernel, signature: dict, constexprs: dict, attrs: dict, o
         return {"ok": False, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
     ttgir = compiled.asm.get("ttgir", "")
     code = compiled.asm["amdgcn"] if backend == "hip" else compiled.asm["ptx"]
-    report = {"ok": True, "shared": compiled.metadata.shared, "mma": MMA_TEXT[family(target).mma] in code,
+    mma = family(target).mma
+    report = {"ok": True, "shared": compiled.metadata.shared, "mma": bool(mma) and MMA_TEXT[mma] in code,
               "tma": "cp.async.bulk.tensor" in code, "persistent": "tt.get_num_programs" in ttgir,
               "warp_specialized": "ttg.warp_specialize" in ttgir and "setmaxnreg" in code}
     report.update(_amdgcn_report(code) if backend == "hip" else _ptxas_report(code, arch))

@@ -25,21 +25,21 @@ from fused_residual.activations import SEED_FORM
 
 CUDA = torch.device("cuda", 0)
 # (capability, gfx architecture or None) -> (family, TMA, 16-bit classic tiles, whole-block backward's widest width,
-# fp32 forward's widest width, TF32, auto's choice for the H200's win).
+# 16-bit and fp32 forward's widest widths, TF32, auto's choice for the H200's win).
 EXPECTED = {
-    ((7, 5), None): ("other", False, flc.OTHER_16BIT, 0, 0, False, "torch"),
-    ((8, 0), None): ("ampere", False, flc.AMPERE_16BIT, 32, 256, True, "torch"),
-    ((8, 6), None): ("consumer", False, flc.AMPERE_16BIT, 32, 128, True, "torch"),
-    ((8, 9), None): ("consumer", False, flc.AMPERE_16BIT, 32, 128, True, "torch"),
-    ((9, 0), None): ("hopper", True, flc.HOPPER_16BIT, 128, 256, True, "triton:whole_block"),
-    ((10, 0), None): ("blackwell", True, flc.HOPPER_16BIT, 128, 256, True, "torch"),
-    ((10, 3), None): ("blackwell", True, flc.HOPPER_16BIT, 128, 256, True, "torch"),
-    ((12, 0), None): ("blackwell_consumer", True, flc.AMPERE_16BIT, 32, 128, True, "torch"),
-    ((12, 1), None): ("blackwell_consumer", True, flc.AMPERE_16BIT, 32, 128, True, "torch"),
-    ((9, 0), "gfx90a"): ("cdna2", False, flc.CDNA_16BIT, 32, 64, False, "torch"),
-    ((9, 4), "gfx942"): ("cdna3", False, flc.CDNA_16BIT, 32, 64, True, "torch"),
-    ((9, 5), "gfx950"): ("cdna4", False, flc.CDNA4_16BIT, 32, 256, False, "torch"),
-    ((12, 0), "gfx1201"): ("other", False, flc.OTHER_16BIT, 0, 0, False, "torch"),
+    ((7, 5), None): ("other", False, flc.OTHER_16BIT, 0, 0, 0, False, "torch"),
+    ((8, 0), None): ("ampere", False, flc.AMPERE_16BIT, 32, 256, 256, True, "torch"),
+    ((8, 6), None): ("consumer", False, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
+    ((8, 9), None): ("consumer", False, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
+    ((9, 0), None): ("hopper", True, flc.HOPPER_16BIT, 128, 256, 256, True, "triton:whole_block"),
+    ((10, 0), None): ("blackwell", True, flc.HOPPER_16BIT, 128, 256, 256, True, "torch"),
+    ((10, 3), None): ("blackwell", True, flc.HOPPER_16BIT, 128, 256, 256, True, "torch"),
+    ((12, 0), None): ("blackwell_consumer", True, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
+    ((12, 1), None): ("blackwell_consumer", True, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
+    ((9, 0), "gfx90a"): ("cdna2", False, flc.CDNA_16BIT, 16, 64, 64, False, "torch"),
+    ((9, 4), "gfx942"): ("cdna3", False, flc.CDNA_16BIT, 16, 64, 64, True, "torch"),
+    ((9, 5), "gfx950"): ("cdna4", False, flc.CDNA4_16BIT, 32, 256, 64, False, "torch"),
+    ((12, 0), "gfx1201"): ("other", False, flc.OTHER_16BIT, 0, 0, 0, False, "torch"),
 }
 
 
@@ -63,7 +63,7 @@ def _widest_forward(element_size: int) -> int:
 @pytest.mark.parametrize("key", EXPECTED, ids=_id)
 def test_each_gpu_gets_its_family_tables_and_rule(fake_gpu_device, monkeypatch, key):
     capability, gfx = key
-    name, tma, tiles, backward_width, fp32_forward_width, tf32, win_choice = EXPECTED[key]
+    name, tma, tiles, backward_width, forward_width, fp32_forward_width, tf32, win_choice = EXPECTED[key]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         monkeypatch.setattr(_common, "_warned", set())
@@ -83,7 +83,7 @@ def test_each_gpu_gets_its_family_tables_and_rule(fake_gpu_device, monkeypatch, 
     # The whole-block kernels: widest widths (the forward by the family's shared memory, as the device reports it).
     monkeypatch.setattr(_common, "max_shared_memory", lambda device: found.shared_memory)
     assert wbc.max_backward_width(found.name) == backward_width
-    assert _widest_forward(4) == fp32_forward_width
+    assert (_widest_forward(2), _widest_forward(4)) == (forward_width, fp32_forward_width)
     # TF32 for fp32 dots where PyTorch allows it and the family takes it.
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

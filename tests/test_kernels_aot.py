@@ -91,25 +91,27 @@ def test_shared_memory_fits_the_family(compiled, target):
 def test_every_kernel_uses_the_family_matrix_instruction(compiled, target):
     """Every kernel's dots compile to the family's matrix instruction (mma.sync, wgmma, tcgen05, v_mfma): fp16 and
     bf16 everywhere, fp32 too (TF32 on NVIDIA and gfx942, the fp32 MFMA elsewhere on AMD)."""
+    if not aot_targets.family(target).mma:
+        pytest.skip("a GPU of no known family: no matrix instruction promised")
     slow = [_name(c) for c in _of(compiled, target) if c["ok"] and not c["mma"]]
     assert not slow, f"kernels without {aot_targets.family(target).mma}:\n" + "\n".join(slow)
 
 
 @per_target
-def test_every_variant_and_config_is_compiled(compiled, target):
-    """The cases compiled are the target's cases (every one, or the representative set: each config of each kernel
-    per dtype class and autocast, and each variant)."""
+def test_every_config_is_compiled(compiled, target):
+    """The cases compiled are the target's cases (every one, or the representative set), and every fused-linear
+    config the target's family may run is compiled in some case, per dtype class."""
+    if os.environ.get("AOT_ONLY"):
+        pytest.skip("AOT_ONLY compiles a subset")
     cases = _of(compiled, target)
     generated = [c for c in (*aot_compile.fused_linear_cases(), *aot_compile.whole_block_cases(),
                              *aot_compile.whole_net_cases()) if c["target"] == target]
-    if os.environ.get("AOT_ONLY"):
-        pytest.skip("AOT_ONLY compiles a subset")
-    seen = {(c["kernel"], c["variant"], c["dtype"], tuple(c["config"])) for c in cases}
     wanted = generated if _every_case(target) else aot_compile.representative(generated)
-    assert seen == {(c["kernel"], c["variant"], c["dtype"], tuple(c["config"])) for c in wanted}
-    assert {(c["kernel"], c["variant"]) for c in cases} == {(c["kernel"], c["variant"]) for c in generated}
-    configs = {(c["kernel"], ELEMENT[c["dtype"]], tuple(c["config"]), bool(c["wide"])) for c in generated}
-    assert {(c["kernel"], ELEMENT[c["dtype"]], tuple(c["config"]), bool(c["wide"])) for c in cases} == configs
+    assert {_name(c) for c in cases} == {_name(c) for c in wanted}
+    configs = {(ELEMENT[c["dtype"]], tuple(c["config"])) for c in generated if c["kernel"] == "fused_linear"}
+    assert {(ELEMENT[c["dtype"]], tuple(c["config"])) for c in cases if c["kernel"] == "fused_linear"} == configs
+    kinds = {(c["kernel"], ELEMENT[c["dtype"]]) for c in generated}
+    assert {(c["kernel"], ELEMENT[c["dtype"]]) for c in cases} >= kinds - {("whole_net_forward", 4)}
 
 
 @pytest.mark.parametrize("target", aot_targets.EVERY_CASE_IN_CI)
@@ -294,7 +296,7 @@ def test_whole_block_shared_memory_bound_holds(compiled, target):
     from fused_residual.kernels import whole_block_configs as wbc
 
     cases = [c for c in _of(compiled, target) if c["ok"] and c["kernel"] == "whole_block_forward"]
-    assert cases
+    assert bool(cases) == bool(wbc.forward_configs(16, 2, False, _family(target)))  # none for an unknown family
     for c in cases:
         flags, width = c["flags"], c["flags"]["WIDTH"]
         config = wbc.ForwardConfig(flags["BLOCK_M"], c["config"][4], flags["PROGRAMS_PER_SM"],
