@@ -37,6 +37,10 @@ AMPERE_16BIT = [
     (64, 32, 32, 4, 4),
     (32, 16, 16, 3, 4),
 ]
+# sm_86 (triton 3.6): 128 x 64 spills with split-K and row sums (24 bytes); sm_120 (3.6): 64 x 128 on 4 warps with a
+# second operand pair (8 bytes).
+CONSUMER_16BIT = [e for e in AMPERE_16BIT if e[:2] != (128, 64)]
+BLACKWELL_CONSUMER_16BIT = [e for e in AMPERE_16BIT if e[:2] != (64, 128)]
 ANY_32BIT = [
     (128, 128, 32, 3, 8),
     (64, 128, 32, 3, 4),
@@ -51,6 +55,8 @@ ANY_32BIT = [
 TWO_STAGE_32BIT = [(128, 128, 32, 2, 8)] + ANY_32BIT[1:]
 # sm_100: tcgen05 takes tiles of 64 rows or more (32-row ones compile to mma.sync): 64-row small tiles.
 BLACKWELL_32BIT = TWO_STAGE_32BIT[:4] + [(64, 32, 32, 4, 4), (64, 16, 16, 3, 4)]
+# sm_120 (triton 3.6): 128 x 64 spills with a second operand pair (32 bytes), 32 x 32 with split-K (12 bytes).
+BLACKWELL_CONSUMER_32BIT = [e for e in TWO_STAGE_32BIT if e[:2] not in ((128, 64), (32, 32))]
 # AMD Instinct (wavefronts of 64: num_warps counts wavefronts). Two stages: Triton's AMD pipeliner streams one tile
 # ahead through LDS. The AMD knobs are schedule tokens (AMD_OPTIONS): "eu<n>" asks the compiler for n waves per
 # SIMD (waves_per_eu: it caps registers for that occupancy), "mfma16" the 16 x 16 matrix instructions
@@ -93,8 +99,8 @@ OTHER_32BIT = [(64, 64, 32, 2, 4), (32, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
 # Family -> (16-bit classic tiles, 32-bit tiles).
 CLASSIC = {
     "hopper": (HOPPER_16BIT, ANY_32BIT), "blackwell": (HOPPER_16BIT, BLACKWELL_32BIT),
-    "ampere": (AMPERE_16BIT, ANY_32BIT), "consumer": (AMPERE_16BIT, TWO_STAGE_32BIT),
-    "blackwell_consumer": (AMPERE_16BIT, TWO_STAGE_32BIT),
+    "ampere": (AMPERE_16BIT, ANY_32BIT), "consumer": (CONSUMER_16BIT, TWO_STAGE_32BIT),
+    "blackwell_consumer": (BLACKWELL_CONSUMER_16BIT, BLACKWELL_CONSUMER_32BIT),
     "cdna2": (CDNA_16BIT, CDNA_32BIT), "cdna3": (CDNA_16BIT, CDNA_32BIT), "cdna4": (CDNA4_16BIT, CDNA_32BIT),
     "other": (OTHER_16BIT, OTHER_32BIT),
 }
@@ -119,10 +125,11 @@ HOPPER_SCHEDULES = [
 # a second pair, split-K or row sums (config_table's warp_specialize).
 # Family -> its schedules (TMA, persistent, warp-specialized), offered to fp16/bf16 launches beside the classic
 # tiles; families with TMA only (``_common.Family.tma``). sm_100 (its accumulator in tensor memory, read out to
-# registers for the epilogue): the 128 x 256 ones spill (split with split-K 176 bytes, warp-specialized 272-1296);
-# sm_120 (99 KB, mma.sync): 128 x 64 x 64 persistent spills with a second operand pair or split-K (16-76 bytes).
-SCHEDULES = {"hopper": HOPPER_SCHEDULES, "blackwell": HOPPER_SCHEDULES[1:3],
-             "blackwell_consumer": [(128, 128, 32, 3, 8, "tma")]}
+# registers for the epilogue): the 128 x 256 ones spill (split with split-K 176 bytes, warp-specialized 272-1296),
+# and with triton 3.6 the non-persistent "tma" one with split-K (32 bytes). sm_120 (99 KB, mma.sync): none; those
+# that fit spilled (128 x 64 x 64 persistent with a second pair or split-K 16-76 bytes; 128 x 128 x 32 "tma" with
+# a second pair, 52 bytes with 3.6).
+SCHEDULES = {"hopper": HOPPER_SCHEDULES, "blackwell": [(128, 128, 64, 4, 8, "tma+persistent")]}
 # Schedule feature -> the kernel's constexpr (or, for the AMD knobs, the compile option) and its value.
 SCHEDULE_FEATURES = {"tma": ("TMA", True), "persistent": ("PERSISTENT", True), "ws": ("WARP_SPECIALIZE", True),
                      "split": ("EPILOGUE_SPLIT", 2)}
@@ -156,13 +163,13 @@ MASKED_A_SPILLS = {
 # Autocast launches (an fp32 operand, residual or output next to a 16-bit GEMM) spill with these (BLOCK_M, BLOCK_N,
 # BLOCK_K), per family: with x as B of a weight gradient, 128 x 256 on sm_90 (112 bytes; 255 registers in other
 # variants on sm_80) and 64 x 32 on sm_80 in fp16 (24 bytes); with triton 3.6 also 64 x 128 on 4 warps (sm_90 24
-# bytes; sm_80 fp16 20 bytes in the projection); 128 x 128 on sm_86 (24 bytes), 128 x 256 on sm_100 (80 bytes),
-# sm_120 (60 bytes) and gfx950 (70-81 bytes).
+# bytes; sm_80 fp16 20 bytes in the projection); 128 x 128 on sm_86 (24 bytes; on sm_120 it needs 100 KB of shared
+# memory), 128 x 256 on sm_100 (80 bytes), sm_120 (60 bytes) and gfx950 (70-81 bytes).
 WIDE_SPILLS = {"hopper": {(128, 256, 64), (64, 128, 64)},
                "ampere": {(128, 256, 32), (64, 128, 32), (64, 32, 32)},
                "consumer": {(128, 256, 32), (128, 128, 32), (64, 128, 32), (64, 32, 32)},
                "blackwell": {(128, 256, 64), (64, 128, 64)},
-               "blackwell_consumer": {(128, 256, 32), (64, 128, 32), (64, 32, 32)},
+               "blackwell_consumer": {(128, 256, 32), (128, 128, 32), (64, 128, 32), (64, 32, 32)},
                "cdna4": {(128, 256, 64)}}
 # Launches that compute a "heavy" activation (the registry's register_class: gelu, gelu_tanh, silu) keep only these
 # (BLOCK_M, BLOCK_N) per place, keyed (family, fp32), and the small ones (<= SMALL_TILE elements); "light" ones
@@ -181,13 +188,14 @@ HEAVY_TILES = {
 }
 # The other families take the tiles of sm_90 (blackwell) or sm_80 (the rest), compiled for each (tests/
 # test_kernels_aot.py), less what spills there: the fp32 64 x 64 gelu epilogue on sm_100 (48 bytes), the gelus on
-# B's load at 16-bit 64 x 64 on sm_120 (24-36 bytes).
+# B's load at 16-bit 128 x 128 on sm_100 (28-48 bytes, 3.6) and 64 x 64 on sm_120 (24-36 bytes).
 for _place in HEAVY_TILES.values():
     for _fp32 in (False, True):
         _place[("blackwell", _fp32)] = _place[("hopper", _fp32)]
         for _family in ("consumer", "blackwell_consumer", "cdna2", "cdna3", "cdna4"):
             _place[(_family, _fp32)] = _place[("ampere", _fp32)]
 HEAVY_TILES["epilogue"][("blackwell", True)] = {(64, 128)}
+HEAVY_TILES["b"][("blackwell", False)] = {(64, 64)}
 HEAVY_TILES["b"][("blackwell_consumer", False)] = set()
 SMALL_TILE = 64 * 32
 

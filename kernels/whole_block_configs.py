@@ -47,14 +47,14 @@ FORWARD_CONFIGS = [ForwardConfig(64, 4, 0), ForwardConfig(128, 4, 0), ForwardCon
 # registers in 16-bit on sm_90 (no spill) and spill with an fp32 x (autocast: 292-660 bytes on sm_90) or on sm_80 (12
 # bytes); 64 rows on 4 warps spill (sm_80: 128 bytes; sm_90: 0 bytes at 237-255 registers). Chunks of 64 hidden
 # units need 172 KB of shared memory (sm_90, 3 stages would not fit), fp32 chunks of 32 spill at width 256.
-# The other families compiled: 128 rows spill on sm_100 too (64 bytes); fp32 spills on gfx950 (18 bytes). A family
-# missing here streams nothing at that element size: the forward stops at WEIGHTS_ON_CHIP_WIDTH.
+# The other families compiled: 128 rows spill on sm_100 too (64 bytes); gfx950 spills (16-bit 8-14 bytes with triton
+# 3.6, fp32 18 bytes). A family missing here streams nothing at that element size: the forward stops at
+# WEIGHTS_ON_CHIP_WIDTH.
 _ROWS_64 = {2: [ForwardConfig(64, 8, 0, 32, 3)], 4: [ForwardConfig(64, 8, 0, 16, 3)]}
 STREAMED_CONFIGS = {
     ("hopper", 2): [ForwardConfig(64, 8, 0, 32, 3), ForwardConfig(128, 8, 0, 32, 2)], ("hopper", 4): _ROWS_64[4],
     **{(family, size): configs for family in ("ampere", "consumer", "blackwell", "blackwell_consumer", "cdna2",
                                               "cdna3") for size, configs in _ROWS_64.items()},
-    ("cdna4", 2): _ROWS_64[2],
 }
 # On-chip candidates that spill on a family beyond width 32, keyed (family, element size): (BLOCK_M, warps).
 # gfx950 fp32 at width 64: 128 rows on 8 wavefronts (32 registers).
@@ -138,18 +138,22 @@ def max_backward_width(family: str) -> int:
 def backward_config(width: int, element_size: int, wide: bool, family: str) -> BackwardConfig:
     """The backward's fixed choice on a device of ``family`` (its workspace size depends on the tile count, so it
     is not autotuned). ``wide``: x and dx in fp32 next to 16-bit weights (autocast): 64-row tiles spill at width 64
-    on sm_90 (8-52 bytes), and 32-row ones lose wgmma below it; at width 16 on sm_100, 8 warps spill (48 bytes at
-    128 registers) and 4 fit. (A wider ``dout`` spills more: ``takes_dout`` refuses it.)
+    on sm_90 (8-52 bytes), and 32-row ones lose wgmma below it. Compiled for the other families: on sm_100 under
+    autocast, 8 warps spill at width 16 (48 bytes at 128 registers) and 32 rows at width 64 (24 bytes, triton 3.6),
+    and fp32 32-row tiles compile to mma.sync; on sm_86 and sm_120, 8 warps spill at width 16 in 16-bit (12-24
+    bytes, triton 3.6). (A wider ``dout`` spills more: ``takes_dout`` refuses it.)
     Beyond MAX_BACKWARD_WIDTH_WHOLE, roles with chunks of 32 hidden units: 16-bit 64 rows on 8 warps (212-222
     registers on sm_90; 4 warps spill with an fp32 x), fp32 32 rows (127; 64 rows sit at 255)."""
     if width > MAX_BACKWARD_WIDTH_WHOLE:
         return BackwardConfig(64 if element_size == 2 else 32, 8, 32)
     if wide:
-        if family == "blackwell" and width <= 16:
-            return BackwardConfig(64, 4)
+        if family == "blackwell":
+            return BackwardConfig(64, 4) if width <= 16 else BackwardConfig(64, 8)
         return BackwardConfig(32, 8) if width >= 64 else BackwardConfig(64, 8)
     if family == "blackwell" and element_size == 4 and width <= 32:
-        return BackwardConfig(64, 8)  # 32 rows compile to mma.sync there, not tcgen05 (64: 255 registers, no spill)
+        return BackwardConfig(64, 8)  # (255 registers, no spill)
+    if family in ("consumer", "blackwell_consumer") and element_size == 2 and width <= 16:
+        return BackwardConfig(64, 4)
     return BackwardConfig(64, 8) if element_size == 2 or width <= 16 else BackwardConfig(32, 8)
 
 

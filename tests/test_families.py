@@ -24,21 +24,21 @@ from fused_residual import dispatch
 from fused_residual.activations import SEED_FORM
 
 CUDA = torch.device("cuda", 0)
-# (capability, gfx architecture or None) -> (family, TMA, 16-bit classic tiles, whole-block backward's widest width,
-# 16-bit and fp32 forward's widest widths, TF32, auto's choice for the H200's win).
+# (capability, gfx architecture or None) -> (family, TMA schedules, 16-bit classic tiles, whole-block backward's
+# widest width, 16-bit and fp32 forward's widest widths, TF32, auto's choice for the H200's win).
 EXPECTED = {
     ((7, 5), None): ("other", False, flc.OTHER_16BIT, 0, 0, 0, False, "torch"),
     ((8, 0), None): ("ampere", False, flc.AMPERE_16BIT, 32, 256, 256, True, "torch"),
-    ((8, 6), None): ("consumer", False, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
-    ((8, 9), None): ("consumer", False, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
+    ((8, 6), None): ("consumer", False, flc.CONSUMER_16BIT, 32, 128, 128, True, "torch"),
+    ((8, 9), None): ("consumer", False, flc.CONSUMER_16BIT, 32, 128, 128, True, "torch"),
     ((9, 0), None): ("hopper", True, flc.HOPPER_16BIT, 128, 256, 256, True, "triton:whole_block"),
     ((10, 0), None): ("blackwell", True, flc.HOPPER_16BIT, 128, 256, 256, True, "torch"),
     ((10, 3), None): ("blackwell", True, flc.HOPPER_16BIT, 128, 256, 256, True, "torch"),
-    ((12, 0), None): ("blackwell_consumer", True, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
-    ((12, 1), None): ("blackwell_consumer", True, flc.AMPERE_16BIT, 32, 128, 128, True, "torch"),
+    ((12, 0), None): ("blackwell_consumer", False, flc.BLACKWELL_CONSUMER_16BIT, 32, 128, 128, True, "torch"),
+    ((12, 1), None): ("blackwell_consumer", False, flc.BLACKWELL_CONSUMER_16BIT, 32, 128, 128, True, "torch"),
     ((9, 0), "gfx90a"): ("cdna2", False, flc.CDNA_16BIT, 16, 64, 64, False, "torch"),
     ((9, 4), "gfx942"): ("cdna3", False, flc.CDNA_16BIT, 16, 64, 64, True, "torch"),
-    ((9, 5), "gfx950"): ("cdna4", False, flc.CDNA4_16BIT, 32, 256, 64, False, "torch"),
+    ((9, 5), "gfx950"): ("cdna4", False, flc.CDNA4_16BIT, 32, 128, 64, False, "torch"),
     ((12, 0), "gfx1201"): ("other", False, flc.OTHER_16BIT, 0, 0, 0, False, "torch"),
 }
 

@@ -264,7 +264,7 @@ def test_schedules_go_to_16bit_gemms_with_tma_operands_only(monkeypatch, target)
 
     family = _family(target)
     scheduled = family in fl.SCHEDULES
-    assert scheduled == (family in ("hopper", "blackwell", "blackwell_consumer"))
+    assert scheduled == (family in ("hopper", "blackwell"))
 
     def schedule(entry):
         return set(fl.features(entry)) - set(fl.AMD_OPTIONS)
