@@ -61,6 +61,7 @@ def build(target: str, kernel, signature: dict, constexprs: dict, attrs: dict, o
     code = compiled.asm["amdgcn"] if backend == "hip" else compiled.asm["ptx"]
     mma = family(target).mma
     report = {"ok": True, "shared": compiled.metadata.shared, "mma": bool(mma) and MMA_TEXT[mma] in code,
+              "mma_sync": MMA_TEXT["mma.sync"] in code,
               "tma": "cp.async.bulk.tensor" in code, "persistent": "tt.get_num_programs" in ttgir,
               "warp_specialized": "ttg.warp_specialize" in ttgir and "setmaxnreg" in code}
     report.update(_amdgcn_report(code) if backend == "hip" else _ptxas_report(code, arch))
