@@ -21,9 +21,12 @@ import tempfile
 TARGETS = {
     "sm_80": ("cuda", 80, 32),
     "sm_86": ("cuda", 86, 32),
+    "sm_89": ("cuda", 89, 32),
     "sm_90": ("cuda", 90, 32),
     "sm_100": ("cuda", 100, 32),
+    "sm_103": ("cuda", 103, 32),
     "sm_120": ("cuda", 120, 32),
+    "sm_121": ("cuda", 121, 32),
     "gfx90a": ("hip", "gfx90a", 64),
     "gfx942": ("hip", "gfx942", 64),
     "gfx950": ("hip", "gfx950", 64),
