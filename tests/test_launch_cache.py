@@ -560,45 +560,6 @@ def test_launch_path_check_rejects_a_different_launch_call():
     assert "best_config" in _launch.launch_path_problem(run_source, tune_source.replace("self.best_config", "cfg"))
 
 
-def test_the_active_backends_launcher_is_checked(fake, monkeypatch):
-    """The cache makes the call a hit makes only where the active driver's launcher is one it was checked against:
-    NVIDIA's, in the installed Triton; not HIP's (AMD GPUs take Triton's own path), nor an unknown one."""
-    from triton.backends.amd import driver as amd_driver
-    from triton.backends.nvidia import driver as nvidia_driver
-
-    monkeypatch.setattr(_launch, "launcher_problem", REAL_LAUNCHER_PROBLEM)
-    fake.launcher_cls = nvidia_driver.CudaLauncher
-    assert _launch.launcher_problem() is None
-    fake.launcher_cls = amd_driver.HIPLauncher
-    assert "triton.backends.amd.driver.HIPLauncher is not one" in _launch.launcher_problem()
-
-    class Renamed(nvidia_driver.CudaLauncher):  # NVIDIA's call under another name: not the class checked
-        pass
-
-    fake.launcher_cls = Renamed
-    assert "Renamed is not one" in _launch.launcher_problem()
-    monkeypatch.setattr(triton_driver, "_active", types.SimpleNamespace())  # a driver without a launcher
-    assert "no active Triton driver" in _launch.launcher_problem()
-
-
-@needs_cache
-def test_launches_on_an_unchecked_launcher_always_take_tritons_path(fake, monkeypatch):
-    """On a backend whose launcher the cache was not checked against, every launch goes through JITFunction.run
-    and nothing is cached (the launch plans then find no entry either)."""
-    hip_like = type("HIPLauncher", (fake.launcher_cls,), {"__module__": "triton.backends.amd.driver"})
-    fake.launcher_cls = hip_like
-    monkeypatch.setattr(_launch, "launcher_problem", REAL_LAUNCHER_PROBLEM)
-    jit = fake.jit()
-    runs = spy_triton_runs(jit)
-    launcher = CachedLauncher(jit)
-    args = make_args()
-    for _ in range(3):
-        launcher(grid, *args, **FLAGS)
-    assert runs == [False] * 3 and len(fake.launches) == 3
-    assert "HIPLauncher is not one the launch cache was checked against" in launcher.last_refusal
-    assert launcher.entry(args, FLAGS) is None
-
-
 # --- the compiled kernel agrees with the key ----------------------------------------------------------------------
 
 
