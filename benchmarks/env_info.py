@@ -109,11 +109,18 @@ def describe() -> dict[str, object]:
         info["gpu_properties"] = {
             "name": props.name,
             "capability": f"{props.major}.{props.minor}",
+            "family": _family(),  # the kernels' tables and limits there (kernels/_common.py)
             "multiprocessors": props.multi_processor_count,
             "memory_bytes": props.total_memory,
             "l2_bytes": getattr(props, "L2_cache_size", None),
         }
     return info
+
+
+def _family() -> str:
+    from fused_residual.kernels import _common
+
+    return _common.family(torch.device("cuda", 0)).name
 
 
 def main(argv: list[str] | None = None) -> int:

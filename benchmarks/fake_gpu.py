@@ -20,10 +20,11 @@ everything the package and Triton do in Python per call kept. Only what needs a 
   CUDA build (on a CPU build, the stubs that raise are replaced by the CUDA build's two-line wrappers), and
   ``torch.cuda.get_device_properties`` answers the H200's properties.
 - The device-facts module ``kernels/_common.py`` answers for ``meta`` what it answers for ``cuda:0``: each function
-  defined there whose first parameter is ``device`` (``capability``, ``multiprocessors``, ``max_shared_memory``,
-  ``launch_device``, ``is_gpu``, ...) and whose answer for meta differs is wrapped (meta -> cuda:0, then the real
-  function) and rebound wherever the package imported it. Cached functions get a cached wrapper, so a cached call
-  costs what it costs on a GPU; an uncached one (``launch_device``) costs one extra Python call (~0.1 us).
+  defined there whose first parameter is ``device`` (``capability``, ``family``: hopper, ``multiprocessors``,
+  ``max_shared_memory``, ``launch_device``, ``is_gpu``, ...) and whose answer for meta differs is wrapped (meta ->
+  cuda:0, then the real function) and rebound wherever the package imported it. Cached functions get a cached
+  wrapper, so a cached call costs what it costs on a GPU; an uncached one (``launch_device``) costs one extra Python
+  call (~0.1 us).
 - Triton's global scratch (the TMA schedules' device-side descriptors) comes from the package's own allocator
   (``kernels/_tma.py``), which allocates on the current GPU, ``_common.current_gpu()``: meta here.
 
@@ -265,6 +266,8 @@ def fake_gpu() -> Iterator[FakeGpu]:
         _patch_triton(stack, gpu)
         _patch_device_facts(stack)
         gpu.temporary = _temporary_patches(stack)
+        family = _common.family(torch.device("meta"))
+        assert family.name == "hopper" and not family.hip, f"the fake H200 reads as {family}"
         yield gpu
 
 

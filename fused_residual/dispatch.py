@@ -29,198 +29,85 @@ Which kernel variant (``kernel_variants``): the one asked for (or the backend's 
 takes the call (``Backend.takes``), else the backend's last, general one; forward and backward separately (the
 whole-block backward takes narrower widths than its forward).
 
-Dispatch tables are JSON files written by ``python -m fused_residual.tune`` on a GPU: the device, its compute
-capability, the torch/triton versions, the date and commit they were measured at, and one entry per measured
-(dtype, padded width, padded hidden width, row bucket, mode) with every candidate's wall time per call and the
-winner. Tables are read from, in this order: the file named by ``FUSED_RESIDUAL_DISPATCH_TABLE``, the user's
-tuned tables (``~/.cache/fused_residual/`` or ``$FUSED_RESIDUAL_CACHE``), and the tables shipped in
-``fused_residual/dispatch_tables/``. A table of the same device name is preferred to one of the same compute
-capability. For a call, the entry of the same dtype, widths and mode whose row bucket is nearest (in powers of
-two) decides. A table found in those folders that cannot be read (not JSON, not this format, a bad entry) is
-skipped with a warning naming the file and why; the file named by ``FUSED_RESIDUAL_DISPATCH_TABLE`` must be
-readable: otherwise every ``auto`` call raises a ValueError naming the file, the variable and why.
+Dispatch tables (their format and where they are read from: ``tables.py``) are matched by device: a table of the
+same device name is preferred to one of the same device family (``kernels/_common.py``'s ``family``, which the
+table names); never one of the same compute capability alone (an MI250X reads (9, 0), like an H100). For a call,
+the entry of the same dtype, widths and mode whose row bucket is nearest (in powers of two) decides.
 
 Each decision is made once per call signature and cached (``backend_route``), with its reason (``decide``: a
 table's entry, the rule, the variable), logged then at DEBUG level on the ``fused_residual`` logger.
 
 Without an entry, the conservative rule decides (``conservative``): it takes the Triton kernels only where the
-first GPU measurement (H200, commit 44834e3, ``benchmarks/results/h200-2026-11-26-44834e3/``) found them faster in
-wall time per call, and the cuBLAS composite everywhere else, since the composite runs the reference's own ops.
+first GPU measurement (H200, commit 44834e3, ``benchmarks/results`` and the design notes) found them faster in
+wall time per call, on the family it was measured on (``hopper``) and nowhere else, and the vendor library's
+composite (cuBLAS, hipBLASLt) everywhere else, since the composite runs the reference's own ops. A family without
+measured wins (every AMD one among them) so gets PyTorch's own ops for every call.
+
+Where ``auto`` picks the Triton kernels on a family they have not run on in hardware (``RAN_ON_HARDWARE``), a
+kernel that fails to compile or launch on the first call of a signature sends that signature to the torch backend,
+with one warning (``fall_back``); a forced backend raises instead.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import threading
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from . import backends
+from . import tables as _tables
 from .activations import SEED_FORM, Form
-from .kernels._common import capability, is_gpu
+from .kernels._common import FAMILIES, capability, family, is_gpu
+from .tables import (  # noqa: F401 (the format's names, read here by tune and the tests)
+    CACHE_ENV_VAR,
+    CANDIDATES,
+    DTYPE_NAMES,
+    FORMAT,
+    MODES,
+    SHIPPED,
+    TABLE_ENV_VAR,
+    Table,
+    bucket,
+    padded,
+    parse,
+    skipped_tables,
+    tables,
+    user_cache_dir,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from .backends import Backend
 
-CANDIDATES = ("triton:whole_block", "triton:two_gemm", "torch", "composite")
-MODES = ("forward", "train")
-TABLE_ENV_VAR = "FUSED_RESIDUAL_DISPATCH_TABLE"
-CACHE_ENV_VAR = "FUSED_RESIDUAL_CACHE"
-SHIPPED = Path(__file__).with_name("dispatch_tables")
-FORMAT = 1
-
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-               torch.float64: "float64"}
-
-
-def bucket(n: int) -> int:
-    """``n`` rounded up to a power of two (>= 1): the row bucket of a call."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def padded(width: int) -> int:
-    return max(16, bucket(width))
-
-
-@dataclass(frozen=True)
-class Table:
-    device: str
-    capability: tuple[int, int]
-    source: str
-    entries: dict[tuple[str, int, int, str], dict[int, str]]
-    """(dtype, padded width, padded hidden, mode) -> {row bucket: winner}"""
-
-
-def user_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "fused_residual")
-
-
-def parse(data: object, source: str) -> Table:
-    """A table from its JSON value; ValueError naming ``source`` and what is wrong if it is not one this version
-    reads."""
-    try:
-        return _parse(data, source)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
-def _positive_int(value: object) -> bool:
-    return type(value) is int and value > 0
-
-
-def _parse(data: object, source: str) -> Table:
-    if not isinstance(data, dict):
-        raise ValueError(f"a JSON {type(data).__name__}, not a dispatch table (an object)")
-    if data.get("format") != FORMAT:
-        raise ValueError(f"dispatch table format {data.get('format')!r}, expected {FORMAT}")
-    device, cap, raw_entries = data.get("device"), data.get("capability"), data.get("entries")
-    if not isinstance(device, str):
-        raise ValueError(f"device {device!r} is not a device name")
-    if not (isinstance(cap, list) and len(cap) == 2 and all(type(c) is int for c in cap)):
-        raise ValueError(f"capability {cap!r} is not [major, minor]")
-    if not isinstance(raw_entries, list):
-        raise ValueError(f"entries {type(raw_entries).__name__ if raw_entries is not None else 'missing'}, "
-                         "expected a list")
-    dtypes = set(DTYPE_NAMES.values())
-    entries: dict[tuple[str, int, int, str], dict[int, str]] = {}
-    for i, e in enumerate(raw_entries):
-        if not isinstance(e, dict):
-            raise ValueError(f"bad entry {i}: {e!r} is not an object")
-        sizes = {"width": e.get("width"), "hidden": e.get("hidden", e.get("width")), "rows": e.get("rows")}
-        problem = (f"dtype {e.get('dtype')!r}" if e.get("dtype") not in dtypes
-                   else f"winner {e.get('winner')!r}" if e.get("winner") not in CANDIDATES
-                   else f"mode {e.get('mode')!r}" if e.get("mode") not in MODES
-                   else next((f"{k} {v!r}, not a positive integer" for k, v in sizes.items()
-                              if not _positive_int(v)), None))
-        if problem is not None:
-            raise ValueError(f"bad entry {i} ({problem}): {e!r}")
-        key = (e["dtype"], padded(sizes["width"]), padded(sizes["hidden"]), e["mode"])
-        entries.setdefault(key, {})[bucket(e["rows"])] = e["winner"]
-    return Table(device, (cap[0], cap[1]), source, entries)
-
-
-def _read(path: Path) -> Table:
-    """The table in ``path``; ValueError (or OSError) saying why it cannot be read."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 text ({e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e})") from None
-    return _parse(data, str(path))
-
-
-# (tables, skipped) once read; built whole and published with one assignment, under a lock so that threads
-# asking at once read (and warn about) each file once.
-_loaded: tuple[tuple[Table, ...], tuple[tuple[Path, str], ...]] | None = None
-_loading = threading.Lock()
-
-
-def tables() -> tuple[Table, ...]:
-    """Every readable table, highest precedence first (see the module docstring). A table found by scanning that
-    cannot be read is skipped with a warning (``skipped_tables()``); the one named by ``FUSED_RESIDUAL_DISPATCH_TABLE``
-    must be readable (ValueError otherwise)."""
-    return (_loaded or _load())[0]
-
-
-def skipped_tables() -> tuple[tuple[Path, str], ...]:
-    """The tables found by scanning that could not be read, with why."""
-    return (_loaded or _load())[1]
-
-
-def _load() -> tuple[tuple[Table, ...], tuple[tuple[Path, str], ...]]:
-    global _loaded
-    with _loading:
-        if _loaded is None:
-            _loaded = _scan()
-        return _loaded
-
-
-def _scan() -> tuple[tuple[Table, ...], tuple[tuple[Path, str], ...]]:
-    found: list[Table] = []
-    skipped: list[tuple[Path, str]] = []
-    named = os.environ.get(TABLE_ENV_VAR)
-    if named:
-        try:
-            found.append(_read(Path(named)))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{TABLE_ENV_VAR}={named}: cannot read this dispatch table: {e}") from None
-    for folder in (user_cache_dir(), SHIPPED):
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("dispatch-*.json")):
-            try:
-                found.append(_read(path))
-            except (OSError, ValueError) as e:
-                skipped.append((path, str(e)))
-                warnings.warn(f"fused_residual: skipped the dispatch table {path}: {e}", stacklevel=2)
-    return tuple(found), tuple(skipped)
-
-
 def device_identity(device: torch.device) -> tuple[str, tuple[int, int]]:
-    """(name, compute capability) a table is matched by: the GPU's, or ("cpu", (0, 0)) for any CPU."""
+    """(name, compute capability) a table records: the GPU's, or ("cpu", (0, 0)) for any CPU."""
     if is_gpu(device):
         return torch.cuda.get_device_name(device), tuple(capability(device))
     return device.type, (0, 0)
 
 
+def device_family(device: torch.device) -> str | None:
+    """The family a table of ``device`` names and is matched by: a GPU's known family, else None (the CPU, or a GPU
+    of no known family, whose tables match by device name only)."""
+    if not is_gpu(device):
+        return None
+    name = family(device).name
+    return name if name in FAMILIES else None
+
+
 @functools.cache
 def _device_tables(device: torch.device) -> tuple[Table, ...]:
-    name, cap = device_identity(device)
+    """The tables for ``device``: of its name first, then of its family; never of its capability alone."""
+    name = device_identity(device)[0]
+    fam = device_family(device)
     same_name = [t for t in tables() if t.device == name]
-    same_arch = [t for t in tables() if t.device != name and is_gpu(device) and tuple(t.capability) == cap]
-    return tuple(same_name + same_arch)
+    same_family = [t for t in tables() if t.device != name and fam is not None and t.family == fam]
+    return tuple(same_name + same_family)
 
 
 def lookup(found: tuple[Table, ...], dtype: torch.dtype, width: int, hidden: int, rows: int, mode: str) -> str | None:
@@ -244,9 +131,11 @@ def _lookup_entry(found: tuple[Table, ...], dtype: torch.dtype, width: int, hidd
 
 
 # The first GPU measurement's wall-time wins of the Triton kernels (H200, torch 2.11, triton 3.6, 2026-11-26,
-# benchmarks/results/h200-2026-11-26-44834e3): whole-block forward, width 128, 65536 rows: bf16 1.56x, fp16 1.39x. It
-# lost at widths 32 and 64 (host cost per launch), every two-GEMM shape and every training step.
-MEASURED_WINS = {("forward", torch.bfloat16, 128), ("forward", torch.float16, 128)}
+# benchmarks/results/h200-2026-11-26-44834e3): the whole-block forward at width 128 and 65536 rows, bf16 1.56x and
+# fp16 1.39x. It lost at widths 32 and 64 (host cost per launch), every two-GEMM shape and every training step.
+# Keyed by the family measured: they hold for Hopper alone (another family's shared memory, tiles and launch
+# costs differ, and none was measured).
+MEASURED_WINS = {"hopper": {("forward", torch.bfloat16, 128), ("forward", torch.float16, 128)}}
 MEASURED_ROWS = 1 << 16
 # CPU (``python -m fused_residual.tune --device cpu``, two runs on a 2-core EPYC, results/cpu-2026-11-26-76e4445/tune):
 # below this row bucket the block's Function costs more than it saves (training 16 x 16: 0.85x the reference's
@@ -255,30 +144,40 @@ MEASURED_ROWS = 1 << 16
 CPU_FUNCTION_ROWS = 1 << 12
 
 
-def conservative(gpu: bool, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
+# Families whose kernels have run on hardware (the H200 run above): on every other family a kernel that fails
+# to compile or launch where ``auto`` picked it makes that signature fall back to the torch backend (``fall_back``).
+RAN_ON_HARDWARE = {"hopper"}
+
+
+def conservative(family_name: str | None, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
                  training: bool) -> str:
-    """The rule where no table has an entry. GPU: the measured Triton wins above, else the cuBLAS composite
-    (the torch backend without autograd; in training the reference's own ops under PyTorch's autograd). CPU:
-    the torch backend from ``CPU_FUNCTION_ROWS`` rows on, the composite below."""
-    return _conservative(gpu, dtype, width, hidden, rows, projection, training)[0]
+    """The rule where no table has an entry, for a GPU of ``family_name`` (``_common.Family.name``; None: the CPU).
+    GPU: the measured Triton wins of its family (``MEASURED_WINS``), else the vendor library's composite (the torch
+    backend without autograd; in training the reference's own ops under PyTorch's autograd). CPU: the torch
+    backend from ``CPU_FUNCTION_ROWS`` rows on, the composite below."""
+    return _conservative(family_name, dtype, width, hidden, rows, projection, training)[0]
 
 
-def _conservative(gpu: bool, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
+def _conservative(family_name: str | None, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
                   training: bool) -> tuple[str, str]:
     """``conservative``'s choice and why."""
     mode = "train" if training else "forward"
-    if not gpu:
+    if family_name is None:
         if bucket(rows) >= CPU_FUNCTION_ROWS:
             return "torch", f"conservative rule: on the CPU the torch backend from {CPU_FUNCTION_ROWS} rows"
         return "composite", (f"conservative rule: on the CPU the plain composite below {CPU_FUNCTION_ROWS} rows "
                              "(the Function would cost more than it saves)")
-    if (not projection and width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS
+    if (not projection and width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS.get(family_name, ())
             and rows >= MEASURED_ROWS):
         return "triton:whole_block", (f"conservative rule: the first GPU run measured the whole block faster here "
                                       f"({mode}, width {padded(width)}, {DTYPE_NAMES[dtype]}, from {MEASURED_ROWS} "
                                       "rows)")
     return ("composite" if training else "torch"), ("conservative rule: on a GPU the cuBLAS composite wherever no "
                                                     "measurement found the Triton kernels faster")
+
+
+def _family_name(device: torch.device) -> str | None:
+    return family(device).name if is_gpu(device) else None
 
 
 def winner(device: torch.device, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
@@ -294,7 +193,7 @@ def _winner(device: torch.device, dtype: torch.dtype, width: int, hidden: int, r
         entry = _lookup_entry(_device_tables(device), dtype, width, hidden, rows, "train" if training else "forward")
         if entry is not None:
             return entry
-    found, why = _conservative(is_gpu(device), dtype, width, hidden, rows, projection, training)
+    found, why = _conservative(_family_name(device), dtype, width, hidden, rows, projection, training)
     return found, why + (" (a projection block: no table measures one)" if projection else " (no table entry)")
 
 
@@ -307,11 +206,13 @@ COMPOSITE_CHOICE = "composite"
 
 class Route(NamedTuple):
     """Who computes a call: a backend and the kernel variant asked of it, or (``backend`` None) the plain composite,
-    or (``op``) the custom ops that ``ops.py`` registers for ``torch.compile``."""
+    or (``op``) the custom ops that ``ops.py`` registers for ``torch.compile``. ``may_fall_back``: ``auto`` picked
+    the Triton kernels on a family they have not run on in hardware (``fall_back``)."""
 
     backend: Backend | None
     variant: str | None = None
     op: bool = False
+    may_fall_back: bool = False
 
     @property
     def name(self) -> str:
@@ -397,7 +298,7 @@ def ours_may_run(raw_choice: str | None, device: torch.device, dtype: torch.dtyp
     key = (DTYPE_NAMES.get(dtype, str(dtype)), padded(width), padded(hidden), mode)
     if any(w.startswith("triton") for table in _device_tables(device) for w in table.entries.get(key, {}).values()):
         return True
-    return width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS
+    return width == hidden and (mode, dtype, padded(width)) in MEASURED_WINS.get(family(device).name, ())
 
 
 def backend_route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) -> Route:
@@ -434,25 +335,62 @@ def _auto(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, 
     """``auto``: the dispatch tables' winner for a seed-form call (``winner``), among the candidates that can run
     it; the conservative rule for other forms and where the Triton kernels cannot run. With why."""
     dtype, device = w1.dtype, x.device
-    gpu = is_gpu(device)
+    family_name = _family_name(device)
     triton_backend, why_not = None, "no GPU"
-    if gpu and (missing := backends.missing_requirement("triton")) is None:
+    if family_name is not None and (missing := backends.missing_requirement("triton")) is None:
         triton_backend = backends.get("triton")
         if (why_not := triton_backend.unavailable(device, dtype, form)) is not None:
             triton_backend = None
-    elif gpu:
+        elif signature(x, w1, ws, form) in _failed:
+            triton_backend, why_not = None, "they failed on an earlier call of this signature"
+    elif family_name is not None:
         why_not = f"{missing} is not installed"
     if form == SEED_FORM:
         found, why = _winner(device, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None, training)
     else:  # only the reference form was measured: the rule's non-Triton choice (projection=True never takes Triton)
-        found, why = _conservative(gpu, dtype, x.shape[-1], w1.shape[0], rows_, True, training)
+        found, why = _conservative(family_name, dtype, x.shape[-1], w1.shape[0], rows_, True, training)
         why += f" (only the reference block's form was measured, not {form.activation}/{form.final_activation})"
     if found.startswith("triton"):
         if triton_backend is not None:
-            return Route(triton_backend, found.partition(":")[2] or None), why
-        picked, (found, rule) = found, _conservative(True, dtype, 0, 0, 0, True, training)
+            return Route(triton_backend, found.partition(":")[2] or None,
+                         may_fall_back=family_name not in RAN_ON_HARDWARE), why
+        picked, (found, rule) = found, _conservative(family_name or "", dtype, 0, 0, 0, True, training)
         why = f"{rule}; {why} picked {picked}, but the Triton kernels cannot run here ({why_not})"
     return (COMPOSITE if found == "composite" else Route(backends.get("torch"))), why
+
+
+# Signatures whose kernels failed where ``auto`` picked them on a family they have not run on (``fall_back``).
+_failed: set[tuple] = set()
+
+
+def signature(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> tuple:
+    """A block call's signature for ``fall_back``: device, dtypes, widths, projection or not, form (any row count)."""
+    return x.device, x.dtype, w1.dtype, x.shape[-1], w1.shape[0], ws is None, form
+
+
+def fall_back(chosen: Route, failed: tuple, error: Exception) -> Route:
+    """The route that replaces ``chosen`` after its kernels raised ``error`` on a call of signature ``failed``
+    (``signature``): the torch backend, where ``auto`` picked the Triton kernels on a family they have not run on in
+    hardware (``Route.may_fall_back``), with one warning per signature; every later call of the signature takes the
+    torch backend too (the plans and the routes are forgotten). Anywhere else (a forced backend, a verified family)
+    ``error`` is raised."""
+    if not chosen.may_fall_back:
+        raise error
+    if failed not in _failed:
+        _failed.add(failed)
+        device, width = failed[0], failed[3]
+        warnings.warn(f"fused_residual: the Triton kernels failed on {_family_name(device)} ({device}) for a block of "
+                      f"width {width} ({type(error).__name__}: {str(error)[:300]}); this call and later ones of its "
+                      "shape and dtypes run the torch backend (FUSED_RESIDUAL_BACKEND=triton raises instead)",
+                      stacklevel=3)
+        _forget_routes()
+    return Route(backends.get("torch"))
+
+
+def _forget_routes() -> None:
+    _routes.clear()
+    for callback in _on_reset:
+        callback()
 
 
 def kernel_variants(chosen: Route, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form,
@@ -492,10 +430,9 @@ def on_reset(callback) -> None:
 
 def reset() -> None:
     """Forget cached decisions and tables (after a dispatch table or backend registration changes)."""
-    global _parsed, _loaded
-    _loaded = None
+    global _parsed
+    _tables.forget()
     _device_tables.cache_clear()
-    _routes.clear()
+    _failed.clear()
     _parsed = (None, AUTO)
-    for callback in _on_reset:
-        callback()
+    _forget_routes()

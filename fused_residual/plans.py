@@ -182,8 +182,13 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         grad_dtype = form.output_dtype(x.dtype, w1.dtype, ws is not None) if training else None
         needs = tuple(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, ws)) if training else None
         plan = BlockPlan(chosen, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype), form, needs,
-                         x.dtype)
-        out = plan(x, w1, b1, w2, b2, ws)
+                         x.dtype, dispatch.signature(x, w1, ws, form) if chosen.may_fall_back else ())
+        try:
+            out = plan(x, w1, b1, w2, b2, ws)
+        except Exception as error:  # the kernels failed on an unverified family: the torch backend, or raise
+            chosen = dispatch.fall_back(chosen, dispatch.signature(x, w1, ws, form), error)
+            plan = BlockPlan(chosen, (None, None), form, needs, x.dtype)
+            out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
             cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
             store(key, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype))
@@ -211,10 +216,12 @@ class BlockPlan:
     needs a gradient (``needs``: x, w1, b1, w2, b2, ws; part of the key) and so what the backward keeps
     (``keep``) are the plan's."""
 
-    __slots__ = ("backend", "variants", "form", "training", "forward", "backwards", "needs", "keep", "x_dtype")
+    __slots__ = ("backend", "variants", "form", "training", "forward", "backwards", "needs", "keep", "x_dtype",
+                 "chosen", "signature")
 
     def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, needs: tuple[bool, ...] | None,
-                 x_dtype: torch.dtype):
+                 x_dtype: torch.dtype, signature: tuple = ()):
+        self.chosen, self.signature = chosen, signature  # for dispatch.fall_back
         self.backend: Backend | None = chosen.backend
         # training: under the block's Function (the composite runs under PyTorch's own autograd instead)
         self.variants, self.form, self.training = variants, form, needs is not None and chosen.backend is not None
@@ -262,8 +269,12 @@ class BlockPlan:
             return run(dout, x, saved, out, w1, w2, ws)
         if dispatch.backward_builds_graph():
             return None  # the Function differentiates through the composite
-        grads, run = planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws), self.form, needs,
-                              dx_dtype=x_dtype, variant=self.variants[1])
+        try:
+            grads, run = planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws), self.form, needs,
+                                  dx_dtype=x_dtype, variant=self.variants[1])
+        except Exception as error:  # the kernels failed on an unverified family: the composite, or raise
+            dispatch.fall_back(self.chosen, self.signature, error)
+            return None
         if run is not None and dout.shape[0]:
             self.backwards[key] = run
         return grads
@@ -368,7 +379,12 @@ def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: T
         out = torch.ops.fused_residual.linear_residual_relu_forward(rows(h), w, b, rows(residual))
         return with_leading_dims(out, h, w.shape[0])
     plan = LayerPlan(chosen.backend, training)
-    out = plan(h, w, b, residual)
+    try:
+        out = plan(h, w, b, residual)
+    except Exception as error:  # the kernels failed on an unverified family: the torch backend, or raise
+        plan = LayerPlan(dispatch.fall_back(chosen, dispatch.signature(h, w, None, SEED_FORM), error).backend,
+                         training)
+        out = plan(h, w, b, residual)
     if key is not None and plan.forward is not None:
         cast = tuple(a is not c for a, c in zip((h, w, b), given, strict=True))
         store(key, plan if low is None else AutocastLayerPlan(plan, low, cast, w.dtype))

@@ -211,7 +211,8 @@ def header(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"format": dispatch.FORMAT, "device": name, "capability": list(capability),
+    return {"format": dispatch.FORMAT, "device": name, "family": dispatch.device_family(device),
+            "capability": list(capability),
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": _commit(),

@@ -49,8 +49,10 @@ Triton's own path is always taken: under the interpreter (``TRITON_INTERPRET=1``
 ``InterpretedFunction``: no compiled kernel); for ``Heuristics`` and other wrappers; for kernels with pre-run
 hooks or global values Triton re-checks per launch, configs with a ``pre_hook``, non-constexpr parameters
 passed by keyword, a hook set in the knobs above; with ``FUSED_RESIDUAL_LAUNCH_CACHE=0`` or ``ENABLED = False``;
-and on a Triton whose ``JITFunction.run`` / ``Autotuner.run`` lack the exact statements reproduced here (checked
-once on their source, a feature test rather than a version test: 3.6.0, 3.8.0 and 3.9.0 pass).
+on a Triton whose ``JITFunction.run`` / ``Autotuner.run`` lack the exact statements reproduced here (checked
+once on their source, a feature test rather than a version test: 3.6.0, 3.8.0 and 3.9.0 pass); and where the
+active driver's launcher is not one a hit was checked against (``launcher_problem``: NVIDIA's only; HIP's, which
+allocates scratch and takes its arguments its own way, not until a hit is checked on an AMD GPU).
 Autotuning is decided once per key, as Triton's own cache does: clearing ``Autotuner.cache`` needs ``clear()``.
 
 Threads: Triton's interpreter keeps the running program's ids and its patches of ``triton.language`` in
@@ -108,6 +110,10 @@ _RUN_STATEMENTS = (
     "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())",
 )
 _AUTOTUNER_STATEMENTS = ("self.best_config=config", "self.fn.run(*args,**kwargs,**config.all_kwargs())")
+# The launchers a hit's call (``compiled.run``, None for empty hook chains) was checked against, and the statement
+# of their ``__call__`` it relies on.
+_CHECKED_LAUNCHERS = ("triton.backends.nvidia.driver.CudaLauncher",)
+_LAUNCHER_STATEMENTS = ("self.launch(gridX,gridY,gridZ,stream,function",)
 _HOOKS = {"runtime.launch_enter_hook", "runtime.launch_exit_hook"}
 _HookChain = getattr(_knobs, "HookChain", None)
 
@@ -140,6 +146,29 @@ def launch_path_problem(run_source: str, autotuner_run_source: str) -> str | Non
     if _HookChain is None:
         return "this Triton has no knobs.HookChain"
     return None
+
+
+def launcher_problem() -> str | None:
+    """Why compiled kernels of the active Triton backend always launch through Triton's own path (its launcher was
+    not checked against what a cache hit does), or None where the cache applies."""
+    try:
+        cls = _driver.active.launcher_cls
+    except Exception as e:  # no active driver: nothing compiled launches
+        return f"no active Triton driver ({type(e).__name__}: {e})"
+    return _launcher_class_problem(cls)
+
+
+@functools.cache
+def _launcher_class_problem(cls: type) -> str | None:
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if name not in _CHECKED_LAUNCHERS:
+        return f"the active backend's launcher {name} is not one the launch cache was checked against"
+    try:
+        source = _squeezed(inspect.getsource(cls.__call__))
+    except (OSError, TypeError) as e:
+        return f"cannot read the launcher's source ({e})"
+    missing = [s for s in _LAUNCHER_STATEMENTS if s not in source]
+    return f"the launcher {name} is not the one checked (no `{missing[0]}`)" if missing else None
 
 
 @functools.cache
@@ -333,6 +362,9 @@ class CachedLauncher:
 
     def _store(self, args: tuple, kwargs: dict, compiled: Any) -> str | None:
         """Cache ``compiled`` for calls keyed like this one; returns why not, or None."""
+        problem = launcher_problem()
+        if problem is not None:
+            return problem
         jit = self._jit
         if jit.pre_run_hooks:
             return "the kernel has pre-run hooks"

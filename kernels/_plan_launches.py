@@ -90,7 +90,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
     config = fl.INTERPRETER_CONFIG if _common.on_interpreter(device) else None
     mask = "none" if relu_mask is None else mask_on
     layout = ""
-    if a_t.dtype == b_t.dtype and _common.capability(device)[0] >= 9:
+    if a_t.dtype == b_t.dtype and _common.family(device).tma:
         layout = fl.tma_layout(a_t, b_t, sa_t, sb_t, views["mask"][1] if mask == "a" else None)
     has_bias = bias is not None
     flags = {
@@ -181,7 +181,7 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
     F = dout_t.shape[1]
     width = wbc.padded_width(F)
     wide = max(xt.element_size() if xt is not None else 0, torch.finfo(dx_dtype).bits // 8) > w1t.element_size()
-    config = wbc.backward_config(width, w1t.element_size(), wide)
+    config = wbc.backward_config(width, w1t.element_size(), wide, _common.family(rec.device).name)
     if _common.on_interpreter(rec.device):
         config = config._replace(block_m=wbc.INTERPRETER_BLOCK_M, warps=4)
     block_m, warps, chunk = wbc.BackwardConfig(*config)

@@ -137,7 +137,7 @@ def fused_linear(
         counters = used_counters = _reduce.arrival_counters(a.device, counter_count)
     mask = "none" if relu_mask is None else mask_on
     layout = ""
-    if a.dtype == b.dtype and _common.capability(a.device)[0] >= 9:
+    if a.dtype == b.dtype and _common.family(a.device).tma:
         layout = tma_layout(a, b, sa, sb, relu_mask if mask == "a" else None)
         if layout and _common.is_gpu(a.device):
             ensure_scratch_allocator()

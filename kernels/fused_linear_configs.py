@@ -16,8 +16,9 @@ from ._common import next_power_of_2
 if TYPE_CHECKING:
     import triton
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Every entry is compiled ahead of time for its
-# architecture, dtype class and epilogue in tests/test_kernels_aot.py: it must fit shared memory and not spill.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps[, schedule]). Every entry is compiled ahead of time for each
+# family it is offered to, in each dtype class and epilogue, in tests/test_kernels_aot.py: it must compile, fit the
+# family's shared memory (LDS on AMD) and not spill. The tables are keyed by device family (``_common.family``).
 HOPPER_16BIT = [
     (128, 256, 64, 3, 8),
     (128, 128, 64, 4, 8),
@@ -36,6 +37,10 @@ AMPERE_16BIT = [
     (64, 32, 32, 4, 4),
     (32, 16, 16, 3, 4),
 ]
+# sm_86 (triton 3.6): 128 x 64 spills with split-K and row sums (24 bytes); sm_120 (3.6): 64 x 128 on 4 warps with a
+# second operand pair (8 bytes).
+CONSUMER_16BIT = [e for e in AMPERE_16BIT if e[:2] != (128, 64)]
+BLACKWELL_CONSUMER_16BIT = [e for e in AMPERE_16BIT if e[:2] != (64, 128)]
 ANY_32BIT = [
     (128, 128, 32, 3, 8),
     (64, 128, 32, 3, 4),
@@ -44,6 +49,61 @@ ANY_32BIT = [
     (32, 32, 32, 4, 4),
     (32, 16, 16, 3, 4),
 ]
+# Two stages of 128 x 128 x 32 fp32 tiles: with about 99 KB of shared memory (sm_86, sm_89, sm_120) three need
+# 100 KB with split-K's reduction (102,400 bytes compiled for sm_86 and sm_120); on sm_100 three spill with a second
+# operand pair (8 bytes at 128 registers).
+TWO_STAGE_32BIT = [(128, 128, 32, 2, 8)] + ANY_32BIT[1:]
+# sm_100: tcgen05 takes tiles of 64 rows or more (32-row ones compile to mma.sync): 64-row small tiles.
+BLACKWELL_32BIT = TWO_STAGE_32BIT[:4] + [(64, 32, 32, 4, 4), (64, 16, 16, 3, 4)]
+# sm_120 (triton 3.6): 128 x 64 spills with a second operand pair (32 bytes), 32 x 32 with split-K (12 bytes).
+BLACKWELL_CONSUMER_32BIT = [e for e in TWO_STAGE_32BIT if e[:2] not in ((128, 64), (32, 32))]
+# AMD Instinct (wavefronts of 64: num_warps counts wavefronts). Two stages: Triton's AMD pipeliner streams one tile
+# ahead through LDS. The AMD knobs are schedule tokens (AMD_OPTIONS): "eu<n>" asks the compiler for n waves per
+# SIMD (waves_per_eu: it caps registers for that occupancy), "mfma16" the 16 x 16 matrix instructions
+# (matrix_instr_nonkdim), "kpack2" two K elements packed per LDS read (kpack; gfx950 has dropped it).
+# 256 x 256 tiles spill there in most epilogues (gfx90a, gfx942, gfx950; and need 193-198 KB of LDS on gfx950), and
+# two waves per SIMD (eu2) on 4 wavefronts spills a 128 x 128 tile with a gate or a split-K epilogue: not offered;
+# on gfx90a and gfx942 a 128 x 128 tile on 4 wavefronts spills 42-46 SGPRs in the gate epilogue: 8 there.
+CDNA_16BIT = [
+    (128, 256, 32, 2, 8, "eu2"),
+    (128, 128, 64, 2, 8, "eu2+mfma16+kpack2"),
+    (128, 128, 32, 2, 8),
+    (64, 128, 64, 2, 4, "mfma16+kpack2"),
+    (128, 64, 64, 2, 4, "mfma16+kpack2"),
+    (64, 64, 64, 2, 4, "mfma16"),
+    (64, 32, 32, 2, 4),
+    (32, 16, 16, 2, 4),
+]
+CDNA4_16BIT = [
+    (128, 256, 64, 2, 8, "eu2"),
+    (128, 128, 64, 3, 8, "eu2+mfma16"),
+    (128, 128, 64, 2, 4),
+    (64, 128, 64, 2, 4, "mfma16"),
+    (128, 64, 64, 2, 4, "mfma16"),
+    (64, 64, 64, 2, 4, "mfma16"),
+    (64, 32, 32, 2, 4),
+    (32, 16, 16, 2, 4),
+]
+CDNA_32BIT = [
+    (128, 128, 32, 2, 8, "eu2"),
+    (64, 128, 32, 2, 4),
+    (128, 64, 32, 2, 4),
+    (64, 64, 32, 2, 4, "mfma16"),
+    (32, 32, 32, 2, 4),
+    (32, 16, 16, 2, 4),
+]
+# A device of no known family (``_common.OTHER``): small classic tiles within 48 KB of shared memory, compiled for
+# sm_75 (where Triton has no 16-bit matrix instruction: 64 x 64 spills 1-2 KB there).
+OTHER_16BIT = [(64, 32, 32, 2, 4), (32, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
+OTHER_32BIT = [(64, 64, 32, 2, 4), (32, 32, 32, 2, 4), (32, 16, 16, 2, 4)]
+# Family -> (16-bit classic tiles, 32-bit tiles).
+CLASSIC = {
+    "hopper": (HOPPER_16BIT, ANY_32BIT), "blackwell": (HOPPER_16BIT, BLACKWELL_32BIT),
+    "ampere": (AMPERE_16BIT, ANY_32BIT), "consumer": (CONSUMER_16BIT, TWO_STAGE_32BIT),
+    "blackwell_consumer": (BLACKWELL_CONSUMER_16BIT, BLACKWELL_CONSUMER_32BIT),
+    "cdna2": (CDNA_16BIT, CDNA_32BIT), "cdna3": (CDNA_16BIT, CDNA_32BIT), "cdna4": (CDNA4_16BIT, CDNA_32BIT),
+    "other": (OTHER_16BIT, OTHER_32BIT),
+}
 # Hopper schedules: more candidates for sm_90 fp16/bf16 beside the classic ones above (the autotuner keeps
 # whichever is faster). (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, schedule), the schedule naming its
 # features, "+"-joined (SCHEDULE_FEATURES): "tma", the operand tiles copied by the tensor memory accelerator through
@@ -63,83 +123,116 @@ HOPPER_SCHEDULES = [
 # (reshape / split), and with split-K (its arrival atomics in the tile loop) it leaves the loop unpartitioned, so
 # that 4 warps spill a 128 x 256 accumulator; row sums spill 8 bytes. So: no split, and not offered to launches with
 # a second pair, split-K or row sums (config_table's warp_specialize).
-# Schedule feature -> the kernel's constexpr and its value.
+# Family -> its schedules (TMA, persistent, warp-specialized), offered to fp16/bf16 launches beside the classic
+# tiles; families with TMA only (``_common.Family.tma``). sm_100 (its accumulator in tensor memory, read out to
+# registers for the epilogue): the 128 x 256 ones spill (split with split-K 176 bytes, warp-specialized 272-1296),
+# and with triton 3.6 the non-persistent "tma" one with split-K (32 bytes). sm_120 (99 KB, mma.sync): none; those
+# that fit spilled (128 x 64 x 64 persistent with a second pair or split-K 16-76 bytes; 128 x 128 x 32 "tma" with
+# a second pair, 52 bytes with 3.6).
+SCHEDULES = {"hopper": HOPPER_SCHEDULES, "blackwell": [(128, 128, 64, 4, 8, "tma+persistent")]}
+# Schedule feature -> the kernel's constexpr (or, for the AMD knobs, the compile option) and its value.
 SCHEDULE_FEATURES = {"tma": ("TMA", True), "persistent": ("PERSISTENT", True), "ws": ("WARP_SPECIALIZE", True),
                      "split": ("EPILOGUE_SPLIT", 2)}
+AMD_OPTIONS = {"eu1": ("waves_per_eu", 1), "eu2": ("waves_per_eu", 2), "eu3": ("waves_per_eu", 3),
+               "mfma16": ("matrix_instr_nonkdim", 16), "mfma32": ("matrix_instr_nonkdim", 32),
+               "kpack2": ("kpack", 2)}
+SCHEDULE_FEATURES.update(AMD_OPTIONS)
 # What the interpreter runs (no autotuning there): small tiles keep it quick and exercise the ragged edges.
 INTERPRETER_CONFIG = (32, 32, 16, 1, 4)
 # A residual or gate tile read in the epilogue needs registers next to the accumulator: with it, tiles above
 # 128 x 128 spill, so they are kept for the plain and bias epilogues; a "split" schedule's halves count (but with
 # the mask on A too, g1 = (dout' W2) * relu'(h), the split 128 x 256 still spills: 16 bytes with triton 3.9, 40
-# with 3.6).
-MAX_TILE_WITH_TILE_EPILOGUE = 128 * 128
-# On sm_8x these fp32 (TF32) tiles spill (24 bytes at 168 registers) in the backward gate and dx + residual
-# epilogues with triton 3.6, the GPU image's version; 3.9 fits them. Dropped from every tile epilogue and triton
-# version on sm_8x, one rule for all: 64 x 128 and 128 x 128 remain as large tiles.
-AMPERE_32BIT_SPILLS_WITH_TILE_EPILOGUE = [(128, 64, 32, 3, 4)]
+# with 3.6). Per family (sm_90, sm_80 measured first; the rest compiled the same way).
+MAX_TILE_WITH_TILE_EPILOGUE = {"hopper": 128 * 128, "ampere": 128 * 128, "consumer": 128 * 128,
+                               "blackwell": 128 * 128, "blackwell_consumer": 128 * 128, "cdna2": 128 * 128,
+                               "cdna3": 128 * 128, "cdna4": 128 * 128, "other": 64 * 64}
+# Tiles dropped from every fp32 launch with a tile epilogue, per family: on sm_8x (128, 64, 32, 3, 4) spills (24
+# bytes at 168 registers) in the backward gate and dx + residual epilogues with triton 3.6, the GPU image's version;
+# 3.9 fits it. One rule for both versions: 64 x 128 and 128 x 128 remain as large tiles.
+SPILLS_32BIT_WITH_TILE_EPILOGUE = {"ampere": [(128, 64, 32, 3, 4)], "consumer": [(128, 64, 32, 3, 4)]}
 # The ReLU-backward mask on A (two tiles loaded per K step, A modified in registers before the dot) spills with
-# 128 x 64 tiles on 4 warps (sm_90 fp16/bf16 128 bytes, sm_80 bf16 24 bytes; others at 255 registers): dropped
-# for masked-A launches. (Masking through the load's predicate instead keeps registers low but stops Triton from
-# pipelining the A loads.)
-MASKED_A_SPILLS = [(128, 64, 4)]
-# Autocast launches (an fp32 operand, residual or output next to a 16-bit GEMM) spill with these tiles, keyed
-# (sm_90 or later, (BLOCK_M, BLOCK_N, BLOCK_K)): with x as B of a weight gradient, 128 x 256 on sm_90 (112 bytes;
-# 255 registers in other variants on sm_80) and 64 x 32 on sm_80 in fp16 (24 bytes); with triton 3.6 also
-# 64 x 128 on 4 warps (sm_90 24 bytes; sm_80 fp16 20 bytes in the projection).
-WIDE_SPILLS = {(True, (128, 256, 64)), (True, (64, 128, 64)), (False, (128, 256, 32)), (False, (64, 128, 32)),
-               (False, (64, 32, 32))}
+# these (BLOCK_M, BLOCK_N, num_warps), keyed (family, fp32), dropped for masked-A launches: 128 x 64 on 4 warps
+# (sm_90 fp16/bf16 128 bytes, sm_80 bf16 24 bytes; others at 255 registers); on sm_120 64 x 128 too (16-bit split-K
+# 12-28 bytes, fp32 8-160 bytes); on sm_100 fp32 128 x 128 (8 bytes at 128 registers). (Masking through the load's
+# predicate instead keeps registers low but stops Triton from pipelining the A loads.)
+MASKED_A_SPILLS = {
+    **{(family, fp32): {(128, 64, 4)} for family in ("hopper", "ampere", "consumer") for fp32 in (False, True)},
+    ("blackwell", True): {(128, 128, 8)},
+    **{("blackwell_consumer", fp32): {(128, 64, 4), (64, 128, 4)} for fp32 in (False, True)},
+}
+# Autocast launches (an fp32 operand, residual or output next to a 16-bit GEMM) spill with these (BLOCK_M, BLOCK_N,
+# BLOCK_K), per family: with x as B of a weight gradient, 128 x 256 on sm_90 (112 bytes; 255 registers in other
+# variants on sm_80) and 64 x 32 on sm_80 in fp16 (24 bytes); with triton 3.6 also 64 x 128 on 4 warps (sm_90 24
+# bytes; sm_80 fp16 20 bytes in the projection); 128 x 128 on sm_86 (24 bytes; on sm_120 it needs 100 KB of shared
+# memory), 128 x 256 on sm_100 (80 bytes), sm_120 (60 bytes) and gfx950 (70-81 bytes).
+WIDE_SPILLS = {"hopper": {(128, 256, 64), (64, 128, 64)},
+               "ampere": {(128, 256, 32), (64, 128, 32), (64, 32, 32)},
+               "consumer": {(128, 256, 32), (128, 128, 32), (64, 128, 32), (64, 32, 32)},
+               "blackwell": {(128, 256, 64), (64, 128, 64)},
+               "blackwell_consumer": {(128, 256, 32), (128, 128, 32), (64, 128, 32), (64, 32, 32)},
+               "cdna4": {(128, 256, 64)}}
 # Launches that compute a "heavy" activation (the registry's register_class: gelu, gelu_tanh, silu) keep only these
-# tiles per place, keyed (sm_90 or later, fp32), and the small ones (<= SMALL_TILE elements); "light" ones (ReLU) take
-# every tile, as a launch without an activation does. Compiled with triton 3.6 and 3.9, the others
+# (BLOCK_M, BLOCK_N) per place, keyed (family, fp32), and the small ones (<= SMALL_TILE elements); "light" ones
+# (ReLU) take every tile, as a launch without an activation does. Compiled with triton 3.6 and 3.9, the others
 # spill: 128 x 256 everywhere (24-1280 bytes); in the gate (acc * act'(pre)) 128 x 128 on sm_90 (silu, 16-88 bytes)
 # and 64 x 128 on sm_80 (silu, 3.6) or at 255 registers; with act on B's load 64 x 128 on sm_90 (the gelus) and on
 # sm_80 (gelu_tanh, 3.6); in the epilogue 128 x 64 on 4 warps with an fp32 x (gelu_tanh). Fewer candidates also keep
-# the ahead-of-time compiles and the first call's autotuning short.
+# the ahead-of-time compiles and the first call's autotuning short. A family missing here keeps the small tiles.
 HEAVY_TILES = {
-    "epilogue": {(True, False): {(128, 128), (64, 64)}, (False, False): {(64, 128), (64, 64)},
-                 (True, True): {(64, 128), (64, 64)}, (False, True): {(64, 128), (64, 64)}},
-    "gate": {(True, False): {(64, 64)}, (False, False): {(64, 64)}, (True, True): {(64, 64)},
-             (False, True): {(64, 64)}},
-    "b": {(True, False): {(128, 128), (64, 64)}, (False, False): {(64, 64)}, (True, True): {(64, 128), (64, 64)},
-          (False, True): {(64, 128), (64, 64)}},
+    "epilogue": {("hopper", False): {(128, 128), (64, 64)}, ("ampere", False): {(64, 128), (64, 64)},
+                 ("hopper", True): {(64, 128), (64, 64)}, ("ampere", True): {(64, 128), (64, 64)}},
+    "gate": {("hopper", False): {(64, 64)}, ("ampere", False): {(64, 64)}, ("hopper", True): {(64, 64)},
+             ("ampere", True): {(64, 64)}},
+    "b": {("hopper", False): {(128, 128), (64, 64)}, ("ampere", False): {(64, 64)},
+          ("hopper", True): {(64, 128), (64, 64)}, ("ampere", True): {(64, 128), (64, 64)}},
 }
+# The other families take the tiles of sm_90 (blackwell) or sm_80 (the rest), compiled for each (tests/
+# test_kernels_aot.py), less what spills there: the fp32 64 x 64 gelu epilogue on sm_100 (48 bytes), the gelus on
+# B's load at 16-bit 128 x 128 on sm_100 (28-48 bytes, 3.6) and 64 x 64 on sm_120 (24-36 bytes).
+for _place in HEAVY_TILES.values():
+    for _fp32 in (False, True):
+        _place[("blackwell", _fp32)] = _place[("hopper", _fp32)]
+        for _family in ("consumer", "blackwell_consumer", "cdna2", "cdna3", "cdna4"):
+            _place[(_family, _fp32)] = _place[("ampere", _fp32)]
+HEAVY_TILES["epilogue"][("blackwell", True)] = {(64, 128)}
+HEAVY_TILES["b"][("blackwell", False)] = {(64, 64)}
+HEAVY_TILES["b"][("blackwell_consumer", False)] = set()
 SMALL_TILE = 64 * 32
 
 
 def config_table(
-    capability: tuple[int, int], element_size: int, tile_epilogue: bool = False, masked_a: bool = False,
+    family: str, element_size: int, tile_epilogue: bool = False, masked_a: bool = False,
     wide: bool = False, heavy: tuple[str, ...] = (), tma: bool = False, warp_specialize: bool = False,
 ) -> list[tuple]:
-    """The autotune candidates for a device of ``capability``, a GEMM in ``element_size`` bytes, whether the
-    epilogue reads a residual or gate tile, whether A is masked on load, whether an operand, the residual or
-    the output is wider than the GEMM's dtype (autocast), where a heavy activation is computed (``"epilogue"``,
-    ``"gate"``, ``"b"``: keys of HEAVY_TILES, ``heavy_places``), whether the operands qualify for TMA
-    (``tma_layout``), and whether the launch may be warp-specialized (no second operand pair, split-K or row
+    """The autotune candidates for a device of ``family`` (``_common.Family.name``), a GEMM in ``element_size``
+    bytes, whether the epilogue reads a residual or gate tile, whether A is masked on load, whether an operand, the
+    residual or the output is wider than the GEMM's dtype (autocast), where a heavy activation is computed
+    (``"epilogue"``, ``"gate"``, ``"b"``: keys of HEAVY_TILES, ``heavy_places``), whether the operands qualify for
+    TMA (``tma_layout``), and whether the launch may be warp-specialized (no second operand pair, split-K or row
     sums)."""
-    if element_size >= 4:
-        table = ANY_32BIT
-    else:
-        table = HOPPER_16BIT if capability[0] >= 9 else AMPERE_16BIT
-    if capability[0] >= 9 and element_size == 2 and not wide and not heavy:
-        table = table + [e for e in HOPPER_SCHEDULES if (tma or "tma" not in features(e))
+    bits16, bits32 = CLASSIC[family]
+    table = bits32 if element_size >= 4 else bits16
+    if element_size == 2 and not wide and not heavy:
+        table = table + [e for e in SCHEDULES.get(family, ()) if (tma or "tma" not in features(e))
                          and (warp_specialize or "ws" not in features(e))]
     if tile_epilogue:
-        table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE * (
+        table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE[family] * (
             2 if "split" in features(e) and not masked_a else 1)]
-        if element_size >= 4 and capability[0] < 9:
-            table = [e for e in table if e not in AMPERE_32BIT_SPILLS_WITH_TILE_EPILOGUE]
+        if element_size >= 4:
+            table = [e for e in table if e not in SPILLS_32BIT_WITH_TILE_EPILOGUE.get(family, ())]
     if masked_a:
-        table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS]
+        table = [e for e in table if (e[0], e[1], e[4]) not in MASKED_A_SPILLS.get((family, element_size >= 4), ())]
     if wide:
-        table = [e for e in table if (capability[0] >= 9, e[:3]) not in WIDE_SPILLS]
+        table = [e for e in table if e[:3] not in WIDE_SPILLS.get(family, ())]
     for place in heavy:
-        keep = HEAVY_TILES[place][(capability[0] >= 9, element_size >= 4)]
+        keep = HEAVY_TILES[place].get((family, element_size >= 4), ())
         table = [e for e in table if e[:2] in keep or e[0] * e[1] <= SMALL_TILE]
     return table
 
 
 def features(entry: tuple) -> tuple[str, ...]:
-    """The Hopper schedule features of a config table entry (none for the classic 5-tuples)."""
+    """The schedule features of a config table entry (none for the classic 5-tuples): the Hopper schedules' and
+    the AMD knobs."""
     return tuple(entry[5].split("+")) if len(entry) > 5 else ()
 
 
@@ -152,7 +245,8 @@ def heavy_places(activation: str, gate: str, b_activation: str) -> tuple[str, ..
 
 
 def schedule_constexprs(entry: tuple) -> dict:
-    """The kernel's constexprs for a config table entry's schedule (empty for the classic kernel: the defaults)."""
+    """The kernel's constexprs (and AMD compile options) for a config table entry's schedule (empty for the classic
+    kernel: the defaults)."""
     return dict(SCHEDULE_FEATURES[f] for f in features(entry))
 
 
@@ -163,8 +257,9 @@ def persistent_grid(tiles: int, split_k: int, sms: int) -> tuple[int, int]:
     return min(tiles, max(1, sms // splits)), splits
 
 
-# The Hopper schedules first: the prune hook's fallback for tiny problems is the last (smallest) classic tile.
-ALL_ENTRIES = list(dict.fromkeys(HOPPER_SCHEDULES + HOPPER_16BIT + AMPERE_16BIT + ANY_32BIT))
+# Every family's candidates, the schedules first.
+ALL_ENTRIES = list(dict.fromkeys([e for s in SCHEDULES.values() for e in s]
+                                 + [e for tables in CLASSIC.values() for table in tables for e in table]))
 
 
 def prune(configs, named_args, **kwargs):
@@ -176,14 +271,16 @@ def prune(configs, named_args, **kwargs):
     tile_epilogue = args["HAS_RESIDUAL"] or args["GATE"] != IDENTITY
     heavy = heavy_places(args["ACTIVATION"], args["GATE"], args["B_ACTIVATION"])
     warp_specialize = not (args["HAS_SECOND"] or args["HAS_ROWSUM"] or args["SPLIT_K"] > 1)
-    allowed = set(config_table(_common.capability(a.device), size, tile_epilogue, args["MASK"] == "a", wide, heavy,
+    allowed = set(config_table(_common.family(a.device).name, size, tile_epilogue, args["MASK"] == "a", wide, heavy,
                                args["TMA_LAYOUT"] != "", warp_specialize))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if config_key(c) in allowed]
     small = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(n))
              and c.kwargs["BLOCK_K"] <= max(16, next_power_of_2(k))
              and c.kwargs["BLOCK_M"] <= max(64, next_power_of_2(m))]
-    return small or fits[-1:]
+    if small or not fits:
+        return small
+    return [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 def config_key(c: triton.Config) -> tuple:

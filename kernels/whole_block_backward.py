@@ -19,7 +19,7 @@ Backward, a persistent grid whose programs loop over row tiles, in one of two fo
   the slots in slot order (two levels, ``_reduce.py``) and writes dW1, db1, dW2, db2 in the weights' dtype:
   deterministic, no float atomics, no further launch.
 
-- split by role (HIDDEN_CHUNK = C > 0, to MAX_BACKWARD_WIDTH_HOPPER): the accumulators of all of dW1 and dW2 do not
+- split by role (HIDDEN_CHUNK = C > 0, to MAX_BACKWARD_WIDTH[family]): the accumulators of all of dW1 and dW2 do not
   fit in one program's registers, so programs form G groups of ``roles = S + F / C`` (S = DX_SHARE, ``dx_share``):
   S programs of a group compute dx as above (both weights on chip, no accumulators), and one program per chunk c
   of C hidden units computes, transposed so that every GEMM reads its operands as loaded,

@@ -43,8 +43,15 @@ def _prune(candidates, named_args, **kwargs):
     return [c for c in candidates if (c.kwargs["BLOCK_M"], c.num_warps) in allowed]
 
 
-def fits(in_features: int, hidden: int, out_features: int, element_size: int) -> bool:
-    """Whether the whole net runs in this kernel: every padded width within the block kernel's on-chip limit."""
+# Families it is offered to: on AMD it spills from hidden width 64 (SGPRs; VGPRs too at 128: gfx90a, gfx942, gfx950).
+NET_FAMILIES = {"hopper", "blackwell", "ampere", "consumer", "blackwell_consumer"}
+
+
+def fits(in_features: int, hidden: int, out_features: int, element_size: int, family: str) -> bool:
+    """Whether the whole net runs in this kernel on a device of ``family``: every padded width within the block
+    kernel's on-chip limit."""
+    if family not in NET_FAMILIES:
+        return False
     limit = WEIGHTS_ON_CHIP_WIDTH[element_size]
     return max(padded_width(in_features), padded_width(hidden), padded_width(out_features)) <= limit
 

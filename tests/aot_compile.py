@@ -1,9 +1,14 @@
-"""Ahead-of-time compile of every kernel x autotune config x dtype for sm_90 and sm_80, with no GPU.
+"""Ahead-of-time compile of every kernel x autotune config x dtype for every device family's targets, with no GPU.
 
 Run as a script (``python tests/aot_compile.py OUT.json``) in a process where TRITON_INTERPRET is unset, since
 kernels decorated under the interpreter cannot be compiled. For each case it records whether it compiled, the
-shared memory it needs, the registers and spill bytes that ``ptxas -v`` (shipped with triton) reports, and whether
-the PTX uses ``wgmma``. ``tests/test_kernels_aot.py`` asserts on the result.
+shared memory (LDS) it needs, its registers and spills and whether the family's matrix instruction is in the code
+(``aot_targets.build``). ``tests/test_kernels_aot.py`` asserts on the result.
+
+Targets (``aot_targets.TARGETS``): every case of sm_80 and sm_90; for the other targets CI compiles a representative
+set (``representative``: each fused-linear config once per dtype class, each whole-block kernel on chip and beyond
+at its widest, the whole-net kernel at its widest); ``AOT_TARGETS=all`` compiles every case of every target,
+``AOT_TARGETS=sm_100,gfx942`` every case of those.
 
 A case mirrors a real launch at a typical shape (sizes and strides multiples of 16): those arguments carry the
 divisibility hint the runtime gives them, and unit strides are specialised to 1 as the runtime does.
@@ -13,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
+
+import aot_targets
+from aot_targets import TARGETS, family
 
 from fused_residual.activations import ACTIVATIONS, SEED_FORM
 
-ARCHS = {90: 232448, 80: 166912}  # compute capability -> shared memory per block (opt-in maximum), bytes
 DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 # Kernel variants: (name, flags, layout). Layouts say which operand strides are 1:
@@ -82,18 +86,20 @@ def _activation_variants(act: str):
 
 
 SMALL_TILE = 64 * 32
-# Hopper schedules (fused_linear_configs.HOPPER_SCHEDULES, sm_90 fp16/bf16 only): each in a representative set of the
-# launches the autotuner may give it, in bf16 (fp16 compiles the same code but for the element type), not the
-# whole cross product, to keep CI's compile time down. The set covers each schedule feature in each operand
-# layout (A row-major or g^T, B = W^T or row-major) and each epilogue kind: tile epilogues (split or not), the
-# second operand pair, the masks, split-K with row sums. AOT_HOPPER=all compiles every (variant, schedule) pair the
-# prune hook allows instead (done with triton 3.6 and 3.9 when the schedules were added; see the README).
-# Variants only the warp-specialized schedule adds (the launches it may take that no variant above stands for):
-HOPPER_ONLY_VARIANTS = [
+# Schedules (fused_linear_configs.SCHEDULES: TMA, persistent, warp-specialized; fp16/bf16 only): each in a
+# representative set of the launches the autotuner may give it, in bf16 (fp16 compiles the same code but for the
+# element type), not the whole cross product, to keep CI's compile time down. The set covers each schedule feature
+# in each operand layout (A row-major or g^T, B = W^T or row-major) and each epilogue kind: tile epilogues (split or
+# not), the second operand pair, the masks, split-K with row sums. AOT_SCHEDULES=all compiles every (variant,
+# schedule) pair the prune hook allows instead (done with triton 3.6 and 3.9 when the schedules were added; see
+# docs/verification.md). Variants only the warp-specialized schedule adds (the launches it may take that no variant
+# above stands for):
+SCHEDULE_ONLY_VARIANTS = [
     ("forward_bias_relu", {"HAS_BIAS": True, "ACTIVATION": "relu"}, "x_wT"),
     ("backward_dh", {"MASK": "a"}, "g_W"),
 ]
-HOPPER_CASES = [
+# (schedule features, variant): each schedule is compiled in the variants listed for its features.
+SCHEDULE_CASES = [
     ("tma+persistent+split", "forward_bias_residual_relu"),
     ("tma+persistent+split", "backward_dx_residual"),
     ("tma+persistent+split", "weight_grad_split_k"),
@@ -105,7 +111,7 @@ HOPPER_CASES = [
     ("tma+persistent+ws", "forward_bias_relu"),
     ("tma+persistent+ws", "backward_dh"),
 ]
-HOPPER_DTYPE = "bf16"
+SCHEDULE_DTYPE = "bf16"
 # _tma.tma_layout() of each layout's operands (at aligned sizes): A's contiguous dim, then B's.
 TMA_LAYOUTS = {"x_wT": "kk", "g_W": "kn", "gT_x": "mn"}
 UNIT_STRIDES = {
@@ -118,90 +124,96 @@ UNIT_STRIDES = {
 }
 
 
-def _table(fl, cap: int, size: int, flags: dict, wide: bool, tma: bool = False) -> list:
+def _table(fl, target: str, size: int, flags: dict, wide: bool, tma: bool = False) -> list:
     """The configs the autotuner may run for a launch with ``flags`` (fused_linear_configs.prune's rule); ``tma``: with
     operands that qualify for TMA (the Hopper schedules; without, only those that need no TMA)."""
     tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
     heavy = fl.heavy_places(flags.get("ACTIVATION", "identity"), flags.get("GATE", "identity"),
                             flags.get("B_ACTIVATION", "identity"))
     warp_specialize = not (flags.get("HAS_SECOND") or flags.get("HAS_ROWSUM") or flags.get("SPLIT_K", 1) > 1)
-    return fl.config_table((cap // 10, cap % 10), size, tile_epilogue, flags.get("MASK") == "a", wide, heavy, tma,
+    return fl.config_table(family(target).name, size, tile_epilogue, flags.get("MASK") == "a", wide, heavy, tma,
                            warp_specialize)
 
 
 def fused_linear_cases():
     from fused_residual.kernels import fused_linear_configs as fl
 
-    def case(name, flags, layout, cap, dtype, config, wide=()):
-        return {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags, "cap": cap,
+    def case(name, flags, layout, target, dtype, config, wide=()):
+        return {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags, "target": target,
                 "dtype": dtype, "config": list(config), "wide": list(wide)}
 
-    for cap in ARCHS:
+    for target in TARGETS:
         for dtype, size in DTYPES.items():
             for name, flags, layout in FUSED_LINEAR_VARIANTS:
-                for config in _table(fl, cap, size, flags, False):
-                    yield case(name, flags, layout, cap, dtype, config)
+                for config in _table(fl, target, size, flags, False):
+                    yield case(name, flags, layout, target, dtype, config)
                 # Without the mask on A (the FFN form; dW1) the tiles the mask rule drops may run too.
                 if flags.get("MASK") == "a":
                     plain = {k: v for k, v in flags.items() if k != "MASK"}
-                    for config in _table(fl, cap, size, plain, False):
-                        if config not in _table(fl, cap, size, flags, False):
-                            yield case(f"{name}_unmasked", plain, layout, cap, dtype, config)
+                    for config in _table(fl, target, size, plain, False):
+                        if config not in _table(fl, target, size, flags, False):
+                            yield case(f"{name}_unmasked", plain, layout, target, dtype, config)
             for name, flags, layout, wide in AUTOCAST_VARIANTS:
                 if dtype in AUTOCAST_DTYPES:
-                    for config in _table(fl, cap, size, flags, True):
-                        yield case(name, flags, layout, cap, dtype, config, wide)
+                    for config in _table(fl, target, size, flags, True):
+                        yield case(name, flags, layout, target, dtype, config, wide)
             for name, flags, layout, wide in activation_variants():
                 if dtype not in ACTIVATION_DTYPES or (size == 4 and name.endswith("_ffn")):
                     continue  # fp32: no autocast, and the masked launch stands for the unmasked one
                 wide = wide if size == 2 else ()
-                wide_configs = _table(fl, cap, size, flags, True) if wide else []
-                for config in _table(fl, cap, size, flags, False):
+                wide_configs = _table(fl, target, size, flags, True) if wide else []
+                for config in _table(fl, target, size, flags, False):
                     if config[0] * config[1] > fl.SMALL_TILE:
-                        yield case(name, flags, layout, cap, dtype, config, wide if config in wide_configs else ())
-    yield from hopper_cases(case)
+                        yield case(name, flags, layout, target, dtype, config, wide if config in wide_configs else ())
+    yield from schedule_cases(case)
 
 
-def hopper_cases(case):
-    """The Hopper schedules' cases, variants named "hopper_<variant>": HOPPER_CASES, or with AOT_HOPPER=all every
-    pair the prune hook allows (in fp16 and bf16)."""
+def schedule_cases(case):
+    """The schedules' cases (``fused_linear_configs.SCHEDULES``), variants named "schedule_<variant>": each schedule
+    of each target's family in the launches SCHEDULE_CASES names for its features (where the prune hook gives it
+    that launch), or with AOT_SCHEDULES=all every (launch, schedule) pair the prune hook allows, in fp16 and bf16."""
     from fused_residual.kernels import fused_linear_configs as fl
 
-    variants = {name: (flags, layout) for name, flags, layout in FUSED_LINEAR_VARIANTS + HOPPER_ONLY_VARIANTS}
+    variants = {name: (flags, layout) for name, flags, layout in FUSED_LINEAR_VARIANTS + SCHEDULE_ONLY_VARIANTS}
     # Without the mask on A (the FFN form's g1, dW1) a launch may take what the mask rule drops, as above.
     variants.update({f"{name}_unmasked": ({k: v for k, v in flags.items() if k != "MASK"}, layout)
                      for name, (flags, layout) in list(variants.items()) if flags.get("MASK") == "a"})
-    if os.environ.get("AOT_HOPPER") == "all":
-        for dtype in ("fp16", "bf16"):
-            for name, (flags, layout) in variants.items():
-                masked = variants[name.removesuffix("_unmasked")][0]
-                for config in _table(fl, 90, 2, flags, False, tma=True):
-                    if fl.features(config) and (masked is flags or config not in _table(fl, 90, 2, masked, False,
-                                                                                        tma=True)):
-                        yield case(f"hopper_{name}", flags, layout, 90, dtype, config)
-        return
-    schedules = {fl.features(e): e for e in fl.HOPPER_SCHEDULES}
-    for schedule, name in HOPPER_CASES:
-        flags, layout = variants[name]
-        yield case(f"hopper_{name}", flags, layout, 90, HOPPER_DTYPE, schedules[tuple(schedule.split("+"))])
+    every = os.environ.get("AOT_SCHEDULES") == "all"
+    for target in TARGETS:
+        schedules = fl.SCHEDULES.get(family(target).name, [])
+        if every and schedules:
+            for dtype in ("fp16", "bf16"):
+                for name, (flags, layout) in variants.items():
+                    masked = variants[name.removesuffix("_unmasked")][0]
+                    for config in _table(fl, target, 2, flags, False, tma=True):
+                        if config in schedules and (masked is flags or config not in _table(
+                                fl, target, 2, masked, False, tma=True)):
+                            yield case(f"schedule_{name}", flags, layout, target, dtype, config)
+            continue
+        for entry in schedules:
+            for features, name in SCHEDULE_CASES:
+                flags, layout = variants[name]
+                if features == entry[5] and entry in _table(fl, target, 2, flags, False, tma=True):
+                    yield case(f"schedule_{name}", flags, layout, target, SCHEDULE_DTYPE, entry)
 
 
 # Whole-block configs read [BLOCK_M, WIDTH, HIDDEN_CHUNK (WIDTH when 0), num_stages, num_warps]. The whole block
 # beyond the widths whose weights it keeps on chip (the forward streaming its weights, the backward split by role)
-# compiles in 1-5 s per case: CI compiles this representative set, every such config on each
-# architecture it is offered on and each variant kind once, keyed (kernel, cap, dtype, variant, BLOCK_M);
-# AOT_WHOLE_BLOCK=all compiles every case (done with triton 3.6 and 3.9 when they were added; see docs/verification.md).
+# compiles in 1-5 s per case: on sm_80 and sm_90 CI compiles this representative set, every such config on each
+# of them and each variant kind once, keyed (kernel, target, dtype, variant, BLOCK_M) (the other targets: the
+# representative set of ``representative``); AOT_WHOLE_BLOCK=all compiles every case (done with triton 3.6 and 3.9
+# when they were added; see docs/verification.md).
 WHOLE_BLOCK_BEYOND_ON_CHIP = {
-    ("whole_block_forward", 90, "bf16", "width256", 64),
-    ("whole_block_forward", 90, "bf16", "width256", 128),
-    ("whole_block_forward", 90, "bf16", "width256-wide_x", 64),
-    ("whole_block_forward", 90, "fp16", "width256-no_final_relu", 128),
-    ("whole_block_forward", 80, "fp16", "width256", 64),
-    ("whole_block_forward", 90, "fp32", "width256", 64),
-    ("whole_block_forward", 80, "fp32", "width256", 64),
-    ("whole_block_backward", 90, "bf16", "width128", 64),
-    ("whole_block_backward", 90, "fp16", "width128-wide_x", 64),
-    ("whole_block_backward", 90, "fp32", "width128", 32),
+    ("whole_block_forward", "sm_90", "bf16", "width256", 64),
+    ("whole_block_forward", "sm_90", "bf16", "width256", 128),
+    ("whole_block_forward", "sm_90", "bf16", "width256-wide_x", 64),
+    ("whole_block_forward", "sm_90", "fp16", "width256-no_final_relu", 128),
+    ("whole_block_forward", "sm_80", "fp16", "width256", 64),
+    ("whole_block_forward", "sm_90", "fp32", "width256", 64),
+    ("whole_block_forward", "sm_80", "fp32", "width256", 64),
+    ("whole_block_backward", "sm_90", "bf16", "width128", 64),
+    ("whole_block_backward", "sm_90", "fp16", "width128-wide_x", 64),
+    ("whole_block_backward", "sm_90", "fp32", "width128", 32),
 }
 WHOLE_BLOCK_WIDTHS = (16, 32, 64, 128, 256)
 
@@ -226,25 +238,27 @@ def _whole_block_cases(activation: str):
     every = os.environ.get("AOT_WHOLE_BLOCK") == "all"
 
     def wanted(case, beyond):
-        key = (case["kernel"], case["cap"], case["dtype"], case["variant"], case["config"][0])
-        return not beyond or every or key in WHOLE_BLOCK_BEYOND_ON_CHIP
+        key = (case["kernel"], case["target"], case["dtype"], case["variant"], case["config"][0])
+        return (not beyond or every or key in WHOLE_BLOCK_BEYOND_ON_CHIP
+                or case["target"] not in aot_targets.EVERY_CASE_IN_CI)
 
-    for cap in ARCHS:
-        capability = (cap // 10, cap % 10)
+    for target in TARGETS:
+        fam = family(target)
         for dtype, size in DTYPES.items():
             on_chip = wb.WEIGHTS_ON_CHIP_WIDTH[size]
-            backward_widest = wb.max_backward_width(capability)
+            backward_widest = wb.max_backward_width(fam.name)
             for width in WHOLE_BLOCK_WIDTHS:
                 beyond = width > on_chip
                 widest = width in (on_chip, wb.max_forward_width(size))
                 wides = [()] + ([("x_ptr",)] if dtype in AUTOCAST_DTYPES and width >= 64 else [])
                 for wide in wides:
-                    configs = wb.forward_configs(width, size, bool(wide), capability)
+                    configs = wb.runnable_forward_configs(width, size, 4 if wide else size, fam.name,
+                                                          fam.shared_memory)
                     runs = [(c, True) for c in configs] + ([(configs[-1], False)] if widest and configs and not wide
                                                            else [])
                     for config, final_relu in runs:
                         suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu") + named
-                        case = {"kernel": "whole_block_forward", "variant": f"width{width}{suffix}", "cap": cap,
+                        case = {"kernel": "whole_block_forward", "variant": f"width{width}{suffix}", "target": target,
                                 "dtype": dtype, "config": [config.block_m, width, config.hidden_chunk or width,
                                                            config.stages, config.warps],
                                 "wide": list(wide),
@@ -259,10 +273,11 @@ def _whole_block_cases(activation: str):
                     widest = width in (backward_widest, min(backward_widest, wb.MAX_BACKWARD_WIDTH_WHOLE))
                     wides = [()] + ([("x_ptr", "dx_ptr")] if dtype in AUTOCAST_DTYPES else [])
                     for wide in wides:
-                        block_m, warps, chunk = wb.backward_config(width, size, bool(wide))
+                        block_m, warps, chunk = wb.backward_config(width, size, bool(wide), fam.name)
                         for final_relu in (True, False) if widest and not wide else (True,):
                             suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu") + named
-                            case = {"kernel": "whole_block_backward", "variant": f"width{width}{suffix}", "cap": cap,
+                            case = {"kernel": "whole_block_backward", "variant": f"width{width}{suffix}",
+                                    "target": target,
                                     "dtype": dtype, "config": [block_m, width, chunk or width, 1, warps],
                                     "wide": list(wide),
                                     "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": activation,
@@ -277,7 +292,9 @@ def whole_net_cases():
     from fused_residual.kernels import whole_block_configs as wb
     from fused_residual.kernels import whole_net as wn
 
-    for cap in ARCHS:
+    for target in TARGETS:
+        if family(target).name not in wn.NET_FAMILIES:
+            continue
         for dtype, size in DTYPES.items():
             for hidden in (16, 64, 128):
                 if hidden > wb.WEIGHTS_ON_CHIP_WIDTH[size]:
@@ -285,7 +302,7 @@ def whole_net_cases():
                 for in_width, out_width in sorted({(16, 16), (hidden, hidden)}):
                     for block_m, warps in wn.configs(hidden):
                         yield {"kernel": "whole_net_forward", "variant": f"in{in_width}-h{hidden}-out{out_width}",
-                               "cap": cap, "dtype": dtype, "config": [block_m, hidden, hidden, 1, warps],
+                               "target": target, "dtype": dtype, "config": [block_m, hidden, hidden, 1, warps],
                                "flags": {"IN_WIDTH": in_width, "H_WIDTH": hidden, "OUT_WIDTH": out_width,
                                          "BLOCK_M": block_m}}
 
@@ -305,17 +322,24 @@ def _compile(case: dict) -> dict:
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
              "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
              "SPLIT_K": 1, **case["flags"]}
-    # TMA_LAYOUT as the wrapper computes it for these unit strides (sm_90, A and B of one dtype; "" elsewhere).
-    hopper = case["cap"] >= 90 and not {"a_ptr", "b_ptr"} & set(case["wide"])
-    layout = TMA_LAYOUTS[case["layout"]] if hopper else ""
-    constexprs = {**flags, "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee",
+    # TMA_LAYOUT as the wrapper computes it for these unit strides (families with TMA, A and B of one dtype; ""
+    # elsewhere).
+    tma = family(case["target"]).tma and not {"a_ptr", "b_ptr"} & set(case["wide"])
+    layout = TMA_LAYOUTS[case["layout"]] if tma else ""
+    schedule = fl.schedule_constexprs(tuple(case["config"]))
+    options = {name: schedule.pop(name) for name, _ in fl.AMD_OPTIONS.values() if name in schedule}
+    constexprs = {**flags, "INPUT_PRECISION": _precision(case),
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "TMA_LAYOUT": layout,
-                  "TMA": False, "PERSISTENT": False, "WARP_SPECIALIZE": False, "EPILOGUE_SPLIT": 1,
-                  **fl.schedule_constexprs(tuple(case["config"]))}
+                  "TMA": False, "PERSISTENT": False, "WARP_SPECIALIZE": False, "EPILOGUE_SPLIT": 1, **schedule}
     constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]]})
     fp32_args = ("ws_ptr",)
     return _build(case, kernel, names, constexprs, lambda arg: "*i32" if arg == "counters_ptr"
-                  else "*fp32" if arg in fp32_args else f"*{case['dtype']}")
+                  else "*fp32" if arg in fp32_args else f"*{case['dtype']}", options)
+
+
+def _precision(case: dict) -> str:
+    """``_common.input_precision`` on the case's family: TF32 for fp32 where the family takes it."""
+    return "tf32" if case["dtype"] == "fp32" and family(case["target"]).tf32 else "ieee"
 
 
 def _compile_whole_block(case: dict) -> dict:
@@ -326,7 +350,7 @@ def _compile_whole_block(case: dict) -> dict:
     forward = case["kernel"] == "whole_block_forward"
     kernel = whole_block_forward_kernel if forward else whole_block_backward_kernel
     names = list(kernel.arg_names)
-    constexprs = {**case["flags"], "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee"}
+    constexprs = {**case["flags"], "INPUT_PRECISION": _precision(case)}
     constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith(("f", "k"))})
     return _build(case, kernel, names, constexprs, lambda arg: "*i32" if arg == "counters_ptr"
                   else "*fp32" if arg == "ws_ptr" else f"*{case['dtype']}")
@@ -338,21 +362,18 @@ def _compile_whole_net(case: dict) -> dict:
 
     kernel = wn.whole_net_forward_kernel
     names = list(kernel.arg_names)
-    constexprs = {**case["flags"], "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee",
+    constexprs = {**case["flags"], "INPUT_PRECISION": _precision(case),
                   "stride_xk": 1, "stride_win_k": 1, "stride_wout_k": 1, "stride_yn": 1}
     return _build(case, kernel, names, constexprs, lambda arg: f"*{case['dtype']}")
 
 
-def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type) -> dict:
-    """Compile ``case``; its pointers have ``pointer_type(name)``, except those named in ``case["wide"]``: fp32
-    activations next to fp16/bf16 weights (autocast)."""
+def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type, options: dict | None = None) -> dict:
+    """Compile ``case`` for its target; its pointers have ``pointer_type(name)``, except those named in
+    ``case["wide"]``: fp32 activations next to fp16/bf16 weights (autocast). ``options``: compile options beside the
+    config's stages and warps (the AMD knobs)."""
     wide = case.get("wide", ())
     base_type = pointer_type
     pointer_type = lambda arg: "*fp32" if arg in wide else base_type(arg)  # noqa: E731
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     signature, attrs = {}, {}
     for i, arg in enumerate(names):
         if arg in constexprs:
@@ -364,62 +385,61 @@ def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type)
             signature[arg] = "i32"
             if arg.startswith("stride") or arg in ("M", "N", "K", "K2", "F", "IN", "H", "OUT"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    result = dict(case)
     stages, warps = case["config"][3:5]
-    try:
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", case["cap"], 32),
-                                  options={"num_warps": warps, "num_stages": stages})
-    except Exception as err:  # recorded, and the test fails on it
-        result.update(ok=False, error=f"{type(err).__name__}: {str(err)[:2000]}")
-        return result
-    ptx = compiled.asm["ptx"]
-    ttgir = compiled.asm.get("ttgir", "")
-    # TMA: bulk tensor copies in the PTX; persistent: the tile loop reads the grid size (only the persistent
-    # schedule asks for it); warp specialization: Triton's partitioner made warp groups, which re-balance
-    # registers between them (setmaxnreg).
-    result.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
-                  persistent="tt.get_num_programs" in ttgir,
-                  warp_specialized="ttg.warp_specialize" in ttgir and "setmaxnreg" in ptx,
-                  **_ptxas_report(ptx, case["cap"]))
-    return result
+    return {**case, **aot_targets.build(case["target"], kernel, signature, constexprs, attrs,
+                                        {"num_warps": warps, "num_stages": stages, **(options or {})})}
 
 
-def _ptxas_path(cap: int) -> str:
-    from triton.backends.nvidia import compiler
+def representative(cases: list[dict]) -> list[dict]:
+    """A representative set of one target's cases, for CI: each fused-linear config once per dtype class (16-bit in
+    bf16), the variants taken in turn; each whole-block kernel per dtype class on chip and beyond (streamed forward,
+    role-split backward), at its widest width in its largest config; the whole-net kernel at its widest."""
+    order = {"bf16": 0, "fp16": 1, "fp32": 2}
+    groups: dict[tuple, list[dict]] = {}
+    for c in sorted(cases, key=lambda c: order[c["dtype"]]):  # stable: generation order within a dtype
+        fp32 = c["dtype"] == "fp32"
+        if c["kernel"] == "fused_linear":
+            key = (c["kernel"], fp32, str(c["config"]))
+        elif c["kernel"] == "whole_net_forward":
+            key = (c["kernel"], False, "")
+        else:  # [BLOCK_M, WIDTH, HIDDEN_CHUNK or WIDTH, stages, warps]: chunked beyond the on-chip widths
+            key = (c["kernel"], fp32, str(c["config"][2] != c["config"][1]))
+        groups.setdefault(key, []).append(c)
+    chosen = []
+    for i, key in enumerate(sorted(groups)):
+        group = groups[key]
+        if key[0] == "fused_linear":
+            variants = sorted({c["variant"] for c in group})
+            chosen.append(next(c for c in group if c["variant"] == variants[i % len(variants)]))
+        else:
+            chosen.append(max(group, key=lambda c: (c["config"][1], c["config"][0], c["config"][4])))
+    return chosen
 
-    try:
-        return compiler.get_ptxas(cap).path  # triton >= 3.5 picks the ptxas per architecture
-    except TypeError:
-        return compiler.get_ptxas().path
 
-
-def _ptxas_report(ptx: str, cap: int) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX."""
-    arch = "sm_90a" if cap == 90 else f"sm_{cap}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([_ptxas_path(cap), "-v", f"--gpu-name={arch}", path, "-o", path + ".o"],
-                              capture_output=True, text=True)
-    log = proc.stderr + proc.stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    return {"ptxas_ok": proc.returncode == 0, "registers": int(regs.group(1)) if regs else None,
-            "spill_bytes": sum(spills) if spills else None, "ptxas_log": log[-600:]}
+def selected(cases: list[dict]) -> list[dict]:
+    """The cases to compile (module docstring): every case of EVERY_CASE_IN_CI and of the targets AOT_TARGETS
+    names ("all": every target), a representative set of the others."""
+    named = os.environ.get("AOT_TARGETS", "")
+    every = set(TARGETS) if named == "all" else set(aot_targets.EVERY_CASE_IN_CI) | set(filter(None, named.split(",")))
+    chosen = [c for c in cases if c["target"] in every]
+    for target in TARGETS:
+        if target not in every:
+            chosen += representative([c for c in cases if c["target"] == target])
+    return chosen
 
 
 def main(out_path: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("aot_compile.py must run without TRITON_INTERPRET")
-    only = os.environ.get("AOT_ONLY", "")  # substring filter on "cap-dtype-config-variant", for development
-    cases = [c for c in (*fused_linear_cases(), *whole_block_cases(), *whole_net_cases())
-             if only in f"{c['cap']}-{c['dtype']}-{c['config']}-{c['variant']}"]
-    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+    only = os.environ.get("AOT_ONLY", "")  # substring filter on "target-dtype-config-variant", for development
+    cases = [c for c in selected([*fused_linear_cases(), *whole_block_cases(), *whole_net_cases()])
+             if only in f"{c['target']}-{c['dtype']}-{c['config']}-{c['variant']}"]
+    workers = int(os.environ.get("AOT_WORKERS", "0")) or max(1, min(4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_compile, cases, chunksize=4))
+    limits = {target: family(target).shared_memory for target in TARGETS}
     with open(out_path, "w") as f:
-        json.dump({"arch_shared_limit": ARCHS, "results": results}, f, indent=1)
+        json.dump({"shared_limit": limits, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

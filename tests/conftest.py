@@ -130,6 +130,37 @@ def use_backend(monkeypatch):
     dispatch.reset()
 
 
+@pytest.fixture
+def fake_gpu_device(monkeypatch):
+    """``fake_gpu_device(capability, gfx=None, name=...)``: CUDA devices read as a GPU of this compute capability
+    (an AMD one of gfx architecture ``gfx`` under a ROCm torch where given), through the torch queries
+    ``kernels/_common.py`` makes; returns its family. No GPU is needed: only what the package asks is faked."""
+    from types import SimpleNamespace
+
+    from fused_residual.kernels import _common
+
+    cached = (_common.family, _common.capability, _common.max_shared_memory, _common.multiprocessors)
+
+    def forget():
+        for fact in cached:
+            fact.cache_clear()
+        dispatch.reset()
+
+    def fake(capability: tuple[int, int], gfx: str | None = None, name: str = "Fake GPU"):
+        properties = SimpleNamespace(gcnArchName=f"{gfx}:sramecc+:xnack-" if gfx else "", major=capability[0],
+                                     minor=capability[1], multi_processor_count=100, name=name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.version, "hip", "6.4.0" if gfx else None)
+        monkeypatch.setattr(_common, "_triton_arch", lambda backend: None)  # no Triton driver asked
+        forget()
+        return _common.family(torch.device("cuda", 0))
+
+    yield fake
+    forget()
+
+
 def seeded_pair(in_features: int, out_features: int, seed: int = 0, **factory):
     """(reference ResidualBlock, FusedResidualBlock) built from the same seed: identical parameters."""
     torch.manual_seed(seed)

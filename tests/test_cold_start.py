@@ -25,12 +25,13 @@ from fused_residual.kernels import fused_linear as fl  # noqa: E402
 from fused_residual.kernels import fused_linear_configs as flc  # noqa: E402
 from fused_residual.kernels import whole_block_configs as wbc  # noqa: E402
 
-SHARED = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376}  # opt-in shared memory per block, bytes
+SHARED = {"hopper": 232448, "ampere": 166912, "consumer": 101376}  # opt-in shared memory per block, bytes
+TARGET = {"hopper": "sm_90", "ampere": "sm_80", "consumer": "sm_86"}  # in test ids
 
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """``compiled(capability)``: run the kernels' tuned paths as on a device of ``capability`` and return the
+    """``compiled(family)``: run the kernels' tuned paths as on a device of ``family`` and return the
     configs their autotuners benchmarked (compiled) for the launches made meanwhile, plus the chosen one (triton 3.9
     skips the benchmark when one candidate is left; 3.6 runs it)."""
     seen = []
@@ -46,11 +47,11 @@ def compiled(monkeypatch):
     record(whole_block.whole_block_forward_autotuned)
     record(fl.fused_linear_autotuned)
 
-    def on(capability):
+    def on(family):
         seen.clear()
         monkeypatch.setattr(_common, "on_interpreter", lambda device: False)
-        monkeypatch.setattr(_common, "capability", lambda device: capability)
-        monkeypatch.setattr(_common, "max_shared_memory", lambda device: SHARED[capability])
+        monkeypatch.setattr(_common, "family", lambda device: _common.FAMILIES[family])
+        monkeypatch.setattr(_common, "max_shared_memory", lambda device: SHARED[family])
         return seen
 
     return on
@@ -65,36 +66,36 @@ def _block_params(width, dtype, x_dtype=None, rows=40):
 
 
 F = wbc.ForwardConfig
-# (capability, weights' dtype, x's dtype, padded width) -> the forward's candidates (fp16 stands for bf16: the
+# (family, weights' dtype, x's dtype, padded width) -> the forward's candidates (fp16 stands for bf16: the
 # prune reads element sizes; the interpreter has no bfloat16).
 WHOLE_BLOCK_CANDIDATES = {
-    ((9, 0), torch.float16, torch.float16, 256): {F(64, 8, 0, 32, 3), F(128, 8, 0, 32, 2)},
-    ((9, 0), torch.float16, torch.float32, 256): {F(64, 8, 0, 32, 3)},  # autocast: 128 rows spill
-    ((8, 0), torch.float16, torch.float16, 256): {F(64, 8, 0, 32, 3)},
-    ((8, 6), torch.float16, torch.float16, 256): set(),  # 99 KB: the backend does not take it there
-    ((9, 0), torch.float16, torch.float16, 128): {F(64, 4, 0), F(128, 8, 0)},
-    ((8, 6), torch.float16, torch.float16, 128): {F(64, 4, 0)},  # 128 rows need 128 KB
-    ((9, 0), torch.float16, torch.float16, 64): {F(64, 4, 0), F(128, 8, 0), F(64, 4, 2), F(128, 8, 2)},
-    ((9, 0), torch.float16, torch.float16, 16): {F(64, 4, 0), F(128, 4, 0), F(128, 8, 0), F(64, 4, 2),
-                                                  F(128, 8, 2)},
-    ((9, 0), torch.float32, torch.float32, 256): {F(64, 8, 0, 16, 3)},
-    ((8, 0), torch.float32, torch.float32, 128): {F(64, 8, 0, 16, 3)},
-    ((9, 0), torch.float32, torch.float32, 64): {F(64, 4, 0), F(128, 8, 0), F(64, 4, 2), F(128, 8, 2)},
+    ("hopper", torch.float16, torch.float16, 256): {F(64, 8, 0, 32, 3), F(128, 8, 0, 32, 2)},
+    ("hopper", torch.float16, torch.float32, 256): {F(64, 8, 0, 32, 3)},  # autocast: 128 rows spill
+    ("ampere", torch.float16, torch.float16, 256): {F(64, 8, 0, 32, 3)},
+    ("consumer", torch.float16, torch.float16, 256): set(),  # 99 KB: the backend does not take it there
+    ("hopper", torch.float16, torch.float16, 128): {F(64, 4, 0), F(128, 8, 0)},
+    ("consumer", torch.float16, torch.float16, 128): {F(64, 4, 0)},  # 128 rows need 128 KB
+    ("hopper", torch.float16, torch.float16, 64): {F(64, 4, 0), F(128, 8, 0), F(64, 4, 2), F(128, 8, 2)},
+    ("hopper", torch.float16, torch.float16, 16): {F(64, 4, 0), F(128, 4, 0), F(128, 8, 0), F(64, 4, 2),
+                                                   F(128, 8, 2)},
+    ("hopper", torch.float32, torch.float32, 256): {F(64, 8, 0, 16, 3)},
+    ("ampere", torch.float32, torch.float32, 128): {F(64, 8, 0, 16, 3)},
+    ("hopper", torch.float32, torch.float32, 64): {F(64, 4, 0), F(128, 8, 0), F(64, 4, 2), F(128, 8, 2)},
 }
 
 
-@pytest.mark.parametrize("case", WHOLE_BLOCK_CANDIDATES, ids=lambda c: f"sm{c[0][0]}{c[0][1]}-"
+@pytest.mark.parametrize("case", WHOLE_BLOCK_CANDIDATES, ids=lambda c: f"{TARGET[c[0]]}-"
                          f"{str(c[1]).removeprefix('torch.')}-x{str(c[2]).removeprefix('torch.')}-width{c[3]}")
 def test_whole_block_forward_compiles_only_its_candidates(compiled, case):
-    capability, dtype, x_dtype, width = case
+    family, dtype, x_dtype, width = case
     expected = WHOLE_BLOCK_CANDIDATES[case]
     features = width - 3 if width > 16 else width  # ragged: the padded width decides
     x, w1, b1, w2, b2 = _block_params(features, dtype, x_dtype)
-    fits = wbc.runnable_forward_configs(width, w1.element_size(), x.element_size(), capability, SHARED[capability])
+    fits = wbc.runnable_forward_configs(width, w1.element_size(), x.element_size(), family, SHARED[family])
     assert set(fits) == expected
     if not expected:
         return  # the backend's test (whole_block_forward_fits) sends such a call to the two-GEMM kernels
-    seen = compiled(capability)
+    seen = compiled(family)
     out, _ = whole_block.forward(x, w1, b1, w2, b2, store_saved=False, out_dtype=dtype)
     tuner = whole_block.whole_block_forward_autotuned
     assert {wbc.config_of(c) for c in [*seen, tuner.best_config]} == expected
@@ -109,26 +110,26 @@ def test_whole_block_forward_compiles_only_its_candidates(compiled, case):
 # and linear2 (bias, residual, ReLU: no tile above 128 x 128). Tiles wider or deeper than the padded width are
 # pruned; counts as read off fused_linear's tables.
 LINEAR_CANDIDATES = {
-    ((8, 0), torch.float16, 16): (1, 1),
-    ((8, 0), torch.float16, 64): (4, 4),
-    ((8, 0), torch.float16, 256): (7, 6),
-    ((9, 0), torch.float32, 128): (6, 6),
+    ("ampere", torch.float16, 16): (1, 1),
+    ("ampere", torch.float16, 64): (4, 4),
+    ("ampere", torch.float16, 256): (7, 6),
+    ("hopper", torch.float32, 128): (6, 6),
 }
 
 
-@pytest.mark.parametrize("case", LINEAR_CANDIDATES, ids=lambda c: f"sm{c[0][0]}{c[0][1]}-"
+@pytest.mark.parametrize("case", LINEAR_CANDIDATES, ids=lambda c: f"{TARGET[c[0]]}-"
                          f"{str(c[1]).removeprefix('torch.')}-width{c[2]}")
 def test_two_gemm_launches_compile_only_their_candidates(compiled, case):
-    capability, dtype, width = case
+    family, dtype, width = case
     x, w1, b1, w2, b2 = _block_params(width, dtype, rows=130)
     counts = []
     for kwargs in ({"bias": b1, "activation": "relu"}, {"bias": b2, "residual": x, "activation": "relu"}):
-        seen = compiled(capability)
+        seen = compiled(family)
         out = fl.fused_linear(x, w1.t(), **kwargs)[0]
         best = flc.config_key(fl.fused_linear_autotuned.best_config)
         configs = {flc.config_key(c) for c in seen} | {best}
         element = x.element_size()
-        table = flc.config_table(capability, element)
+        table = flc.config_table(family, element)
         assert configs <= set(table), "a candidate outside the device's table"
         assert all(c[1] <= width and c[2] <= width for c in configs), "a tile wider than the problem"
         counts.append(len(configs))

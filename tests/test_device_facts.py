@@ -22,8 +22,8 @@ from fused_residual import backends
 ROOT = Path(__file__).resolve().parents[1]
 # The files that launch kernels or decide whether they run: every device test there must go through _common.
 CALLERS = sorted((ROOT / "kernels").glob("*.py")) + [ROOT / "fused_residual" / "backends" / "triton_backend.py"]
-DEVICE_FACTS = {"is_gpu", "capability", "max_shared_memory", "launch_device", "current_gpu", "input_precision",
-                "multiprocessors", "on_interpreter", "interpreter_enabled"}
+DEVICE_FACTS = {"is_gpu", "capability", "family", "max_shared_memory", "launch_device", "current_gpu",
+                "input_precision", "multiprocessors", "on_interpreter", "interpreter_enabled"}
 # What a device is (not which stream or device is current now, which the GPU branch reads per launch).
 CUDA_QUERIES = {"get_device_capability", "get_device_properties", "get_device_name", "device", "is_available"}
 
@@ -71,11 +71,11 @@ def meta_is_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(entered.append(device)))
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
-    for cached in (_common.capability, _common.multiprocessors, _common.max_shared_memory):
+    for cached in (_common.capability, _common.family, _common.multiprocessors, _common.max_shared_memory):
         cached.cache_clear()
     yield entered
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    for cached in (_common.capability, _common.multiprocessors, _common.max_shared_memory):
+    for cached in (_common.capability, _common.family, _common.multiprocessors, _common.max_shared_memory):
         cached.cache_clear()
 
 

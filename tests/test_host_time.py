@@ -68,7 +68,7 @@ import torch
 import triton
 from triton.runtime.driver import driver
 from benchmarks.fake_gpu import fake_gpu
-from fused_residual.kernels import _common
+from fused_residual.kernels import _common, _launch
 
 meta = torch.device("meta")
 before = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, _common.multiprocessors,
@@ -77,6 +77,8 @@ with fake_gpu():
     assert _common.multiprocessors(meta) == 132 and _common.max_shared_memory(meta) == 232448
     assert isinstance(_common.launch_device(meta), torch.cuda.device)
     assert triton.runtime.driver.active.get_current_target().arch == 90
+    # Hopper's tables and the launch cache (NVIDIA's launcher), as on the H200 it stands in for.
+    assert _common.family(meta).name == "hopper" and _launch.launcher_problem() is None
     assert torch.cuda.current_device() == 0 and torch.cuda.get_device_name() == "NVIDIA H200"
 after = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, _common.multiprocessors,
          _common.launch_device)

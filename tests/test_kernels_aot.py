@@ -1,6 +1,10 @@
-"""Every kernel x autotune config x dtype compiled ahead of time for sm_90 (H100) and sm_80 (A100), no GPU needed.
+"""Every kernel x autotune config x dtype compiled ahead of time for every device family's targets, no GPU needed:
+sm_80 (A100), sm_86 (RTX 30xx, A10), sm_90 (H100/H200), sm_100 (B200), sm_120 (RTX 50xx), gfx90a (MI210/MI250X),
+gfx942 (MI300X), gfx950 (MI355X).
 
-The compiles run once, in a subprocess without TRITON_INTERPRET (see aot_compile.py); each test reads its cases.
+The compiles run once, in a subprocess without TRITON_INTERPRET (see aot_compile.py: every case of sm_80 and sm_90,
+a representative set of the others unless AOT_TARGETS says otherwise); each test reads its target's cases and is
+named after it (``[gfx942]``).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import sys
 from pathlib import Path
 
 import aot_compile
+import aot_targets
 import pytest
 import torch
+from fused_residual.kernels import fused_linear_configs as flc
 
 from fused_residual import backends
 
@@ -21,6 +27,10 @@ pytestmark = pytest.mark.aot
 
 if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
+
+TARGETS = list(aot_targets.TARGETS)
+per_target = pytest.mark.parametrize("target", TARGETS)
+ELEMENT = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
 @pytest.fixture(scope="module")
@@ -30,51 +40,110 @@ def compiled(tmp_path_factory):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = Path(__file__).with_name("aot_compile.py")
     proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(out.read_text())
-    return data["results"], {int(k): v for k, v in data["arch_shared_limit"].items()}
+    return data["results"], data["shared_limit"]
+
+
+def _of(compiled, target):
+    return [c for c in compiled[0] if c["target"] == target]
 
 
 def _name(case):
-    return f"sm{case['cap']}-{case['dtype']}-{'x'.join(map(str, case['config']))}-{case['variant']}"
+    return f"{case['target']}-{case['dtype']}-{'x'.join(map(str, case['config']))}-{case['variant']}"
 
 
-def test_every_case_compiles(compiled):
-    results, _ = compiled
-    failed = [f"{_name(c)}: {c['error'][:400]}" for c in results if not c["ok"]]
+def _family(target):
+    return aot_targets.family(target).name
+
+
+def _every_case(target):
+    return target in aot_targets.EVERY_CASE_IN_CI or os.environ.get("AOT_TARGETS") == "all" or \
+        target in os.environ.get("AOT_TARGETS", "").split(",")
+
+
+@per_target
+def test_every_case_compiles(compiled, target):
+    cases = _of(compiled, target)
+    assert cases, "nothing compiled for this target"
+    failed = [f"{_name(c)}: {c['error'][:400]}" for c in cases if not c["ok"]]
     assert not failed, "\n".join(failed)
-    assert not [_name(c) for c in results if not c["ptxas_ok"]], "ptxas rejected some kernels"
+    assert not [_name(c) for c in cases if not c["ptxas_ok"]], "ptxas rejected some kernels"
 
 
-def test_every_arch_dtype_and_variant_is_covered(compiled):
+@per_target
+def test_no_register_spills(compiled, target):
+    spilling = [f"{_name(c)}: {c['spills']} {c['spill_unit']} spilled at {c['registers']} registers"
+                for c in _of(compiled, target) if c["ok"] and c["spills"] != 0]
+    assert not spilling, "\n".join(spilling)
+
+
+@per_target
+def test_shared_memory_fits_the_family(compiled, target):
+    limit = compiled[1][target]
+    assert limit == aot_targets.family(target).shared_memory
+    too_big = [f"{_name(c)}: {c['shared']} > {limit}" for c in _of(compiled, target) if c["ok"] and c["shared"] > limit]
+    assert not too_big, "\n".join(too_big)
+
+
+@per_target
+def test_every_kernel_uses_the_family_matrix_instruction(compiled, target):
+    """Every kernel's dots compile to the family's matrix instruction (mma.sync, wgmma, tcgen05, v_mfma): fp16 and
+    bf16 everywhere; fp32 too (TF32 on NVIDIA and gfx942, the fp32 MFMA elsewhere on AMD), except that tiles of fewer
+    than 64 rows take mma.sync's TF32 on sm_90 (wgmma and tcgen05 take 64 rows and more)."""
+    if not aot_targets.family(target).mma:
+        pytest.skip("a GPU of no known family: no matrix instruction promised")
+
+    def tensor_cores(c):
+        return c["mma"] or (c["dtype"] == "fp32" and c["config"][0] < 64 and c["mma_sync"])
+
+    slow = [_name(c) for c in _of(compiled, target) if c["ok"] and not tensor_cores(c)]
+    assert not slow, f"kernels without {aot_targets.family(target).mma}:\n" + "\n".join(slow)
+
+
+@per_target
+def test_every_config_is_compiled(compiled, target):
+    """The cases compiled are the target's cases (every one, or the representative set), and every fused-linear
+    config the target's family may run is compiled in some case, per dtype class."""
+    if os.environ.get("AOT_ONLY"):
+        pytest.skip("AOT_ONLY compiles a subset")
+    cases = _of(compiled, target)
+    generated = [c for c in (*aot_compile.fused_linear_cases(), *aot_compile.whole_block_cases(),
+                             *aot_compile.whole_net_cases()) if c["target"] == target]
+    wanted = generated if _every_case(target) else aot_compile.representative(generated)
+    assert {_name(c) for c in cases} == {_name(c) for c in wanted}
+    configs = {(ELEMENT[c["dtype"]], tuple(c["config"])) for c in generated if c["kernel"] == "fused_linear"}
+    assert {(ELEMENT[c["dtype"]], tuple(c["config"])) for c in cases if c["kernel"] == "fused_linear"} == configs
+    kinds = {(c["kernel"], ELEMENT[c["dtype"]]) for c in generated}
+    assert {(c["kernel"], ELEMENT[c["dtype"]]) for c in cases} >= kinds - {("whole_net_forward", 4)}
+
+
+@pytest.mark.parametrize("target", aot_targets.EVERY_CASE_IN_CI)
+def test_every_dtype_and_variant_is_covered(compiled, target):
     from fused_residual.kernels import whole_block_configs as wbc
 
-    results, limits = compiled
-    assert set(limits) == {90, 80}
-    seen = {(c["kernel"], c["cap"], c["dtype"], c["variant"]) for c in results}
-    for cap in limits:
-        for dtype, size in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-            # autocast: 16-bit weights only; other activations: bf16 (standing for fp16) and fp32, their FFN
-            # launches with an fp32 A in bf16 only; "_unmasked": only where the masked-A rule drops a tile
-            activation_variants = {name for name, *_ in aot_compile.activation_variants()}
-            for variant in {v for k, _, _, v in seen if k == "fused_linear" and "unmasked" not in v
-                            and not v.startswith("hopper_")}:
-                if variant in activation_variants:
-                    wanted = dtype in aot_compile.ACTIVATION_DTYPES and (size == 2 or not variant.endswith("_ffn"))
-                else:
-                    wanted = size == 2 or "autocast" not in variant
-                assert (("fused_linear", cap, dtype, variant) in seen) == wanted, (cap, dtype, variant)
-            for width in (16, 32, 64, 128):  # beyond the on-chip widths (whole backward), the next test
-                forward = ("whole_block_forward", cap, dtype, f"width{width}") in seen
-                assert forward or width > wbc.WEIGHTS_ON_CHIP_WIDTH[size]
-                backward = ("whole_block_backward", cap, dtype, f"width{width}") in seen
-                if width <= wbc.MAX_BACKWARD_WIDTH_WHOLE:
-                    assert backward == (width <= wbc.max_backward_width((cap // 10, 0)))
-                net = ("whole_net_forward", cap, dtype, f"in16-h{width}-out16") in seen
-                assert net == (width != 32 and width <= wbc.WEIGHTS_ON_CHIP_WIDTH[size])
-    hopper = {(cap, dtype) for k, cap, dtype, v in seen if v.startswith("hopper_")}
-    assert (90, aot_compile.HOPPER_DTYPE) in hopper and hopper <= {(90, "fp16"), (90, "bf16")}, hopper
+    seen = {(c["kernel"], c["dtype"], c["variant"]) for c in _of(compiled, target)}
+    family = _family(target)
+    activation_variants = {name for name, *_ in aot_compile.activation_variants()}
+    for dtype, size in ELEMENT.items():
+        # autocast: 16-bit weights only; other activations: bf16 (standing for fp16) and fp32, their FFN launches
+        # with an fp32 A in bf16 only; "_unmasked": only where the masked-A rule drops a tile
+        for variant in {v for k, _, v in seen if k == "fused_linear" and "unmasked" not in v
+                        and not v.startswith("schedule_")}:
+            if variant in activation_variants:
+                wanted = dtype in aot_compile.ACTIVATION_DTYPES and (size == 2 or not variant.endswith("_ffn"))
+            else:
+                wanted = size == 2 or "autocast" not in variant
+            assert (("fused_linear", dtype, variant) in seen) == wanted, (dtype, variant)
+        for width in (16, 32, 64, 128):  # beyond the on-chip widths (whole backward), the next test
+            forward = ("whole_block_forward", dtype, f"width{width}") in seen
+            assert forward or width > wbc.WEIGHTS_ON_CHIP_WIDTH[size]
+            backward = ("whole_block_backward", dtype, f"width{width}") in seen
+            if width <= wbc.MAX_BACKWARD_WIDTH_WHOLE:
+                assert backward == (width <= wbc.max_backward_width(family))
+            net = ("whole_net_forward", dtype, f"in16-h{width}-out16") in seen
+            assert net == (width != 32 and width <= wbc.WEIGHTS_ON_CHIP_WIDTH[size])
 
 
 def test_every_activation_of_the_registry_is_compiled(compiled):
@@ -94,90 +163,42 @@ def test_every_activation_of_the_registry_is_compiled(compiled):
         assert wanted <= places, (name, wanted - places)
 
 
-def test_whole_block_beyond_on_chip_widths_is_covered(compiled):
-    """The streamed forward and the role-split backward: every config the code offers, on every architecture it
-    offers it on, is compiled in some case (CI compiles aot_compile.WHOLE_BLOCK_BEYOND_ON_CHIP, a representative
-    set: no (architecture, config) pair left out), and nothing is offered beyond the widths compiled here."""
+@per_target
+def test_whole_block_beyond_on_chip_widths_is_covered(compiled, target):
+    """The streamed forward and the role-split backward: every config the code offers this family (within its
+    shared memory) is compiled in some case (CI compiles a representative set: no config left out), and nothing is
+    offered beyond the widths compiled here."""
     from fused_residual.kernels import whole_block_configs as wbc
 
-    results, limits = compiled
-    compiled_configs = {(c["kernel"], c["cap"], c["dtype"] == "fp32", tuple(c["config"])) for c in results}
-    for cap in limits:
-        capability = (cap // 10, cap % 10)
-        for size in (2, 4):
-            dtype_is_fp32 = size == 4
-            assert wbc.max_forward_width(size) <= max(aot_compile.WHOLE_BLOCK_WIDTHS)
-            for width in aot_compile.WHOLE_BLOCK_WIDTHS:
-                if width > wbc.WEIGHTS_ON_CHIP_WIDTH[size]:
-                    for c in wbc.forward_configs(width, size, False, capability):
-                        key = ("whole_block_forward", cap, dtype_is_fp32, (c.block_m, width, c.hidden_chunk,
-                                                                            c.stages, c.warps))
-                        assert key in compiled_configs or width < wbc.max_forward_width(size), key
-                if wbc.MAX_BACKWARD_WIDTH_WHOLE < width <= wbc.max_backward_width(capability):
-                    c = wbc.backward_config(width, size)
-                    key = ("whole_block_backward", cap, dtype_is_fp32, (c.block_m, width, c.hidden_chunk, 1,
-                                                                             c.warps))
-                    assert key in compiled_configs, key
-    assert {(k, cap, dtype, variant) for k, cap, dtype, variant, _ in aot_compile.WHOLE_BLOCK_BEYOND_ON_CHIP} <= {
-        (c["kernel"], c["cap"], c["dtype"], c["variant"]) for c in results}
+    fam = aot_targets.family(target)
+    compiled_configs = {(c["kernel"], c["dtype"] == "fp32", tuple(c["config"])) for c in _of(compiled, target)}
+    for size in (2, 4):
+        assert wbc.max_forward_width(size) <= max(aot_compile.WHOLE_BLOCK_WIDTHS)
+        for width in aot_compile.WHOLE_BLOCK_WIDTHS:
+            if width > wbc.WEIGHTS_ON_CHIP_WIDTH[size]:
+                for c in wbc.runnable_forward_configs(width, size, size, fam.name, fam.shared_memory):
+                    key = ("whole_block_forward", size == 4, (c.block_m, width, c.hidden_chunk, c.stages, c.warps))
+                    assert key in compiled_configs or width < wbc.max_forward_width(size), key
+            if wbc.MAX_BACKWARD_WIDTH_WHOLE < width <= wbc.max_backward_width(fam.name):
+                c = wbc.backward_config(width, size, False, fam.name)
+                key = ("whole_block_backward", size == 4, (c.block_m, width, c.hidden_chunk, 1, c.warps))
+                assert key in compiled_configs, key
+    if target in aot_targets.EVERY_CASE_IN_CI:
+        assert {(k, dtype, variant) for k, t, dtype, variant, _ in aot_compile.WHOLE_BLOCK_BEYOND_ON_CHIP
+                if t == target} <= {(c["kernel"], c["dtype"], c["variant"]) for c in _of(compiled, target)}
 
 
-def test_compiled_configs_are_what_the_autotuner_may_run(compiled, monkeypatch):
-    """Per architecture, dtype and variant, the configs compiled here are exactly those the autotuner's own prune
-    hook keeps on such a device at a large problem, with the triton installed (none runs uncompiled), with the
-    exceptions aot_compile.py states: "autocast_" variants are the fp32-operand launches only (the 16-bit ones are
-    the plain variants); the other activations' variants leave out the small tiles, and one compiled with fp32 operands
-    covers its 16-bit launch on the tiles both may run; an "_unmasked" twin has the tiles its masked launch may not
-    run."""
+def _prune_hook_allows(monkeypatch, target, dtype, flags, layout, wide=()):
+    """The configs fused_linear's prune hook keeps on a device of ``target``'s family at a large problem, for a
+    launch with ``flags`` whose operands have TMA_LAYOUT ``layout`` (``wide``: the fp32 ones)."""
     from fused_residual.kernels import _common, fused_linear
     from fused_residual.kernels import fused_linear_configs as fl
 
-    results, limits = compiled
-    tuner = fused_linear.fused_linear_autotuned
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    defaults = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
-                "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
-                "SPLIT_K": 1, "TMA_LAYOUT": ""}
-    # the Hopper schedules' representative cases: test_hopper_schedules_compile_as_intended
-    linear = [c for c in results if c["kernel"] == "fused_linear" and not c["variant"].startswith("hopper_")]
-    variants = {(c["cap"], c["dtype"], c["variant"]) for c in linear}
-    activation_variants = {name for name, *_ in aot_compile.activation_variants()}
-    assert {cap for cap, _, _ in variants} == set(limits)
-
-    def runnable(cap, dtype, flags, wide):
-        monkeypatch.setattr(_common, "capability", lambda device: (cap // 10, cap % 10))
-        args = {name: torch.empty(0, dtype=torch.float32 if name in wide else dtypes[dtype])
-                for name in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")}
-        args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 0})
-        return {fl.config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **{**defaults, **flags})}
-
-    for cap, dtype, variant in sorted(variants):
-        cases = [c for c in linear if (c["cap"], c["dtype"], c["variant"]) == (cap, dtype, variant)]
-        flags, wide = cases[0]["flags"], {p for c in cases for p in c["wide"]}
-        compiled_wide = {tuple(c["config"]) for c in cases if c["wide"]}
-        compiled_plain = {tuple(c["config"]) for c in cases if not c["wide"]}
-        expected_wide = runnable(cap, dtype, flags, wide) if wide else set()
-        expected_plain = set() if variant.startswith("autocast") else runnable(cap, dtype, flags, ()) - expected_wide
-        if variant.endswith("_unmasked"):
-            masked = next(c["flags"] for c in linear if c["variant"] == variant.removesuffix("_unmasked"))
-            expected_plain -= runnable(cap, dtype, masked, ())
-        if variant in activation_variants:
-            expected_wide = {c for c in expected_wide if c[0] * c[1] > fl.SMALL_TILE}
-            expected_plain = {c for c in expected_plain if c[0] * c[1] > fl.SMALL_TILE}
-        name = f"sm{cap}-{dtype}-{variant}"
-        assert (compiled_wide, compiled_plain) == (expected_wide, expected_plain), name
-
-
-def _prune_hook_allows(monkeypatch, cap, dtype, flags, layout):
-    """The configs fused_linear's prune hook keeps on a device of ``cap`` at a large problem, for a launch with
-    ``flags`` whose operands have TMA_LAYOUT ``layout``."""
-    from fused_residual.kernels import _common, fused_linear
-    from fused_residual.kernels import fused_linear_configs as fl
-
-    monkeypatch.setattr(_common, "capability", lambda device: (cap // 10, cap % 10))
+    monkeypatch.setattr(_common, "family", lambda device: aot_targets.family(target))
     tuner = fused_linear.fused_linear_autotuned
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    args = {name: torch.empty(0, dtype=torch_dtype) for name in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")}
+    args = {name: torch.empty(0, dtype=torch.float32 if name in wide else torch_dtype)
+            for name in ("a_ptr", "b_ptr", "sa_ptr", "res_ptr", "c_ptr")}
     args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 4096 if flags.get("HAS_SECOND") else 0})
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
              "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
@@ -185,101 +206,121 @@ def _prune_hook_allows(monkeypatch, cap, dtype, flags, layout):
     return {fl.config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **flags)}
 
 
-def test_hopper_schedules_compile_as_intended(compiled, monkeypatch):
-    """Each Hopper schedule is compiled (sm_90, both tritons) in the launches aot_compile.HOPPER_CASES names, each
-    one the prune hook may give it; the PTX copies tiles with TMA exactly where the schedule says "tma", the tile
-    loop is persistent exactly where it says "persistent", and the loop is warp-specialized where it says "ws"
-    (no spills, shared memory and wgmma: the tests above)."""
+@per_target
+def test_compiled_configs_are_what_the_autotuner_may_run(compiled, target, monkeypatch):
+    """Per dtype and variant, the configs compiled are those the autotuner's own prune hook keeps on a device of
+    the target's family at a large problem, with the triton installed (none runs uncompiled), with the exceptions
+    aot_compile.py states: "autocast_" variants are the fp32-operand launches only (the 16-bit ones are the plain
+    variants); the other activations' variants leave out the small tiles, and one compiled with fp32 operands
+    covers its 16-bit launch on the tiles both may run; an "_unmasked" twin has the tiles its masked launch may not
+    run. Every case on sm_80 and sm_90; elsewhere (a representative set) the compiled ones are among those."""
     from fused_residual.kernels import fused_linear_configs as fl
 
-    results, _ = compiled
-    cases = [c for c in results if c["kernel"] == "fused_linear" and c["variant"].startswith("hopper_")]
-    assert {tuple(c["config"]) for c in cases} == set(fl.HOPPER_SCHEDULES), "every schedule compiled"
+    linear = [c for c in _of(compiled, target) if c["kernel"] == "fused_linear"
+              and not c["variant"].startswith("schedule_")]  # the schedules: test_schedules_compile_as_intended
+    activation_variants = {name for name, *_ in aot_compile.activation_variants()}
+    for dtype, variant in sorted({(c["dtype"], c["variant"]) for c in linear}):
+        cases = [c for c in linear if (c["dtype"], c["variant"]) == (dtype, variant)]
+        flags, wide = cases[0]["flags"], {p for c in cases for p in c["wide"]}
+        compiled_wide = {tuple(c["config"]) for c in cases if c["wide"]}
+        compiled_plain = {tuple(c["config"]) for c in cases if not c["wide"]}
+        expected_wide = _prune_hook_allows(monkeypatch, target, dtype, flags, "", wide) if wide else set()
+        expected_plain = set() if variant.startswith("autocast") else \
+            _prune_hook_allows(monkeypatch, target, dtype, flags, "") - expected_wide
+        if variant.endswith("_unmasked"):
+            masked = next(f for name, f, _ in aot_compile.FUSED_LINEAR_VARIANTS
+                          if name == variant.removesuffix("_unmasked"))
+            expected_plain -= _prune_hook_allows(monkeypatch, target, dtype, masked, "")
+        if variant in activation_variants:
+            expected_wide = {c for c in expected_wide if c[0] * c[1] > fl.SMALL_TILE}
+            expected_plain = {c for c in expected_plain if c[0] * c[1] > fl.SMALL_TILE}
+        name = f"{target}-{dtype}-{variant}"
+        if _every_case(target):
+            assert (compiled_wide, compiled_plain) == (expected_wide, expected_plain), name
+        else:
+            assert compiled_wide <= expected_wide and compiled_plain <= expected_plain, name
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if aot_targets.family(t).name in flc.SCHEDULES])
+def test_schedules_compile_as_intended(compiled, target, monkeypatch):
+    """Each schedule of the family is compiled in the launches aot_compile.SCHEDULE_CASES names, each one the prune
+    hook may give it; the code copies tiles with TMA exactly where the schedule says "tma", the tile loop is
+    persistent exactly where it says "persistent", and the loop is warp-specialized where it says "ws" (no spills,
+    shared memory and the matrix instruction: the tests above)."""
+    from fused_residual.kernels import fused_linear_configs as fl
+
+    cases = [c for c in _of(compiled, target) if c["kernel"] == "fused_linear" and c["variant"].startswith("schedule_")]
+    assert {tuple(c["config"]) for c in cases} == set(fl.SCHEDULES[_family(target)]), "every schedule compiled"
     for c in cases:
         name = _name(c)
         features = fl.features(tuple(c["config"]))
         layout = aot_compile.TMA_LAYOUTS[c["layout"]]
-        assert tuple(c["config"]) in _prune_hook_allows(monkeypatch, c["cap"], c["dtype"], c["flags"], layout), name
+        assert tuple(c["config"]) in _prune_hook_allows(monkeypatch, target, c["dtype"], c["flags"], layout), name
         if c["ok"]:
             assert (c["tma"], c["persistent"], c["warp_specialized"]) == (
                 "tma" in features, "persistent" in features, "ws" in features), name
 
 
-def test_hopper_schedules_go_to_sm90_16bit_gemms_with_tma_operands_only(monkeypatch):
-    """sm_80 never receives a Hopper schedule, nor does an fp32, autocast or heavy-activation launch on sm_90,
-    nor a "tma" schedule a launch whose operands do not qualify (TMA_LAYOUT ""), in any epilogue."""
+@per_target
+def test_schedules_go_to_16bit_gemms_with_tma_operands_only(monkeypatch, target):
+    """A family without schedules never receives one (AMD: the compile knobs only); where a family has them, no
+    fp32, autocast or heavy-activation launch receives one, nor a "tma" schedule a launch whose operands do not
+    qualify (TMA_LAYOUT ""), in any epilogue."""
     from fused_residual.kernels import fused_linear_configs as fl
 
-    flag_sets = [dict(flags) for _, flags, _ in aot_compile.FUSED_LINEAR_VARIANTS + aot_compile.HOPPER_ONLY_VARIANTS]
+    family = _family(target)
+    scheduled = family in fl.SCHEDULES
+    assert scheduled == (family in ("hopper", "blackwell"))
+
+    def schedule(entry):
+        return set(fl.features(entry)) - set(fl.AMD_OPTIONS)
+
+    flag_sets = [dict(flags) for _, flags, _ in aot_compile.FUSED_LINEAR_VARIANTS + aot_compile.SCHEDULE_ONLY_VARIANTS]
     for flags in flag_sets:
-        for cap, dtype in ((80, "fp16"), (80, "bf16"), (86, "bf16"), (89, "fp16"), (90, "fp32")):
-            allowed = _prune_hook_allows(monkeypatch, cap, dtype, flags, "kk")
-            assert allowed and not any(fl.features(c) for c in allowed), (cap, dtype, flags)
-        for dtype in ("fp16", "bf16"):
-            unaligned = _prune_hook_allows(monkeypatch, 90, dtype, flags, "")
-            assert not any("tma" in fl.features(c) for c in unaligned), flags
-            assert any(fl.features(c) for c in _prune_hook_allows(monkeypatch, 90, dtype, flags, "kk")), flags
-            for wide, heavy in ((True, ()), (False, ("epilogue",))):
-                table = fl.config_table((9, 0), 2, wide=wide, heavy=heavy, tma=True, warp_specialize=True)
-                assert not any(fl.features(c) for c in table)
-
-
-def test_shared_memory_fits_the_device(compiled):
-    results, limits = compiled
-    too_big = [f"{_name(c)}: {c['shared']} > {limits[c['cap']]}" for c in results
-               if c["ok"] and c["shared"] > limits[c["cap"]]]
-    assert not too_big, "\n".join(too_big)
-
-
-def test_no_register_spills(compiled):
-    results, _ = compiled
-    spilling = [f"{_name(c)}: {c['spill_bytes']} spill bytes at {c['registers']} registers" for c in results
-                if c["ok"] and c["spill_bytes"] != 0]
-    assert not spilling, "\n".join(spilling)
-
-
-def test_hopper_half_precision_gemms_use_wgmma(compiled):
-    results, _ = compiled
-    slow = [_name(c) for c in results if c["ok"] and c["cap"] == 90 and c["dtype"] != "fp32" and not c["wgmma"]]
-    assert not slow, "sm_90 fp16/bf16 kernels without wgmma:\n" + "\n".join(slow)
+        for dtype in ("fp16", "bf16", "fp32"):
+            allowed = _prune_hook_allows(monkeypatch, target, dtype, flags, "kk")
+            assert allowed, (dtype, flags)
+            assert any(schedule(c) for c in allowed) == (scheduled and dtype != "fp32"), (dtype, flags)
+            unaligned = _prune_hook_allows(monkeypatch, target, dtype, flags, "")
+            assert not any("tma" in schedule(c) for c in unaligned), flags
+        for wide, heavy in ((True, ()), (False, ("epilogue",))):
+            table = fl.config_table(family, 2, wide=wide, heavy=heavy, tma=True, warp_specialize=True)
+            assert not any(schedule(c) for c in table)
 
 
 def test_hopper_pipelines_its_loads(compiled):
-    """Multi-stage configs must really be software-pipelined: their shared memory holds every stage."""
-    results, _ = compiled
-    for c in results:
+    """Multi-stage configs must really be software-pipelined on sm_90: their shared memory holds every stage."""
+    for c in _of(compiled, "sm_90"):
         block_m, block_n, block_k, stages = c["config"][:4]
-        element = 4 if c["dtype"] == "fp32" else 2
-        if c["ok"] and c["cap"] == 90 and stages > 1:
-            assert c["shared"] >= (stages - 1) * (block_m + block_n) * block_k * element, _name(c)
+        if c["ok"] and c["kernel"] == "fused_linear" and stages > 1:
+            assert c["shared"] >= (stages - 1) * (block_m + block_n) * block_k * ELEMENT[c["dtype"]], _name(c)
 
 
-def test_whole_block_shared_memory_bound_holds(compiled):
+@per_target
+def test_whole_block_shared_memory_bound_holds(compiled, target):
     """The dispatcher's shared-memory estimate for the whole-block forward bounds what the compiler allocates."""
     from fused_residual.kernels import whole_block_configs as wbc
 
-    results, _ = compiled
-    element = {"fp16": 2, "bf16": 2, "fp32": 4}
-    cases = [c for c in results if c["ok"] and c["kernel"] == "whole_block_forward"]
-    assert cases
+    cases = [c for c in _of(compiled, target) if c["ok"] and c["kernel"] == "whole_block_forward"]
+    assert bool(cases) == bool(wbc.forward_configs(16, 2, False, _family(target)))  # none for an unknown family
     for c in cases:
         flags, width = c["flags"], c["flags"]["WIDTH"]
         config = wbc.ForwardConfig(flags["BLOCK_M"], c["config"][4], flags["PROGRAMS_PER_SM"],
                                    flags["HIDDEN_CHUNK"], c["config"][3])
-        x_element = 4 if "x_ptr" in c.get("wide", ()) else element[c["dtype"]]
-        bound = wbc.forward_shared_bytes(config, width, element[c["dtype"]], x_element,
-                                         (c["cap"] // 10, c["cap"] % 10))
+        x_element = 4 if "x_ptr" in c.get("wide", ()) else ELEMENT[c["dtype"]]
+        bound = wbc.forward_shared_bytes(config, width, ELEMENT[c["dtype"]], x_element, _family(target))
         assert c["shared"] <= bound, f"{_name(c)}: {c['shared']} > estimated {bound}"
 
 
-def test_streamed_forward_pipelines_its_weight_chunks(compiled):
+@per_target
+def test_streamed_forward_pipelines_its_weight_chunks(compiled, target):
     """The streamed forward's chunks of both weights really are multi-buffered: its shared memory holds every stage
-    (sm_90; one fewer on sm_80, whose pipeliner keeps stages - 1 in flight)."""
-    results, _ = compiled
-    element = {"fp16": 2, "bf16": 2, "fp32": 4}
-    cases = [c for c in results if c["ok"] and c["kernel"] == "whole_block_forward" and c["flags"]["HIDDEN_CHUNK"]]
-    assert {c["cap"] for c in cases} == {90, 80}
+    (one fewer outside whole_block_configs.ALL_STAGES_BUFFERED, whose pipeliners keep stages - 1 in flight)."""
+    from fused_residual.kernels import whole_block_configs as wbc
+
+    cases = [c for c in _of(compiled, target) if c["ok"] and c["kernel"] == "whole_block_forward"
+             and c["flags"]["HIDDEN_CHUNK"]]
     for c in cases:
         _, width, chunk, stages, _ = c["config"]
-        buffers = stages if c["cap"] >= 90 else stages - 1
-        assert c["shared"] >= buffers * 2 * width * chunk * element[c["dtype"]], _name(c)
+        buffers = stages if _family(target) in wbc.ALL_STAGES_BUFFERED else stages - 1
+        assert c["shared"] >= buffers * 2 * width * chunk * ELEMENT[c["dtype"]], _name(c)

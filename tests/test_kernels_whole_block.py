@@ -269,7 +269,7 @@ def test_backward_split_by_role(monkeypatch, width, config, dtype, need_dx, need
     """Two programs per hidden chunk (two partials per reduction) and per dx share, each looping over tiles."""
     rows = 130
     if config is None:
-        assert wbc.backward_config(wbc.padded_width(width), 4).hidden_chunk > 0
+        assert wbc.backward_config(wbc.padded_width(width), 4, False, "hopper").hidden_chunk > 0
     monkeypatch.setattr(whole_block, "_programs", lambda device, tiles: 14)  # 7 roles: 3 dx shares, 4 chunks
     x, w1, b1, w2, b2 = params(width, dtype, seed=width + 11)
     x = x[:rows]
@@ -299,9 +299,9 @@ def test_backward_split_by_role(monkeypatch, width, config, dtype, need_dx, need
         assert dw1 is None and dw2 is None
 
 
-# The rule that picks the whole block (triton backend) at each width, for a device of each capability: the widths
-# above on fake CUDA tensors (no device needed; the capability and shared memory per block are patched in).
-DEVICES = {"sm_90": ((9, 0), 232448), "sm_80": ((8, 0), 166912), "sm_86": ((8, 6), 101376)}
+# The rule that picks the whole block (triton backend) at each width, for a device of each family: the widths
+# above on fake CUDA tensors (no device needed; the family and shared memory per block are patched in).
+DEVICES = {"sm_90": ("hopper", 232448), "sm_80": ("ampere", 166912), "sm_86": ("consumer", 101376)}
 
 
 def _fake(shape, element_size):
@@ -312,8 +312,8 @@ def _fake(shape, element_size):
 def test_backend_takes_the_whole_block_up_to_the_kernels_limits(monkeypatch, device):
     from fused_residual.backends import triton_backend
 
-    cap, shared = DEVICES[device]
-    monkeypatch.setattr(_common, "capability", lambda d: cap)
+    family, shared = DEVICES[device]
+    monkeypatch.setattr(_common, "family", lambda d: _common.FAMILIES[family])
     monkeypatch.setattr(_common, "max_shared_memory", lambda d: shared)
 
     def forward(width, size, x_size=None):
@@ -329,8 +329,8 @@ def test_backend_takes_the_whole_block_up_to_the_kernels_limits(monkeypatch, dev
         assert not forward(257, size)
     assert forward(130, 2, x_size=4) == streamed  # autocast
     assert forward(128, 2)  # weights on chip, 64-row tiles (98 KB)
-    assert [w for w in (16, 32, 64, 100, 128, 129) if backward(w, 2)] == ([16, 32, 64, 100, 128] if cap[0] >= 9
-                                                                         else [16, 32])
+    assert [w for w in (16, 32, 64, 100, 128, 129) if backward(w, 2)] == ([16, 32, 64, 100, 128]
+                                                                         if family == "hopper" else [16, 32])
 
 
 def test_tune_offers_the_whole_block_wherever_the_backend_takes_it(monkeypatch):
@@ -338,7 +338,7 @@ def test_tune_offers_the_whole_block_wherever_the_backend_takes_it(monkeypatch):
     table does not take them: no GPU has measured them)."""
     from fused_residual import dispatch, tune
 
-    monkeypatch.setattr(_common, "capability", lambda d: (9, 0))
+    monkeypatch.setattr(_common, "family", lambda d: _common.FAMILIES["hopper"])
     monkeypatch.setattr(_common, "max_shared_memory", lambda d: 232448)
     size = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
     monkeypatch.setattr(torch, "empty", lambda *shape, device, dtype: _fake(shape, size[dtype]))
@@ -346,5 +346,5 @@ def test_tune_offers_the_whole_block_wherever_the_backend_takes_it(monkeypatch):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert "triton:whole_block" in tune.candidates(cuda, dtype, 256, training=True)
         assert "triton:whole_block" not in tune.candidates(cuda, dtype, 512, training=True)
-        assert dispatch.conservative(True, dtype, 256, 256, 1 << 16, False, False) == "torch"
-        assert dispatch.conservative(True, dtype, 128, 128, 1 << 16, False, True) == "composite"
+        assert dispatch.conservative("hopper", dtype, 256, 256, 1 << 16, False, False) == "torch"
+        assert dispatch.conservative("hopper", dtype, 128, 128, 1 << 16, False, True) == "composite"

@@ -168,10 +168,15 @@ def _installed_launcher_shape():
         else Launcher36
 
 
+# The cache's test of the active backend's launcher, before the fake fixture stands its launchers in for NVIDIA's.
+REAL_LAUNCHER_PROBLEM = _launch.launcher_problem
+
+
 @pytest.fixture
 def fake(request, monkeypatch):
     drv = FakeDriver(getattr(request, "param", None) or _installed_launcher_shape())
     monkeypatch.setattr(triton_driver, "_active", drv)
+    monkeypatch.setattr(_launch, "launcher_problem", lambda: None)  # the fakes have NVIDIA's launchers' shape
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns when unset; 1 is its default
     yield drv
     for kernel in drv.jits:  # nothing to unload once the fake driver is gone

@@ -80,13 +80,19 @@ def no_tables(monkeypatch):
     monkeypatch.setattr(dispatch, "_device_tables", functools.cache(lambda device: ()))
 
 
+@pytest.fixture
+def h200(fake_gpu_device):
+    """CUDA devices read as an H200 (sm_90: the hopper family, where the conservative rule's wins were measured)."""
+    fake_gpu_device((9, 0), name="NVIDIA H200")
+
+
 def _fake_cuda(dtype=torch.float32, rows=65536, width=128):
     x = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(rows, width), numel=lambda: rows * width)
     w = SimpleNamespace(dtype=dtype, shape=(width, width))
     return x, w
 
 
-def test_auto_without_triton_uses_torch_or_the_composite_even_for_cuda(use_backend, monkeypatch, no_tables):
+def test_auto_without_triton_uses_torch_or_the_composite_even_for_cuda(use_backend, monkeypatch, no_tables, h200):
     use_backend("auto")
     monkeypatch.setattr(backends, "missing_requirement", lambda name: "triton" if name == "triton" else None)
     x, w = _fake_cuda()
@@ -95,7 +101,7 @@ def test_auto_without_triton_uses_torch_or_the_composite_even_for_cuda(use_backe
 
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
-def test_auto_on_cuda_follows_the_dispatch_winner(use_backend, monkeypatch):
+def test_auto_on_cuda_follows_the_dispatch_winner(use_backend, monkeypatch, h200):
     use_backend("auto")
     seen = []
 
@@ -114,7 +120,7 @@ def test_auto_on_cuda_follows_the_dispatch_winner(use_backend, monkeypatch):
     assert len(seen) == 2
 
 
-def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend, no_tables):
+def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend, no_tables, h200):
     use_backend("auto")
     x, w = _fake_cuda(torch.float64)
     assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
@@ -212,7 +218,7 @@ def test_form_validation_names_the_choices():
 
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
-def test_conservative_rule_takes_triton_only_where_the_first_measurement_found_it_faster(use_backend, no_tables):
+def test_conservative_rule_takes_triton_only_where_the_first_measurement_found_it_faster(use_backend, no_tables, h200):
     use_backend("auto")
     for dtype in (torch.bfloat16, torch.float16):
         x, w = _fake_cuda(dtype, rows=65536, width=128)
@@ -260,7 +266,7 @@ def test_a_malformed_dispatch_table_is_an_error_not_a_silent_default():
 
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
-def test_unmeasured_forms_take_no_triton_route_under_auto(use_backend, no_tables):
+def test_unmeasured_forms_take_no_triton_route_under_auto(use_backend, no_tables, h200):
     """Only the seed form was measured: a GELU block at the measured width gets the cuBLAS composite."""
     use_backend("auto")
     x, w = _fake_cuda(torch.bfloat16, rows=65536, width=128)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TRITON_INSTALLED
 
-from fused_residual import dispatch
+from fused_residual import dispatch, tables
 from fused_residual.activations import SEED_FORM, Form
 
 if TRITON_INSTALLED:
@@ -96,14 +96,14 @@ def test_threads_asking_for_the_tables_at_once_read_each_file_once(tmp_path, mon
     monkeypatch.setenv(dispatch.CACHE_ENV_VAR, str(tmp_path))
     monkeypatch.delenv(dispatch.TABLE_ENV_VAR, raising=False)
     reads = []
-    real_read = dispatch._read
+    real_read = tables._read
 
     def slow_read(path):
         reads.append(path.name)
         time.sleep(0.05)  # long enough for the other threads to arrive meanwhile
         return real_read(path)
 
-    monkeypatch.setattr(dispatch, "_read", slow_read)
+    monkeypatch.setattr(tables, "_read", slow_read)
     dispatch.reset()
     seen = []
     start = threading.Barrier(4)

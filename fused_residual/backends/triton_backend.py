@@ -37,9 +37,9 @@ there beyond width 16 in backward and at width 128 on sm_80 in forward), and the
 >= 16 at most ``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in
 fp32, streamed from L2 beyond; also at least one candidate config whose shared-memory bound fits the device's opt-in
 shared memory per block, ``whole_block_configs.runnable_forward_configs``) or ``max_backward_width(device
-capability)`` (backward, 128 on sm_90 and 32 before; not an fp32 ``dout`` next to 16-bit weights, the FFN form
-under autocast). ``auto`` takes them only where a dispatch table or the conservative rule says so
-(``dispatch.py``).
+family)`` (backward, per family: 128 on Hopper; not an fp32 ``dout`` next to 16-bit weights, the FFN form under
+autocast). A device of no known family gets neither (the two-GEMM kernels with small classic tiles). ``auto``
+takes them only where a dispatch table or the conservative rule says so (``dispatch.py``).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: For
         return False
     return bool(whole_block_configs.runnable_forward_configs(
         whole_block_configs.padded_width(x.shape[-1]), w1.element_size(), x.element_size(),
-        _common.capability(x.device), _common.max_shared_memory(x.device)))
+        _common.family(x.device).name, _common.max_shared_memory(x.device)))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
@@ -107,7 +107,7 @@ def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form:
 
 def _backward_fits(width: int, grad_size: int, weight_size: int, device: torch.device) -> bool:
     return (whole_block_configs.takes_dout(grad_size, weight_size) and whole_block_configs.padded_width(width)
-            <= whole_block_configs.max_backward_width(_common.capability(device)))
+            <= whole_block_configs.max_backward_width(_common.family(device).name))
 
 
 def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch.dtype:
@@ -327,7 +327,8 @@ def takes_net(
     hidden = w_in.shape[0]
     has_biases = b_in is not None and b_out is not None and all(
         b1 is not None and b2 is not None and w1.shape[0] == hidden for w1, b1, _, b2 in blocks)
-    return has_biases and whole_net.fits(x.shape[1], w_in.shape[0], w_out.shape[0], x.element_size())
+    return has_biases and whole_net.fits(x.shape[1], w_in.shape[0], w_out.shape[0], x.element_size(),
+                                         _common.family(x.device).name)
 
 
 def net_forward(
