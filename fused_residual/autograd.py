@@ -2,14 +2,15 @@
 
 Each runs the ``routing.Route`` it is given (a backend and a kernel variant) in forward and keeps it for backward.
 Inputs keep their leading dims: they are flattened to 2-D here, inside the Function, so no view nodes join the
-autograd graph. Saved for backward, through ``save_for_backward`` (so saved-tensor hooks, checkpointing and
-``save_on_cpu`` see them; ``save_block`` / ``save_linear`` decide, and the custom ops of ``ops.py`` use them
-too): what the backend's backward reads (the hidden activation or pre-activation, ``out`` for the final ReLU's
-mask, the weights), ``x`` only where a weight gradient or a smooth activation's second derivative needs it, and
-nothing at all when no input needs a gradient.
+autograd graph. Saved for backward, through ``save_for_backward`` only (so saved-tensor hooks, checkpointing and
+``save_on_cpu`` see all of it; ``saving.block_keeps`` / ``save_linear`` decide, and the custom ops of ``ops.py``
+use them too): in the default mode what the backend's backward reads (the hidden activation or pre-activation,
+``out`` for the final ReLU's mask, the weights, ``x`` only for a weight gradient), with ``recompute`` the input,
+``w1``, ``b1`` and the final ReLU's packed sign bits; nothing at all when no input needs a gradient.
 
-A backward that builds a graph (``create_graph=True``) differentiates through the plain composite instead of the
-kernels (``composite.block_grads``), so double backward and gradient penalties are exact.
+A backward that builds a graph (``create_graph=True``), or that receives a gradient for the kept hidden layer (a
+second-order term), differentiates through the plain formulas of ``composite.block_grads`` instead of the kernels,
+so double backward and gradient penalties are exact.
 """
 
 from __future__ import annotations
@@ -19,19 +20,7 @@ from torch import Tensor
 
 from . import composite
 from ._tensors import rows, with_leading_dims
-from .activations import Form
-
-
-def save_block(ctx, form: Form, x: Tensor, hidden: Tensor, out: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
-               b2: Tensor | None, ws: Tensor | None) -> None:
-    """Keep what the block's backward needs (``needs_input_grad`` in the order x, w1, b1, w2, b2, ws)."""
-    needs = ctx.needs_input_grad
-    if any(needs[:6]):
-        keep_x = any(needs[1:6]) or not form.hidden.piecewise_linear
-        keep_out = form.final_activation is not None
-        # The biases only serve the recompute of a double backward, which needs x too.
-        ctx.save_for_backward(x if keep_x else None, hidden, out if keep_out else None, w1, b1 if keep_x else None,
-                              w2, b2 if keep_x else None, ws)
+from .saving import block_keeps
 
 
 def save_linear(ctx, h: Tensor, out: Tensor, w: Tensor) -> None:
@@ -42,28 +31,40 @@ def save_linear(ctx, h: Tensor, out: Tensor, w: Tensor) -> None:
 
 
 class ResidualBlockFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, ws, form, route):  # type: ignore[override]
-        out, hidden = route.backend.block_forward(rows(x), w1, b1, w2, b2, ws, form, save=True,
-                                                  variant=route.variant)
-        ctx.route, ctx.form, ctx.x_dtype = route, form, x.dtype
-        save_block(ctx, form, x, hidden, out, w1, b1, w2, b2, ws)
-        return with_leading_dims(out, x, w2.shape[0])
+    """``(out, hidden)``: the block's output and, in the default mode, its kept hidden layer as a second output
+    (None when not kept), so that a double backward differentiates through it (``composite.block_grads``)."""
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def forward(ctx, x, w1, b1, w2, b2, ws, form, route, recompute, out_kept):  # type: ignore[override]
+        keep = block_keeps(form, ctx.needs_input_grad, recompute, out_kept)
+        out, kept = route.backend.block_forward(rows(x), w1, b1, w2, b2, ws, form, save=keep[1], signs=keep[3],
+                                                variant=route.variant)
+        hidden = kept if keep[1] else None
+        bits = kept if keep[3] else None
+        ctx.route, ctx.form, ctx.x_meta = route, form, (x.shape, x.dtype)
+        ctx.set_materialize_grads(False)
+        tensors = (x, hidden, out, bits, w1, b1, w2, ws)
+        ctx.save_for_backward(*(t if k else None for t, k in zip(tensors, keep, strict=True)))
+        return with_leading_dims(out, x, w2.shape[0]), hidden
+
+    @staticmethod
+    def backward(ctx, dout, dhidden):  # type: ignore[override]
         needs = ctx.needs_input_grad[:6]
+        x_shape, x_dtype = ctx.x_meta
         saved = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            return (*composite.block_grads(dout, saved, ctx.form, needs, ctx.x_dtype), None, None)
-        x, hidden, out, w1, _, w2, _, ws = saved
-        grads = ctx.route.backend.block_backward(
-            rows(dout), None if x is None else rows(x), hidden, out, w1, w2, ws, ctx.form, needs,
-            dx_dtype=ctx.x_dtype, variant=ctx.route.variant)
+        if dout is None and dhidden is None:
+            return (None,) * 10
+        if dhidden is not None or dout is None or torch.is_grad_enabled():  # create_graph=True, or a second order
+            grads = composite.block_grads(dout, dhidden, saved, ctx.form, needs, x_dtype)
+        else:
+            x, hidden, out, bits, w1, b1, w2, ws = saved
+            grads = ctx.route.backend.block_backward(
+                rows(dout), None if x is None else rows(x), hidden, out, w1, w2, ws, ctx.form, needs,
+                dx_dtype=x_dtype, variant=ctx.route.variant, b1=b1, signs=bits)
         dx = grads[0]
-        if dx is not None and dout.dim() != 2:
-            dx = dx.view(*dout.shape[:-1], dx.shape[-1])
-        return (dx, *grads[1:], None, None)
+        if dx is not None and len(x_shape) != 2:
+            dx = dx.view(x_shape)
+        return (dx, *grads[1:], None, None, None, None)
 
 
 class LinearResidualReluFunction(torch.autograd.Function):

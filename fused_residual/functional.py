@@ -202,13 +202,16 @@ def residual_block(
     shortcut_weight: Tensor | None = None,
     activation: str = "relu",
     final_activation: str | None = "relu",
+    recompute: bool = False,
+    _out_kept: bool = False,
 ) -> Tensor:
     """``final(act(x @ w1.T + b1) @ w2.T + b2 + s)`` with ``s = x`` or ``s = x @ shortcut_weight.T``.
 
     Shapes: ``x (..., K)``, ``w1 (H, K)``, ``w2 (N, H)``, ``b1 (H,)``, ``b2 (N,)`` or None,
     ``shortcut_weight (N, K)``; without a shortcut weight ``K`` must equal ``N``. Returns ``(..., N)``.
     ``activation``: ``"relu"`` (the seed block), ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``; ``final_activation``:
-    ``"relu"`` (the seed block) or None (the transformer FFN form).
+    ``"relu"`` (the seed block) or None (the transformer FFN form). ``recompute=True``: keep only ``x`` (and the
+    final ReLU's sign bits) for backward, which computes the hidden layer again (see ``FusedResidualBlock``).
     """
     op = "residual_block"
     form = SEED_FORM if activation == "relu" and final_activation == "relu" else check_form(activation,
@@ -224,7 +227,7 @@ def residual_block(
         _check_operands(op, "x", x, _BLOCK_WEIGHTS, (w1, w2), _BLOCK_OPTIONAL, (b1, b2, shortcut_weight))
     if not _block_shapes_fit(x.shape, w1, b1, w2, b2, shortcut_weight):
         _check_block_shapes(op, x, w1, b1, w2, b2, shortcut_weight, activation)
-    out = routing.residual_block(x, w1, b1, w2, b2, shortcut_weight, form)
+    out = routing.residual_block(x, w1, b1, w2, b2, shortcut_weight, form, recompute, _out_kept)
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
 

@@ -23,6 +23,10 @@ class FusedResidualBlock(nn.Module):
     - ``final_activation=None``: the transformer FFN ``out = x + linear2(act(linear1(x)))``, e.g.
       ``FusedResidualBlock(d, d, hidden_features=4 * d, activation="gelu", final_activation=None)``.
 
+    Memory (training): by default the block keeps for backward no more than eager PyTorch keeps for the same math.
+    ``recompute=True`` keeps only ``x`` and, for a final ReLU, its sign as 1 bit per element; the hidden layer is
+    computed again in backward (one GEMM more; on chip in the whole-block kernel). Gradients are the same.
+
     If a submodule is not what the kernels compute (hooks on it, an ``nn.Linear`` subclass with its own
     ``forward``, a replaced submodule), the block calls its submodules instead, with the same math.
     """
@@ -36,6 +40,7 @@ class FusedResidualBlock(nn.Module):
         activation: str = "relu",
         final_activation: str | None = "relu",
         projection: bool = False,
+        recompute: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -54,6 +59,7 @@ class FusedResidualBlock(nn.Module):
         self.out_features = out_features
         self.hidden_features = hidden
         self.projection = projection
+        self.recompute = bool(recompute)
         self.linear1 = nn.Linear(in_features, hidden, **factory)
         self.linear2 = nn.Linear(hidden, out_features, **factory)
         self.shortcut = nn.Linear(in_features, out_features, bias=False, **factory) if projection else None
@@ -63,12 +69,20 @@ class FusedResidualBlock(nn.Module):
         return Form(self.activation, self.final_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, False)
+
+    def _forward(self, x: torch.Tensor, out_kept: bool) -> torch.Tensor:
+        """``out_kept``: the caller keeps ``out`` for its own backward anyway (a net's next layer), so a recompute
+        block keeps ``out`` itself, not a mask beside it."""
         params = routing.block_parameters(self)
         if params is None:
             return composite.block(x, self.linear1, self.linear2, self.shortcut, self.form)
         w1, b1, w2, b2, ws = params
+        if not self.recompute:
+            return functional.residual_block(x, w1, b1, w2, b2, shortcut_weight=ws, activation=self.activation,
+                                             final_activation=self.final_activation)
         return functional.residual_block(x, w1, b1, w2, b2, shortcut_weight=ws, activation=self.activation,
-                                         final_activation=self.final_activation)
+                                         final_activation=self.final_activation, recompute=True, _out_kept=out_kept)
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, out_features={self.out_features}"
@@ -76,7 +90,8 @@ class FusedResidualBlock(nn.Module):
             text += f", hidden_features={self.hidden_features}"
         if self.activation != "relu" or self.final_activation != "relu":
             text += f", activation={self.activation!r}, final_activation={self.final_activation!r}"
-        return text + f", projection={self.projection}"
+        text += f", projection={self.projection}"
+        return text + ", recompute=True" if self.recompute else text
 
 
 class FusedResidualNet(nn.Module):
@@ -94,6 +109,7 @@ class FusedResidualNet(nn.Module):
         out_features: int,
         num_blocks: int,
         *,
+        recompute: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -101,7 +117,8 @@ class FusedResidualNet(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.linear1 = nn.Linear(in_features, hidden_features, **factory)
         self.blocks = nn.ModuleList(
-            FusedResidualBlock(hidden_features, hidden_features, **factory) for _ in range(num_blocks)
+            FusedResidualBlock(hidden_features, hidden_features, recompute=recompute, **factory)
+            for _ in range(num_blocks)
         )
         self.linear2 = nn.Linear(hidden_features, out_features, **factory)
 
@@ -111,6 +128,20 @@ class FusedResidualNet(nn.Module):
             return functional.residual_net_inference(x, *params)
         # linear's output is not saved for its backward, so the ReLU may overwrite it (as the reference's does).
         x = F.relu(self.linear1(x), inplace=True)
-        for block in self.blocks:
-            x = block(x)
+        blocks = list(self.blocks)
+        for i, block in enumerate(blocks):
+            if getattr(block, "recompute", False) and type(block) is FusedResidualBlock and not (
+                    routing._has_hooks(block) or routing.global_hooks()):
+                # The next layer keeps this block's output as its input: a recompute block then needs no mask.
+                after = blocks[i + 1] if i + 1 < len(blocks) else self.linear2
+                x = block._forward(x, _keeps_its_input(after))
+            else:
+                x = block(x)
         return self.linear2(x)
+
+
+def _keeps_its_input(module: nn.Module) -> bool:
+    """Whether ``module``'s backward keeps its input: a recompute block, or a linear whose weight is trained."""
+    if isinstance(module, FusedResidualBlock):
+        return module.recompute
+    return isinstance(module, nn.Linear) and module.weight.requires_grad

@@ -56,10 +56,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, composite, routing
+from . import backends, composite, routing, signs
 from ._tensors import rows, with_leading_dims
 from .activations import Form
-from .autograd import save_block, save_linear
+from .autograd import save_linear
+from .saving import block_keeps
 
 _NAMESPACE = "fused_residual"
 
@@ -81,46 +82,55 @@ def _spread(grads: list[Tensor], needs: tuple[bool, ...]) -> tuple[Tensor | None
     f"{_NAMESPACE}::block_forward",
     mutates_args=(),
     schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? ws, str activation, "
-    "str? final_activation) -> (Tensor, Tensor)",
+    "str? final_activation, bool save_hidden, bool save_signs) -> (Tensor, Tensor)",
 )
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, activation: str,
-    final_activation: str | None,
+    final_activation: str | None, save_hidden: bool, save_signs: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, saved)`` of the block for 2-D ``x``."""
+    """``(out, kept)`` of the block for 2-D ``x``: ``kept`` the hidden layer (``save_hidden``), the final ReLU's
+    packed sign bits (``save_signs``) or an empty tensor."""
     form = Form(activation, final_activation)
     backend, variant = _backend(x, w1, ws, form)
-    out, saved = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=True, variant=variant)
-    return out.contiguous(), saved.contiguous()
+    out, kept = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=save_hidden, signs=save_signs,
+                                      variant=variant)
+    if not (save_hidden or save_signs):
+        kept = x.new_empty(0, dtype=w1.dtype)
+    return out.contiguous(), kept.contiguous()
 
 
 @block_forward.register_fake
-def _(x, w1, b1, w2, b2, ws, activation, final_activation):
+def _(x, w1, b1, w2, b2, ws, activation, final_activation, save_hidden, save_signs):
     out_dtype = Form(activation, final_activation).output_dtype(x.dtype, w1.dtype, ws is not None)
-    return x.new_empty(x.shape[0], w2.shape[0], dtype=out_dtype), x.new_empty(x.shape[0], w1.shape[0],
-                                                                               dtype=w1.dtype)
+    out = x.new_empty(x.shape[0], w2.shape[0], dtype=out_dtype)
+    if save_hidden:
+        return out, x.new_empty(x.shape[0], w1.shape[0], dtype=w1.dtype)
+    if save_signs:
+        return out, x.new_empty(x.shape[0], signs.row_bytes(w2.shape[0]), dtype=torch.uint8)
+    return out, x.new_empty(0, dtype=w1.dtype)
 
 
 @torch.library.custom_op(
     f"{_NAMESPACE}::block_backward",
     mutates_args=(),
-    schema="(Tensor dout, Tensor? x, Tensor saved, Tensor? out, Tensor w1, Tensor w2, Tensor? ws, str activation, "
-    "str? final_activation, bool[] needs, ScalarType dx_dtype) -> Tensor[]",
+    schema="(Tensor dout, Tensor? x, Tensor? saved, Tensor? out, Tensor? signs, Tensor w1, Tensor? b1, Tensor w2, "
+    "Tensor? ws, str activation, str? final_activation, bool[] needs, ScalarType dx_dtype) -> Tensor[]",
 )
 def block_backward(
-    dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
-    activation: str, final_activation: str | None, needs: list[bool], dx_dtype: torch.dtype,
+    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, bits: Tensor | None, w1: Tensor,
+    b1: Tensor | None, w2: Tensor, ws: Tensor | None, activation: str, final_activation: str | None,
+    needs: list[bool], dx_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
     form = Form(activation, final_activation)
     backend, variant = _backend(dout if x is None else x, w1, ws, form)
     grads = backend.block_backward(dout, x, saved, out, w1, w2, ws, form, tuple(needs), dx_dtype=dx_dtype,
-                                   variant=variant)
+                                   variant=variant, b1=b1, signs=bits)
     return [g.contiguous() for g in grads if g is not None]
 
 
 @block_backward.register_fake
-def _(dout, x, saved, out, w1, w2, ws, activation, final_activation, needs, dx_dtype):
+def _(dout, x, saved, out, bits, w1, b1, w2, ws, activation, final_activation, needs, dx_dtype):
     rows_ = dout.shape[0]
     shapes = [(rows_, w1.shape[1]), w1.shape, w1.shape[:1], w2.shape, w2.shape[:1], None if ws is None else ws.shape]
     dtypes = [dx_dtype, *(w1.dtype,) * 5]
@@ -129,25 +139,30 @@ def _(dout, x, saved, out, w1, w2, ws, activation, final_activation, needs, dx_d
 
 
 def _setup_block(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, ws, activation, final_activation = inputs
-    out, saved = output
+    x, w1, b1, w2, b2, ws, activation, final_activation, save_hidden, save_signs = inputs
+    out, kept = output
     ctx.form, ctx.x_dtype = Form(activation, final_activation), x.dtype
-    ctx.mark_non_differentiable(saved)
+    if not save_hidden:
+        ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
-    save_block(ctx, ctx.form, x, saved, out, w1, b1, w2, b2, ws)
+    keep = block_keeps(ctx.form, ctx.needs_input_grad, recompute=not save_hidden, out_kept=not save_signs)
+    hidden = kept if save_hidden else None
+    bits = kept if save_signs else None
+    tensors = (x, hidden, out, bits, w1, b1, w2, ws)
+    ctx.save_for_backward(*(t if k else None for t, k in zip(tensors, keep, strict=True)))
 
 
-def _block_backward(ctx, dout, _dsaved):
+def _block_backward(ctx, dout, dkept):
     needs = tuple(ctx.needs_input_grad[:6])
-    if dout is None:
-        return (None,) * 8
+    if dout is None and dkept is None:
+        return (None,) * 10
     saved = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        return (*composite.block_grads(dout, saved, ctx.form, needs, ctx.x_dtype), None, None)
-    x, hidden, out, w1, _, w2, _, ws = saved
-    grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, w1, w2, ws, *ctx.form, list(needs),
-                                                    ctx.x_dtype)
-    return (*_spread(grads, needs), None, None)
+    if dkept is not None or dout is None or torch.is_grad_enabled():  # create_graph=True, or a second order
+        return (*composite.block_grads(dout, dkept, saved, ctx.form, needs, ctx.x_dtype), None, None, None, None)
+    x, hidden, out, bits, w1, b1, w2, ws = saved
+    grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, bits, w1, b1, w2, ws, *ctx.form,
+                                                    list(needs), ctx.x_dtype)
+    return (*_spread(grads, needs), None, None, None, None)
 
 
 block_forward.register_autograd(_block_backward, setup_context=_setup_block)
@@ -218,9 +233,11 @@ linear_residual_relu_forward.register_autograd(_linear_backward, setup_context=_
 # ---- what routing calls while compiling ------------------------------------------------------------------
 
 def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
-                   form: Form) -> Tensor:
+                   form: Form, recompute: bool = False, out_kept: bool = False) -> Tensor:
     """The block through the registered op: ``x`` of any leading dims, output with the same leading dims."""
-    out, _ = torch.ops.fused_residual.block_forward(rows(x), w1, b1, w2, b2, ws, *form)
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, ws))
+    keep = block_keeps(form, needs, recompute, out_kept)
+    out, _ = torch.ops.fused_residual.block_forward(rows(x), w1, b1, w2, b2, ws, *form, keep[1], keep[3])
     return with_leading_dims(out, x, w2.shape[0])
 
 

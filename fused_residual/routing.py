@@ -163,14 +163,14 @@ def needs_autograd(*tensors: Tensor | None) -> bool:
 
 
 def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
-                   form: Form) -> Tensor:
+                   form: Form, recompute: bool = False, out_kept: bool = False) -> Tensor:
     """The block on validated operands (``x`` of any leading dims; under autocast the weights already cast)."""
     if torch.compiler.is_compiling():
         if torch.compiler.is_exporting():  # an aten-only graph that deploys anywhere (ops.py: "Export")
             return composite.residual_block(x, w1, b1, w2, b2, ws, form)
         from . import ops
 
-        return ops.residual_block(x, w1, b1, w2, b2, ws, form)
+        return ops.residual_block(x, w1, b1, w2, b2, ws, form, recompute, out_kept)
     if _functorch_active():
         return composite.residual_block(x, w1, b1, w2, b2, ws, form)
     training = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad or (
@@ -178,9 +178,11 @@ def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
         ws is not None and ws.requires_grad))
     chosen = route(x, w1, ws, form, training)
     if chosen.backend is None:
-        return composite.residual_block(x, w1, b1, w2, b2, ws, form)
+        if not (training and recompute):
+            return composite.residual_block(x, w1, b1, w2, b2, ws, form)
+        chosen = Route(backends.get("torch"))  # the composite keeps what eager keeps: recompute needs a Function
     if training:
-        return ResidualBlockFunction.apply(x, w1, b1, w2, b2, ws, form, chosen)
+        return ResidualBlockFunction.apply(x, w1, b1, w2, b2, ws, form, chosen, recompute, out_kept)[0]
     out, _ = chosen.backend.block_forward(rows(x), w1, b1, w2, b2, ws, form, save=False, variant=chosen.variant)
     return with_leading_dims(out, x, w2.shape[0])
 

@@ -28,12 +28,6 @@ FORMS = {
     "hidden48": {"hidden_features": 48},
 }
 ROUTES = ["torch", "composite", "auto", *(["triton", "triton:two_gemm"] if TRITON_INSTALLED else [])]
-# Smooth hidden activations, only x needing a gradient: the block keeps x beside the pre-activation, for the
-# second derivative of a double backward; eager keeps the pre-activation alone.
-KEEPS_X_FOR_DOUBLE_BACKWARD = pytest.mark.xfail(
-    strict=True, reason="the default mode keeps x for a double backward where eager keeps only the pre-activation")
-
-
 class Eager(nn.Module):
     """The block's math as users write it in eager PyTorch, on the fused block's own submodules."""
 
@@ -62,11 +56,8 @@ def _cases():
                                                                      (1, 2)):
         if not (x_grad or params_grad):
             continue
-        marks = []
-        if (route.startswith(("torch", "triton")) and form in ("ffn", "silu") and x_grad and not params_grad):
-            marks.append(KEEPS_X_FOR_DOUBLE_BACKWARD)
         ids = f"{route}-{form}-{'x_grad' if x_grad else 'x_frozen'}-{'p_grad' if params_grad else 'p_frozen'}-{length}"
-        yield pytest.param(route, form, x_grad, params_grad, length, id=ids, marks=marks)
+        yield pytest.param(route, form, x_grad, params_grad, length, id=ids)
 
 
 @pytest.mark.parametrize("route,form,x_grad,params_grad,length", list(_cases()))

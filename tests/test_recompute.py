@@ -18,8 +18,6 @@ import fused_residual as fr
 from benchmarks.kept import kept_by_module, kept_for_backward
 from fused_residual.activations import ACTIVATIONS
 
-pytestmark = pytest.mark.xfail(strict=True, reason="recompute=True is not built yet")
-
 FP32 = 4
 ROUTES = ["torch", *(["triton", "triton:two_gemm"] if TRITON_INSTALLED else [])]
 FORMS = {
@@ -118,12 +116,13 @@ def test_other_forms_keep_x_and_at_most_the_bits(use_backend, route, form):
     assert 40 * 16 * FP32 <= kept.nbytes <= 40 * 16 * FP32 + bits, kept
 
 
-@pytest.mark.parametrize("route", ROUTES)
+# float16 on the kernels (the interpreter without a GPU); the torch route is checked in float32 and float64.
+DTYPE_ROUTES = [(torch.float32, r) for r in ROUTES] + [(torch.float16, r) for r in ROUTES if r != "torch"]
+
+
+@pytest.mark.parametrize("dtype,route", DTYPE_ROUTES)
 @pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gradients_match_float64_math(use_backend, route, form, dtype):
-    if dtype == torch.float16 and route == "torch":
-        pytest.skip("float16 matrix products on the CPU: the torch route is checked in float32 and float64")
     use_backend(route)
     block = _block(form, width=16).to(dtype)
     x = torch.randn(24, 16, dtype=dtype)
@@ -197,7 +196,10 @@ def test_backward_flops_are_one_gemm_more(use_backend):
 
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="triton is not installed")
-@pytest.mark.parametrize("route,extra", [("triton", 0), ("triton:two_gemm", 1)])
+@pytest.mark.parametrize("route,extra", [
+    pytest.param("triton", 0, marks=pytest.mark.xfail(
+        strict=True, reason="the whole-block backward kernel does not yet compute the hidden layer on chip")),
+    ("triton:two_gemm", 1)])
 def test_backward_launches(use_backend, route, extra):
     """On chip in the whole-block backward (no extra launch); one extra GEMM launch on the two-GEMM path."""
     from fused_residual.kernels._launch import count_launches

@@ -38,16 +38,20 @@ class Backend(Protocol):
 
     def block_forward(self, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
                       ws: Tensor | None, form: Form, *, save: bool, variant: str | None = None,
-                      ) -> tuple[Tensor, Tensor | None]:
+                      signs: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(out, saved)``: ``out (M, N)`` row-major; ``saved`` what backward needs of the hidden layer
         (``act(x W1^T + b1)`` if the activation's derivative reads its output, else ``x W1^T + b1``), or None
-        when not ``save``."""
+        when not ``save``. ``signs`` (a recompute block with a final ReLU, ``save`` False): ``saved`` is instead
+        ``out``'s packed sign bits (``signs.py``), written by the computation that writes ``out``."""
 
-    def block_backward(self, dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor,
-                       w2: Tensor, ws: Tensor | None, form: Form, needs: Needs, *, dx_dtype: torch.dtype,
-                       variant: str | None = None) -> Grads:
+    def block_backward(self, dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None,
+                       w1: Tensor, w2: Tensor, ws: Tensor | None, form: Form, needs: Needs, *,
+                       dx_dtype: torch.dtype, variant: str | None = None, b1: Tensor | None = None,
+                       signs: Tensor | None = None) -> Grads:
         """``(dx, dw1, db1, dw2, db2, dws)``, each only where ``needs`` asks (else None). ``x`` may be None when
-        no weight gradient is asked; ``out`` is None when the form has no final activation."""
+        no weight gradient is asked; ``out`` is None when the form has no final activation. A recompute block
+        passes ``saved`` None (the hidden layer is computed again from ``x``, ``w1`` and ``b1``: at most one GEMM
+        more) and, for its final ReLU, ``signs`` (packed bits) where ``out`` is None."""
 
     def linear(self, x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
         """``act(x W^T + b)`` (plain linear for None)."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import signs as signs_
 from ..activations import SEED_FORM, Form
 from ..kernels import whole_block, whole_net
 from ..kernels._common import capability, interpreter_enabled, max_shared_memory, multiprocessors
@@ -112,11 +113,14 @@ def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch
 
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, form: Form,
-    *, save: bool, variant: str | None = None,
+    *, save: bool, variant: str | None = None, signs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``(out, saved)`` of the block; see ``Backend.block_forward``. ``saved`` may be None when not ``save``.
     Under autocast ``x`` is read once in its own dtype by the kernels (rounded on chip for the GEMMs, added
     un-rounded as the shortcut): no rounded copy."""
+    if signs:  # PROTOTYPE: packed by torch after the launch until the kernels' epilogues write the bits
+        out, _ = block_forward(x, w1, b1, w2, b2, ws, form, save=False, variant=variant)
+        return out, signs_.pack(out)
     b1, b2 = _vector(b1), _vector(b2)
     out_dtype = _output_dtype(x, w1, ws, form)
     final = form.final_activation
@@ -178,11 +182,19 @@ def linear_residual_relu_backward(
 
 
 def block_backward(
-    dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
-    form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
+    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
+    ws: Tensor | None, form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
+    b1: Tensor | None = None, signs: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``. ``g2 = dout * (out > 0)`` is
     never written: each launch that reads it applies the mask on load."""
+    if saved is None:  # PROTOTYPE: a recompute block's hidden layer, one launch (not yet on chip)
+        act = form.hidden
+        saved = fused_linear(x, w1.t(), bias=_vector(b1), activation=act.name if act.from_output else None,
+                             out_dtype=w1.dtype)[0]
+    if out is None and signs is not None:  # PROTOTYPE: the mask applied here until the kernels read the bits
+        dout = signs_.relu_backward(dout, signs)
+        form = Form(form.activation, None)
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
     need_weights = need_w1 or need_b1 or need_w2 or need_b2
     final_relu = form.final_activation == "relu"
