@@ -7,8 +7,8 @@ Implementations, per case, all computing the same function from one seed:
 - ``reference``: the eager reference module (``ResidualBlock``, ``ResidualNet``, or the transformer FFN as users
   write it, ``x + linear2(gelu(linear1(x)))``);
 - ``fused``: the fused module in its default mode;
-- ``recompute``: the fused module with ``recompute=True`` (keeps ``x`` and the final ReLU's sign bits; ``h`` is
-  recomputed in backward);
+- ``recompute``: the fused module with ``recompute=True`` (keeps ``x`` and the final ReLU's sign bits, or inside
+  the net each block's output, which the next layer keeps anyway; ``h`` is recomputed in backward);
 - ``checkpoint``: ``torch.utils.checkpoint`` (non-reentrant) of the reference: of the whole module for a block,
   of each block for a net (its first and last linear run as they are).
 
@@ -94,15 +94,15 @@ def reference_module(case: Case) -> nn.Module:
 
 
 def fused_module(case: Case, reference: nn.Module, recompute: bool) -> nn.Module:
-    """The fused module of ``case`` with the reference's parameters (``recompute`` passed only when asked)."""
-    w, kwargs = case.width, {"recompute": True} if recompute else {}
+    """The fused module of ``case`` with the reference's parameters."""
+    w = case.width
     if case.kind == "block":
-        module = fr.FusedResidualBlock(w, w, **kwargs)
+        module = fr.FusedResidualBlock(w, w, recompute=recompute)
     elif case.kind == "net":
-        module = fr.FusedResidualNet(w, w, w, NET_BLOCKS, **kwargs)
+        module = fr.FusedResidualNet(w, w, w, NET_BLOCKS, recompute=recompute)
     else:
         module = fr.FusedResidualBlock(w, w, hidden_features=FFN_HIDDEN * w, activation="gelu",
-                                       final_activation=None, **kwargs)
+                                       final_activation=None, recompute=recompute)
     module = module.to(device=case.device, dtype=DTYPES[case.dtype])
     module.load_state_dict(reference.state_dict())
     return module
@@ -126,23 +126,15 @@ def checkpointed(reference: nn.Module) -> Callable[[Tensor], Tensor]:
 @dataclass
 class Impl:
     name: str
-    forward: Callable[[Tensor], Tensor] | None  # None: not available (``why``)
-    module: nn.Module
-    why: str | None = None
+    forward: Callable[[Tensor], Tensor]
+    module: nn.Module  # holds the parameters
 
 
 def build(case: Case) -> list[Impl]:
     reference = reference_module(case)
-    impls = [Impl("reference", reference, reference)]
-    for name, recompute in (("fused", False), ("recompute", True)):
-        try:
-            module = fused_module(case, reference, recompute)
-        except TypeError as e:  # an option this version of the package does not have
-            impls.append(Impl(name, None, reference, why=str(e)))
-        else:
-            impls.append(Impl(name, module, module))
-    impls.append(Impl("checkpoint", checkpointed(reference), reference))
-    return impls
+    fused, recompute = (fused_module(case, reference, r) for r in (False, True))
+    return [Impl("reference", reference, reference), Impl("fused", fused, fused),
+            Impl("recompute", recompute, recompute), Impl("checkpoint", checkpointed(reference), reference)]
 
 
 def _inputs(case: Case) -> tuple[Tensor, Tensor]:
@@ -245,10 +237,7 @@ def measure(case: Case, rounds: int = 10, inner: int = 3) -> dict[str, Any]:
     found: dict[str, dict[str, Any]] = {}
     ready = []
     for impl in impls:
-        if impl.forward is None:
-            found[impl.name] = {"available": False, "why": impl.why}
-            continue
-        info: dict[str, Any] = {"available": True}
+        info: dict[str, Any] = {}
         if impl is not reference:
             info["parity"] = err = parity_error(impl, reference, x, dout)
             if not err <= PARITY[case.dtype]:
@@ -272,8 +261,7 @@ def measure(case: Case, rounds: int = 10, inner: int = 3) -> dict[str, Any]:
         "blocks": NET_BLOCKS if case.kind == "net" else 0,
         "backend": os.environ.get(fr.BACKEND_ENV_VAR, "auto"),
         "impls": found,
-        "kept_over_reference": {name: info["kept"]["nbytes"] / ref_bytes for name, info in found.items()
-                                if info["available"]},
+        "kept_over_reference": {name: info["kept"]["nbytes"] / ref_bytes for name, info in found.items()},
         "recompute_over_fused_time": spread(ratios) if ratios else None,
     }
 

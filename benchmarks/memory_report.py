@@ -51,10 +51,6 @@ def table(found: list[dict[str, Any]]) -> str:
             info = r["impls"].get(name)
             if info is None:
                 continue
-            if not info["available"]:
-                cells = [r["case"], LABELS[name], f"not available: {info['why']}"] + [""] * (len(head) - 3)
-                lines.append("| " + " | ".join(cells) + " |")
-                continue
             ratio = r["kept_over_reference"][name]
             cells = [r["case"], LABELS[name], f"{info['kept']['nbytes'] / MIB:.2f}", f"{ratio:.3f}",
                      _judged(ratio, _target(r, name))]
@@ -76,7 +72,7 @@ def plot(found: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [r for r in found if r["impls"]["reference"]["available"]]
+    cases = found
     panels = [("bytes kept for backward / reference's", lambda r, n: r["kept_over_reference"].get(n))]
     if any(info.get("step_ms") for r in cases for info in r["impls"].values()):
         panels.append(("step time / reference's (median)", _time_ratio))
