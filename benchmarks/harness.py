@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 import fused_residual as fr
-from fused_residual import routing
+from fused_residual import dispatch
 from fused_residual.activations import SEED_FORM, Form
 
 from .cases import FFN_HIDDEN, REFERENCE, RO_FUSED, RO_REFERENCE, Case
@@ -518,7 +518,7 @@ def backend_name(case: Case) -> str:
         hidden = FFN_HIDDEN * case.width if case.ffn else case.width
         weight = torch.empty(hidden, case.width, device=case.device, dtype=dtype)
         form = Form("gelu", None) if case.ffn else SEED_FORM
-        return routing.route(probe, weight, None, form, case.mode != "forward").name
+        return dispatch.route(probe, weight, None, form, case.mode != "forward").name
     except (TypeError, AttributeError, RuntimeError):  # metadata only: never fail a benchmark over it
         return "unknown"
 

@@ -5,11 +5,11 @@
 swaps them back.
 """
 
-from . import functional
+from . import functional, ops  # noqa: F401  (ops registers the custom ops that torch.compile traces)
+from .dispatch import ENV_VAR as BACKEND_ENV_VAR
 from .fusing import fuse, unfuse
 from .modules import FusedResidualBlock, FusedResidualNet
 from .reference import ResidualBlock, ResidualNet
-from .routing import ENV_VAR as BACKEND_ENV_VAR
 
 __all__ = [
     "BACKEND_ENV_VAR",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import routing
+from . import dispatch
 from .activations import SEED_FORM
 from .modules import FusedResidualNet
 from .reference import ResidualNet
@@ -95,7 +95,7 @@ def timing(args: argparse.Namespace) -> None:
     fused = FusedResidualNet(width, width, width, args.blocks, **factory)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(args.batch, width, **factory)
-    backend = routing.route(x, fused.blocks[0].linear1.weight, None, SEED_FORM, args.train).name
+    backend = dispatch.route(x, fused.blocks[0].linear1.weight, None, SEED_FORM, args.train).name
 
     if args.train:
         x.requires_grad_(True)

@@ -1,9 +1,16 @@
-"""The block as plain, differentiable PyTorch ops: where autograd (or ``torch.func``) must see every op.
+"""The block as plain, differentiable PyTorch ops: where autograd (or ``torch.func``, or ``torch.compile``) must
+see every op.
 
-Used where the dispatch finds a Function not worth its cost, under ``torch.func`` transforms, for backward passes
-that build a graph (double backward), and by fused modules whose submodules must run as themselves (hooks,
-``nn.Linear`` subclasses with their own ``forward``). Same semantics as the reference modules, including their
-dtypes under autocast: the seed form adds the shortcut in place (``out += x``), the FFN form out of place.
+Used where the dispatch finds a Function not worth its cost, under ``torch.func`` transforms and while
+``torch.export`` traces, for backward passes that build a graph (double backward), and by fused modules whose
+submodules must run as themselves (hooks, ``nn.Linear`` subclasses with their own ``forward``). Same semantics as
+the reference modules, including their dtypes under autocast: the seed form's output keeps the linears' dtype (the
+reference adds the shortcut in place, ``out += x``), the FFN form's promotes.
+
+The math is written out once (``block_of_modules``); every other plain-PyTorch form of the block derives from it.
+The reference modules (``reference.py``) keep their own code, in-place ops and all: they are what users have. The
+torch backend (``backends/torch_backend.py``) computes the same block differently, with the bias and residual
+folded into the GEMM's accumulator (fewer passes over memory, inside an ``autograd.Function``), and says so.
 """
 
 from __future__ import annotations
@@ -20,24 +27,28 @@ from .activations import Form
 _relu_backward = torch.ops.aten.threshold_backward
 
 
-def block(x: Tensor, linear1: Callable[[Tensor], Tensor], linear2: Callable[[Tensor], Tensor],
-          shortcut: Callable[[Tensor], Tensor] | None, form: Form) -> Tensor:
-    """``final(linear2(act(linear1(x))) + shortcut(x))`` with ``shortcut`` None for the identity, each linear a
-    module or callable (the fused modules' path when their submodules must run as themselves)."""
+def block_of_modules(x: Tensor, linear1: Callable[[Tensor], Tensor], linear2: Callable[[Tensor], Tensor],
+                     shortcut: Callable[[Tensor], Tensor] | None, form: Form) -> Tensor:
+    """``final(linear2(act(linear1(x))) + shortcut(x))`` with ``shortcut`` None for the identity: the block's math,
+    written out once. Each linear is a module (the fused modules' path when their submodules must run as
+    themselves, hooks and all) or a callable (``block_of_weights``)."""
     y = linear2(_hidden(linear1(x), form))
-    return _finish(y, x if shortcut is None else shortcut(x), form)
-
-
-def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
-                   form: Form) -> Tensor:
-    """``block`` with the weights given: the linears run in the weights' dtype (``x`` cast to it, as autocast
-    would), so it gives the autocast result outside an autocast region too (a recompute in backward)."""
-    x_low = x if x.dtype == w1.dtype else x.to(w1.dtype)
-    y = F.linear(_hidden(F.linear(x_low, w1, b1), form), w2, b2)
-    shortcut = x if ws is None else F.linear(x_low, ws)
+    s = x if shortcut is None else shortcut(x)
+    out = s + y  # out of place: linear2's output may be a view autograd forbids modifying (a full backward hook)
     if form.final_activation is None:
-        return _finish(y, shortcut, form)
-    return torch.relu_(y.add_(shortcut))  # the seed's `out += identity`: y is F.linear's own tensor, never a view
+        return out  # the FFN's `x + ffn(x)` promotes, as users write it
+    # The seed's `out += identity` keeps linear2's dtype (under autocast, not x's).
+    return torch.relu_(out if out.dtype == y.dtype else out.to(y.dtype))
+
+
+def block_of_weights(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
+                     form: Form) -> Tensor:
+    """``block_of_modules`` with the weights given. The linears run in the weights' dtype (``x`` cast to it, as
+    autocast would), so it gives the autocast result outside an autocast region too (a recompute in backward)."""
+    low = w1.dtype
+    return block_of_modules(x, lambda t: F.linear(t if t.dtype == low else t.to(low), w1, b1),
+                            lambda h: F.linear(h, w2, b2),
+                            None if ws is None else lambda t: F.linear(t if t.dtype == low else t.to(low), ws), form)
 
 
 def _hidden(pre: Tensor, form: Form) -> Tensor:
@@ -45,18 +56,8 @@ def _hidden(pre: Tensor, form: Form) -> Tensor:
     return act.forward_(pre) if act.from_output else act.forward(pre)  # in place only where backward reads the output
 
 
-def _finish(y: Tensor, s: Tensor, form: Form) -> Tensor:
-    """``final(y + s)``. The seed's ``out += identity`` keeps linear2's dtype; it is written out of place, since
-    linear2's output may be a view that autograd forbids modifying (a module with a full backward hook returns
-    one). The FFN form's ``s + y`` promotes, as written out of place by users."""
-    out = s + y
-    if form.final_activation is None:
-        return out
-    return torch.relu_(out if out.dtype == y.dtype else out.to(y.dtype))
-
-
-def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """``relu(F.linear(h, w, b) + residual)``, out of place (a wider residual promotes)."""
+def linear_add_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
+    """``relu(F.linear(h, w, b) + residual)`` (the single fused layer), out of place (a wider residual promotes)."""
     return torch.relu(F.linear(h if h.dtype == w.dtype else h.to(w.dtype), w, b) + residual)
 
 

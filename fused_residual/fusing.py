@@ -9,9 +9,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import composite, routing
+from . import composite
 from .activations import Form, check_form
-from .modules import FusedResidualBlock, FusedResidualNet
+from .modules import FusedResidualBlock, FusedResidualNet, has_hooks, why_not_plain
 from .reference import ResidualBlock, ResidualNet
 
 # Hook dicts of nn.Module that fuse() hands over to the fused block (shared, so a handle's remove() still works).
@@ -63,13 +63,13 @@ def _why_not_fusable(block: nn.Module, block_type: type[nn.Module], form: Form) 
                 "would lose")
     modules = block._modules
     for name in ("linear1", "linear2"):
-        why = routing.why_not_plain(name, modules.get(name))
+        why = why_not_plain(name, modules.get(name))
         if why is not None:
             return why
     for name, child in modules.items():
         if name in ("linear1", "linear2") or child is None:
             continue
-        if any(routing._has_hooks(m) for m in child.modules()):
+        if any(has_hooks(m) for m in child.modules()):
             return f"its submodule {name} has hooks, and the fused block does not call it"
         if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
             return f"it holds a submodule {name} ({type(child).__name__}) with parameters or buffers, which the " \
@@ -169,7 +169,8 @@ def _compare(block: nn.Module, form: Form) -> str | None:
                 return (f"the check could not run its forward in float64 in {mode}() mode "
                         f"({type(e).__name__}: {e})")
             want, want_grads = _output_and_grads(
-                lambda t: composite.block(t, original.linear1, original.linear2, None, form), x, dout, params)
+                lambda t: composite.block_of_modules(t, original.linear1, original.linear2, None, form), x, dout,
+                params)
             why = _difference(got, want, "output")
             if why is None and len(got_grads) != len(want_grads):
                 why = "output has no gradient"

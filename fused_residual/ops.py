@@ -1,17 +1,22 @@
 """The fused ops registered with ``torch.library``, so ``torch.compile`` keeps them in one graph.
 
-``routing`` sends a call here only while ``torch.compile`` traces (``torch.compiler.is_compiling()``, and not
-``torch.compiler.is_exporting()``: see "Export" below); eager calls go straight to the Functions of
-``autograd.py`` (a registered op costs a dispatcher round trip per call). The ops hold no math: each
-implementation asks ``routing.route`` for the call's backend, the same decision an eager call gets (the
-plain-composite route runs the ``torch`` backend here: inside an op there is no autograd to see it), and their
-autograd keeps the same tensors as the eager path (``autograd.save_block`` / ``autograd.save_linear``).
+``dispatch`` sends a call here only while ``torch.compile`` traces (``torch.compiler.is_compiling()``, and not
+``torch.compiler.is_exporting()``: see "Export" below), and only where a backend of ours may run the call (where
+the route is the plain composite, the compiler sees the composite itself and fuses it as it fuses the reference);
+eager calls go straight to the Functions of ``plans.py`` (a registered op costs a dispatcher round trip per call).
+The callers (``plans.py``) call the ops through ``torch.ops.fused_residual``: this module registers them and is
+imported by the package's ``__init__``; it calls down and nothing imports it back. The ops hold no math: each
+implementation asks ``dispatch.backend_route`` for the call's backend and ``dispatch.kernel_variants`` for its
+kernels, the same decisions an eager call gets (the plain-composite route runs the ``torch`` backend here: inside
+an op there is no autograd to see it), and their autograd keeps the same tensors as the eager path
+(``saving.block_keeps`` / ``plans.save_linear``).
 
-Ops (all tensors 2-D; ``residual_block`` / ``linear_residual_relu`` below flatten):
+Ops (all tensors 2-D; callers flatten):
 
-- ``fused_residual::block_forward(x, w1, b1?, w2, b2?, ws?, activation, final_activation?) -> (out, saved)``
-- ``fused_residual::block_backward(dout, x?, saved, out?, w1, w2, ws?, activation, final_activation?, needs,
-  dx_dtype) -> [the grads needs asks for]``
+- ``fused_residual::block_forward(x, w1, b1?, w2, b2?, ws?, activation, final_activation?, mode, save_hidden,
+  save_signs) -> (out, kept)``
+- ``fused_residual::block_backward(dout, x?, saved?, out?, w1, w2, ws?, b1?, signs?, activation, final_activation?,
+  needs, dx_dtype) -> [the grads needs asks for]``
 - ``fused_residual::linear_residual_relu_forward(h, w, b?, residual) -> out``
 - ``fused_residual::linear_residual_relu_backward(dout, h?, out, w, needs, dh_dtype) -> [the grads needs asks for]``
 
@@ -26,7 +31,7 @@ float arguments). A backward op returns a list holding only the gradients asked 
 return None. The fakes promise row-major outputs, which Inductor plans its memory by; backends promise
 row-major outputs too, and the ops make sure with ``.contiguous()`` (free where a backend wrote them row-major).
 
-**Export.** While ``torch.export`` traces (``torch.compiler.is_exporting()``), ``routing`` sends the block to
+**Export.** While ``torch.export`` traces (``torch.compiler.is_exporting()``), ``dispatch`` sends the block to
 ``composite.py`` instead of these ops: the exported program holds only aten ops (``linear``, the activation,
 ``add``, ``relu``: the ops the reference modules export to, with the same dtypes under autocast, since it is the
 same code), so ``torch.onnx.export(..., dynamo=True)``, ``run_decompositions()``, AOTInductor and
@@ -56,18 +61,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, composite, routing, signs
-from ._tensors import rows, with_leading_dims
-from .activations import Form
-from .autograd import save_linear
-from .saving import block_keeps
+from . import backends, composite, dispatch, saving, signs
+from .activations import SEED_FORM, Form
+from .plans import save_linear
 
 _NAMESPACE = "fused_residual"
 
 
-def _backend(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> tuple[backends.Backend, str | None]:
-    chosen = routing.route(x, w1, ws, form, training=True)
-    return chosen.backend or backends.get("torch"), chosen.variant
+def _backend(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, grad_dtype: torch.dtype | None = None,
+             ) -> tuple[backends.Backend, tuple[str | None, str | None]]:
+    """The backend for a call inside an op, and its (forward, backward) kernel variants."""
+    chosen = dispatch.backend_route(x, w1, ws, form, training=True)
+    if chosen.backend is None:
+        chosen = dispatch.Route(backends.get("torch"))
+    return chosen.backend, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype)
 
 
 def _spread(grads: list[Tensor], needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
@@ -82,25 +89,26 @@ def _spread(grads: list[Tensor], needs: tuple[bool, ...]) -> tuple[Tensor | None
     f"{_NAMESPACE}::block_forward",
     mutates_args=(),
     schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? ws, str activation, "
-    "str? final_activation, bool save_hidden, bool save_signs) -> (Tensor, Tensor)",
+    "str? final_activation, int mode, bool save_hidden, bool save_signs) -> (Tensor, Tensor)",
 )
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, activation: str,
-    final_activation: str | None, save_hidden: bool, save_signs: bool,
+    final_activation: str | None, mode: int, save_hidden: bool, save_signs: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(out, kept)`` of the block for 2-D ``x``: ``kept`` the hidden layer (``save_hidden``), the final ReLU's
-    packed sign bits (``save_signs``) or an empty tensor."""
+    packed sign bits (``save_signs``, a recompute block) or an empty tensor. ``mode``: the block's saving mode
+    (``saving.py``), which decides with the needs what the autograd keeps."""
     form = Form(activation, final_activation)
-    backend, variant = _backend(x, w1, ws, form)
-    out, kept = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=save_hidden, signs=save_signs,
-                                      variant=variant)
+    backend, variants = _backend(x, w1, ws, form)
+    kwargs = {"signs": True} if save_signs else {}
+    out, kept = backend.block_forward(x, w1, b1, w2, b2, ws, form, save=save_hidden, variant=variants[0], **kwargs)
     if not (save_hidden or save_signs):
         kept = x.new_empty(0, dtype=w1.dtype)
     return out.contiguous(), kept.contiguous()
 
 
 @block_forward.register_fake
-def _(x, w1, b1, w2, b2, ws, activation, final_activation, save_hidden, save_signs):
+def _(x, w1, b1, w2, b2, ws, activation, final_activation, mode, save_hidden, save_signs):
     out_dtype = Form(activation, final_activation).output_dtype(x.dtype, w1.dtype, ws is not None)
     out = x.new_empty(x.shape[0], w2.shape[0], dtype=out_dtype)
     if save_hidden:
@@ -113,24 +121,24 @@ def _(x, w1, b1, w2, b2, ws, activation, final_activation, save_hidden, save_sig
 @torch.library.custom_op(
     f"{_NAMESPACE}::block_backward",
     mutates_args=(),
-    schema="(Tensor dout, Tensor? x, Tensor? saved, Tensor? out, Tensor? signs, Tensor w1, Tensor? b1, Tensor w2, "
-    "Tensor? ws, str activation, str? final_activation, bool[] needs, ScalarType dx_dtype) -> Tensor[]",
+    schema="(Tensor dout, Tensor? x, Tensor? saved, Tensor? out, Tensor w1, Tensor w2, Tensor? ws, Tensor? b1, "
+    "Tensor? signs, str activation, str? final_activation, bool[] needs, ScalarType dx_dtype) -> Tensor[]",
 )
 def block_backward(
-    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, bits: Tensor | None, w1: Tensor,
-    b1: Tensor | None, w2: Tensor, ws: Tensor | None, activation: str, final_activation: str | None,
+    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
+    ws: Tensor | None, b1: Tensor | None, bits: Tensor | None, activation: str, final_activation: str | None,
     needs: list[bool], dx_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
     form = Form(activation, final_activation)
-    backend, variant = _backend(dout if x is None else x, w1, ws, form)
-    grads = backend.block_backward(dout, x, saved, out, w1, w2, ws, form, tuple(needs), dx_dtype=dx_dtype,
-                                   variant=variant, b1=b1, signs=bits)
+    backend, variants = _backend(dout if x is None else x, w1, ws, form, dout.dtype)
+    grads = backend.block_backward(dout, x, saved, out, w1, w2, ws, b1, bits, form, tuple(needs), dx_dtype=dx_dtype,
+                                   variant=variants[1])
     return [g.contiguous() for g in grads if g is not None]
 
 
 @block_backward.register_fake
-def _(dout, x, saved, out, bits, w1, b1, w2, ws, activation, final_activation, needs, dx_dtype):
+def _(dout, x, saved, out, w1, w2, ws, b1, bits, activation, final_activation, needs, dx_dtype):
     rows_ = dout.shape[0]
     shapes = [(rows_, w1.shape[1]), w1.shape, w1.shape[:1], w2.shape, w2.shape[:1], None if ws is None else ws.shape]
     dtypes = [dx_dtype, *(w1.dtype,) * 5]
@@ -139,30 +147,28 @@ def _(dout, x, saved, out, bits, w1, b1, w2, ws, activation, final_activation, n
 
 
 def _setup_block(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, ws, activation, final_activation, save_hidden, save_signs = inputs
+    x, w1, b1, w2, b2, ws, activation, final_activation, mode, save_hidden, save_signs = inputs
     out, kept = output
     ctx.form, ctx.x_dtype = Form(activation, final_activation), x.dtype
     if not save_hidden:
         ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
-    keep = block_keeps(ctx.form, ctx.needs_input_grad, recompute=not save_hidden, out_kept=not save_signs)
-    hidden = kept if save_hidden else None
-    bits = kept if save_signs else None
-    tensors = (x, hidden, out, bits, w1, b1, w2, ws)
+    keep = saving.block_keeps(ctx.form, ctx.needs_input_grad, mode)
+    tensors = (x, kept if save_hidden else None, out, kept if save_signs else None, w1, b1, w2, ws)
     ctx.save_for_backward(*(t if k else None for t, k in zip(tensors, keep, strict=True)))
 
 
 def _block_backward(ctx, dout, dkept):
     needs = tuple(ctx.needs_input_grad[:6])
     if dout is None and dkept is None:
-        return (None,) * 10
+        return (None,) * 11
     saved = ctx.saved_tensors
-    if dkept is not None or dout is None or torch.is_grad_enabled():  # create_graph=True, or a second order
-        return (*composite.block_grads(dout, dkept, saved, ctx.form, needs, ctx.x_dtype), None, None, None, None)
+    if dkept is not None or dispatch.backward_builds_graph():  # a graph, or a gradient through the hidden layer
+        return (*composite.block_grads(dout, dkept, saved, ctx.form, needs, ctx.x_dtype), *(None,) * 5)
     x, hidden, out, bits, w1, b1, w2, ws = saved
-    grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, bits, w1, b1, w2, ws, *ctx.form,
+    grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, w1, w2, ws, b1, bits, *ctx.form,
                                                     list(needs), ctx.x_dtype)
-    return (*_spread(grads, needs), None, None, None, None)
+    return (*_spread(grads, needs), *(None,) * 5)
 
 
 block_forward.register_autograd(_block_backward, setup_context=_setup_block)
@@ -177,7 +183,7 @@ block_forward.register_autograd(_block_backward, setup_context=_setup_block)
 )
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h @ w.T + b + residual)`` for 2-D ``h`` and ``residual``."""
-    backend, _ = _backend(h, w, None, routing.SEED_FORM)
+    backend, _ = _backend(h, w, None, SEED_FORM)
     return backend.linear_residual_relu_forward(h, w, b, residual).contiguous()
 
 
@@ -195,7 +201,7 @@ def linear_residual_relu_backward(
     dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: list[bool], dh_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dh, dw, db, dresidual)`` that ``needs`` asks for, in that order."""
-    backend, _ = _backend(dout, w, None, routing.SEED_FORM)
+    backend, _ = _backend(dout, w, None, SEED_FORM)
     grads = backend.linear_residual_relu_backward(dout, h, out, w, tuple(needs), dh_dtype=dh_dtype)
     return [g.contiguous() for g in grads if g is not None]
 
@@ -221,27 +227,10 @@ def _linear_backward(ctx, dout):
     if dout is None:
         return (None,) * len(needs)
     h, out, w = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
+    if dispatch.backward_builds_graph():
         return composite.linear_grads(dout, h, out, w, needs, ctx.h_dtype)
     grads = torch.ops.fused_residual.linear_residual_relu_backward(dout, h, out, w, list(needs), ctx.h_dtype)
     return _spread(grads, needs)
 
 
 linear_residual_relu_forward.register_autograd(_linear_backward, setup_context=_setup_linear)
-
-
-# ---- what routing calls while compiling ------------------------------------------------------------------
-
-def residual_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
-                   form: Form, recompute: bool = False, out_kept: bool = False) -> Tensor:
-    """The block through the registered op: ``x`` of any leading dims, output with the same leading dims."""
-    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, ws))
-    keep = block_keeps(form, needs, recompute, out_kept)
-    out, _ = torch.ops.fused_residual.block_forward(rows(x), w1, b1, w2, b2, ws, *form, keep[1], keep[3])
-    return with_leading_dims(out, x, w2.shape[0])
-
-
-def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """The single layer through the registered op, leading dims kept like ``residual_block``."""
-    out = torch.ops.fused_residual.linear_residual_relu_forward(rows(h), w, b, rows(residual))
-    return with_leading_dims(out, h, w.shape[0])

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from . import dispatch, routing
+from . import backends, dispatch
+from .activations import SEED_FORM
 from .modules import FusedResidualBlock
 from .reference import ResidualBlock
 
@@ -72,9 +73,9 @@ def shapes(device_type: str, dtypes: list[str], widths: list[int] | None, rows: 
 def candidates(device: torch.device, dtype: torch.dtype, width: int, training: bool) -> list[str]:
     """The candidates that can run a seed-form block of this width and dtype on ``device``."""
     found = ["torch", "composite"]
-    if device.type == "cuda" and routing.backends.missing_requirement("triton") is None:
-        backend = routing.backends.get("triton")
-        if backend.unavailable(device, dtype, routing.SEED_FORM) is None:
+    if device.type == "cuda" and backends.missing_requirement("triton") is None:
+        backend = backends.get("triton")
+        if backend.unavailable(device, dtype, SEED_FORM) is None:
             probe = torch.empty(1, width, device=device, dtype=dtype)
             weight = torch.empty(width, width, device=device, dtype=dtype)
             if backend.whole_block_forward_fits(probe, weight, None):
@@ -111,7 +112,7 @@ Run = tuple[str | None, Callable[[], object]]  # (FUSED_RESIDUAL_BACKEND to run 
 
 def _use(choice: str | None) -> None:
     if choice is not None:
-        os.environ[routing.ENV_VAR] = choice
+        os.environ[dispatch.ENV_VAR] = choice
 
 
 def _timer(device: torch.device) -> Callable[[list[Run], float], list[float]]:
@@ -162,14 +163,14 @@ def measure(device: torch.device, dtype: torch.dtype, width: int, rows: int, tra
     x = torch.randn(rows, width, **factory).requires_grad_(training)
     dout = torch.randn(rows, width, **factory)
     names = candidates(device, dtype, width, training)
-    env = os.environ.get(routing.ENV_VAR)
+    env = os.environ.get(dispatch.ENV_VAR)
     runs: list[Run] = [(None, _step(reference, x, dout, training))]
     expected = runs[0][1]()
     expected_grad = x.grad.clone() if training else None
     agree = {}
     try:
         for name in names:
-            os.environ[routing.ENV_VAR] = name
+            os.environ[dispatch.ENV_VAR] = name
             step = _step(fused, x, dout, training)
             err = _relative_error(step(), expected)
             if training:
@@ -179,9 +180,9 @@ def measure(device: torch.device, dtype: torch.dtype, width: int, rows: int, tra
         times = _timer(device)(runs, seconds)
     finally:
         if env is None:
-            os.environ.pop(routing.ENV_VAR, None)
+            os.environ.pop(dispatch.ENV_VAR, None)
         else:
-            os.environ[routing.ENV_VAR] = env
+            os.environ[dispatch.ENV_VAR] = env
     us = dict(zip(["reference", *names], (round(t, 2) for t in times), strict=True))
     eligible = [n for n in names if agree[n]]
     winner = min(eligible, key=lambda n: us[n]) if eligible else "composite"

@@ -1,5 +1,5 @@
 """Host-side helpers shared by the kernel wrappers: interpreter and device facts, launch device, TF32 policy,
-autotune-key buckets. Imports no triton (``fused_residual.routing`` reads the interpreter setting here)."""
+autotune-key buckets. Imports no triton (``fused_residual.dispatch`` imports it)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import functools
 import os
 
 import torch
+
+
+def is_gpu(device: torch.device) -> bool:
+    """Whether ``device`` runs compiled Triton kernels: the one test of it in the package (a CUDA device today)."""
+    return device.type == "cuda"
 
 
 def interpreter_enabled() -> bool:

@@ -392,6 +392,20 @@ class CachedLauncher:
         values += [i for i in self._tuned_positions if i < len(types) and i not in values]
         return _Plan(tensors, ints, values)
 
+    def entry(self, args: tuple, kwargs: dict) -> tuple | None:
+        """``(run, function, packed_metadata, tail, meta)`` of the compiled kernel a launch with these arguments
+        would take on the cache's path, or None (nothing cached: the interpreter, a refusal, a miss). ``tail``: the
+        arguments after ``args`` (the config's and the defaults), ``meta``: them by name, as a grid reads them.
+        A launch plan (``_plan.py``) takes it after the first launch of a signature it keys itself."""
+        if self._plans is None or not ENABLED:
+            return None
+        try:
+            plan = self._plans[tuple(map(type, args))]
+            run, function, packed_metadata, tail, meta, _ = plan.entries[self._key(plan, args, kwargs)]
+        except Exception:  # a miss, or an argument the key cannot hold
+            return None
+        return run, function, packed_metadata, tail, meta
+
     def clear(self) -> None:
         """Forget every cached kernel: the next launch of each specialization goes through Triton again."""
         if self._plans is not None:

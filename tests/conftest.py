@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fused_residual as fr  # noqa: E402
-from fused_residual import backends, routing  # noqa: E402
+from fused_residual import backends, dispatch  # noqa: E402
 from fused_residual.activations import SEED_FORM  # noqa: E402
 
 
@@ -78,12 +78,12 @@ def block_reference(block: fr.FusedResidualBlock, x: torch.Tensor, dout: torch.T
     x2d = x.reshape(-1, x.shape[-1])
     params = dict(block.named_parameters())
     with torch.no_grad():
-        chosen = routing.route(x2d, params["linear1.weight"], params.get("shortcut.weight"), SEED_FORM, True)
+        w1, ws = params["linear1.weight"], params.get("shortcut.weight")
+        chosen = dispatch.route(x2d, w1, ws, SEED_FORM, True)
         backend = chosen.backend or backends.get("torch")
-        out_lp, h_lp = backend.block_forward(x2d, params["linear1.weight"], params["linear1.bias"],
-                                             params["linear2.weight"], params["linear2.bias"],
-                                             params.get("shortcut.weight"), SEED_FORM, save=True,
-                                             variant=chosen.variant)
+        variant = dispatch.kernel_variants(chosen, x2d, w1, ws, SEED_FORM, None)[0]
+        out_lp, h_lp = backend.block_forward(x2d, w1, params["linear1.bias"], params["linear2.weight"],
+                                             params["linear2.bias"], ws, SEED_FORM, save=True, variant=variant)
     p64 = {name: t.detach().double().requires_grad_(True) for name, t in params.items()}
     x64 = x2d.detach().double().requires_grad_(True)
     pre1 = x64 @ p64["linear1.weight"].t() + p64["linear1.bias"]
@@ -123,11 +123,11 @@ def use_backend(monkeypatch):
     def set_backend(name: str) -> None:
         if name.startswith("triton") and not TRITON_INSTALLED:
             pytest.skip("triton is not installed")
-        monkeypatch.setenv(routing.ENV_VAR, name)
-        routing.reset()
+        monkeypatch.setenv(dispatch.ENV_VAR, name)
+        dispatch.reset()
 
     yield set_backend
-    routing.reset()
+    dispatch.reset()
 
 
 def seeded_pair(in_features: int, out_features: int, seed: int = 0, **factory):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_residual as fr
-from fused_residual import dispatch, routing
+from fused_residual import dispatch
 from fused_residual.activations import SEED_FORM
 
 
@@ -58,13 +58,13 @@ def tables_here(tmp_path, monkeypatch, use_backend):
     use_backend("auto")
     monkeypatch.setenv(dispatch.CACHE_ENV_VAR, str(tmp_path))
     monkeypatch.delenv(dispatch.TABLE_ENV_VAR, raising=False)
-    routing.reset()
+    dispatch.reset()
     yield tmp_path
-    routing.reset()
+    dispatch.reset()
 
 
 def _train_route():
-    return routing.route(torch.empty(100, 32), torch.empty(32, 32), None, SEED_FORM, True)
+    return dispatch.route(torch.empty(100, 32), torch.empty(32, 32), None, SEED_FORM, True)
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPT))
@@ -92,7 +92,7 @@ def test_a_corrupt_table_named_by_the_variable_is_a_value_error_naming_both(tabl
     elif corruption != "missing":
         bad.write_text(CORRUPT[corruption])
     monkeypatch.setenv(dispatch.TABLE_ENV_VAR, str(bad))
-    routing.reset()
+    dispatch.reset()
     with pytest.raises(ValueError, match=rf"{dispatch.TABLE_ENV_VAR}=.*named\.json.*: "):
         fr.FusedResidualBlock(32, 32)(torch.randn(100, 32))
 
@@ -101,7 +101,7 @@ def test_a_good_table_named_by_the_variable_decides(tables_here, monkeypatch):
     named = tables_here / "named.json"
     named.write_text(json.dumps(good_table("composite")))
     monkeypatch.setenv(dispatch.TABLE_ENV_VAR, str(named))
-    routing.reset()
+    dispatch.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _train_route() is routing.COMPOSITE
+        assert _train_route() is dispatch.COMPOSITE

@@ -1,4 +1,4 @@
-"""Deployment: torch.export gives an aten-only graph of the block (routing sends export tracing to composite.py)
+"""Deployment: torch.export gives an aten-only graph of the block (dispatch sends export tracing to composite.py)
 that computes every form, ONNX models of it run in onnxruntime, AOTInductor packages of it run, and torch.compile
 still keeps the custom ops.
 
@@ -147,8 +147,10 @@ def test_exported_program_loads_and_runs_without_this_package(tmp_path):
     assert_close(torch.load(tmp_path / "y.pt"), expected_output(model, x), "loaded out", scale=2)
 
 
-def test_compile_still_runs_the_ops_after_an_export():
-    """Export routes the block to aten ops; torch.compile in the same process still keeps the custom ops."""
+def test_compile_still_runs_the_ops_after_an_export(use_backend):
+    """Export routes the block to aten ops; torch.compile in the same process still keeps the custom ops (where a
+    backend of ours may run: forced here, since on the CPU ``auto`` compiles the composite)."""
+    use_backend("torch")
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 

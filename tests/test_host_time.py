@@ -47,7 +47,7 @@ def test_host_time_benchmark_runs_and_counts(tmp_path, capsys):
     assert train["eager"]["launches"]["total"] == 16
     for record in found.values():
         assert record["eager"]["calls"]["package"] == 1  # ResidualBlock.forward
-        assert record["fused"]["calls"]["package"] > 10
+        assert record["fused"]["calls"]["package"] > 3  # the module, the plan, its steps and launch at least
         assert record["fused"]["package_functions"]["fused_residual/modules.py:FusedResidualBlock.forward"] == 1
         for side in ("fused", "eager"):
             host = record[side]["host_us"]

@@ -19,7 +19,7 @@ from conftest import HAS_CUDA, assert_close, float64_reference, seeded_pair, to_
 from fused_residual.kernels._common import interpreter_enabled
 
 import fused_residual as fr
-from fused_residual import routing
+from fused_residual import dispatch
 
 # (device, autocast dtype, backend): CPU autocast in bfloat16 with the torch backend; float16 with the Triton
 # kernels in the interpreter (which has no bfloat16); CUDA in both half types with the default backend.
@@ -114,7 +114,7 @@ def test_block_under_autocast_is_at_least_as_accurate_as_the_seed_block(autocast
     assert fused_err <= seed_err, (fused_err, seed_err)
     # One rounding to the output dtype at most: half a unit in the last place of the largest output.
     assert fused_err <= 0.5 * torch.finfo(low).eps * exact.abs().max().item() * 2 + 1e-3, fused_err
-    if routing.requested() == "torch" and device == "cpu":  # the same ops as the seed block: the same bits
+    if dispatch.requested() == "torch" and device == "cpu":  # the same ops as the seed block: the same bits
         assert torch.equal(fused_out, seed_out)
 
 

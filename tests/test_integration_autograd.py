@@ -12,7 +12,7 @@ from conftest import HAS_CUDA, assert_close, backend_choices, float64_reference,
 from torch.utils.checkpoint import checkpoint
 
 import fused_residual as fr
-from fused_residual import backends, routing
+from fused_residual import plans
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = backend_choices()
@@ -33,16 +33,15 @@ class CheckpointedNet(torch.nn.Module):
 
 
 def count_block_forwards(monkeypatch) -> list:
-    """Counts calls of the selected backend's ``block_forward`` (whichever backend the test runs)."""
+    """Counts the block forwards a backend computes (whichever backend the test runs, planned or not)."""
     calls: list = []
-    backend = backends.get(routing.requested().partition(":")[0])
-    original = backend.block_forward
+    original = plans.BlockPlan.run_forward
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "block_forward", counting)
+    monkeypatch.setattr(plans.BlockPlan, "run_forward", counting)
     return calls
 
 

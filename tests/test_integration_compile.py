@@ -13,7 +13,7 @@ import torch
 from conftest import HAS_CUDA, assert_close, backend_choices, device_params, float64_reference
 
 import fused_residual as fr
-from fused_residual import ops
+from fused_residual import ops, saving
 from fused_residual.activations import SEED_FORM
 
 # The device of the backend-parametrized tests: CUDA where there is one, else the CPU, where the Triton kernels
@@ -89,24 +89,27 @@ def test_opcheck_block_ops(use_backend, backend, variant):
         w1, b1, w2, b2 = (t.detach() for t in (w1, b1, w2, b2))
     if variant == "weights_only":
         x = x.detach()
-    for save_hidden, save_signs in ((True, False), (False, True), (False, False)):  # default, recompute, inference
-        torch.library.opcheck(BLOCK_OPS[0], (x, w1, b1, w2, b2, ws, *SEED_FORM, save_hidden, save_signs))
+    # The default mode (the hidden layer kept), a recompute block (its sign bits), one whose output is kept anyway.
+    modes = ((saving.DEFAULT, True, False), (saving.RECOMPUTE, False, True), (saving.RECOMPUTE_OUT_KEPT, False, False))
+    for mode in modes:
+        torch.library.opcheck(BLOCK_OPS[0], (x, w1, b1, w2, b2, ws, *SEED_FORM, *mode))
     # The backward op alone, for each set of gradients autograd may ask for.
     plain = [t if t is None else t.detach() for t in (x, w1, b1, w2, b2, ws)]
-    out, h = ops.block_forward(*plain, *SEED_FORM, True, False)
-    _, bits = ops.block_forward(*plain, *SEED_FORM, False, True)
+    out, h = ops.block_forward(*plain, *SEED_FORM, *modes[0])
+    _, bits = ops.block_forward(*plain, *SEED_FORM, *modes[1])
     dout = torch.randn_like(out)
     x, w1, b1, w2, _, ws = plain
     for needs in ([True] * 5 + [ws is not None], [True, False, False, False, False, False],
                   [False, True, False, True, True, False]):
-        torch.library.opcheck(BLOCK_OPS[1], (dout, x, h, out, None, w1, None, w2, ws, *SEED_FORM, needs, x.dtype))
-        # A recompute block: x, b1 and the packed sign bits instead of h and out.
-        torch.library.opcheck(BLOCK_OPS[1], (dout, x, None, None, bits, w1, b1, w2, ws, *SEED_FORM, needs, x.dtype))
+        torch.library.opcheck(BLOCK_OPS[1], (dout, x, h, out, w1, w2, ws, None, None, *SEED_FORM, needs, x.dtype))
+        # A recompute block: x, b1 and the packed sign bits (or out) instead of h and out.
+        torch.library.opcheck(BLOCK_OPS[1], (dout, x, None, None, w1, w2, ws, b1, bits, *SEED_FORM, needs, x.dtype))
+        torch.library.opcheck(BLOCK_OPS[1], (dout, x, None, out, w1, w2, ws, b1, None, *SEED_FORM, needs, x.dtype))
     # A column-major gradient from downstream: the gradients still come out row-major, as the fake says.
-    torch.library.opcheck(BLOCK_OPS[1], (dout.t().contiguous().t(), x, h, out, None, w1, None, w2, ws, *SEED_FORM,
+    torch.library.opcheck(BLOCK_OPS[1], (dout.t().contiguous().t(), x, h, out, w1, w2, ws, None, None, *SEED_FORM,
                                          [True] * 5 + [ws is not None], x.dtype))
     # x is not saved when no weight gradient needs it: the op takes None there.
-    torch.library.opcheck(BLOCK_OPS[1], (dout, None, h, out, None, w1, None, w2, ws, *SEED_FORM,
+    torch.library.opcheck(BLOCK_OPS[1], (dout, None, h, out, w1, w2, ws, None, None, *SEED_FORM,
                                          [True, False, False, True, True, False], x.dtype))
 
 
@@ -155,7 +158,8 @@ def test_compiled_projection_block_and_leading_dims_match_the_reference():
     assert_matches_reference(block, compiled, torch.randn(2, 3, 6), torch.randn(2, 3, 10))
 
 
-def test_compiled_single_layer_op_matches_its_definition():
+def test_compiled_single_layer_op_matches_its_definition(use_backend):
+    use_backend("torch")
     torch.manual_seed(3)
     inputs = [torch.randn(*s, requires_grad=True) for s in ((2, 5, 8), (6, 8), (6,), (2, 5, 6))]
     dout = torch.randn(2, 5, 6)
@@ -199,7 +203,25 @@ def test_dynamic_batch_size_compiles_once():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("choice", ["auto", "composite"])
+def test_where_no_kernel_of_ours_can_run_the_compiler_sees_the_composite(use_backend, choice):
+    """On the CPU ``auto`` never takes the Triton kernels: the compiled graph holds the reference's own aten ops,
+    which the compiler fuses as it fuses the reference, and none of ours."""
+    use_backend(choice)
+    torch.manual_seed(11)
+    net = fr.FusedResidualNet(5, 16, 3, 2)
+    graphs: list = []
+    compiled = torch.compile(net, fullgraph=True, backend=graph_recorder(graphs))
+    assert_matches_reference(net, compiled, torch.randn(9, 5), torch.randn(9, 3))
+    targets = {str(t) for t in called_ops(graphs)}
+    assert not {t for t in targets if t.startswith("fused_residual")}, targets
+    assert "aten.addmm.default" in targets or "aten.mm.default" in targets
+
+
 def test_backend_is_chosen_at_run_time_not_baked_into_the_graph(use_backend, monkeypatch):
+    """Where a graph holds our ops (traced with a backend forced), the backend they run is chosen at run time.
+    Whether it holds our ops or the composite is decided when it is traced: compile afresh."""
+    torch._dynamo.reset()
     use_backend("torch")
     block = fr.FusedResidualBlock(8, 8)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")

@@ -345,5 +345,5 @@ def test_tune_offers_the_whole_block_wherever_the_backend_takes_it(monkeypatch):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert "triton:whole_block" in tune.candidates(cuda, dtype, 256, training=True)
         assert "triton:whole_block" not in tune.candidates(cuda, dtype, 512, training=True)
-        assert dispatch.conservative("cuda", dtype, 256, 256, 1 << 16, False, False) == "torch"
-        assert dispatch.conservative("cuda", dtype, 128, 128, 1 << 16, False, True) == "composite"
+        assert dispatch.conservative(True, dtype, 256, 256, 1 << 16, False, False) == "torch"
+        assert dispatch.conservative(True, dtype, 128, 128, 1 << 16, False, True) == "composite"

@@ -76,7 +76,7 @@ def test_training_and_autocast_take_the_per_block_path(use_backend, monkeypatch)
     use_backend("torch")
     _, fused = make_pair(5, 16, 2, 2, torch.float32)
     calls = []
-    monkeypatch.setattr(fr.functional, "residual_net_inference", lambda *a: calls.append(1))
+    monkeypatch.setattr(fr.plans, "run_net_inference", lambda *a: calls.append(1))
     fused(torch.randn(4, 5, device=DEVICE)).sum().backward()
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         fused(torch.randn(4, 5, device=DEVICE))

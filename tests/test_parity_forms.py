@@ -18,7 +18,7 @@ import torch
 from conftest import HAS_CUDA, RELU_TIE_BAND, assert_close
 
 import fused_residual as fr
-from fused_residual import backends, routing
+from fused_residual import backends, dispatch
 from fused_residual.activations import ACTIVATIONS, FINAL_ACTIVATIONS, NAMES, Form
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -42,10 +42,11 @@ def reference(block: fr.FusedResidualBlock, x: torch.Tensor, dout: torch.Tensor,
     w1, w2, ws = params["linear1.weight"], params["linear2.weight"], params.get("shortcut.weight")
     band = RELU_TIE_BAND[x.dtype]
     with torch.no_grad():
-        chosen = routing.route(x, w1, ws, form, True)
+        chosen = dispatch.route(x, w1, ws, form, True)
         backend = chosen.backend or backends.get("torch")
+        variant = dispatch.kernel_variants(chosen, x, w1, ws, form, None)[0]
         out_lp, saved_lp = backend.block_forward(x, w1, params["linear1.bias"], w2, params["linear2.bias"], ws, form,
-                                                 save=True, variant=chosen.variant)
+                                                 save=True, variant=variant)
     p64 = {name: t.detach().double().requires_grad_(True) for name, t in params.items()}
     x64 = x.detach().double().requires_grad_(True)
     pre = x64 @ p64["linear1.weight"].t() + p64["linear1.bias"]

@@ -11,13 +11,13 @@ import torch
 from conftest import TRITON_INSTALLED
 
 import fused_residual as fr
-from fused_residual import backends, dispatch, routing
+from fused_residual import backends, dispatch
 from fused_residual.activations import SEED_FORM, Form
 from fused_residual.backends import Backend
 
 
 def _route(x, training=False, form=SEED_FORM):
-    return routing.route(x, torch.empty(x.shape[-1], x.shape[-1], dtype=x.dtype), None, form, training)
+    return dispatch.route(x, torch.empty(x.shape[-1], x.shape[-1], dtype=x.dtype), None, form, training)
 
 
 def test_auto_uses_the_torch_backend_or_the_composite_on_cpu(use_backend):
@@ -32,8 +32,8 @@ def test_the_cpu_rule_runs_the_composite_below_the_function_rows_and_the_torch_b
     use_backend("auto")
     rows = dispatch.CPU_FUNCTION_ROWS
     for training in (False, True):
-        assert _route(torch.empty(16, 8), training) is routing.COMPOSITE
-        assert _route(torch.empty(rows // 2, 8), training) is routing.COMPOSITE
+        assert _route(torch.empty(16, 8), training) is dispatch.COMPOSITE
+        assert _route(torch.empty(rows // 2, 8), training) is dispatch.COMPOSITE
         assert _route(torch.empty(rows // 2 + 1, 8), training).name == "torch"  # row bucket: rows rounded up
         assert _route(torch.empty(4 * rows, 8), training).name == "torch"
 
@@ -90,8 +90,8 @@ def test_auto_without_triton_uses_torch_or_the_composite_even_for_cuda(use_backe
     use_backend("auto")
     monkeypatch.setattr(backends, "missing_requirement", lambda name: "triton" if name == "triton" else None)
     x, w = _fake_cuda()
-    assert routing.route(x, w, None, SEED_FORM, False).name == "torch"
-    assert routing.route(x, w, None, SEED_FORM, True) is routing.COMPOSITE
+    assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
+    assert dispatch.route(x, w, None, SEED_FORM, True) is dispatch.COMPOSITE
 
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
@@ -105,19 +105,19 @@ def test_auto_on_cuda_follows_the_dispatch_winner(use_backend, monkeypatch):
 
     monkeypatch.setattr(dispatch, "winner", winner)
     x, w = _fake_cuda(torch.bfloat16, rows=1000)
-    assert routing.route(x, w, None, SEED_FORM, False).name == "triton:whole_block"
-    assert routing.route(x, w, None, SEED_FORM, True) is routing.COMPOSITE
+    assert dispatch.route(x, w, None, SEED_FORM, False).name == "triton:whole_block"
+    assert dispatch.route(x, w, None, SEED_FORM, True) is dispatch.COMPOSITE
     assert seen == [(torch.bfloat16, 128, 128, 1000, False, False), (torch.bfloat16, 128, 128, 1000, False, True)]
     # Decisions are cached per row bucket: another batch size in the same bucket asks no more.
     x2, _ = _fake_cuda(torch.bfloat16, rows=900)
-    routing.route(x2, w, None, SEED_FORM, False)
+    dispatch.route(x2, w, None, SEED_FORM, False)
     assert len(seen) == 2
 
 
 def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend, no_tables):
     use_backend("auto")
     x, w = _fake_cuda(torch.float64)
-    assert routing.route(x, w, None, SEED_FORM, False).name == "torch"
+    assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
     if TRITON_INSTALLED:
         use_backend("triton")
         with pytest.raises(RuntimeError, match="float16, bfloat16 or float32, not torch.float64"):
@@ -126,9 +126,9 @@ def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend, n
 
 def test_routes_and_the_requested_choice_follow_the_environment_at_run_time(use_backend):
     use_backend("torch")
-    assert routing.requested() == "torch"
+    assert dispatch.requested() == "torch"
     use_backend("auto")
-    assert routing.requested() == "auto"
+    assert dispatch.requested() == "auto"
 
 
 def test_import_works_without_triton():
@@ -198,7 +198,7 @@ def test_a_third_backend_registers_by_name_and_is_used(use_backend, monkeypatch)
     finally:
         backends._REGISTRY.pop("third")
         backends._LOADED.pop("third", None)
-        routing.reset()
+        dispatch.reset()
 
 
 def test_form_validation_names_the_choices():
@@ -215,13 +215,13 @@ def test_conservative_rule_takes_triton_only_where_the_first_measurement_found_i
     use_backend("auto")
     for dtype in (torch.bfloat16, torch.float16):
         x, w = _fake_cuda(dtype, rows=65536, width=128)
-        assert routing.route(x, w, None, SEED_FORM, False).name == "triton:whole_block"
-        assert routing.route(x, w, None, SEED_FORM, True) is routing.COMPOSITE
+        assert dispatch.route(x, w, None, SEED_FORM, False).name == "triton:whole_block"
+        assert dispatch.route(x, w, None, SEED_FORM, True) is dispatch.COMPOSITE
         for rows, width in ((1024, 128), (65536, 64), (65536, 256)):
             x, w = _fake_cuda(dtype, rows=rows, width=width)
-            assert routing.route(x, w, None, SEED_FORM, False).name == "torch"
+            assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
     x, w = _fake_cuda(torch.float32, rows=65536, width=128)
-    assert routing.route(x, w, None, SEED_FORM, False).name == "torch"
+    assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
 
 
 def test_dispatch_table_lookup_takes_the_nearest_row_bucket_of_the_same_widths(tmp_path, monkeypatch):
@@ -263,5 +263,5 @@ def test_unmeasured_forms_take_no_triton_route_under_auto(use_backend, no_tables
     """Only the seed form was measured: a GELU block at the measured width gets the cuBLAS composite."""
     use_backend("auto")
     x, w = _fake_cuda(torch.bfloat16, rows=65536, width=128)
-    assert routing.route(x, w, None, Form("gelu", "relu"), False).name == "torch"
-    assert routing.route(x, w, None, Form("gelu", None), True) is routing.COMPOSITE
+    assert dispatch.route(x, w, None, Form("gelu", "relu"), False).name == "torch"
+    assert dispatch.route(x, w, None, Form("gelu", None), True) is dispatch.COMPOSITE

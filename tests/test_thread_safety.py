@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TRITON_INSTALLED
 
-from fused_residual import dispatch, routing
+from fused_residual import dispatch
 from fused_residual.activations import SEED_FORM, Form
 
 if TRITON_INSTALLED:
@@ -133,13 +133,13 @@ def test_the_route_cache_under_threads_and_resets(use_backend, monkeypatch):
     def route_many(i):
         if i == 0:
             while not stop.is_set():
-                routing.reset()
+                dispatch.reset()
             return
         try:
             for _ in range(200):
                 for rows, width, training in shapes:
                     x, w = operands[rows, width]
-                    got = routing.route(x, w, None, SEED_FORM, training).name
+                    got = dispatch.route(x, w, None, SEED_FORM, training).name
                     want = "torch" if rows > 2048 else "composite"
                     assert got == want, f"{rows}x{width} training={training}: {got}, expected {want}"
         finally:
@@ -150,4 +150,4 @@ def test_the_route_cache_under_threads_and_resets(use_backend, monkeypatch):
     stop.set()
     assert not failures, failures
     # A form no table measured takes the same rule: a cached decision for one form is never another's.
-    assert routing.route(torch.empty(9000, 8), torch.empty(8, 8), None, Form("gelu", None), False).name == "torch"
+    assert dispatch.route(torch.empty(9000, 8), torch.empty(8, 8), None, Form("gelu", None), False).name == "torch"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_residual as fr
-from fused_residual import dispatch, routing, tune
+from fused_residual import dispatch, tune
 from fused_residual.activations import SEED_FORM
 
 
@@ -70,16 +70,16 @@ def test_auto_follows_a_tuned_table_in_the_user_cache(tmp_path, monkeypatch, use
     table = tune.header(torch.device("cpu"))
     table["entries"] = [{"dtype": "float32", "width": 32, "rows": 128, "mode": "train", "winner": winner}]
     (tmp_path / "dispatch-cpu.json").write_text(json.dumps(table))
-    routing.reset()
+    dispatch.reset()
     try:
         x, w = torch.empty(100, 32), torch.empty(32, 32)
-        assert routing.route(x, w, None, SEED_FORM, True).name == winner
-        assert routing.route(x, w, None, SEED_FORM, False) is routing.COMPOSITE  # no forward entry: the CPU rule
+        assert dispatch.route(x, w, None, SEED_FORM, True).name == winner
+        assert dispatch.route(x, w, None, SEED_FORM, False) is dispatch.COMPOSITE  # no forward entry: the CPU rule
         block = fr.FusedResidualBlock(32, 32)
         block(torch.randn(100, 32, requires_grad=True)).sum().backward()
         assert block.linear1.weight.grad is not None
     finally:
-        routing.reset()
+        dispatch.reset()
 
 
 # ---- the command line --------------------------------------------------------------------------------------

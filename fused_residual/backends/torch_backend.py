@@ -1,10 +1,12 @@
 """The ``torch`` backend: the block's forward and backward as a few plain PyTorch ops (cuBLAS / MKL GEMMs).
 
 It is the reference implementation of the contract in ``backends/__init__.py`` and runs wherever PyTorch runs.
-It is written for few passes over memory: the bias and the residual are folded into the GEMM's accumulator
-(``addmm_`` in place on ``x + b``), ReLUs run in place, and ReLU masks are applied by ``threshold_backward``
-(one pass, no boolean temporaries). Under autocast (``x`` wider than the weights) the shortcut is added the way
-the reference block adds it: in place into the linears' dtype (seed form) or out of place (FFN form).
+It computes the plain composite's math (``composite.py``) differently, which is why it is written apart: inside
+the block's ``autograd.Function`` (it writes its own backward), and for few passes over memory: the bias and the
+residual are folded into the GEMM's accumulator (``addmm_`` in place on ``x + b``), ReLUs run in place, and ReLU
+masks are applied by ``threshold_backward`` (one pass, no boolean temporaries). Under autocast (``x`` wider than
+the weights) the shortcut is added the way the reference block adds it: in place into the linears' dtype (seed
+form) or out of place (FFN form).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from .. import signs as signs_
 from ..activations import ACTIVATIONS, Form
+from ..kernels._common import is_gpu
 
 NAME = "torch"
 VARIANTS: tuple[str, ...] = ()
@@ -23,6 +26,10 @@ _relu_backward = torch.ops.aten.threshold_backward
 
 def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
     return None
+
+
+def takes(variant: str, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, grad_dtype: torch.dtype | None) -> bool:
+    return True  # no kernel variants: one way for every call
 
 
 def _mask_inplace(grad: Tensor, activation: Tensor) -> Tensor:
@@ -36,7 +43,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
     """``act(x @ w.T + b)``."""
-    if activation == "relu" and b is not None and x.is_cuda:
+    if activation == "relu" and b is not None and is_gpu(x.device):
         return torch._addmm_activation(b, x, w.t())  # bias and ReLU in cuBLASLt's epilogue: one launch
     y = x.mm(w.t()) if b is None else torch.addmm(b, x, w.t())
     return y if activation is None else ACTIVATIONS[activation].forward_(y)
@@ -102,8 +109,8 @@ def block_forward(
 
 def block_backward(
     dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
-    ws: Tensor | None, form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
-    b1: Tensor | None = None, signs: Tensor | None = None,
+    ws: Tensor | None, b1: Tensor | None, signs: Tensor | None, form: Form, needs: tuple[bool, ...], *,
+    dx_dtype: torch.dtype, variant: str | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dw1, db1, dw2, db2, dws)``, each only if ``needs`` (same order) asks.
 
@@ -151,3 +158,4 @@ def net_forward(
 ) -> Tensor | None:
     """No single-unit net computation here: the caller runs the net layer by layer."""
     return None
+

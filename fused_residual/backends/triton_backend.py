@@ -20,12 +20,18 @@ backward  g2  = dout * (out > 0)                        never written: applied o
 A training step is 2 + 4 launches (projection: 2 + 5), the whole block 1 + 1, and nothing else but allocations.
 Zero-size batches return before any launch.
 
+Each computation is written once, as the steps of a launch plan (``kernels/_plan.py``, the launches recorded by
+``kernels/_plan_launches.py``): the ``plan_*`` functions run the call through a ``Recorder`` and return its result
+with the recorded ``Steps``, which ``fused_residual/plans.py`` replays for later calls of the same signature; the
+contract's plain functions are the first half of that.
+
 Autocast (``x`` and ``dout`` wider than the weights): every kernel reads them once in their own dtype, rounds them
 on chip for its GEMMs, adds the shortcut un-rounded and writes ``out`` in ``Form.output_dtype``'s dtype and ``dx``
 in ``x``'s: no rounded copy, no cast pass.
 
-Variants: ``"whole_block"`` (the default) takes the whole-block kernels (``kernels/whole_block.py``) wherever
-they take the block, ``"two_gemm"`` never. They take it when: identity shortcut, ``w1`` square, ReLU as the hidden
+Variants: ``"whole_block"`` runs the whole-block kernels (``kernels/whole_block.py``), ``"two_gemm"`` (and None)
+the fused-linear kernels; the backend runs the variant it is told (``dispatch.kernel_variants`` decides, from
+``takes``). The whole-block kernels take the block when: identity shortcut, ``w1`` square, ReLU as the hidden
 activation (either final activation; the smooth activations spill registers there beyond width 16 in backward and
 at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
 ``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in fp32, streamed
@@ -37,13 +43,17 @@ them only where a dispatch table or the conservative rule says so (``dispatch.py
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .. import signs as signs_
 from ..activations import SEED_FORM, Form
-from ..kernels import whole_block, whole_net
-from ..kernels._common import capability, interpreter_enabled, max_shared_memory, multiprocessors
+from ..kernels import _plan, whole_block, whole_net
+from ..kernels import _plan_launches as recorded
+from ..kernels._common import capability, is_gpu, max_shared_memory, multiprocessors, on_interpreter
+from ..kernels._plan import NONE, ROWS, Recorder
 from ..kernels.fused_linear import fused_linear
 
 NAME = "triton"
@@ -56,60 +66,77 @@ _relu_backward = torch.ops.aten.threshold_backward
 def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
     if dtype not in DTYPES:
         return f"the kernels take float16, bfloat16 or float32, not {dtype}"
-    if device.type == "cuda":
+    if is_gpu(device):
         return None
-    if device.type == "cpu":
-        if not interpreter_enabled():
-            return "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1"
+    if on_interpreter(device):
         if dtype == torch.bfloat16:  # (also a CPU autocast to bfloat16: the weights are cast before routing)
             return ("bfloat16 on Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): its tl.dot computes "
                     "bfloat16 wrongly; use float16 or float32 there, or a GPU")
         return None
+    if device.type == "cpu":
+        return "the tensors are on the CPU; the Triton kernels run there only under TRITON_INTERPRET=1"
     return f"the Triton kernels do not support device type {device.type!r}"
 
 
-def _vector(b: Tensor | None) -> Tensor | None:
-    """A bias the kernels can read with unit stride (a strided or expanded one is copied: N elements)."""
-    return b if b is None or b.stride(0) == 1 else b.contiguous()
-
-
-def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
-    """``act(x @ w.T + b)``, any activation of the registry or none."""
-    if x.shape[0] == 0:
-        return x.new_empty((0, w.shape[0]))
-    return fused_linear(x, w.t(), bias=_vector(b), activation=activation)[0]
-
-
-def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """``relu(h @ w.T + b + residual)`` in ``promote(h, residual)``'s dtype (the residual read un-rounded)."""
-    out_dtype = torch.promote_types(h.dtype, residual.dtype)
-    if h.shape[0] == 0:
-        return h.new_empty((0, w.shape[0]), dtype=out_dtype)
-    return fused_linear(h, w.t(), bias=_vector(b), residual=residual, activation="relu", out_dtype=out_dtype)[0]
+def takes(variant: str, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, grad_dtype: torch.dtype | None) -> bool:
+    """Whether ``variant`` computes the block's forward (``grad_dtype`` None) or its backward for a gradient of
+    ``grad_dtype``: the two-GEMM kernels take every call, the whole-block ones their shapes and widths."""
+    if variant != "whole_block":
+        return True
+    if grad_dtype is None:
+        return whole_block_forward_fits(x, w1, ws, form)
+    return _whole_block_shape(x, w1, ws, form) and _backward_fits(x.shape[-1], torch.finfo(grad_dtype).bits // 8,
+                                                                   w1.element_size(), x.device)
 
 
 def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> bool:
     """The block has the shape the whole-block kernels take: identity shortcut, square w1, ReLU hidden."""
-    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[1] and form.activation == "relu"
+    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[-1] and form.activation == "relu"
 
 
 def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
     if not _whole_block_shape(x, w1, ws, form):
         return False
-    return bool(whole_block.runnable_forward_configs(whole_block.padded_width(x.shape[1]), w1.element_size(),
+    return bool(whole_block.runnable_forward_configs(whole_block.padded_width(x.shape[-1]), w1.element_size(),
                                                      x.element_size(), capability(x.device),
                                                      max_shared_memory(x.device)))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
-    return (_whole_block_shape(dout, w1, ws, form) and whole_block.takes_dout(dout.element_size(), w1.element_size())
-            and whole_block.padded_width(dout.shape[1]) <= whole_block.max_backward_width(capability(dout.device)))
+    return _whole_block_shape(dout, w1, ws, form) and _backward_fits(dout.shape[-1], dout.element_size(),
+                                                                      w1.element_size(), dout.device)
+
+
+def _backward_fits(width: int, grad_size: int, weight_size: int, device: torch.device) -> bool:
+    return (whole_block.takes_dout(grad_size, weight_size)
+            and whole_block.padded_width(width) <= whole_block.max_backward_width(capability(device)))
 
 
 def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch.dtype:
     """The block's output dtype: the weights', or under autocast (``x`` wider) what ``Form.output_dtype`` says."""
     return w1.dtype if x.dtype == w1.dtype else form.output_dtype(x.dtype, w1.dtype, ws is not None)
 
+
+def _vector(rec: Recorder, name: str) -> str | None:
+    """A bias the kernels read with unit stride: the register itself, or a copy of a strided one (N elements)."""
+    b = rec[name]
+    if b is None:
+        return None
+    if b.stride(0) == 1:
+        return name
+    rec.call(f"{name}.contiguous", Tensor.contiguous, name)
+    return f"{name}.contiguous"
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
+    """``act(x @ w.T + b)``, any activation of the registry or none."""
+    if x.shape[0] == 0:
+        return x.new_empty((0, w.shape[0]))
+    return fused_linear(x, w.t(), bias=b if b is None or b.stride(0) == 1 else b.contiguous(),
+                        activation=activation)[0]
+
+
+# ---- the block ---------------------------------------------------------------------------------------------
 
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, form: Form,
@@ -118,52 +145,164 @@ def block_forward(
     """``(out, saved)`` of the block; see ``Backend.block_forward``. ``saved`` may be None when not ``save``.
     Under autocast ``x`` is read once in its own dtype by the kernels (rounded on chip for the GEMMs, added
     un-rounded as the shortcut): no rounded copy."""
-    if signs:  # PROTOTYPE: packed by torch after the launch until the kernels' epilogues write the bits
-        out, _ = block_forward(x, w1, b1, w2, b2, ws, form, save=False, variant=variant)
-        return out, signs_.pack(out)
-    b1, b2 = _vector(b1), _vector(b2)
+    return plan_block_forward(x, w1, b1, w2, b2, ws, form, save=save, variant=variant, signs=signs)[0]
+
+
+def plan_block_forward(x, w1, b1, w2, b2, ws, form, *, save, variant=None, signs=False):
+    """``block_forward``'s result and the steps that compute it for later calls of the same signature."""
     out_dtype = _output_dtype(x, w1, ws, form)
-    final = form.final_activation
-    if variant != "two_gemm" and whole_block_forward_fits(x, w1, ws, form):
-        return whole_block.forward(x, w1, b1, w2, b2, store_saved=save, final_relu=final == "relu",
-                                   out_dtype=out_dtype)
     if x.shape[0] == 0:
-        return x.new_empty((0, w2.shape[0]), dtype=out_dtype), x.new_empty((0, w1.shape[0]), dtype=w1.dtype)
-    act = form.hidden
-    pre = x.new_empty((x.shape[0], w1.shape[0]), dtype=w1.dtype) if save and not act.from_output else None
-    h = fused_linear(x, w1.t(), bias=b1, activation=act.name, pre_out=pre, out_dtype=w1.dtype)[0]
-    if ws is None:
-        out = fused_linear(h, w2.t(), bias=b2, residual=x, activation=final, out_dtype=out_dtype)[0]
+        kept = (x.new_empty((0, signs_.row_bytes(w2.shape[0])), dtype=torch.uint8) if signs
+                else x.new_empty((0, w1.shape[0]), dtype=w1.dtype))
+        return (x.new_empty((0, w2.shape[0]), dtype=out_dtype), kept), None
+    rec = Recorder({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "ws": ws}, x.device)
+    b1_, b2_ = _vector(rec, "b1"), _vector(rec, "b2")
+    final = form.final_activation
+    if variant == "whole_block":
+        saved = "saved" if save else NONE
+        recorded.whole_block_forward(rec, "out", saved if save else None, "x", "w1", b1_, "w2", b2_,
+                                  activation=form.activation, final_relu=final == "relu", out_dtype=out_dtype)
     else:
-        out = fused_linear(h, w2.t(), second=(x, ws.t()), bias=b2, activation=final, out_dtype=out_dtype)[0]
-    return out, (h if act.from_output else pre)
+        act = form.hidden
+        pre = None
+        if save and not act.from_output:
+            pre = "pre"
+            rec.empty(pre, (ROWS, w1.shape[0]), w1.dtype)
+        recorded.fused_linear(rec, "h", "x", ("w1", True), bias=b1_, activation=act.name, pre_out=pre,
+                           out_dtype=w1.dtype)
+        if ws is None:
+            recorded.fused_linear(rec, "out", "h", ("w2", True), bias=b2_, residual="x", activation=final,
+                               out_dtype=out_dtype)
+        else:
+            recorded.fused_linear(rec, "out", "h", ("w2", True), second=("x", ("ws", True)), bias=b2_,
+                               activation=final, out_dtype=out_dtype)
+        saved = "h" if act.from_output else (pre or NONE)
+    if signs:  # PROTOTYPE: packed by torch after the launch until the epilogues write the bits
+        rec.call("signs", signs_.pack, "out")
+        saved = "signs"
+    results = ("out", saved)
+    return tuple(rec[r] for r in results), rec.steps_for(results)
 
 
-def _split_k(rows: int, cols: int, k: int, device: torch.device) -> int:
-    """Slices of K for a weight-gradient GEMM: enough tiles to fill the GPU, each slice >= 1024 rows deep."""
-    tiles = max(1, -(-rows // 128) * -(-cols // 128))
-    want = max(1, 2 * multiprocessors(device) // tiles)
-    return max(1, min(want, k // 1024, 64))
+def block_backward(
+    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
+    ws: Tensor | None, b1: Tensor | None, signs: Tensor | None, form: Form, needs: tuple[bool, ...], *,
+    dx_dtype: torch.dtype, variant: str | None = None,
+) -> tuple[Tensor | None, ...]:
+    """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``. ``g2 = dout * (out > 0)`` is
+    never written: each launch that reads it applies the mask on load."""
+    return plan_block_backward(dout, x, saved, out, w1, w2, ws, b1, signs, form, needs, dx_dtype=dx_dtype,
+                               variant=variant)[0]
 
 
-def _weight_grad(g: Tensor, relu_out: Tensor | None, a: Tensor, need_w: bool, need_b: bool, dtype: torch.dtype,
-                 a_activation: str | None = None):
-    """``(g'^T act(a), column sums of g')``, each only if asked, in ``dtype``, where ``g' = g * (relu_out > 0)`` (the
-    mask applied on load) or ``g``, and ``act`` is ``a_activation`` applied on load (or none): one launch, split-K
-    reduced inside it."""
-    if g.shape[0] == 0:  # an empty batch: zero gradients, no launch
-        zeros = g.new_zeros((g.shape[1],), dtype=dtype)
-        return (g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None), (zeros if need_b else None)
-    if not need_w or g.shape[1] == 0 or a.shape[1] == 0:
+def plan_block_backward(dout, x, saved, out, w1, w2, ws, b1, signs, form, needs, *, dx_dtype, variant=None):
+    """``block_backward``'s result and the steps that compute it for later calls of the same signature."""
+    need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
+    need_weights = need_w1 or need_b1 or need_w2 or need_b2
+    final_relu = form.final_activation == "relu"
+    if dout.shape[0] == 0:  # an empty batch: zero weight gradients, no launch
+        return _empty_block_grads(dout, w1, w2, ws, needs, dx_dtype), None
+    rec = Recorder({"dout": dout, "x": x, "saved": saved, "out": out, "w1": w1, "w2": w2, "ws": ws, "b1": b1,
+                    "signs": signs}, dout.device)
+    act = form.hidden
+    saved_name, dout_name = "saved", "dout"
+    if saved is None:  # PROTOTYPE: a recompute block's hidden layer, one launch (not yet on chip)
+        saved_name = "hidden"
+        recorded.fused_linear(rec, saved_name, "x", ("w1", True), bias=_vector(rec, "b1"),
+                              activation=act.name if act.from_output else None, out_dtype=w1.dtype)
+    if final_relu and out is None:  # PROTOTYPE: the mask applied here until the kernels read the bits
+        dout_name = "dout.passed"
+        rec.call(dout_name, signs_.relu_backward, "dout", "signs")
+        final_relu = False
+    if variant == "whole_block" and (need_x or need_weights):
+        recorded.whole_block_backward(rec, dout_name, "out" if final_relu else None, saved_name,
+                                      "x" if x is not None else None, "w1", "w2", need_dx=need_x,
+                                      need_weights=need_weights, activation=form.activation, final_relu=final_relu,
+                                      dx_dtype=dx_dtype)
+        results = tuple(name if need else NONE for name, need in zip(
+            ("dx", "dw1", "db1", "dw2", "db2"), (need_x, need_w1, need_b1, need_w2, need_b2), strict=True)) + (NONE,)
+        return tuple(rec[r] for r in results), rec.steps_for(results)
+    # Under autocast dout and x may be wider than the weights: each launch rounds them on chip for its GEMM.
+    relu_out = "out" if final_relu else None
+    dw2, db2 = _weight_grad(rec, "dw2", dout_name, relu_out, saved_name, need_w2, need_b2, w2.dtype,
+                            None if act.from_output else act.name)
+    dws = _weight_grad(rec, "dws", dout_name, relu_out, "x", True, False, ws.dtype)[0] if need_ws else NONE
+    dx = dw1 = db1 = NONE
+    if need_x or need_w1 or need_b1:
+        recorded.fused_linear(rec, "g1", dout_name, "w2", relu_mask=relu_out, gate=saved_name, gate_activation=act.name,
+                           out_dtype=w1.dtype)
+        dw1, db1 = _weight_grad(rec, "dw1", "g1", None, "x", need_w1, need_b1, w1.dtype)
+        if need_x:
+            dx = "dx"
+            if ws is None:
+                recorded.fused_linear(rec, dx, "g1", "w1", residual=dout_name, relu_mask=relu_out, mask_on="residual",
+                                   out_dtype=dx_dtype)
+            else:
+                recorded.fused_linear(rec, dx, dout_name, "ws", relu_mask=relu_out, second=("g1", "w1"),
+                                      out_dtype=dx_dtype)
+    results = (dx, dw1, db1, dw2, db2, dws)
+    return tuple(rec[r] for r in results), rec.steps_for(results)
+
+
+def _empty_block_grads(dout, w1, w2, ws, needs, dx_dtype):
+    shapes = ((0, w1.shape[1]), w1.shape, w1.shape[:1], w2.shape, w2.shape[:1], None if ws is None else ws.shape)
+    grads = [w1.new_zeros(shape) if need else None for shape, need in zip(shapes, needs, strict=True)]
+    if needs[0]:
+        grads[0] = dout.new_empty(shapes[0], dtype=dx_dtype)
+    return tuple(grads)
+
+
+def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str, need_w: bool, need_b: bool,
+                 dtype: torch.dtype, a_activation: str | None = None) -> tuple[str, str]:
+    """Registers ``(g'^T act(a), column sums of g')``, each only if asked (NONE otherwise), in ``dtype``, where
+    ``g' = g * (relu_out > 0)`` (the mask applied on load) or ``g``, and ``act`` is ``a_activation`` applied on
+    load (or none): one launch, split-K reduced inside it."""
+    g_t, a_t = rec[g], rec[a]
+    if not need_w or g_t.shape[1] == 0 or a_t.shape[1] == 0:
         # No GEMM to run: the bias without its weight (e.g. frozen weights), or a weight with no elements (a
         # zero-size layer): a plain reduction.
-        dw = g.new_zeros((g.shape[1], a.shape[1]), dtype=dtype) if need_w else None
-        g = g if relu_out is None else _relu_backward(g, relu_out, 0)
-        return dw, (g.sum(0, dtype=torch.float32).to(dtype) if need_b else None)
-    split = _split_k(g.shape[1], a.shape[1], g.shape[0], g.device)
-    mask = None if relu_out is None else relu_out.t()
-    return fused_linear(g.t(), a, relu_mask=mask, b_activation=a_activation, rowsum=need_b, split_k=split,
-                        out_dtype=dtype)
+        dw = NONE
+        if need_w:
+            dw = f"{name}.zeros"
+            rec.call(dw, _zeros, (g_t.shape[1], a_t.shape[1]), dtype, rec.device)
+        if not need_b:
+            return dw, NONE
+        if relu_out is not None:
+            rec.call(f"{name}.masked", _relu_backward, g, relu_out, 0)
+            g = f"{name}.masked"
+        rec.call(f"{name}.bias", _row_sums, g, dtype)
+        return dw, f"{name}.bias"
+    split = functools.partial(_plan.split_k_slices, g_t.shape[1], a_t.shape[1], multiprocessors(rec.device))
+    recorded.fused_linear(rec, name, (g, True), a, rows_in="k",
+                          relu_mask=None if relu_out is None else (relu_out, True), b_activation=a_activation,
+                          rowsum=f"{name}.rowsum" if need_b else None, split_k=split, out_dtype=dtype)
+    return name, (f"{name}.rowsum" if need_b else NONE)
+
+
+def _row_sums(g: Tensor, dtype: torch.dtype) -> Tensor:
+    return g.sum(0, dtype=torch.float32).to(dtype)
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+# ---- the single fused layer --------------------------------------------------------------------------------
+
+def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
+    """``relu(h @ w.T + b + residual)`` in ``promote(h, residual)``'s dtype (the residual read un-rounded)."""
+    return plan_linear_residual_relu_forward(h, w, b, residual)[0][0]
+
+
+def plan_linear_residual_relu_forward(h, w, b, residual):
+    """``(out,)`` and the steps that compute it for later calls of the same signature."""
+    out_dtype = torch.promote_types(h.dtype, residual.dtype)
+    if h.shape[0] == 0:
+        return (h.new_empty((0, w.shape[0]), dtype=out_dtype),), None
+    rec = Recorder({"h": h, "w": w, "b": b, "residual": residual}, h.device)
+    recorded.fused_linear(rec, "out", "h", ("w", True), bias=_vector(rec, "b"), residual="residual", activation="relu",
+                       out_dtype=out_dtype)
+    return (rec["out"],), rec.steps_for(("out",))
 
 
 def linear_residual_relu_backward(
@@ -172,56 +311,31 @@ def linear_residual_relu_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dh, dw, db, dresidual)``; see ``torch_backend.linear_residual_relu_backward``. The ReLU mask is
     applied on load, unless the residual's gradient (``dout * (out > 0)`` itself) is asked for anyway."""
+    return plan_linear_residual_relu_backward(dout, h, out, w, needs, dh_dtype=dh_dtype)[0]
+
+
+def plan_linear_residual_relu_backward(dout, h, out, w, needs, *, dh_dtype):
+    """``linear_residual_relu_backward``'s result and the steps that compute it for later calls."""
+    if dout.shape[0] == 0:
+        zeros = (w.new_zeros(w.shape) if needs[1] else None, w.new_zeros(w.shape[:1]) if needs[2] else None)
+        return (dout.new_empty((0, w.shape[1]), dtype=dh_dtype) if needs[0] else None, *zeros,
+                dout.new_empty(dout.shape) if needs[3] else None), None
+    rec = Recorder({"dout": dout, "h": h, "out": out, "w": w}, dout.device)
     if needs[3]:
-        g, relu_out = _relu_backward(dout, out, 0), None
+        rec.call("g", _relu_backward, "dout", "out", 0)
+        g, relu_out = "g", None
     else:
-        g, relu_out = dout, out
-    dh = fused_linear(g, w, relu_mask=relu_out, out_dtype=dh_dtype)[0] if needs[0] else None
-    dw, db = _weight_grad(g, relu_out, h, needs[1], needs[2], w.dtype)
-    return dh, dw, db, (g if needs[3] else None)
+        g, relu_out = "dout", "out"
+    dh = NONE
+    if needs[0]:
+        dh = "dh"
+        recorded.fused_linear(rec, dh, g, "w", relu_mask=relu_out, out_dtype=dh_dtype)
+    dw, db = _weight_grad(rec, "dw", g, relu_out, "h", needs[1], needs[2], w.dtype)
+    results = (dh, dw, db, g if needs[3] else NONE)
+    return tuple(rec[r] for r in results), rec.steps_for(results)
 
 
-def block_backward(
-    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
-    ws: Tensor | None, form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
-    b1: Tensor | None = None, signs: Tensor | None = None,
-) -> tuple[Tensor | None, ...]:
-    """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``. ``g2 = dout * (out > 0)`` is
-    never written: each launch that reads it applies the mask on load."""
-    if saved is None:  # PROTOTYPE: a recompute block's hidden layer, one launch (not yet on chip)
-        act = form.hidden
-        saved = fused_linear(x, w1.t(), bias=_vector(b1), activation=act.name if act.from_output else None,
-                             out_dtype=w1.dtype)[0]
-    if out is None and signs is not None:  # PROTOTYPE: the mask applied here until the kernels read the bits
-        dout = signs_.relu_backward(dout, signs)
-        form = Form(form.activation, None)
-    need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
-    need_weights = need_w1 or need_b1 or need_w2 or need_b2
-    final_relu = form.final_activation == "relu"
-    if (variant != "two_gemm" and (need_x or need_weights)
-            and whole_block_backward_fits(dout, w1, ws, form)):
-        dx, dw1, db1, dw2, db2 = whole_block.backward(dout, out, saved, x, w1, w2, need_dx=need_x,
-                                                      need_weights=need_weights, final_relu=final_relu,
-                                                      dx_dtype=dx_dtype)
-        return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
-                db2 if need_b2 else None, None)
-    # Under autocast dout and x may be wider than the weights: each launch rounds them on chip for its GEMM.
-    act = form.hidden
-    relu_out = out if final_relu else None
-    dw2, db2 = _weight_grad(dout, relu_out, saved, need_w2, need_b2, w2.dtype,
-                            None if act.from_output else act.name)
-    dws = _weight_grad(dout, relu_out, x, True, False, ws.dtype)[0] if need_ws else None
-    dx = dw1 = db1 = None
-    if need_x or need_w1 or need_b1:
-        g1 = fused_linear(dout, w2, relu_mask=relu_out, gate=saved, gate_activation=act.name, out_dtype=w1.dtype)[0]
-        dw1, db1 = _weight_grad(g1, None, x, need_w1, need_b1, w1.dtype)
-        if need_x:
-            if ws is None:
-                dx = fused_linear(g1, w1, residual=dout, relu_mask=relu_out, mask_on="residual", out_dtype=dx_dtype)[0]
-            else:
-                dx = fused_linear(dout, ws, relu_mask=relu_out, second=(g1, w1), out_dtype=dx_dtype)[0]
-    return dx, dw1, db1, dw2, db2, dws
-
+# ---- the net (inference, no plan) --------------------------------------------------------------------------
 
 def net_forward(
     x: Tensor, w_in: Tensor, b_in: Tensor | None, blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]],
@@ -239,4 +353,5 @@ def net_forward(
     else:
         w1 = w2 = x.new_empty((0, hidden, hidden))
         b1 = b2 = x.new_empty((0, hidden))
-    return whole_net.forward(x, w_in, _vector(b_in), w1, b1, w2, b2, w_out, _vector(b_out))
+    vector = [b if b is None or b.stride(0) == 1 else b.contiguous() for b in (b_in, b_out)]
+    return whole_net.forward(x, w_in, vector[0], w1, b1, w2, b2, w_out, vector[1])
