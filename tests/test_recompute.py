@@ -245,3 +245,41 @@ def test_functional_api(use_backend, route):
                                   exclude=list(block.parameters()))
     assert kept.nbytes == 16 * 32 * FP32 + 16 * 32 // 8
     torch.testing.assert_close(out, block(x))
+
+
+def test_forced_composite_recomputes_by_checkpointing(use_backend):
+    """Plain ops only (FUSED_RESIDUAL_BACKEND=composite): the block runs under checkpointing, which keeps x."""
+    use_backend("composite")
+    block = _block(width=16)
+    x, dout = torch.randn(24, 16), torch.randn(24, 16)
+    _, kept = kept_by_module(block, x.requires_grad_(True))
+    assert kept.nbytes == 24 * 16 * FP32
+    out, grads = _run(block, x, dout)
+    out64, grads64 = plain_float64(block, x, dout)
+    assert_close(out, out64, "out")
+    for name, g in grads.items():
+        assert_close(g, grads64[name], f"grad {name}")
+
+
+def test_the_saving_mode_is_part_of_a_call_signature(use_backend):
+    """Default and recompute calls of one signature each keep what their mode says (plans are not shared)."""
+    use_backend("torch")
+    block = _block(width=32, recompute=False)
+    x = torch.randn(16, 32, requires_grad=True)
+    for recompute in (False, True, False, True):
+        block.recompute = recompute
+        _, kept = kept_by_module(block, x)
+        assert kept.nbytes == (16 * 32 * FP32 + 16 * 32 // 8 if recompute else 3 * 16 * 32 * FP32)
+
+
+@pytest.mark.parametrize("route", ["torch", "auto"])
+def test_under_torch_compile(use_backend, route):
+    use_backend(route)
+    block = _block(width=16)
+    x, dout = torch.randn(12, 16), torch.randn(12, 16)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out, grads = _run(compiled, x, dout)
+    out64, grads64 = plain_float64(block, x, dout)
+    assert_close(out, out64, "out")
+    for name, g in grads.items():
+        assert_close(g, grads64[name.removeprefix("_orig_mod.")], f"grad {name}")
