@@ -275,8 +275,9 @@ class ResidualBlockFunction(torch.autograd.Function):
         ctx.plan, ctx.x_meta = plan, (x.shape, x.dtype)
         ctx.set_materialize_grads(False)
         hidden = kept if save_hidden else None
-        tensors = (x, hidden, out, kept if save_signs else None, w1, b1, w2, ws)
-        ctx.save_for_backward(*(t if k else None for t, k in zip(tensors, keep, strict=True)))
+        # saving.KEPT's order, written out (this runs on every training call); the weights are always kept.
+        ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, kept if save_signs else None,
+                              w1, b1 if keep[5] else None, w2, ws)
         return (out if x.dim() == 2 else with_leading_dims(out, x, w2.shape[0])), hidden
 
     @staticmethod

@@ -38,7 +38,8 @@ def block_keeps(form: Form, needs: tuple[bool, ...], mode: int = DEFAULT) -> tup
     g1 = need_x or need_w1 or need_b1  # g1 = (g2 W2) * act'(hidden), for dx, dW1 and db1
     hidden = g1 or need_w2  # and dW2 = g2^T act(hidden)
     final = form.final_activation is not None
-    # The weights always: parameters cost nothing kept, and the backward reads their dtypes and shapes.
+    # The weights always (plans.py relies on it): parameters cost nothing kept, and the backward reads their
+    # dtypes and shapes.
     if mode != DEFAULT:
         out_kept = mode == RECOMPUTE_OUT_KEPT
         return (hidden or need_ws, False, final and out_kept, final and not out_kept, True, hidden, True, True)
