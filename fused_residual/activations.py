@@ -1,8 +1,10 @@
 """The activations a fused block can apply, and the block's form (which activation where).
 
-One ``Activation`` entry per activation: its torch function and its derivative. The Triton kernels have the same
-activation, by the same name, in ``kernels/activations.py``; the tests iterate over ``NAMES``. Adding one is an
-entry here and a function and its derivative there.
+One ``Activation`` entry per activation: its torch function, its derivative, and the facts the kernels, the
+backends, the kernels' config pruning and the tests read (``from_output``, ``piecewise_linear``,
+``register_class``); nothing else decides by an activation's name. The Triton kernels have the same activation, by
+the same name, in ``kernels/activations.py``; the tests iterate over ``ACTIVATIONS``. Adding one is an entry here
+and a function and its derivative there (plus a branch in its two switches).
 
 The derivative reads what the backward keeps: the activation's output where that suffices (ReLU: the mask is
 ``h > 0``, and ``h`` is needed anyway for ``dW2 = g2^T h``), else its input, the pre-activation (``h`` is then
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _aten = torch.ops.aten
+REGISTER_CLASSES = ("light", "heavy")
 
 
 @dataclass(frozen=True)
@@ -33,26 +36,39 @@ class Activation:
     """``(grad of the output, saved) -> grad of the input``; ``saved`` is the output if ``from_output``, else the
     input."""
     from_output: bool
+    """The backward keeps the activation's output (else its input, the pre-activation) and the derivative reads
+    it; the kernels take it as the constexpr FROM_OUTPUT where they decide what to store and read."""
     piecewise_linear: bool
     """Its derivative is constant almost everywhere: a double backward needs no second derivative."""
+    register_class: str
+    """What computing it costs a kernel in registers beside a GEMM's tiles (``REGISTER_CLASSES``): "light" (a
+    compare and a select or a few multiplies, like ReLU) takes every tile the kernels offer and the whole-block
+    kernels; "heavy" (transcendental math: erf, tanh, exp) takes only the smaller tiles the kernels' configs list
+    for it and the two-GEMM kernels. The ahead-of-time compiles check every activation in its class."""
+
+    def __post_init__(self) -> None:
+        if self.register_class not in REGISTER_CLASSES:
+            raise ValueError(f"register_class={self.register_class!r} is not one of {REGISTER_CLASSES}")
 
 
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
         Activation("relu", torch.relu, torch.relu_, lambda g, out: _aten.threshold_backward(g, out, 0),
-                   from_output=True, piecewise_linear=True),
+                   from_output=True, piecewise_linear=True, register_class="light"),
         Activation("gelu", F.gelu, lambda t: t.copy_(F.gelu(t)), lambda g, pre: _aten.gelu_backward(g, pre),
-                   from_output=False, piecewise_linear=False),
+                   from_output=False, piecewise_linear=False, register_class="heavy"),
         Activation("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"),
                    lambda t: t.copy_(F.gelu(t, approximate="tanh")),
                    lambda g, pre: _aten.gelu_backward(g, pre, approximate="tanh"),
-                   from_output=False, piecewise_linear=False),
+                   from_output=False, piecewise_linear=False, register_class="heavy"),
         Activation("silu", F.silu, lambda t: F.silu(t, inplace=True), lambda g, pre: _aten.silu_backward(g, pre),
-                   from_output=False, piecewise_linear=False),
+                   from_output=False, piecewise_linear=False, register_class="heavy"),
     )
 }
 NAMES = tuple(ACTIVATIONS)
+IDENTITY = "identity"
+"""The kernels' name for no activation (a plain linear); never a registry entry."""
 FINAL_ACTIVATIONS = ("relu", None)
 
 

@@ -33,12 +33,12 @@ import torch
 from triton import knobs as _knobs
 from triton.runtime.driver import driver as _driver
 
-from . import _reduce
+from . import _common, _reduce
 from . import fused_linear as fl
 from . import whole_block as wb
-from ._common import is_gpu
 from ._launch import _LAUNCHES as _COUNTS
 from ._launch import _HookChain
+from ._tma import ensure_scratch_allocator
 
 ROWS = "rows"  # in a recorded shape: the call's row count
 NONE = "none"  # a result that is None
@@ -59,7 +59,7 @@ class PreparedLaunch:
     def __call__(self, rows, regs, stream):
         args = (*self.gather(regs), *self.pre, rows, *self.post)
         if self.allocator:
-            fl._ensure_scratch_allocator()
+            ensure_scratch_allocator()
         entry = self.entry
         if entry is None or stream is None:
             grid = self.grid
@@ -159,7 +159,7 @@ class Steps:
     def __init__(self, steps, n_inputs, n_regs, results, device):
         # Registers past the inputs, and one more that stays None (the ``NONE`` results).
         self.steps, self.blank, self.results = steps, [None] * (n_regs - n_inputs + 1), results
-        self.gpu = is_gpu(device)
+        self.gpu = _common.is_gpu(device)
         self.index = device.index if device.index is not None else 0
 
     def stream(self):

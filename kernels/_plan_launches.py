@@ -10,10 +10,12 @@ import functools
 
 import torch
 
-from . import _reduce
+from ..activations import ACTIVATIONS, IDENTITY
+from . import _common, _reduce
 from . import fused_linear as fl
 from . import whole_block as wb
-from ._common import capability, input_precision, is_gpu, multiprocessors, next_power_of_2, on_interpreter
+from . import whole_block_configs as wbc
+from ._common import next_power_of_2
 from ._plan import (
     ROWS,
     PreparedLaunch,
@@ -23,7 +25,6 @@ from ._plan import (
     whole_block_forward_grid,
     whole_block_programs,
 )
-from .activations import IDENTITY
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
@@ -94,17 +95,17 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
         K = 1
         if mask_on != "residual":
             views["mask"], relu_mask = (None, None), None
-    config = fl.INTERPRETER_CONFIG if on_interpreter(device) else None
+    config = fl.INTERPRETER_CONFIG if _common.on_interpreter(device) else None
     mask = "none" if relu_mask is None else mask_on
     layout = ""
-    if a_t.dtype == b_t.dtype and capability(device)[0] >= 9:
+    if a_t.dtype == b_t.dtype and _common.capability(device)[0] >= 9:
         layout = fl.tma_layout(a_t, b_t, sa_t, sb_t, views["mask"][1] if mask == "a" else None)
     has_bias = bias is not None
     flags = {
         "HAS_SECOND": sa_t is not None, "HAS_BIAS": has_bias, "HAS_RESIDUAL": residual is not None,
         "MASK": mask, "GATE": gate_activation if gate is not None else IDENTITY, "STORE_PRE": pre_out is not None,
         "ACTIVATION": activation or IDENTITY, "B_ACTIVATION": b_activation or IDENTITY, "HAS_ROWSUM": bool(rowsum),
-        "INPUT_PRECISION": input_precision(a_t if a_t.element_size() <= b_t.element_size() else b_t),
+        "INPUT_PRECISION": _common.input_precision(a_t if a_t.element_size() <= b_t.element_size() else b_t),
         "TMA_LAYOUT": layout,
     }
     # Tensor slots in the kernel's order; an absent operand reads C (as in the wrapper).
@@ -113,8 +114,8 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
                   rowsum or out_name]
     strides = (*a_t.stride(), *b_t.stride(), *_strides(sa_t), *_strides(sb_t), *_strides(views["residual"][1]),
                *_strides(views["mask"][1]), *_strides(views["gate"][1]), *_strides(views["pre"][1]), *c.stride())
-    sms = multiprocessors(device)
-    allocator = bool(layout) and is_gpu(device)
+    sms = _common.multiprocessors(device)
+    allocator = bool(layout) and _common.is_gpu(device)
 
     def record(split: int, sub: Recorder) -> None:
         names = list(slot_names)
@@ -153,20 +154,20 @@ def whole_block_forward(rec: Recorder, out_name: str, saved_name: str | None, x:
     """Record ``wb.forward`` (``store_saved`` where ``saved_name`` is given) into the named registers."""
     xt, w1t, w2t = rec[x], rec[w1], rec[w2]
     F = xt.shape[1]
-    width = wb.padded_width(F)
+    width = wbc.padded_width(F)
     out = rec.empty(out_name, (ROWS, F), out_dtype)
     saved = rec.empty(saved_name, (ROWS, F), w1t.dtype) if saved_name else None
     saved_arg = saved if saved is not None else out
     flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_SAVED": saved is not None,
-             "ACTIVATION": activation, "FINAL_RELU": final_relu, "INPUT_PRECISION": input_precision(w1t),
-             "WIDTH": width}
+             "ACTIVATION": activation, "FROM_OUTPUT": ACTIVATIONS[activation].from_output, "FINAL_RELU": final_relu,
+             "INPUT_PRECISION": _common.input_precision(w1t), "WIDTH": width}
     post = (F, *xt.stride(), *w1t.stride(), *w2t.stride(), *out.stride(), *saved_arg.stride(),
             next_power_of_2(rec.rows))
     slots = [rec.index(n) for n in (x, w1, b1 or w1, w2, b2 or w2, out_name, saved_name or out_name)]
-    sms = multiprocessors(rec.device)
-    if on_interpreter(rec.device):
-        streamed = width > wb.WEIGHTS_ON_CHIP_WIDTH[w1t.element_size()]
-        config = wb.ForwardConfig(wb.INTERPRETER_BLOCK_M, 4, 0, wb.INTERPRETER_HIDDEN_CHUNK if streamed else 0)
+    sms = _common.multiprocessors(rec.device)
+    if _common.on_interpreter(rec.device):
+        streamed = width > wbc.WEIGHTS_ON_CHIP_WIDTH[w1t.element_size()]
+        config = wbc.ForwardConfig(wbc.INTERPRETER_BLOCK_M, 4, 0, wbc.INTERPRETER_HIDDEN_CHUNK if streamed else 0)
         meta = {"BLOCK_M": config.block_m, "PROGRAMS_PER_SM": config.programs_per_sm,
                 "HIDDEN_CHUNK": config.hidden_chunk}
         kwargs = {**flags, **meta, "num_warps": config.warps, "num_stages": config.stages}
@@ -186,13 +187,13 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
     dout_t, w1t = rec[dout], rec[w1]
     xt = rec[x] if x is not None else None
     F = dout_t.shape[1]
-    width = wb.padded_width(F)
+    width = wbc.padded_width(F)
     wide = max(xt.element_size() if xt is not None else 0, torch.finfo(dx_dtype).bits // 8) > w1t.element_size()
-    config = wb.backward_config(width, w1t.element_size(), wide)
-    if on_interpreter(rec.device):
-        config = config._replace(block_m=wb.INTERPRETER_BLOCK_M, warps=4)
-    block_m, warps, chunk = wb.BackwardConfig(*config)
-    share = wb.dx_share(width, chunk) if chunk else 1
+    config = wbc.backward_config(width, w1t.element_size(), wide)
+    if _common.on_interpreter(rec.device):
+        config = config._replace(block_m=wbc.INTERPRETER_BLOCK_M, warps=4)
+    block_m, warps, chunk = wbc.BackwardConfig(*config)
+    share = wbc.dx_share(width, chunk) if chunk else 1
     device = rec.device
     if need_dx:
         rec.empty("dx", (ROWS, F), dx_dtype)
@@ -203,8 +204,9 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
     x_name = x if x is not None else dout
     dx_name = "dx" if need_dx else dout
     grads = ("dw1", "db1", "dw2", "db2") if need_weights else (dout,) * 4
-    flags = {"NEED_DX": need_dx, "NEED_WEIGHTS": need_weights, "ACTIVATION": activation, "FINAL_RELU": final_relu,
-             "INPUT_PRECISION": input_precision(w1t), "WIDTH": width, "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
+    flags = {"NEED_DX": need_dx, "NEED_WEIGHTS": need_weights, "ACTIVATION": activation,
+             "FROM_OUTPUT": ACTIVATIONS[activation].from_output, "FINAL_RELU": final_relu,
+             "INPUT_PRECISION": _common.input_precision(w1t), "WIDTH": width, "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
              "DX_SHARE": share, "num_warps": warps, "num_stages": 1}
 
     def record(programs: int, sub: Recorder) -> None:

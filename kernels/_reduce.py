@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -66,7 +68,7 @@ def workspace_slots(count: int) -> int:
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """At least ``count`` int32 counters, all 0, for one launch on the current stream of ``device`` (see the
     module docstring for why a cached buffer is safe, and when a fresh one is used instead)."""
-    if device.type == "cuda":
+    if _common.is_gpu(device):
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(count, dtype=torch.int32, device=device)
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -1,9 +1,11 @@
 """The activations of ``fused_residual.activations`` as Triton functions: one for each activation, one for each
 derivative, and the two switches the kernels call with the activation's name as a constexpr.
 
-Adding an activation: its function and its derivative here plus a branch in ``apply`` and ``gradient``, and its
-entry (torch function, derivative, ``from_output``) in ``fused_residual/activations.py``; the tests iterate over
-the registry's names. ``IDENTITY`` is the kernels' name for no activation (a plain linear).
+Adding an activation: its function and its derivative here plus a branch in ``apply`` and ``gradient`` (the one
+place that maps names to Triton functions), and its entry in ``fused_residual/activations.py`` (torch function,
+derivative, ``from_output``, ``piecewise_linear``, ``register_class``); what the kernels store and read, the tiles
+they may take and the tests follow the entry. ``"identity"`` (the registry's ``IDENTITY``) is the kernels' name
+for no activation (a plain linear).
 
 Every function computes in fp32 (callers pass fp32 accumulators; the derivatives take the saved tensor as
 loaded). The formulas are PyTorch's (``aten`` ``gelu``, ``gelu_backward``, ``silu_backward``), their constants
@@ -24,9 +26,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-IDENTITY = "identity"
-
 
 
 @triton.jit
@@ -108,7 +107,7 @@ def apply(x, ACTIVATION: tl.constexpr):
 def gradient(grad, saved, ACTIVATION: tl.constexpr):
     """The gradient of the activation's input from ``grad`` (fp32) and ``saved`` (any float dtype; computed on in
     fp32, except ReLU's comparison, exact in any dtype and cheaper in registers in the stored one): the activation's
-    output for ReLU, its input (the pre-activation) for the others (``from_output`` in the registry)."""
+    output where the registry's ``from_output`` says so (ReLU), else its input (the pre-activation)."""
     if ACTIVATION == "relu":
         return relu_gradient(grad, saved)
     elif ACTIVATION == "gelu":
@@ -122,23 +121,24 @@ def gradient(grad, saved, ACTIVATION: tl.constexpr):
         return grad
 
 
-# The saved tensor of the hidden activation, as the registry's ``from_output`` says: ReLU keeps its output (its
-# derivative reads the mask from it, and it is dW2's operand as it is), the others their input.
+# The saved tensor of the hidden activation, as the registry's ``from_output`` says (the constexpr FROM_OUTPUT):
+# the activation's output where its derivative reads that (ReLU: the mask, and it is dW2's operand as it is), else
+# its input.
 
 
 @triton.jit
-def saved_of(pre, h, ACTIVATION: tl.constexpr):
-    """What backward keeps of the hidden activation: ``h = act(pre)`` for ReLU, else ``pre``."""
-    if ACTIVATION == "relu":
+def saved_of(pre, h, FROM_OUTPUT: tl.constexpr):
+    """What backward keeps of the hidden activation: ``h = act(pre)`` with FROM_OUTPUT, else ``pre``."""
+    if FROM_OUTPUT:
         return h
     else:
         return pre
 
 
 @triton.jit
-def output_from_saved(saved, ACTIVATION: tl.constexpr):
-    """``act(pre)`` from what ``saved_of`` kept (ReLU: itself; others: recomputed in fp32, rounded back)."""
-    if ACTIVATION == "relu":
+def output_from_saved(saved, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+    """``act(pre)`` from what ``saved_of`` kept: itself with FROM_OUTPUT, else recomputed in fp32, rounded back."""
+    if FROM_OUTPUT:
         return saved
     else:
         return apply(saved.to(tl.float32), ACTIVATION).to(saved.dtype)

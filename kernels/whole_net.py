@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import input_precision, launch_device, next_power_of_2, on_interpreter
+from . import _common
+from ._common import next_power_of_2
 from ._launch import CachedLauncher
-from .whole_block import WEIGHTS_ON_CHIP_WIDTH, padded_width
+from .whole_block_configs import WEIGHTS_ON_CHIP_WIDTH, padded_width
 
 # (BLOCK_M, num_warps), compiled ahead of time for sm_90 and sm_80 in tests/test_kernels_aot.py: at hidden
 # width 128, 64 rows on 4 warps spill.
@@ -118,11 +119,11 @@ def forward(x, w_in, b_in, w1, b1, w2, b2, w_out, b_out, *, out=None, config: tu
     w1, b1, w2, b2 = (t.contiguous() for t in (w1, b1, w2, b2))
     args = (x, w_in, b_in, w1, b1, w2, b2, w_out, b_out, out, M, in_features, hidden, out_features, w1.shape[0],
             *x.stride(), *w_in.stride(), *w_out.stride(), *out.stride(), next_power_of_2(M))
-    widths = {"INPUT_PRECISION": input_precision(x), "IN_WIDTH": padded_width(in_features),
+    widths = {"INPUT_PRECISION": _common.input_precision(x), "IN_WIDTH": padded_width(in_features),
               "H_WIDTH": padded_width(hidden), "OUT_WIDTH": padded_width(out_features)}
-    if config is None and on_interpreter(x.device):
+    if config is None and _common.on_interpreter(x.device):
         config = (INTERPRETER_BLOCK_M, 4)
-    with launch_device(x.device):
+    with _common.launch_device(x.device):
         if config is None:
             _launch_tuned(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), *args, **widths)
         else:

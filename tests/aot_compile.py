@@ -19,6 +19,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from fused_residual.activations import ACTIVATIONS, SEED_FORM
+
 ARCHS = {90: 232448, 80: 166912}  # compute capability -> shared memory per block (opt-in maximum), bytes
 DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -47,25 +49,40 @@ AUTOCAST_VARIANTS = [
     ("autocast_weight_grad", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a"}, "gT_x", ("b_ptr",)),
 ]
 AUTOCAST_DTYPES = ("fp16", "bf16")
-# Smooth activations (kernels/activations.py), each in the three launches that compute it: linear1's epilogue
-# (with the pre-activation stored), g1's gate and dW2's act on B's load. Gate and dW2 as the launches that run:
-# masked A (a final ReLU) with 16-bit A, and unmasked with an fp32 A (the FFN form under autocast: fp32 dout),
-# which stands for the unmasked 16-bit one too; linear1 with an fp32 A (autocast's x), standing for the 16-bit one
-# too. In bf16 and fp32: fp16 compiles like bf16 except for the fp32 -> 16-bit conversions, which the autocast
-# variants above compile in both. Tiles of at most 2048 elements (64 x 32 and smaller: <= 16 fp32 accumulators per
-# thread, under 100 registers in every smooth variant compiled while these tables were made) are left out, to keep
-# CI's compile time down (see the README for the measured time).
-SMOOTH = ("gelu", "gelu_tanh", "silu")
-SMOOTH_DTYPES = ("bf16", "fp32")
-SMOOTH_VARIANTS = [v for act in SMOOTH for v in (
-    (f"forward_{act}", {"HAS_BIAS": True, "ACTIVATION": act, "STORE_PRE": True}, "x_wT", ("a_ptr",)),
-    (f"backward_gate_{act}", {"MASK": "a", "GATE": act}, "g_W", ()),
-    (f"backward_gate_{act}_ffn", {"GATE": act}, "g_W", ("a_ptr",)),
-    (f"weight_grad_{act}_on_b", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a", "B_ACTIVATION": act}, "gT_x", ()),
-    (f"weight_grad_{act}_on_b_ffn", {"HAS_ROWSUM": True, "SPLIT_K": 4, "B_ACTIVATION": act}, "gT_x", ("a_ptr",)),
-)]
+# Every other activation of the registry (the variants above are the reference block's, ReLU hidden), each in the
+# launches that compute it: linear1's epilogue (with the pre-activation stored where the backward keeps it: the
+# registry's from_output), g1's gate and, where the saved tensor is the pre-activation, dW2's act on B's load. Gate
+# and dW2 as the launches that run: masked A (a final ReLU) with 16-bit A, and unmasked with an fp32 A (the FFN form
+# under autocast: fp32 dout), which stands for the unmasked 16-bit one too; linear1 with an fp32 A (autocast's x),
+# standing for the 16-bit one too. In bf16 and fp32: fp16 compiles like bf16 except for the fp32 -> 16-bit
+# conversions, which the autocast variants above compile in both. The tiles each may take follow its register class
+# (fused_linear_configs.heavy_places). Tiles of at most 2048 elements (64 x 32 and smaller: <= 16 fp32 accumulators
+# per thread, under 100 registers in every activation variant compiled while these tables were made) are left out,
+# to keep CI's compile time down (see the README for the measured time). Read from the registry when the cases are
+# made (an activation registered later is taken up too).
+ACTIVATION_DTYPES = ("bf16", "fp32")
+
+
+def activation_variants() -> list[tuple]:
+    """(name, flags, layout, wide pointers) of every activation variant."""
+    return [v for act in ACTIVATIONS if act != SEED_FORM.activation for v in _activation_variants(act)]
+
+
+def _activation_variants(act: str):
+    keeps_pre = not ACTIVATIONS[act].from_output
+    yield (f"forward_{act}", {"HAS_BIAS": True, "ACTIVATION": act, **({"STORE_PRE": True} if keeps_pre else {})},
+           "x_wT", ("a_ptr",))
+    yield (f"backward_gate_{act}", {"MASK": "a", "GATE": act}, "g_W", ())
+    yield (f"backward_gate_{act}_ffn", {"GATE": act}, "g_W", ("a_ptr",))
+    if keeps_pre:
+        yield (f"weight_grad_{act}_on_b", {"HAS_ROWSUM": True, "SPLIT_K": 4, "MASK": "a", "B_ACTIVATION": act}, "gT_x",
+               ())
+        yield (f"weight_grad_{act}_on_b_ffn", {"HAS_ROWSUM": True, "SPLIT_K": 4, "B_ACTIVATION": act}, "gT_x",
+               ("a_ptr",))
+
+
 SMALL_TILE = 64 * 32
-# Hopper schedules (fused_linear.HOPPER_SCHEDULES, sm_90 fp16/bf16 only): each in a representative set of the
+# Hopper schedules (fused_linear_configs.HOPPER_SCHEDULES, sm_90 fp16/bf16 only): each in a representative set of the
 # launches the autotuner may give it, in bf16 (fp16 compiles the same code but for the element type), not the
 # whole cross product, to keep CI's compile time down. The set covers each schedule feature in each operand
 # layout (A row-major or g^T, B = W^T or row-major) and each epilogue kind: tile epilogues (split or not), the
@@ -89,7 +106,7 @@ HOPPER_CASES = [
     ("tma+persistent+ws", "backward_dh"),
 ]
 HOPPER_DTYPE = "bf16"
-# fused_linear.tma_layout() of each layout's operands (at aligned sizes): A's contiguous dim, then B's.
+# _tma.tma_layout() of each layout's operands (at aligned sizes): A's contiguous dim, then B's.
 TMA_LAYOUTS = {"x_wT": "kk", "g_W": "kn", "gT_x": "mn"}
 UNIT_STRIDES = {
     "x_wT": ("stride_ak", "stride_bk", "stride_sak", "stride_sbk", "stride_rn", "stride_qk", "stride_gn",
@@ -102,18 +119,18 @@ UNIT_STRIDES = {
 
 
 def _table(fl, cap: int, size: int, flags: dict, wide: bool, tma: bool = False) -> list:
-    """The configs the autotuner may run for a launch with ``flags`` (fused_linear._prune's rule); ``tma``: with
+    """The configs the autotuner may run for a launch with ``flags`` (fused_linear_configs.prune's rule); ``tma``: with
     operands that qualify for TMA (the Hopper schedules; without, only those that need no TMA)."""
     tile_epilogue = flags.get("HAS_RESIDUAL", False) or "GATE" in flags
-    smooth = fl.smooth_places(flags.get("ACTIVATION", "identity"), flags.get("GATE", "identity"),
-                              flags.get("B_ACTIVATION", "identity"))
+    heavy = fl.heavy_places(flags.get("ACTIVATION", "identity"), flags.get("GATE", "identity"),
+                            flags.get("B_ACTIVATION", "identity"))
     warp_specialize = not (flags.get("HAS_SECOND") or flags.get("HAS_ROWSUM") or flags.get("SPLIT_K", 1) > 1)
-    return fl.config_table((cap // 10, cap % 10), size, tile_epilogue, flags.get("MASK") == "a", wide, smooth, tma,
+    return fl.config_table((cap // 10, cap % 10), size, tile_epilogue, flags.get("MASK") == "a", wide, heavy, tma,
                            warp_specialize)
 
 
 def fused_linear_cases():
-    from fused_residual.kernels import fused_linear as fl
+    from fused_residual.kernels import fused_linear_configs as fl
 
     def case(name, flags, layout, cap, dtype, config, wide=()):
         return {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags, "cap": cap,
@@ -134,8 +151,8 @@ def fused_linear_cases():
                 if dtype in AUTOCAST_DTYPES:
                     for config in _table(fl, cap, size, flags, True):
                         yield case(name, flags, layout, cap, dtype, config, wide)
-            for name, flags, layout, wide in SMOOTH_VARIANTS:
-                if dtype not in SMOOTH_DTYPES or (size == 4 and name.endswith("_ffn")):
+            for name, flags, layout, wide in activation_variants():
+                if dtype not in ACTIVATION_DTYPES or (size == 4 and name.endswith("_ffn")):
                     continue  # fp32: no autocast, and the masked launch stands for the unmasked one
                 wide = wide if size == 2 else ()
                 wide_configs = _table(fl, cap, size, flags, True) if wide else []
@@ -148,7 +165,7 @@ def fused_linear_cases():
 def hopper_cases(case):
     """The Hopper schedules' cases, variants named "hopper_<variant>": HOPPER_CASES, or with AOT_HOPPER=all every
     pair the prune hook allows (in fp16 and bf16)."""
-    from fused_residual.kernels import fused_linear as fl
+    from fused_residual.kernels import fused_linear_configs as fl
 
     variants = {name: (flags, layout) for name, flags, layout in FUSED_LINEAR_VARIANTS + HOPPER_ONLY_VARIANTS}
     # Without the mask on A (the FFN form's g1, dW1) a launch may take what the mask rule drops, as above.
@@ -190,11 +207,21 @@ WHOLE_BLOCK_WIDTHS = (16, 32, 64, 128, 256)
 
 
 def whole_block_cases():
+    """For each hidden activation the backend gives the whole-block kernels: the registry's "light" ones. Variants
+    of any but the reference block's are named "...-<activation>" (beyond the on-chip widths: AOT_WHOLE_BLOCK=all)."""
+    for activation in [name for name, act in ACTIVATIONS.items() if act.register_class == "light"]:
+        yield from _whole_block_cases(activation)
+
+
+def _whole_block_cases(activation: str):
     """Every width and config; autocast (fp32 x, and dx in backward) in forward from width 64 (width 16 and 32's
     configs, as light or lighter, are left out) and in backward at every width; without the final ReLU (the FFN
     form: fewer operations than with it) at the widest width of each kind (weights on chip or not; whole or split
     backward), in one config. Beyond the on-chip widths, WHOLE_BLOCK_BEYOND_ON_CHIP only, unless AOT_WHOLE_BLOCK=all."""
-    from fused_residual.kernels import whole_block as wb
+    from fused_residual.kernels import whole_block_configs as wb
+
+    named = "" if activation == SEED_FORM.activation else f"-{activation}"
+    from_output = ACTIVATIONS[activation].from_output
 
     every = os.environ.get("AOT_WHOLE_BLOCK") == "all"
 
@@ -216,14 +243,14 @@ def whole_block_cases():
                     runs = [(c, True) for c in configs] + ([(configs[-1], False)] if widest and configs and not wide
                                                            else [])
                     for config, final_relu in runs:
-                        suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu")
+                        suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu") + named
                         case = {"kernel": "whole_block_forward", "variant": f"width{width}{suffix}", "cap": cap,
                                 "dtype": dtype, "config": [config.block_m, width, config.hidden_chunk or width,
                                                            config.stages, config.warps],
                                 "wide": list(wide),
-                                "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_SAVED": True, "ACTIVATION": "relu",
-                                          "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": config.block_m,
-                                          "PROGRAMS_PER_SM": config.programs_per_sm,
+                                "flags": {"HAS_B1": True, "HAS_B2": True, "STORE_SAVED": True, "ACTIVATION": activation,
+                                          "FROM_OUTPUT": from_output, "FINAL_RELU": final_relu, "WIDTH": width,
+                                          "BLOCK_M": config.block_m, "PROGRAMS_PER_SM": config.programs_per_sm,
                                           "HIDDEN_CHUNK": config.hidden_chunk}}
                         if wanted(case, beyond):
                             yield case
@@ -234,20 +261,20 @@ def whole_block_cases():
                     for wide in wides:
                         block_m, warps, chunk = wb.backward_config(width, size, bool(wide))
                         for final_relu in (True, False) if widest and not wide else (True,):
-                            suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu")
+                            suffix = ("-wide_x" if wide else "") + ("" if final_relu else "-no_final_relu") + named
                             case = {"kernel": "whole_block_backward", "variant": f"width{width}{suffix}", "cap": cap,
                                     "dtype": dtype, "config": [block_m, width, chunk or width, 1, warps],
                                     "wide": list(wide),
-                                    "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": "relu",
-                                              "FINAL_RELU": final_relu, "WIDTH": width, "BLOCK_M": block_m,
-                                              "HIDDEN_CHUNK": chunk,
+                                    "flags": {"NEED_DX": True, "NEED_WEIGHTS": True, "ACTIVATION": activation,
+                                              "FROM_OUTPUT": from_output, "FINAL_RELU": final_relu, "WIDTH": width,
+                                              "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
                                               "DX_SHARE": wb.dx_share(width, chunk) if chunk else 1}}
                             if wanted(case, beyond):
                                 yield case
 
 
 def whole_net_cases():
-    from fused_residual.kernels import whole_block as wb
+    from fused_residual.kernels import whole_block_configs as wb
     from fused_residual.kernels import whole_net as wn
 
     for cap in ARCHS:
@@ -269,9 +296,10 @@ def _compile(case: dict) -> dict:
     if case["kernel"] != "fused_linear":
         return _compile_whole_block(case)
 
-    from fused_residual.kernels import fused_linear as fl
+    from fused_residual.kernels import fused_linear_configs as fl
+    from fused_residual.kernels.fused_linear_kernel import fused_linear_kernel
 
-    kernel = fl.fused_linear_kernel
+    kernel = fused_linear_kernel
     names = list(kernel.arg_names)
     block_m, block_n, block_k = case["config"][:3]
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
@@ -292,10 +320,11 @@ def _compile(case: dict) -> dict:
 
 def _compile_whole_block(case: dict) -> dict:
     """The whole-block kernels at a typical launch: row-major tensors (unit feature strides)."""
-    from fused_residual.kernels import whole_block as wb
+    from fused_residual.kernels.whole_block_backward import whole_block_backward_kernel
+    from fused_residual.kernels.whole_block_forward import whole_block_forward_kernel
 
     forward = case["kernel"] == "whole_block_forward"
-    kernel = wb.whole_block_forward_kernel if forward else wb.whole_block_backward_kernel
+    kernel = whole_block_forward_kernel if forward else whole_block_backward_kernel
     names = list(kernel.arg_names)
     constexprs = {**case["flags"], "INPUT_PRECISION": "tf32" if case["dtype"] == "fp32" else "ieee"}
     constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith(("f", "k"))})

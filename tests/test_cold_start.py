@@ -20,17 +20,19 @@ pytestmark = pytest.mark.interpreter
 if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fused_residual.kernels import _common, whole_block  # noqa: E402
 from fused_residual.kernels import fused_linear as fl  # noqa: E402
-from fused_residual.kernels import whole_block  # noqa: E402
+from fused_residual.kernels import fused_linear_configs as flc  # noqa: E402
+from fused_residual.kernels import whole_block_configs as wbc  # noqa: E402
 
 SHARED = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376}  # opt-in shared memory per block, bytes
 
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """``compiled(module, capability)``: run that kernel module's tuned path as on a device of ``capability`` and
-    return the configs its autotuner benchmarked (compiled) for the launches made meanwhile, plus the chosen one
-    (triton 3.9 skips the benchmark when one candidate is left; 3.6 runs it)."""
+    """``compiled(capability)``: run the kernels' tuned paths as on a device of ``capability`` and return the
+    configs their autotuners benchmarked (compiled) for the launches made meanwhile, plus the chosen one (triton 3.9
+    skips the benchmark when one candidate is left; 3.6 runs it)."""
     seen = []
 
     def record(tuner):
@@ -44,12 +46,11 @@ def compiled(monkeypatch):
     record(whole_block.whole_block_forward_autotuned)
     record(fl.fused_linear_autotuned)
 
-    def on(module, capability):
+    def on(capability):
         seen.clear()
-        monkeypatch.setattr(module, "on_interpreter", lambda device: False)
-        monkeypatch.setattr(module, "capability", lambda device: capability)
-        if module is whole_block:
-            monkeypatch.setattr(module, "max_shared_memory", lambda device: SHARED[capability])
+        monkeypatch.setattr(_common, "on_interpreter", lambda device: False)
+        monkeypatch.setattr(_common, "capability", lambda device: capability)
+        monkeypatch.setattr(_common, "max_shared_memory", lambda device: SHARED[capability])
         return seen
 
     return on
@@ -63,7 +64,7 @@ def _block_params(width, dtype, x_dtype=None, rows=40):
     return x, w1, b1, w2, b2
 
 
-F = whole_block.ForwardConfig
+F = wbc.ForwardConfig
 # (capability, weights' dtype, x's dtype, padded width) -> the forward's candidates (fp16 stands for bf16: the
 # prune reads element sizes; the interpreter has no bfloat16).
 WHOLE_BLOCK_CANDIDATES = {
@@ -89,15 +90,14 @@ def test_whole_block_forward_compiles_only_its_candidates(compiled, case):
     expected = WHOLE_BLOCK_CANDIDATES[case]
     features = width - 3 if width > 16 else width  # ragged: the padded width decides
     x, w1, b1, w2, b2 = _block_params(features, dtype, x_dtype)
-    fits = whole_block.runnable_forward_configs(width, w1.element_size(), x.element_size(), capability,
-                                                SHARED[capability])
+    fits = wbc.runnable_forward_configs(width, w1.element_size(), x.element_size(), capability, SHARED[capability])
     assert set(fits) == expected
     if not expected:
         return  # the backend's test (whole_block_forward_fits) sends such a call to the two-GEMM kernels
-    seen = compiled(whole_block, capability)
+    seen = compiled(capability)
     out, _ = whole_block.forward(x, w1, b1, w2, b2, store_saved=False, out_dtype=dtype)
     tuner = whole_block.whole_block_forward_autotuned
-    assert {whole_block._config_of(c) for c in [*seen, tuner.best_config]} == expected
+    assert {wbc.config_of(c) for c in [*seen, tuner.best_config]} == expected
     assert len(seen) in (0, len(expected)) if len(expected) == 1 else len(seen) == len(expected)
     h64 = torch.relu(x.to(dtype).double() @ w1.double().t() + b1.double())
     assert_close(out, torch.relu(h64 @ w2.double().t() + b2.double() + x.double()), "out", dtype=dtype,
@@ -123,12 +123,12 @@ def test_two_gemm_launches_compile_only_their_candidates(compiled, case):
     x, w1, b1, w2, b2 = _block_params(width, dtype, rows=130)
     counts = []
     for kwargs in ({"bias": b1, "activation": "relu"}, {"bias": b2, "residual": x, "activation": "relu"}):
-        seen = compiled(fl, capability)
+        seen = compiled(capability)
         out = fl.fused_linear(x, w1.t(), **kwargs)[0]
-        best = fl._config_key(fl.fused_linear_autotuned.best_config)
-        configs = {fl._config_key(c) for c in seen} | {best}
+        best = flc.config_key(fl.fused_linear_autotuned.best_config)
+        configs = {flc.config_key(c) for c in seen} | {best}
         element = x.element_size()
-        table = fl.config_table(capability, element)
+        table = flc.config_table(capability, element)
         assert configs <= set(table), "a candidate outside the device's table"
         assert all(c[1] <= width and c[2] <= width for c in configs), "a tile wider than the problem"
         counts.append(len(configs))

@@ -13,9 +13,13 @@ from conftest import HAS_CUDA, assert_close, backend_choices
 from torch.func import functional_call, grad, jacrev, vmap
 
 import fused_residual as fr
+from fused_residual.activations import ACTIVATIONS, FINAL_ACTIVATIONS
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 CHOICES = [*backend_choices(), "composite"]
+# Activations with a second derivative (the registry's not piecewise_linear), with each final activation.
+CURVED_FORMS = [(name, final) for name, act in ACTIVATIONS.items() if not act.piecewise_linear
+                for final in FINAL_ACTIVATIONS]
 
 
 def pair(width=16, seed=0, **kwargs):
@@ -88,15 +92,16 @@ def test_torch_func_grad_jacrev_and_vmap_match_the_reference(use_backend, choice
     assert_close(vmap(fused)(x.float().view(3, 2, 16)), vmap(reference)(x.view(3, 2, 16)), "vmap")
 
 
-@pytest.mark.parametrize("activation,final", [("gelu", None), ("silu", "relu"), ("gelu_tanh", None)])
-def test_double_backward_of_smooth_activations_matches_autograd(use_backend, activation, final):
-    """Smooth activations have a second derivative: the recompute must carry it (the block keeps x for it)."""
+@pytest.mark.parametrize("activation,final", CURVED_FORMS)
+def test_double_backward_of_curved_activations_matches_autograd(use_backend, activation, final):
+    """Activations that are not piecewise linear have a second derivative: the recompute must carry it (the block
+    keeps x for it)."""
     use_backend("torch")
     torch.manual_seed(3)
     fused = fr.FusedResidualBlock(8, 8, hidden_features=24, activation=activation, final_activation=final,
                                   device=DEVICE, dtype=torch.float64)
     x = torch.randn(5, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    act = fr.activations.ACTIVATIONS[activation].forward
+    act = ACTIVATIONS[activation].forward
 
     def plain(inp, w1, b1, w2, b2):
         y = torch.nn.functional.linear(act(torch.nn.functional.linear(inp, w1, b1)), w2, b2) + inp

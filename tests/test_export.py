@@ -15,26 +15,23 @@ import zipfile
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import HAS_CUDA, assert_close, device_params, float64_reference
 from torch import nn
 
 import fused_residual as fr
-from fused_residual.activations import NAMES, Form
+from fused_residual.activations import ACTIVATIONS, FINAL_ACTIVATIONS, Form
 
 # Deprecations inside torch's own export code; not ours to fix.
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")]
 
-ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-               "silu": F.silu}
-FORMS = [Form(activation, final) for activation in NAMES for final in ("relu", None)]
+FORMS = [Form(activation, final) for activation in ACTIVATIONS for final in FINAL_ACTIVATIONS]
 
 
 def block_math(x, w1, b1, w2, b2, ws, form: Form):
-    """``final(act(x W1^T + b1) W2^T + b2 + shortcut)`` in float64."""
+    """``final(act(x W1^T + b1) W2^T + b2 + shortcut)`` in float64, ``act`` the registry's torch function."""
     x, w1, b1, w2, b2, ws = (None if t is None else t.double() for t in (x, w1, b1, w2, b2, ws))
-    y = ACTIVATIONS[form.activation](x @ w1.T + b1) @ w2.T + b2 + (x if ws is None else x @ ws.T)
+    y = ACTIVATIONS[form.activation].forward(x @ w1.T + b1) @ w2.T + b2 + (x if ws is None else x @ ws.T)
     return y if form.final_activation is None else torch.relu(y)
 
 
@@ -101,17 +98,22 @@ def test_export_and_run_decompositions_give_aten_only_graphs(name):
     assert_close(decomposed.module()(x), expected_output(model, x), "decomposed out", scale=2)
 
 
-@pytest.mark.parametrize("form", FORMS, ids=[f"{f.activation}-{f.final_activation}" for f in FORMS])
-def test_every_form_exports_to_aten_ops_that_compute_it(form):
+def export_form(form: Form, strict: bool) -> None:
+    """A block of ``form`` exported (Dynamo's strict tracing, or the default) to aten ops that compute it."""
     torch.manual_seed(3)
     block = fr.FusedResidualBlock(8, 8, hidden_features=24, activation=form.activation,
                                   final_activation=form.final_activation).eval()
     x = torch.randn(2, 5, 8)  # leading dims are kept
-    strict = form.activation == "relu"  # Dynamo's (strict) tracing for some forms, the default for the others
     decomposed = torch.export.export(block, (x,), strict=strict).run_decompositions()
     assert_aten_only(decomposed.graph)
     out = decomposed.module()(x)
     assert_close(out, block_math(x, *block_operands(block), form), "exported out", scale=4)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "default"])
+@pytest.mark.parametrize("form", FORMS, ids=[f"{f.activation}-{f.final_activation}" for f in FORMS])
+def test_every_form_exports_to_aten_ops_that_compute_it(form, strict):
+    export_form(form, strict)
 
 
 @pytest.mark.parametrize("final_activation", ["relu", None])

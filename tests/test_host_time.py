@@ -68,20 +68,20 @@ import torch
 import triton
 from triton.runtime.driver import driver
 from benchmarks.fake_gpu import fake_gpu
-from fused_residual.kernels import _common, fused_linear
+from fused_residual.kernels import _common
 
 meta = torch.device("meta")
-before = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, fused_linear.multiprocessors,
-          fused_linear.launch_device)
+before = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, _common.multiprocessors,
+          _common.launch_device)
 with fake_gpu():
-    assert fused_linear.multiprocessors(meta) == 132 and _common.max_shared_memory(meta) == 232448
-    assert isinstance(fused_linear.launch_device(meta), torch.cuda.device)
+    assert _common.multiprocessors(meta) == 132 and _common.max_shared_memory(meta) == 232448
+    assert isinstance(_common.launch_device(meta), torch.cuda.device)
     assert triton.runtime.driver.active.get_current_target().arch == 90
     assert torch.cuda.current_device() == 0 and torch.cuda.get_device_name() == "NVIDIA H200"
-after = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, fused_linear.multiprocessors,
-         fused_linear.launch_device)
+after = (torch.cuda.get_device_properties, torch.cuda._initialized, driver._active, _common.multiprocessors,
+         _common.launch_device)
 assert after == before, (before, after)
-assert fused_linear.multiprocessors(meta) == 2  # the interpreter's answer again: meta is no GPU outside the block
+assert _common.multiprocessors(meta) == 2  # the interpreter's answer again: meta is no GPU outside the block
 print("restored")
 """
 

@@ -18,7 +18,10 @@ if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from fused_residual.kernels import fused_linear as fl  # noqa: E402
+from fused_residual.kernels import fused_linear_configs as flc  # noqa: E402
 from fused_residual.kernels import whole_block, whole_net  # noqa: E402
+from fused_residual.kernels import whole_block_configs as wbc  # noqa: E402
+from fused_residual.kernels._tma import tma_layout  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -47,8 +50,8 @@ def test_fused_linear_every_config(dtype, tile_epilogue, masked_a):
         acc = torch.where(extra.double() <= 0, 0.0, acc)
     expected = torch.relu(acc)
     element = torch.empty(0, dtype=dtype).element_size()
-    tma = fl.tma_layout(a, w.t(), q=kwargs.get("relu_mask")) != ""
-    for config in fl.config_table(_capability(), element, tile_epilogue, masked_a, tma=tma, warp_specialize=True):
+    tma = tma_layout(a, w.t(), q=kwargs.get("relu_mask")) != ""
+    for config in flc.config_table(_capability(), element, tile_epilogue, masked_a, tma=tma, warp_specialize=True):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         fl.fused_linear(a, w.t(), bias=bias, activation="relu", out=out, config=config, **kwargs)
         assert_close(out, expected, f"config {config}", scale=4)
@@ -64,8 +67,8 @@ def test_weight_gradient_every_config(dtype, split_k):
     a = torch.randn(5000, 80, generator=g).cuda().to(dtype)
     g64 = torch.where(relu_out.double() <= 0, 0.0, grad.double())
     element = torch.empty(0, dtype=dtype).element_size()
-    tma = fl.tma_layout(grad.t(), a, q=relu_out.t()) != ""
-    for config in fl.config_table(_capability(), element, masked_a=True, tma=tma):
+    tma = tma_layout(grad.t(), a, q=relu_out.t()) != ""
+    for config in flc.config_table(_capability(), element, masked_a=True, tma=tma):
         dw, db = fl.fused_linear(grad.t(), a, relu_mask=relu_out.t(), rowsum=True, split_k=split_k, out_dtype=dtype,
                                  config=config)
         assert_close(dw, g64.t() @ a.double(), f"dW {config}", scale=16)
@@ -112,10 +115,10 @@ def test_hopper_schedules_every_epilogue(dtype, epilogue):
             acc = torch.where(extra.double() <= 0, 0.0, acc)
         expected = torch.relu(acc)
         q = kwargs["relu_mask"] if epilogue == "masked_a" else None
-        assert fl.tma_layout(a, b, *kwargs.get("second", (None, None)), q) != ""
-        table = fl.config_table(_capability(), 2, "residual" in kwargs or "gate" in kwargs, epilogue == "masked_a",
+        assert tma_layout(a, b, *kwargs.get("second", (None, None)), q) != ""
+        table = flc.config_table(_capability(), 2, "residual" in kwargs or "gate" in kwargs, epilogue == "masked_a",
                                 tma=True, warp_specialize="second" not in kwargs)
-        schedules = [c for c in table if fl.features(c)]
+        schedules = [c for c in table if flc.features(c)]
         assert schedules
         for config in schedules:
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
@@ -131,21 +134,21 @@ def test_autotuned_tma_choice_is_not_reused_for_misaligned_operands():
     bias = torch.randn(512, generator=g).cuda().half()
     aligned = torch.randn(2048, 256, generator=g).cuda().half()
     misaligned = torch.randn(2048, 264, generator=g).cuda().half()[:, 4:260]  # rows 528 bytes apart, base + 8 bytes
-    assert fl.tma_layout(aligned, w.t()) != "" or _capability()[0] < 9
-    assert fl.tma_layout(misaligned, w.t()) == ""
+    assert tma_layout(aligned, w.t()) != "" or _capability()[0] < 9
+    assert tma_layout(misaligned, w.t()) == ""
     for x in (aligned, misaligned, aligned, misaligned):
         out, _ = fl.fused_linear(x, w.t(), bias=bias, activation="relu")
         assert_close(out, torch.relu(x.double() @ w.double().t() + bias.double()), "out", scale=4)
         if x is misaligned:
-            assert "tma" not in fl.features(fl._config_key(fl.fused_linear_autotuned.best_config))
+            assert "tma" not in flc.features(flc.config_key(fl.fused_linear_autotuned.best_config))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("features", [10, 30, 64, 100, 200])
 def test_whole_block_and_net_every_config(dtype, features):
     element = torch.empty(0, dtype=dtype).element_size()
-    width = whole_block.padded_width(features)
-    if width > whole_block.MAX_FORWARD_WIDTH[element]:
+    width = wbc.padded_width(features)
+    if width > wbc.MAX_FORWARD_WIDTH[element]:
         pytest.skip("wider than the forward kernel takes at this dtype")
     g = torch.Generator().manual_seed(features)
     x = torch.randn(1000, features, generator=g).cuda().to(dtype)
@@ -153,11 +156,11 @@ def test_whole_block_and_net_every_config(dtype, features):
     b1, b2 = (torch.randn(features, generator=g).cuda().to(dtype) for _ in range(2))
     h64 = torch.relu(x.double() @ w1.double().t() + b1.double())
     out64 = torch.relu(h64 @ w2.double().t() + b2.double() + x.double())
-    for config in whole_block.forward_configs(width, element, capability=_capability()):
+    for config in wbc.forward_configs(width, element, capability=_capability()):
         out, h = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, config=config)
         assert_close(out, out64, f"block out {config}", scale=4)
         assert_close(h, h64, f"block h {config}", scale=4)
-    if width > whole_block.WEIGHTS_ON_CHIP_WIDTH[element]:
+    if width > wbc.WEIGHTS_ON_CHIP_WIDTH[element]:
         return  # the whole net keeps its weights on chip
     for config in whole_net.configs(width):
         stack = lambda t: t.unsqueeze(0).expand(3, *t.shape)  # noqa: E731

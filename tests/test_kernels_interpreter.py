@@ -19,7 +19,10 @@ pytestmark = pytest.mark.interpreter
 if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fused_residual.kernels import _common  # noqa: E402
 from fused_residual.kernels import fused_linear as fl  # noqa: E402
+from fused_residual.kernels import fused_linear_configs as flc  # noqa: E402
+from fused_residual.kernels._tma import tma_layout  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -280,7 +283,7 @@ def test_autocast_operands_are_read_once_and_rounded_on_chip(low, case):
 # persistent tile loop and the split epilogue. Warp specialization is a compiler transformation the interpreter
 # ignores (its loop runs as written: "tma+persistent+ws" would repeat "tma+persistent"), so it is left to the CUDA
 # tests. Sizes keep every stride a multiple of 16 bytes (TMA's rule); M and N are ragged.
-SCHEDULES = sorted({fl.features(e) for e in fl.HOPPER_SCHEDULES if "ws" not in fl.features(e)})
+SCHEDULES = sorted({flc.features(e) for e in flc.HOPPER_SCHEDULES if "ws" not in flc.features(e)})
 HOPPER_DTYPES = [torch.float32, torch.float16] if not HAS_CUDA else []  # on CUDA: the every-config tests
 
 
@@ -295,7 +298,7 @@ def test_hopper_schedules_match_float64(dtype, features, epilogue, monkeypatch):
     """Every schedule with every epilogue (two launches cover them all) on ragged M and N: persistent programs
     walk several tiles (3 "SMs" for 9 tiles), the split epilogue writes both halves, TMA zero-fills past the
     edges."""
-    monkeypatch.setattr(fl, "multiprocessors", lambda device: 3)
+    monkeypatch.setattr(_common, "multiprocessors", lambda device: 3)
     g = torch.Generator().manual_seed(len(epilogue))
     m, k, n = 70, 32, 90
     a, w = rand(m, k, dtype=dtype, generator=g), rand(n, k, dtype=dtype, generator=g)
@@ -308,7 +311,7 @@ def test_hopper_schedules_match_float64(dtype, features, epilogue, monkeypatch):
                       residual=rand(m, n, dtype=dtype, generator=g), relu_mask=rand(m, n, dtype=dtype, generator=g),
                       mask_on="residual")
         q = None
-    assert fl.tma_layout(a, w.t(), *kwargs.get("second", (None, None)), q) == "kk"
+    assert tma_layout(a, w.t(), *kwargs.get("second", (None, None)), q) == "kk"
     out = poisoned(m, n, dtype)
     fl.fused_linear(a, w.t(), out=out, config=_small(features), **kwargs)
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements never written"
@@ -322,11 +325,11 @@ def test_hopper_weight_gradients_split_k(dtype, features, n_out, sms, split_k, m
     """``dW = g'^T x`` with row sums through TMA with A = g^T (M-contiguous, transposed on chip) and its mask. A
     persistent launch takes as many K slices as fill the "SMs": 1 tile on 5 takes 5 of the 12 slices (two levels
     of reduction groups); 4 tiles on 3 take one slice, written directly. Deterministic."""
-    monkeypatch.setattr(fl, "multiprocessors", lambda device: sms)
+    monkeypatch.setattr(_common, "multiprocessors", lambda device: sms)
     g = torch.Generator().manual_seed(n_out + sms + split_k)
     rows, n_in = 400, 24
     grad, x, relu_out = (rand(rows, c, dtype=dtype, generator=g) for c in (n_out, n_in, n_out))
-    assert fl.tma_layout(grad.t(), x, q=relu_out.t()) == "mn"
+    assert tma_layout(grad.t(), x, q=relu_out.t()) == "mn"
     dw, db = fl.fused_linear(grad.t(), x, relu_mask=relu_out.t(), rowsum=True, split_k=split_k, out_dtype=dtype,
                              config=_small(features))
     g64 = torch.where(relu_out.double() <= 0, 0.0, grad.double())
@@ -340,7 +343,7 @@ def test_hopper_weight_gradients_split_k(dtype, features, n_out, sms, split_k, m
 def test_persistent_grid_fills_the_sms_once():
     for tiles in (1, 5, 31, 132, 1000):
         for split_k in (1, 4, 64):
-            programs, splits = fl.persistent_grid(tiles, split_k, 132)
+            programs, splits = flc.persistent_grid(tiles, split_k, 132)
             assert 1 <= splits <= split_k and programs * splits <= max(132, tiles) and programs <= tiles
             assert splits == 1 or programs == tiles  # slices only once every tile has its program
 
@@ -350,19 +353,19 @@ def test_tma_layout_rules():
     second pair must be laid out as A and B. Anything else: "" (the prune hook then drops every TMA schedule)."""
     x = torch.randn(64, 48, dtype=torch.float16)
     w = torch.randn(40, 48, dtype=torch.float16)
-    assert fl.tma_layout(x, w.t()) == "kk"
-    assert fl.tma_layout(x, w.t().contiguous()) == "kn"
-    assert fl.tma_layout(x.t().contiguous().t(), w.t()) == "mk"
-    assert fl.tma_layout(x.t().contiguous().t(), w.t().contiguous()) == "mn"
+    assert tma_layout(x, w.t()) == "kk"
+    assert tma_layout(x, w.t().contiguous()) == "kn"
+    assert tma_layout(x.t().contiguous().t(), w.t()) == "mk"
+    assert tma_layout(x.t().contiguous().t(), w.t().contiguous()) == "mn"
     padded = torch.randn(64, 56, dtype=torch.float16)
-    assert fl.tma_layout(padded[:, :48], w.t()) == "kk"  # 112-byte rows: aligned
-    assert fl.tma_layout(torch.randn(64, 49, dtype=torch.float16)[:, 1:], w.t()) == ""  # base 2 bytes off
-    assert fl.tma_layout(torch.randn(64, 52, dtype=torch.float16)[:, :48], w.t()) == ""  # 104-byte rows
-    assert fl.tma_layout(torch.randn(64, 96, dtype=torch.float16)[:, ::2], w.t()) == ""  # no unit stride
-    assert fl.tma_layout(x, torch.randn(40, 44, dtype=torch.float16).t()) == ""  # 88-byte rows of W
-    assert fl.tma_layout(x, w.t(), q=x.t().contiguous().t()) == ""  # Q laid out unlike A
-    assert fl.tma_layout(x, w.t(), x, torch.randn(48, 40, dtype=torch.float16)) == ""  # B2 unlike B
-    assert fl.tma_layout(torch.randn(64, 12), torch.randn(12, 40)) == "kn"  # fp32: 48-byte rows
+    assert tma_layout(padded[:, :48], w.t()) == "kk"  # 112-byte rows: aligned
+    assert tma_layout(torch.randn(64, 49, dtype=torch.float16)[:, 1:], w.t()) == ""  # base 2 bytes off
+    assert tma_layout(torch.randn(64, 52, dtype=torch.float16)[:, :48], w.t()) == ""  # 104-byte rows
+    assert tma_layout(torch.randn(64, 96, dtype=torch.float16)[:, ::2], w.t()) == ""  # no unit stride
+    assert tma_layout(x, torch.randn(40, 44, dtype=torch.float16).t()) == ""  # 88-byte rows of W
+    assert tma_layout(x, w.t(), q=x.t().contiguous().t()) == ""  # Q laid out unlike A
+    assert tma_layout(x, w.t(), x, torch.randn(48, 40, dtype=torch.float16)) == ""  # B2 unlike B
+    assert tma_layout(torch.randn(64, 12), torch.randn(12, 40)) == "kn"  # fp32: 48-byte rows
     with pytest.raises(ValueError, match="qualify for TMA"):  # a forced TMA schedule is refused, never run wrong
         fl.fused_linear(torch.randn(64, 52, dtype=torch.float16)[:, :48], w.t(), config=_small(("tma",)))
 
@@ -372,7 +375,7 @@ def test_a_tma_choice_is_never_reused_for_a_call_that_does_not_qualify(monkeypat
     included (kernels/_launch.py): TMA_LAYOUT is an autotune key passed by keyword, so a call whose operands do not
     qualify (same shapes, dtypes and flags otherwise) gets its own decision, among configs without TMA."""
     launches = []
-    monkeypatch.setattr(fl, "on_interpreter", lambda device: False)
+    monkeypatch.setattr(_common, "on_interpreter", lambda device: False)
     monkeypatch.setattr(fl, "_launch_tuned", lambda grid, *args, **flags: launches.append((args, flags)))
     w, bias = torch.randn(256, 128, dtype=torch.float16), torch.randn(256, dtype=torch.float16)
     fl.fused_linear(torch.randn(512, 128, dtype=torch.float16), w.t(), bias=bias)
@@ -389,18 +392,18 @@ def test_a_tma_choice_is_never_reused_for_a_call_that_does_not_qualify(monkeypat
     assert tuner_key(args1, flags1) != tuner_key(args2, flags2) and "TMA_LAYOUT" in tuner.keys
 
     def allowed(args, flags):
-        return [fl._config_key(c) for c in tuner.early_config_prune(
+        return [flc.config_key(c) for c in tuner.early_config_prune(
             tuner.configs, dict(zip(names, args, strict=False)), **flags)]
 
-    assert any("tma" in fl.features(c) for c in allowed(args1, flags1))
-    assert not any("tma" in fl.features(c) for c in allowed(args2, flags2))
+    assert any("tma" in flc.features(c) for c in allowed(args1, flags1))
+    assert not any("tma" in flc.features(c) for c in allowed(args2, flags2))
 
 
 def test_tiny_problems_keep_the_smallest_classic_tile_only(monkeypatch):
     """At a tiny problem (N = 1) the prune hook keeps only tiles no larger than it: the smallest classic one, no
     Hopper schedule (whose tiles are all 128 rows or more)."""
     launches = []
-    monkeypatch.setattr(fl, "on_interpreter", lambda device: False)
+    monkeypatch.setattr(_common, "on_interpreter", lambda device: False)
     monkeypatch.setattr(fl, "_launch_tuned", lambda grid, *args, **flags: launches.append((args, flags)))
     fl.fused_linear(torch.randn(3, 8, dtype=torch.float16), torch.randn(1, 8, dtype=torch.float16).t())
     (args, flags), = launches
@@ -408,4 +411,4 @@ def test_tiny_problems_keep_the_smallest_classic_tile_only(monkeypatch):
     tuner = fl.fused_linear_autotuned
     kept = tuner.early_config_prune(tuner.configs, dict(zip(fl.fused_linear_kernel.arg_names, args, strict=False)),
                                     **flags)
-    assert [fl._config_key(c) for c in kept] == [fl.HOPPER_16BIT[-1]]
+    assert [flc.config_key(c) for c in kept] == [flc.HOPPER_16BIT[-1]]

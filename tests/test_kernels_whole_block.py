@@ -13,13 +13,15 @@ import torch
 from conftest import HAS_CUDA, RELU_TIE_BAND, assert_close
 
 from fused_residual import backends
+from fused_residual.activations import ACTIVATIONS
 
 pytestmark = pytest.mark.interpreter
 
 if backends.missing_requirement("triton") is not None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fused_residual.kernels import whole_block  # noqa: E402
+from fused_residual.kernels import _common, whole_block  # noqa: E402
+from fused_residual.kernels import whole_block_configs as wbc  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -44,7 +46,7 @@ def nan_like(t):
 @pytest.mark.parametrize("store_h", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("grid", ["tile_per_program", "persistent"])
 def test_forward(dtype, width, rows, store_h, grid):
-    if width > whole_block.WEIGHTS_ON_CHIP_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
+    if width > wbc.WEIGHTS_ON_CHIP_WIDTH[torch.empty(0, dtype=dtype).element_size()]:
         pytest.skip("wider than the forward kernel keeps on chip at this dtype (test_streamed_forward)")
     x, w1, b1, w2, b2 = params(width, dtype, seed=width * 100 + rows)
     x = x[:rows]
@@ -187,26 +189,26 @@ def test_without_final_relu(dtype, width):
     assert_close(db2, g2.sum(0), "db2", scale=scale)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
-def test_smooth_activations_compute_right(activation):
-    """The kernels take any activation of the registry (the backend sends smooth ones to the two-GEMM kernels:
-    here they spill registers beyond width 16); the saved tensor is then the pre-activation."""
-    from fused_residual.activations import ACTIVATIONS
-
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_every_activation_computes_right(activation):
+    """The kernels take any activation of the registry (the backend sends "heavy" ones to the two-GEMM kernels:
+    here they spill registers beyond width 16); the saved tensor is the activation's output or its input, the
+    pre-activation, as the registry's ``from_output`` says. FFN form: ``out`` is not read."""
     act = ACTIVATIONS[activation]
     rows, width = 70, 12
     x, w1, b1, w2, b2 = params(width, torch.float32, seed=3)
     x = x[:rows]
-    out, pre = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, activation=activation, final_relu=False)
+    out, saved = whole_block.forward(x, w1, b1, w2, b2, store_saved=True, activation=activation, final_relu=False)
     pre64 = x.double() @ w1.double().t() + b1.double()
-    assert_close(pre, pre64, "pre")
+    assert_close(saved, act.forward(pre64) if act.from_output else pre64, "saved")
     assert_close(out, act.forward(pre64) @ w2.double().t() + b2.double() + x.double(), "out", scale=2)
     dout = torch.randn(rows, width, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    dx, dw1, db1, dw2, db2 = whole_block.backward(dout, None, pre, x, w1, w2, need_dx=True, need_weights=True,
+    dx, dw1, db1, dw2, db2 = whole_block.backward(dout, None, saved, x, w1, w2, need_dx=True, need_weights=True,
                                                   activation=activation, final_relu=False)
-    g1 = act.backward(dout.double() @ w2.double(), pre.double())
+    g1 = act.backward(dout.double() @ w2.double(), saved.double())
+    h = saved.double() if act.from_output else act.forward(saved.double())
     for name, got, want in (("dx", dx, g1 @ w1.double() + dout.double()), ("dW1", dw1, g1.t() @ x.double()),
-                            ("db1", db1, g1.sum(0)), ("dW2", dw2, dout.double().t() @ act.forward(pre.double())),
+                            ("db1", db1, g1.sum(0)), ("dW2", dw2, dout.double().t() @ h),
                             ("db2", db2, dout.double().sum(0))):
         assert_close(got, want, name, scale=8)
 
@@ -215,8 +217,8 @@ def test_smooth_activations_compute_right(activation):
 # splits its programs by role (kernels/whole_block.py). Ragged widths (130, 200: padded to 256; 100: to 128) leave
 # the last hidden chunk partly padded; forced small configs at width 48 (padded 64) run the same code cheaply,
 # with a last backward chunk that is all padding.
-STREAMED = [(130, None), (200, None), (48, whole_block.ForwardConfig(16, 4, 0, 16, 1))]
-SPLIT = [(100, None), (48, whole_block.BackwardConfig(16, 4, 16))]
+STREAMED = [(130, None), (200, None), (48, wbc.ForwardConfig(16, 4, 0, 16, 1))]
+SPLIT = [(100, None), (48, wbc.BackwardConfig(16, 4, 16))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -228,7 +230,7 @@ def test_streamed_forward(dtype, width, config, store_h, final_relu):
     x = x[:rows]
     out, h = nan_like(x), nan_like(x)
     if config is None:
-        assert whole_block.padded_width(width) > whole_block.WEIGHTS_ON_CHIP_WIDTH[x.element_size()]
+        assert wbc.padded_width(width) > wbc.WEIGHTS_ON_CHIP_WIDTH[x.element_size()]
     got_out, got_h = whole_block.forward(x, w1, b1, w2, b2, store_saved=store_h, final_relu=final_relu, out=out,
                                          saved=h if store_h else None, config=config)
     assert got_out is out and (got_h is h if store_h else got_h is None)
@@ -267,7 +269,7 @@ def test_backward_split_by_role(monkeypatch, width, config, dtype, need_dx, need
     """Two programs per hidden chunk (two partials per reduction) and per dx share, each looping over tiles."""
     rows = 130
     if config is None:
-        assert whole_block.backward_config(whole_block.padded_width(width), 4).hidden_chunk > 0
+        assert wbc.backward_config(wbc.padded_width(width), 4).hidden_chunk > 0
     monkeypatch.setattr(whole_block, "_programs", lambda device, tiles: 14)  # 7 roles: 3 dx shares, 4 chunks
     x, w1, b1, w2, b2 = params(width, dtype, seed=width + 11)
     x = x[:rows]
@@ -311,8 +313,8 @@ def test_backend_takes_the_whole_block_up_to_the_kernels_limits(monkeypatch, dev
     from fused_residual.backends import triton_backend
 
     cap, shared = DEVICES[device]
-    monkeypatch.setattr(triton_backend, "capability", lambda d: cap)
-    monkeypatch.setattr(triton_backend, "max_shared_memory", lambda d: shared)
+    monkeypatch.setattr(_common, "capability", lambda d: cap)
+    monkeypatch.setattr(_common, "max_shared_memory", lambda d: shared)
 
     def forward(width, size, x_size=None):
         return triton_backend.whole_block_forward_fits(_fake((8, width), x_size or size), _fake((width, width), size),
@@ -335,10 +337,9 @@ def test_tune_offers_the_whole_block_wherever_the_backend_takes_it(monkeypatch):
     """``python -m fused_residual.tune`` times ``triton:whole_block`` at the new widths too (auto's rule without a
     table does not take them: no GPU has measured them)."""
     from fused_residual import dispatch, tune
-    from fused_residual.backends import triton_backend
 
-    monkeypatch.setattr(triton_backend, "capability", lambda d: (9, 0))
-    monkeypatch.setattr(triton_backend, "max_shared_memory", lambda d: 232448)
+    monkeypatch.setattr(_common, "capability", lambda d: (9, 0))
+    monkeypatch.setattr(_common, "max_shared_memory", lambda d: 232448)
     size = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
     monkeypatch.setattr(torch, "empty", lambda *shape, device, dtype: _fake(shape, size[dtype]))
     cuda = torch.device("cuda", 0)

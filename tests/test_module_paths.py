@@ -213,7 +213,7 @@ def test_fuse_accepts_a_bottleneck_block_of_the_users_own_type():
     torch.testing.assert_close(model(x), expected)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("activation", list(fr.activations.ACTIVATIONS))
 def test_fuse_swaps_a_users_transformer_ffn(activation):
     """A user's own FFN module, ``x + linear2(act(linear1(x)))`` with a 4x hidden width, fused with the pattern
     arguments: same outputs and gradients, same Parameters."""

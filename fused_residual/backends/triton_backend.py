@@ -31,14 +31,15 @@ in ``x``'s: no rounded copy, no cast pass.
 
 Variants: ``"whole_block"`` runs the whole-block kernels (``kernels/whole_block.py``), ``"two_gemm"`` (and None)
 the fused-linear kernels; the backend runs the variant it is told (``dispatch.kernel_variants`` decides, from
-``takes``). The whole-block kernels take the block when: identity shortcut, ``w1`` square, ReLU as the hidden
-activation (either final activation; the smooth activations spill registers there beyond width 16 in backward and
-at width 128 on sm_80 in forward), and the width padded to a power of two >= 16 at most
-``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in fp32, streamed
-from L2 beyond; also at least one candidate config whose shared-memory bound fits the device's opt-in shared memory
-per block, ``whole_block.runnable_forward_configs``) or ``max_backward_width(device capability)`` (backward, 128 on
-sm_90 and 32 before; not an fp32 ``dout`` next to 16-bit weights, the FFN form under autocast). ``auto`` takes
-them only where a dispatch table or the conservative rule says so (``dispatch.py``).
+``takes``). The whole-block kernels take the block when: identity shortcut, ``w1`` square, a "light" hidden
+activation (the registry's ``register_class``: ReLU; either final activation; the "heavy" ones spill registers
+there beyond width 16 in backward and at width 128 on sm_80 in forward), and the width padded to a power of two
+>= 16 at most ``max_forward_width(element sizes)`` (forward, 256: the weights on chip to 128 in 16-bit and 64 in
+fp32, streamed from L2 beyond; also at least one candidate config whose shared-memory bound fits the device's opt-in
+shared memory per block, ``whole_block_configs.runnable_forward_configs``) or ``max_backward_width(device
+capability)`` (backward, 128 on sm_90 and 32 before; not an fp32 ``dout`` next to 16-bit weights, the FFN form
+under autocast). ``auto`` takes them only where a dispatch table or the conservative rule says so
+(``dispatch.py``).
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ from torch import Tensor
 
 from .. import signs as signs_
 from ..activations import SEED_FORM, Form
-from ..kernels import _plan, whole_block, whole_net
+from ..kernels import _common, _plan, whole_block_configs, whole_net
 from ..kernels import _plan_launches as recorded
-from ..kernels._common import capability, is_gpu, max_shared_memory, multiprocessors, on_interpreter
 from ..kernels._plan import NONE, ROWS, Recorder
 from ..kernels.fused_linear import fused_linear
 
@@ -66,9 +66,9 @@ _relu_backward = torch.ops.aten.threshold_backward
 def unavailable(device: torch.device, dtype: torch.dtype, form: Form) -> str | None:
     if dtype not in DTYPES:
         return f"the kernels take float16, bfloat16 or float32, not {dtype}"
-    if is_gpu(device):
+    if _common.is_gpu(device):
         return None
-    if on_interpreter(device):
+    if _common.on_interpreter(device):
         if dtype == torch.bfloat16:  # (also a CPU autocast to bfloat16: the weights are cast before routing)
             return ("bfloat16 on Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): its tl.dot computes "
                     "bfloat16 wrongly; use float16 or float32 there, or a GPU")
@@ -90,16 +90,17 @@ def takes(variant: str, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, gr
 
 
 def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> bool:
-    """The block has the shape the whole-block kernels take: identity shortcut, square w1, ReLU hidden."""
-    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[-1] and form.activation == "relu"
+    """The block has the shape the whole-block kernels take: identity shortcut, square w1, a light hidden
+    activation."""
+    return ws is None and w1.shape[0] == w1.shape[1] == x.shape[-1] and form.hidden.register_class == "light"
 
 
 def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
     if not _whole_block_shape(x, w1, ws, form):
         return False
-    return bool(whole_block.runnable_forward_configs(whole_block.padded_width(x.shape[-1]), w1.element_size(),
-                                                     x.element_size(), capability(x.device),
-                                                     max_shared_memory(x.device)))
+    return bool(whole_block_configs.runnable_forward_configs(
+        whole_block_configs.padded_width(x.shape[-1]), w1.element_size(), x.element_size(),
+        _common.capability(x.device), _common.max_shared_memory(x.device)))
 
 
 def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
@@ -108,8 +109,8 @@ def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form:
 
 
 def _backward_fits(width: int, grad_size: int, weight_size: int, device: torch.device) -> bool:
-    return (whole_block.takes_dout(grad_size, weight_size)
-            and whole_block.padded_width(width) <= whole_block.max_backward_width(capability(device)))
+    return (whole_block_configs.takes_dout(grad_size, weight_size) and whole_block_configs.padded_width(width)
+            <= whole_block_configs.max_backward_width(_common.capability(device)))
 
 
 def _output_dtype(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> torch.dtype:
@@ -272,7 +273,7 @@ def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str,
             g = f"{name}.masked"
         rec.call(f"{name}.bias", _row_sums, g, dtype)
         return dw, f"{name}.bias"
-    split = functools.partial(_plan.split_k_slices, g_t.shape[1], a_t.shape[1], multiprocessors(rec.device))
+    split = functools.partial(_plan.split_k_slices, g_t.shape[1], a_t.shape[1], _common.multiprocessors(rec.device))
     recorded.fused_linear(rec, name, (g, True), a, rows_in="k",
                           relu_mask=None if relu_out is None else (relu_out, True), b_activation=a_activation,
                           rowsum=f"{name}.rowsum" if need_b else None, split_k=split, out_dtype=dtype)
