@@ -17,16 +17,20 @@ import triton
 import triton.language as tl
 
 
+def row_bytes(features: int) -> int:
+    """Bytes per row of the packed bits."""
+    return -(-features // 8)
+
+
 @triton.jit
-def store_signs(bits_ptr, acc, row0, col0, tile_m, mask_m, N, stride_bits, WIDTH: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """Pack the signs of the ``(BLOCK_M, WIDTH)`` tile ``acc`` (rows ``row0 + tile_m``, columns ``col0 ...``, ``col0``
+def store_signs(bits_ptr, acc, row0, col0, tile_m, mask_m, N, stride_bits, WIDTH: tl.constexpr):
+    """Pack the signs of the ``(rows, WIDTH)`` tile ``acc`` (rows ``row0 + tile_m``, columns ``col0 ...``, ``col0``
     a multiple of 8) and store them: ``WIDTH / 8`` bytes per row."""
     tl.static_assert(WIDTH % 8 == 0, "a tile of packed signs owns whole bytes")
     cols = tl.arange(0, WIDTH)
     passes = tl.where((cols < N - col0)[None, :] & ~(acc <= 0), 1, 0)
     weighted = passes << (cols % 8)[None, :]
-    packed = tl.sum(tl.reshape(weighted, (BLOCK_M, WIDTH // 8, 8)), axis=2)
+    packed = tl.sum(tl.reshape(weighted, (acc.shape[0], WIDTH // 8, 8)), axis=2)
     byte_cols = tl.arange(0, WIDTH // 8)
     ptrs = bits_ptr + row0 * stride_bits + col0 // 8 + (tile_m[:, None] * stride_bits + byte_cols[None, :])
     tl.store(ptrs, packed.to(tl.uint8), mask=mask_m[:, None] & (byte_cols < (N - col0 + 7) // 8)[None, :])

@@ -29,7 +29,7 @@ def _pack(out_ptr, bits_ptr, M, N, stride_om, stride_bits, BLOCK_M: tl.constexpr
     mask = mask_m[:, None] & (tile_n < N - col0)[None, :]
     acc = tl.load(out_ptr + row0 * stride_om + col0 + tile_m[:, None] * stride_om + tile_n[None, :], mask=mask,
                   other=0.0)
-    store_signs(bits_ptr, acc, row0, col0, tile_m, mask_m, N, stride_bits, BLOCK_N, BLOCK_M)
+    store_signs(bits_ptr, acc, row0, col0, tile_m, mask_m, N, stride_bits, BLOCK_N)
 
 
 @triton.jit

@@ -196,10 +196,7 @@ def test_backward_flops_are_one_gemm_more(use_backend):
 
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="triton is not installed")
-@pytest.mark.parametrize("route,extra", [
-    pytest.param("triton", 0, marks=pytest.mark.xfail(
-        strict=True, reason="the whole-block backward kernel does not yet compute the hidden layer on chip")),
-    ("triton:two_gemm", 1)])
+@pytest.mark.parametrize("route,extra", [("triton", 0), ("triton:two_gemm", 1)])
 def test_backward_launches(use_backend, route, extra):
     """On chip in the whole-block backward (no extra launch); one extra GEMM launch on the two-GEMM path."""
     from fused_residual.kernels._launch import count_launches
