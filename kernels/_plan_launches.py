@@ -199,7 +199,7 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str |
     F = dout_t.shape[1]
     width = wbc.padded_width(F)
     wide = max(xt.element_size() if xt is not None else 0, torch.finfo(dx_dtype).bits // 8) > w1t.element_size()
-    config = wbc.backward_config(width, w1t.element_size(), wide)
+    config = wbc.backward_config(width, w1t.element_size(), wide, recompute)
     if _common.on_interpreter(rec.device):
         config = config._replace(block_m=wbc.INTERPRETER_BLOCK_M, warps=4)
     block_m, warps, chunk = wbc.BackwardConfig(*config)

@@ -28,12 +28,22 @@ def store_signs(bits_ptr, acc, row0, col0, tile_m, mask_m, N, stride_bits, WIDTH
     a multiple of 8) and store them: ``WIDTH / 8`` bytes per row."""
     tl.static_assert(WIDTH % 8 == 0, "a tile of packed signs owns whole bytes")
     cols = tl.arange(0, WIDTH)
-    passes = tl.where((cols < N - col0)[None, :] & ~(acc <= 0), 1, 0)
-    weighted = passes << (cols % 8)[None, :]
-    packed = tl.sum(tl.reshape(weighted, (acc.shape[0], WIDTH // 8, 8)), axis=2)
+    packed = tl.where((cols < N - col0)[None, :] & ~(acc <= 0), 1, 0)
+    # Neighbouring columns joined three times (pairs, fours, bytes): splits of a trailing dim of 2, which stay in
+    # each thread's registers, rather than an 8-wide reduction that reshapes the tile through shared memory.
+    packed = _join_pairs(packed, 1)
+    packed = _join_pairs(packed, 2)
+    packed = _join_pairs(packed, 4)
     byte_cols = tl.arange(0, WIDTH // 8)
     ptrs = bits_ptr + row0 * stride_bits + col0 // 8 + (tile_m[:, None] * stride_bits + byte_cols[None, :])
     tl.store(ptrs, packed.to(tl.uint8), mask=mask_m[:, None] & (byte_cols < (N - col0 + 7) // 8)[None, :])
+
+
+@triton.jit
+def _join_pairs(bits, SHIFT: tl.constexpr):
+    """``(rows, 2 n)`` -> ``(rows, n)``: column ``2 i`` ORed with column ``2 i + 1`` shifted by SHIFT."""
+    even, odd = tl.split(tl.reshape(bits, (bits.shape[0], bits.shape[1] // 2, 2)))
+    return even | (odd << SHIFT)
 
 
 @triton.jit

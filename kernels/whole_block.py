@@ -117,7 +117,7 @@ def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, 
     if config is None:
         wide = max(x.element_size() if x is not None else 0, torch.finfo(dx_dtype or dout.dtype).bits // 8) > \
             w1.element_size()
-        config = backward_config(width, w1.element_size(), wide)
+        config = backward_config(width, w1.element_size(), wide, recompute)
         if _common.on_interpreter(dout.device):
             config = config._replace(block_m=INTERPRETER_BLOCK_M, warps=4)
     block_m, warps, chunk = BackwardConfig(*config)

@@ -247,9 +247,9 @@ WHOLE_BLOCK_BEYOND_ON_CHIP = {
     ("whole_block_forward", 80, "fp16", "width256-signs", 64),
     ("whole_block_forward", 90, "fp32", "width256-signs", 64),
     ("whole_block_forward", 80, "fp32", "width256-signs", 64),
-    ("whole_block_backward", 90, "bf16", "width128-recompute", 64),
-    ("whole_block_backward", 90, "fp16", "width128-wide_x-recompute", 64),
-    ("whole_block_backward", 90, "fp16", "width128-no_final_relu-recompute", 64),
+    ("whole_block_backward", 90, "bf16", "width128-recompute", 32),
+    ("whole_block_backward", 90, "fp16", "width128-wide_x-recompute", 32),
+    ("whole_block_backward", 90, "fp16", "width128-no_final_relu-recompute", 32),
     ("whole_block_backward", 90, "fp32", "width128-recompute", 32),
 }
 WHOLE_BLOCK_WIDTHS = (16, 32, 64, 128, 256)
@@ -327,9 +327,13 @@ def _whole_block_cases(activation: str):
                             if wanted(case, beyond):
                                 yield case
                             # A recompute block's backward: h on chip from x and W1, the final ReLU's sign bits.
-                            flags = {**case["flags"], "SIGN_BITS": final_relu, "RECOMPUTE": True, "HAS_B1": True}
+                            block_m, warps, chunk = wb.backward_config(width, size, bool(wide), recompute=True)
+                            flags = {**case["flags"], "SIGN_BITS": final_relu, "RECOMPUTE": True, "HAS_B1": True,
+                                     "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
+                                     "DX_SHARE": wb.dx_share(width, chunk) if chunk else 1}
                             variant = case["variant"].removesuffix(named) + "-recompute" + named
-                            twin = {**case, "variant": variant, "flags": flags,
+                            config = [block_m, width, chunk or width, 1, warps]
+                            twin = {**case, "variant": variant, "flags": flags, "config": config,
                                     "bits": ["out_ptr"] if final_relu else []}
                             if wanted(twin, beyond):
                                 yield twin

@@ -114,10 +114,11 @@ def test_whole_block_beyond_on_chip_widths_is_covered(compiled):
                                                                             c.stages, c.warps))
                         assert key in compiled_configs or width < wbc.max_forward_width(size), key
                 if wbc.MAX_BACKWARD_WIDTH_WHOLE < width <= wbc.max_backward_width(capability):
-                    c = wbc.backward_config(width, size)
-                    key = ("whole_block_backward", cap, dtype_is_fp32, (c.block_m, width, c.hidden_chunk, 1,
-                                                                             c.warps))
-                    assert key in compiled_configs, key
+                    for recompute in (False, True):
+                        c = wbc.backward_config(width, size, recompute=recompute)
+                        key = ("whole_block_backward", cap, dtype_is_fp32, (c.block_m, width, c.hidden_chunk, 1,
+                                                                                 c.warps))
+                        assert key in compiled_configs, key
     assert {(k, cap, dtype, variant) for k, cap, dtype, variant, _ in aot_compile.WHOLE_BLOCK_BEYOND_ON_CHIP} <= {
         (c["kernel"], c["cap"], c["dtype"], c["variant"]) for c in results}
 
