@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import signs
 from .activations import Form
 
 _relu_backward = torch.ops.aten.threshold_backward
@@ -60,32 +61,73 @@ def linear_add_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) ->
     return torch.relu(F.linear(h if h.dtype == w.dtype else h.to(w.dtype), w, b) + residual)
 
 
-def block_grads(dout: Tensor, saved: tuple[Tensor | None, ...], form: Form, needs: tuple[bool, ...],
-                x_dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-    """The block's input gradients as differentiable ops of the saved tensors, for a backward that builds a graph
-    (``create_graph=True``): double backward, gradient penalties.
+def block_grads(dout: Tensor | None, dhidden: Tensor | None, saved: tuple[Tensor | None, ...], form: Form,
+                needs: tuple[bool, ...], x_dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+    """The block's input gradients ``(dx, dw1, db1, dw2, db2, dws)`` (``dx`` 2-D) as differentiable ops of what the
+    block kept (``saved = (x, hidden, out, signs, w1, b1, w2, ws)``, ``saving.block_keeps``), for a backward that
+    builds a graph (double backward, gradient penalties) or that receives a gradient for the kept hidden layer.
 
-    ``saved`` is ``(x, saved_hidden, out, w1, b1, w2, b2, ws)`` as ``autograd.save_block`` keeps it. Where ``x``
-    was kept, the forward is recomputed from the inputs and differentiated by autograd, so every second-order
-    term is there. Otherwise (ReLU, only ``dx`` asked: the masks are all that depends on ``x`` and their
-    derivative is 0) the gradient is written out from the saved masks.
+    The default mode keeps the hidden layer as a second output of its Function (its pre-activation for a smooth
+    activation, else its output), so autograd differentiates through it back into the Function: a second-order
+    term through the hidden layer comes back as ``dhidden``, and becomes ``dpre = act'(saved) dhidden``, ``dx +=
+    dpre W1``, ``dW1 += dpre^T x``, ``db1 += sum dpre``: neither the biases nor (for a smooth activation) ``x`` need
+    be kept for it. A recompute block computes its hidden layer again here from ``x``, ``w1`` and ``b1``, the
+    inputs themselves, so autograd sees it whole. The final ReLU enters only through its mask (from ``out`` or its
+    packed sign bits), whose derivative is 0.
     """
-    x, hidden, out, w1, b1, w2, b2, ws = saved
-    if x is not None:
-        inputs = (x, w1, b1, w2, b2, ws)
-        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    x, hidden, out, bits, w1, b1, w2, ws = saved
+    need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
+    grads: list[Tensor | None] = [None] * 6
+    low = w1.dtype if w1 is not None else w2.dtype
+    x2d = None if x is None else x.reshape(-1, x.shape[-1])
+    x_low = None if x2d is None else (x2d if x2d.dtype == low else x2d.to(low))
+    act = form.hidden
+    if hidden is None and x is not None:  # a recompute block
         with torch.enable_grad():
-            y = block_of_weights(x, w1, b1, w2, b2, ws, form)
-            grads = iter(torch.autograd.grad(y, wanted, dout, create_graph=True))
-        return tuple(next(grads) if need else None for need in needs)
-    dout2d = dout.reshape(-1, dout.shape[-1])
-    g2 = dout2d if form.final_activation is None else _relu_backward(dout2d, out, 0)
-    low = w1.dtype
-    g2_low = g2 if g2.dtype == low else g2.to(low)
-    g1 = _relu_backward(g2_low.mm(w2), hidden, 0)
-    shortcut = g2 if ws is None else g2_low.mm(ws)
-    dx = g1.mm(w1).to(x_dtype) + shortcut.to(x_dtype)
-    return (dx.view(*dout.shape[:-1], dx.shape[-1]), *(None,) * (len(needs) - 1))
+            hidden = F.linear(x_low, w1, b1)
+            hidden = act.forward(hidden) if act.from_output else hidden
+    g1 = None
+    if dout is not None:
+        g2 = dout.reshape(-1, dout.shape[-1])
+        if form.final_activation is not None:
+            g2 = _relu_backward(g2, out, 0) if out is not None else g2.masked_fill(~signs.unpack(bits, g2.shape[1]), 0)
+        g2_low = g2 if g2.dtype == low else g2.to(low)
+        if need_w2:
+            grads[3] = g2_low.t().mm(hidden if act.from_output else act.forward(hidden))
+        if need_b2:
+            grads[4] = g2_low.sum(0)
+        if need_ws:
+            grads[5] = g2_low.t().mm(x_low)
+        if need_x or need_w1 or need_b1:
+            g1 = _activation_grad(act, g2_low.mm(w2), hidden)
+        if need_x:
+            grads[0] = g2 if ws is None else g2_low.mm(ws)
+    if dhidden is not None:  # through the kept hidden layer (a second-order term)
+        dpre = dhidden.reshape(-1, dhidden.shape[-1])
+        dpre = _activation_grad(act, dpre, hidden) if act.from_output else dpre
+        g1 = dpre if g1 is None else g1 + dpre
+    if g1 is not None:
+        if need_w1:
+            grads[1] = g1.t().mm(x_low)
+        if need_b1:
+            grads[2] = g1.sum(0)
+        if need_x:
+            dx = g1.mm(w1).to(x_dtype)
+            grads[0] = dx if grads[0] is None else dx + grads[0].to(x_dtype)
+    if grads[0] is not None:
+        grads[0] = grads[0].to(x_dtype)
+    return tuple(grads)
+
+
+def _activation_grad(act, grad: Tensor, saved: Tensor) -> Tensor:
+    """``grad * act'(pre)`` from what the activation keeps, differentiable to second order: the registry's backward
+    for a piecewise-linear activation (its mask's derivative is 0), else autograd through ``act.forward`` (not every
+    aten activation backward has a derivative of its own: ``silu_backward`` has none)."""
+    if act.piecewise_linear:
+        return act.backward(grad, saved)
+    with torch.enable_grad():
+        pre = saved if saved.requires_grad else saved.detach().requires_grad_(True)
+        return torch.autograd.grad(act.forward(pre), pre, grad, create_graph=True)[0]
 
 
 def linear_grads(dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: tuple[bool, ...],

@@ -264,34 +264,43 @@ def forced(choice: str, device: torch.device, dtype: torch.dtype, form: Form) ->
     return Route(backend, variant or None)
 
 
-def route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool) -> Route:
+def route(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, recompute: bool = False) -> Route:
     """The way a block call on ``x (..., K)`` with ``w1 (H, K)`` is computed: while ``torch.compile`` traces, the
     registered ops where a backend of ours may run the call, else the composite, which the compiler fuses as it
     fuses the reference; the composite while ``torch.export`` traces or ``torch.func`` transforms are on; else
-    ``backend_route``."""
+    ``backend_route``. A recompute block in training (``recompute``) needs the block's Function (or the ops) to
+    keep less than the composite: where ``auto`` would take the composite, it takes the torch backend."""
+    recomputes = recompute and training
     if torch.compiler.is_compiling():
         if torch.compiler.is_exporting():
             return COMPOSITE
         # The weights' widths (x's width is w1's in-features): a parameter's shape stays static where a compiled
         # batch dimension turns dynamic.
         width, hidden = int(w1.shape[1]), int(w1.shape[0])  # int(): specialised where dynamic, as the graph is
-        ours = ours_may_run(os.environ.get(ENV_VAR), x.device, w1.dtype, width, hidden, ws is not None, form, training)
+        ours = ours_may_run(os.environ.get(ENV_VAR), x.device, w1.dtype, width, hidden, ws is not None, form, training,
+                            recomputes)
         return REGISTERED_OP if ours else COMPOSITE
     if _functorch_active():
         return COMPOSITE
-    return backend_route(x, w1, ws, form, training)
+    chosen = backend_route(x, w1, ws, form, training)
+    if recomputes and chosen.backend is None and requested() == AUTO:
+        return Route(backends.get("torch"))
+    return chosen
 
 
 @torch.compiler.assume_constant_result
 def ours_may_run(raw_choice: str | None, device: torch.device, dtype: torch.dtype, width: int, hidden: int,
-                 projection: bool, form: Form, training: bool) -> bool:
+                 projection: bool, form: Form, training: bool, recomputes: bool = False) -> bool:
     """Whether a compiled graph should hold the registered ops (which choose a backend at run time) rather than the
-    plain composite: where a backend is forced, or where ``auto`` may pick the Triton kernels at some batch size.
+    plain composite: where a backend is forced, where ``auto`` may pick the Triton kernels at some batch size, or
+    for a recompute block in training (the composite would keep what eager keeps).
     Decided when the graph is traced (``torch.compile`` calls this once and keeps the answer): a compiled model
     keeps it until it is compiled again."""
     choice = (raw_choice or AUTO).strip().lower() or AUTO
     if choice != AUTO:
         return choice != COMPOSITE_CHOICE
+    if recomputes:
+        return True
     if form != SEED_FORM or projection or not is_gpu(device) or backends.missing_requirement("triton") is not None:
         return False
     mode = "train" if training else "forward"

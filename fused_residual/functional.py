@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import plans
+from . import plans, saving
 from .activations import SEED_FORM, check_form
 
 
@@ -34,17 +34,20 @@ def residual_block(
     shortcut_weight: Tensor | None = None,
     activation: str = "relu",
     final_activation: str | None = "relu",
+    recompute: bool = False,
 ) -> Tensor:
     """``final(act(x @ w1.T + b1) @ w2.T + b2 + s)`` with ``s = x`` or ``s = x @ shortcut_weight.T``.
 
     Shapes: ``x (..., K)``, ``w1 (H, K)``, ``w2 (N, H)``, ``b1 (H,)``, ``b2 (N,)`` or None,
     ``shortcut_weight (N, K)``; without a shortcut weight ``K`` must equal ``N``. Returns ``(..., N)``.
     ``activation``: ``"relu"`` (the reference block), ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``; ``final_activation``:
-    ``"relu"`` (the reference block) or None (the transformer FFN form).
+    ``"relu"`` (the reference block) or None (the transformer FFN form). ``recompute=True``: keep only ``x`` (and the
+    final ReLU's sign bits) for backward, which computes the hidden layer again (see ``FusedResidualBlock``).
     """
     form = SEED_FORM if activation == "relu" and final_activation == "relu" else check_form(activation,
                                                                                           final_activation)
-    return plans.run_block(x, w1, b1, w2, b2, shortcut_weight, form)
+    return plans.run_block(x, w1, b1, w2, b2, shortcut_weight, form,
+                           saving.RECOMPUTE if recompute else saving.DEFAULT)
 
 
 def residual_net_inference(

@@ -213,7 +213,7 @@ def _math(form: Form) -> str:
 
 
 def _fused_from(block: nn.Module, block_type: type[nn.Module], path: str, form: Form, verify: bool,
-                left: list[str]) -> FusedResidualBlock | None:
+                left: list[str], recompute: bool = False) -> FusedResidualBlock | None:
     """A FusedResidualBlock of ``form`` holding ``block``'s own ``linear1``/``linear2`` (same Parameters) and its
     hooks; None (why, appended to ``left``) where the fused block would not compute exactly what ``block``
     does or would lose some of its state."""
@@ -233,14 +233,15 @@ def _fused_from(block: nn.Module, block_type: type[nn.Module], path: str, form: 
         left.append(f"fuse(): left {path or 'the model'} ({type(block).__name__}) unfused: {why}")
         return None
     fused = FusedResidualBlock(linear1.in_features, linear2.out_features, hidden_features=linear1.out_features,
-                               activation=form.activation, final_activation=form.final_activation, device="meta")
+                               activation=form.activation, final_activation=form.final_activation,
+                               recompute=recompute, device="meta")
     fused.linear1, fused.linear2 = linear1, linear2
     _carry_hooks(block, fused)
     return fused
 
 
 def fuse(model: nn.Module, block_type: type[nn.Module] = ResidualBlock, *, activation: str = "relu",
-         final_activation: str | None = "relu", verify: bool = True) -> nn.Module:
+         final_activation: str | None = "relu", verify: bool = True, recompute: bool = False) -> nn.Module:
     """Swap, in place, every submodule that is a ``block_type`` for a FusedResidualBlock.
 
     The fused blocks share the original ``nn.Linear`` modules, hence the same Parameter objects: optimizer
@@ -262,8 +263,9 @@ def fuse(model: nn.Module, block_type: type[nn.Module] = ResidualBlock, *, activ
       were. It runs once per block class and configuration (widths, form, submodules, plain attributes).
 
     A block that fails either check stays as it is, with a warning that says why. ``verify=False`` skips the
-    numerical check only. Returns ``model``; if ``model`` itself is a ``block_type``, returns its fused
-    replacement (or ``model``, if it stays).
+    numerical check only. ``recompute=True`` makes every fused block keep only its input (and its final ReLU's sign
+    bits) for backward (see ``FusedResidualBlock``). Returns ``model``; if ``model`` itself is a ``block_type``,
+    returns its fused replacement (or ``model``, if it stays).
     """
     form = check_form(activation, final_activation)
     left: list[str] = []
@@ -271,7 +273,7 @@ def fuse(model: nn.Module, block_type: type[nn.Module] = ResidualBlock, *, activ
     def swap(module: nn.Module, path: str) -> nn.Module | None:
         if not isinstance(module, block_type):
             return None
-        return _fused_from(module, block_type, path, form, verify, left) or module
+        return _fused_from(module, block_type, path, form, verify, left, recompute) or module
 
     model = _swap(model, swap)
     for message in left:
@@ -345,6 +347,10 @@ def _unfused_from(module: nn.Module, left: list[str], path: str) -> nn.Module | 
         why = _why_not_unfusable(module)
         if why is not None:
             left.append(f"unfuse(): left {path or 'the model'} fused: {why}, which fr.ResidualBlock does not compute")
+            return module
+        if module.recompute:
+            left.append(f"unfuse(): left {path or 'the model'} fused: recompute=True, and fr.ResidualBlock keeps x, h "
+                        "and out for backward (set recompute = False on the block to unfuse it)")
             return module
         with torch.device("meta"):  # its own linears are replaced at once: allocate nothing, draw no random numbers
             plain = ResidualBlock(module.in_features, module.out_features)

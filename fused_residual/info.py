@@ -38,14 +38,8 @@ DEFAULT_ROWS = 4096
 
 
 def device_family(device: torch.device) -> str:
-    """The family of a GPU ``device`` as the kernels know it. The one hook to switch once ``kernels/_common.py``
-    has ``family(device)`` (GPU families): it is used where present; else the compute capability stands in."""
-    family = getattr(_common, "family", None)
-    if family is not None:
-        found = family(device)
-        return str(getattr(found, "name", found))
-    major, minor = _common.capability(device)
-    return f"compute capability {major}.{minor} (this version has no family facts)"
+    """The family of a GPU ``device`` as the kernels know it (``kernels/_common.py``'s ``family``)."""
+    return _common.family(device).name
 
 
 def versions() -> list[str]:

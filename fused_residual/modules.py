@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from . import composite, plans
+from . import composite, plans, saving
 from .activations import SEED_FORM, Form, check_form
 
 _Linear = nn.Linear
@@ -26,6 +26,10 @@ class FusedResidualBlock(nn.Module):
     - ``final_activation=None``: the transformer FFN ``out = x + linear2(act(linear1(x)))``, e.g.
       ``FusedResidualBlock(d, d, hidden_features=4 * d, activation="gelu", final_activation=None)``.
 
+    Memory (training): by default the block keeps for backward no more than eager PyTorch keeps for the same math.
+    ``recompute=True`` keeps only ``x`` and, for a final ReLU, its sign as 1 bit per element; the hidden layer is
+    computed again in backward (one GEMM more; on chip in the whole-block kernel). The gradients are the same.
+
     If a submodule is not what the kernels compute (hooks on it, an ``nn.Linear`` subclass with its own
     ``forward``, a replaced submodule), the block calls its submodules instead, with the same math.
     """
@@ -39,6 +43,7 @@ class FusedResidualBlock(nn.Module):
         activation: str = "relu",
         final_activation: str | None = "relu",
         projection: bool = False,
+        recompute: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -57,6 +62,7 @@ class FusedResidualBlock(nn.Module):
         self.out_features = out_features
         self.hidden_features = hidden
         self.projection = projection
+        self.recompute = bool(recompute)
         self.linear1 = nn.Linear(in_features, hidden, **factory)
         self.linear2 = nn.Linear(hidden, out_features, **factory)
         self.shortcut = nn.Linear(in_features, out_features, bias=False, **factory) if projection else None
@@ -74,7 +80,16 @@ class FusedResidualBlock(nn.Module):
         if params is None:
             return composite.block_of_modules(x, self.linear1, self.linear2, self.shortcut, form)
         w1, b1, w2, b2, ws = params
-        return plans.run_block(x, w1, b1, w2, b2, ws, form)
+        return plans.run_block(x, w1, b1, w2, b2, ws, form, saving.RECOMPUTE if self.recompute else saving.DEFAULT)
+
+    def _forward_in_net(self, x: torch.Tensor, out_kept: bool) -> torch.Tensor:
+        """``forward`` (the caller checked that no hooks must see the call) for a net whose next layer keeps this
+        block's output as its own input (``out_kept``): a recompute block then keeps no mask beside it."""
+        params = block_parameters(self)
+        if params is None:
+            return composite.block_of_modules(x, self.linear1, self.linear2, self.shortcut, self.form)
+        mode = saving.DEFAULT if not self.recompute else saving.RECOMPUTE_OUT_KEPT if out_kept else saving.RECOMPUTE
+        return plans.run_block(x, *params, self.form, mode)
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, out_features={self.out_features}"
@@ -82,7 +97,8 @@ class FusedResidualBlock(nn.Module):
             text += f", hidden_features={self.hidden_features}"
         if self.activation != "relu" or self.final_activation != "relu":
             text += f", activation={self.activation!r}, final_activation={self.final_activation!r}"
-        return text + f", projection={self.projection}"
+        text += f", projection={self.projection}"
+        return text + ", recompute=True" if self.recompute else text
 
 
 class FusedResidualNet(nn.Module):
@@ -100,6 +116,7 @@ class FusedResidualNet(nn.Module):
         out_features: int,
         num_blocks: int,
         *,
+        recompute: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -107,7 +124,8 @@ class FusedResidualNet(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.linear1 = nn.Linear(in_features, hidden_features, **factory)
         self.blocks = nn.ModuleList(
-            FusedResidualBlock(hidden_features, hidden_features, **factory) for _ in range(num_blocks)
+            FusedResidualBlock(hidden_features, hidden_features, recompute=recompute, **factory)
+            for _ in range(num_blocks)
         )
         self.linear2 = nn.Linear(hidden_features, out_features, **factory)
 
@@ -117,9 +135,21 @@ class FusedResidualNet(nn.Module):
             return plans.run_net_inference(x, *params)
         # linear's output is not saved for its backward, so the ReLU may overwrite it (as the reference's does).
         x = F.relu(self.linear1(x), inplace=True)
-        for block in self.blocks:
-            x = block(x)
+        blocks = list(self.blocks)
+        for i, block in enumerate(blocks):
+            if type(block) is FusedResidualBlock and block.recompute and not (has_hooks(block) or global_hooks()):
+                # The next layer keeps this block's output as its input: a recompute block then needs no mask.
+                x = block._forward_in_net(x, _keeps_its_input(blocks[i + 1] if i + 1 < len(blocks) else self.linear2))
+            else:
+                x = block(x)
         return self.linear2(x)
+
+
+def _keeps_its_input(module: nn.Module) -> bool:
+    """Whether ``module``'s backward keeps its input: a recompute block, or a linear whose weight is trained."""
+    if isinstance(module, FusedResidualBlock):
+        return module.recompute
+    return isinstance(module, nn.Linear) and module.weight.requires_grad
 
 
 # ---- module inspection: what the kernels may compute in place of a module -----------------------------------

@@ -9,13 +9,14 @@ imported by the package's ``__init__``; it calls down and nothing imports it bac
 implementation asks ``dispatch.backend_route`` for the call's backend and ``dispatch.kernel_variants`` for its
 kernels, the same decisions an eager call gets (the plain-composite route runs the ``torch`` backend here: inside
 an op there is no autograd to see it), and their autograd keeps the same tensors as the eager path
-(``plans.save_block`` / ``plans.save_linear``).
+(``saving.block_keeps`` / ``plans.save_linear``).
 
 Ops (all tensors 2-D; callers flatten):
 
-- ``fused_residual::block_forward(x, w1, b1?, w2, b2?, ws?, activation, final_activation?) -> (out, saved)``
-- ``fused_residual::block_backward(dout, x?, saved, out?, w1, w2, ws?, activation, final_activation?, needs,
-  dx_dtype) -> [the grads needs asks for]``
+- ``fused_residual::block_forward(x, w1, b1?, w2, b2?, ws?, activation, final_activation?, mode, save_hidden,
+  save_signs) -> (out, kept)``
+- ``fused_residual::block_backward(dout, x?, saved?, out?, w1, w2, ws?, b1?, signs?, activation, final_activation?,
+  needs, dx_dtype) -> [the grads needs asks for]``
 - ``fused_residual::linear_residual_relu_forward(h, w, b?, residual) -> out``
 - ``fused_residual::linear_residual_relu_backward(dout, h?, out, w, needs, dh_dtype) -> [the grads needs asks for]``
 
@@ -60,10 +61,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, composite, dispatch, plans
+from . import backends, composite, dispatch, plans, saving, signs
+from ._tensors import rows_facts, tensor_facts
 from .activations import SEED_FORM, Form
 from .backends import Backend
-from .plans import save_block, save_linear
+from .plans import save_linear
 
 
 def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
@@ -74,7 +76,7 @@ def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tupl
     if plans.ENABLED:
         try:
             with_rows = _OP_ROWS[name]
-            facts = (plans.rows_facts(t)[1] if i in with_rows and t is not None else plans.tensor_facts(t)
+            facts = (rows_facts(t)[1] if i in with_rows and t is not None else tensor_facts(t)
                      for i, t in enumerate(tensors))
             key = ("op", backend.NAME, name, *facts, args, tuple(kwargs.items()),
                    tensors[0].dtype is torch.float32 and plans._tf32())
@@ -90,7 +92,7 @@ def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tupl
 
 
 # The operands of each op that have the call's rows (the rest have fixed shapes).
-_OP_ROWS = {"block_forward": (0,), "block_backward": (0, 1, 2, 3), "linear_residual_relu_forward": (0, 3),
+_OP_ROWS = {"block_forward": (0,), "block_backward": (0, 1, 2, 3, 8), "linear_residual_relu_forward": (0, 3),
             "linear_residual_relu_backward": (0, 1, 2)}
 
 
@@ -118,46 +120,57 @@ def _spread(grads: list[Tensor], needs: tuple[bool, ...]) -> tuple[Tensor | None
     f"{_NAMESPACE}::block_forward",
     mutates_args=(),
     schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? ws, str activation, "
-    "str? final_activation) -> (Tensor, Tensor)",
+    "str? final_activation, int mode, bool save_hidden, bool save_signs) -> (Tensor, Tensor)",
 )
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, activation: str,
-    final_activation: str | None,
+    final_activation: str | None, mode: int, save_hidden: bool, save_signs: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, saved)`` of the block for 2-D ``x``."""
+    """``(out, kept)`` of the block for 2-D ``x``: ``kept`` the hidden layer (``save_hidden``), the final ReLU's
+    packed sign bits (``save_signs``, a recompute block) or an empty tensor. ``mode``: the block's saving mode
+    (``saving.py``), which decides with the needs what the autograd keeps."""
     form = Form(activation, final_activation)
     backend, variants = _backend(x, w1, ws, form)
-    out, saved = run_op(backend, "block_forward", (x, w1, b1, w2, b2, ws), form, save=True, variant=variants[0])
-    return out.contiguous(), saved.contiguous()
+    kwargs = {"signs": True} if save_signs else {}
+    out, kept = run_op(backend, "block_forward", (x, w1, b1, w2, b2, ws), form, save=save_hidden,
+                       variant=variants[0], **kwargs)
+    if not (save_hidden or save_signs):
+        kept = x.new_empty(0, dtype=w1.dtype)
+    return out.contiguous(), kept.contiguous()
 
 
 @block_forward.register_fake
-def _(x, w1, b1, w2, b2, ws, activation, final_activation):
+def _(x, w1, b1, w2, b2, ws, activation, final_activation, mode, save_hidden, save_signs):
     out_dtype = Form(activation, final_activation).output_dtype(x.dtype, w1.dtype, ws is not None)
-    return x.new_empty(x.shape[0], w2.shape[0], dtype=out_dtype), x.new_empty(x.shape[0], w1.shape[0],
-                                                                               dtype=w1.dtype)
+    out = x.new_empty(x.shape[0], w2.shape[0], dtype=out_dtype)
+    if save_hidden:
+        return out, x.new_empty(x.shape[0], w1.shape[0], dtype=w1.dtype)
+    if save_signs:
+        return out, x.new_empty(x.shape[0], signs.row_bytes(w2.shape[0]), dtype=torch.uint8)
+    return out, x.new_empty(0, dtype=w1.dtype)
 
 
 @torch.library.custom_op(
     f"{_NAMESPACE}::block_backward",
     mutates_args=(),
-    schema="(Tensor dout, Tensor? x, Tensor saved, Tensor? out, Tensor w1, Tensor w2, Tensor? ws, str activation, "
-    "str? final_activation, bool[] needs, ScalarType dx_dtype) -> Tensor[]",
+    schema="(Tensor dout, Tensor? x, Tensor? saved, Tensor? out, Tensor w1, Tensor w2, Tensor? ws, Tensor? b1, "
+    "Tensor? signs, str activation, str? final_activation, bool[] needs, ScalarType dx_dtype) -> Tensor[]",
 )
 def block_backward(
-    dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
-    activation: str, final_activation: str | None, needs: list[bool], dx_dtype: torch.dtype,
+    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
+    ws: Tensor | None, b1: Tensor | None, bits: Tensor | None, activation: str, final_activation: str | None,
+    needs: list[bool], dx_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dx, dw1, db1, dw2, db2, dws)`` that ``needs`` asks for, in that order."""
     form = Form(activation, final_activation)
     backend, variants = _backend(dout if x is None else x, w1, ws, form, dout.dtype)
-    grads = run_op(backend, "block_backward", (dout, x, saved, out, w1, w2, ws), form, tuple(needs),
+    grads = run_op(backend, "block_backward", (dout, x, saved, out, w1, w2, ws, b1, bits), form, tuple(needs),
                    dx_dtype=dx_dtype, variant=variants[1])
     return [g.contiguous() for g in grads if g is not None]
 
 
 @block_backward.register_fake
-def _(dout, x, saved, out, w1, w2, ws, activation, final_activation, needs, dx_dtype):
+def _(dout, x, saved, out, w1, w2, ws, b1, bits, activation, final_activation, needs, dx_dtype):
     rows_ = dout.shape[0]
     shapes = [(rows_, w1.shape[1]), w1.shape, w1.shape[:1], w2.shape, w2.shape[:1], None if ws is None else ws.shape]
     dtypes = [dx_dtype, *(w1.dtype,) * 5]
@@ -166,25 +179,28 @@ def _(dout, x, saved, out, w1, w2, ws, activation, final_activation, needs, dx_d
 
 
 def _setup_block(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, ws, activation, final_activation = inputs
-    out, saved = output
+    x, w1, b1, w2, b2, ws, activation, final_activation, mode, save_hidden, save_signs = inputs
+    out, kept = output
     ctx.form, ctx.x_dtype = Form(activation, final_activation), x.dtype
-    ctx.mark_non_differentiable(saved)
+    if not save_hidden:
+        ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
-    save_block(ctx, ctx.form, x, saved, out, w1, b1, w2, b2, ws)
+    keep = saving.block_keeps(ctx.form, ctx.needs_input_grad, mode)
+    tensors = (x, kept if save_hidden else None, out, kept if save_signs else None, w1, b1, w2, ws)
+    ctx.save_for_backward(*(t if k else None for t, k in zip(tensors, keep, strict=True)))
 
 
-def _block_backward(ctx, dout, _dsaved):
+def _block_backward(ctx, dout, dkept):
     needs = tuple(ctx.needs_input_grad[:6])
-    if dout is None:
-        return (None,) * 8
+    if dout is None and dkept is None:
+        return (None,) * 11
     saved = ctx.saved_tensors
-    if dispatch.backward_builds_graph():
-        return (*composite.block_grads(dout, saved, ctx.form, needs, ctx.x_dtype), None, None)
-    x, hidden, out, w1, _, w2, _, ws = saved
-    grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, w1, w2, ws, *ctx.form, list(needs),
-                                                    ctx.x_dtype)
-    return (*_spread(grads, needs), None, None)
+    if dkept is not None or dispatch.backward_builds_graph():  # a graph, or a gradient through the hidden layer
+        return (*composite.block_grads(dout, dkept, saved, ctx.form, needs, ctx.x_dtype), *(None,) * 5)
+    x, hidden, out, bits, w1, b1, w2, ws = saved
+    grads = torch.ops.fused_residual.block_backward(dout, x, hidden, out, w1, w2, ws, b1, bits, *ctx.form,
+                                                    list(needs), ctx.x_dtype)
+    return (*_spread(grads, needs), *(None,) * 5)
 
 
 block_forward.register_autograd(_block_backward, setup_context=_setup_block)

@@ -1,35 +1,28 @@
 """Plans: a call's fixed cost is paid once per signature, not once per call.
 
-``run_block`` (the modules and ``functional.residual_block``) and ``run_linear_residual_relu`` first build a key
-of everything that decides how a call is computed:
-
-- the form, what needs a gradient (nothing under ``no_grad``), ``FUSED_RESIDUAL_BACKEND``;
-- for ``x``: dtype, device, width, whether it is row-major (else its strides and inner dims), whether its data
-  is 16-byte aligned, and its row count M as the power-of-two bucket the dispatch and the autotuners key on
-  and the class Triton specializes an int on (1, a multiple of 16, other);
-- for each weight and bias: dtype, device, shape, strides, 16-byte alignment; TF32 for float32.
+``run_block`` (the modules and ``functional.residual_block``) and ``run_linear_residual_relu`` first build a key of
+everything that decides how a call is computed: the form, what needs a gradient (nothing under ``no_grad``),
+``FUSED_RESIDUAL_BACKEND``, the saving mode; for ``x`` its dtype, device, width, layout (row-major, else strides and
+inner dims), 16-byte alignment and its row count M as the power-of-two bucket the dispatch and the autotuners key on
+and the class Triton specializes an int on (1, a multiple of 16, other); for each weight and bias its dtype, device,
+shape, strides and alignment; TF32 for float32; autocast's dtype.
 
 A key seen before finds its plan, which runs the call with nothing else decided, checked or built: the backend's
-recorded steps (``kernels/_plan.py``: allocations and launches of compiled kernels) or the composite. A new key
-takes the layered path once: validation (``checks.py``), ``dispatch`` (route, kernel variants), the backend
-recording its steps while it computes the call; the finished plan is stored only then, so two threads never
-share a half-built one. Under autocast the key holds the dtype it runs ``x``'s linears in, and the plan casts the
-weights as the layered path does. What is not in the key is checked where it would change a result:
-``torch.func`` transforms and ``torch.compile`` tracing skip plans (the layered path handles them); the modules
-check their hooks
-before every call; the steps check Triton's launch hooks, knobs and current device; the row count's exact value
-picks split-K slices and program counts (functions of M inside the steps). ``dispatch.reset()`` clears the plans.
-``FUSED_RESIDUAL_PLANS=0`` (read at import, or ``ENABLED``) turns them off; at most ``MAX_PLANS`` are kept.
+recorded steps (``kernels/_plan.py``) or the composite. A new key takes the layered path once (``checks.py``,
+``dispatch``, the backend recording its steps while it computes the call); the plan is stored only when finished,
+so two threads never share a half-built one. What is not in the key is checked where it would change a result:
+``torch.func`` transforms and ``torch.compile`` tracing skip plans; the modules check their hooks before every call;
+the steps check Triton's launch hooks, knobs and current device; the exact row count picks split-K slices and
+program counts inside the steps. ``dispatch.reset()`` clears the plans; ``FUSED_RESIDUAL_PLANS=0`` (read at import,
+or ``ENABLED``) turns them off; at most ``MAX_PLANS`` are kept.
 
 The autograd Functions run a plan in forward and keep it for backward, whose plans are keyed by the output
-gradient's facts (dtype, strides, alignment) and whether the backward builds a graph. Inputs keep their leading
-dims: they are flattened to 2-D inside the Function, so no view nodes join the autograd graph. Saved for backward,
-through ``save_for_backward`` (so saved-tensor hooks, checkpointing and ``save_on_cpu`` see them; ``save_block`` /
-``save_linear`` decide, and the custom ops of ``ops.py`` use them too): what the backend's backward reads (the
-hidden activation or pre-activation, ``out`` for the final ReLU's mask, the weights), ``x`` only where a weight
-gradient or a smooth activation's second derivative needs it, and nothing at all when no input needs a gradient.
-A backward that builds a graph (``create_graph=True``) differentiates through the plain composite instead of the
-kernels (``composite.block_grads``), so double backward and gradient penalties are exact.
+gradient's facts and whether the backward builds a graph. Inputs keep their leading dims (flattened inside the
+Function: no view nodes join the graph). What is kept goes through ``save_for_backward`` only, so saved-tensor
+hooks, checkpointing and ``save_on_cpu`` see all of it; ``saving.block_keeps`` / ``save_linear`` decide (the ops
+of ``ops.py`` use them too). A backward that builds a graph, or that receives a gradient for the kept hidden layer
+(the block Function's second output), differentiates through ``composite.block_grads``' plain formulas instead of
+the kernels, so double backward and gradient penalties are exact.
 """
 
 from __future__ import annotations
@@ -41,9 +34,10 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from . import checks, composite, dispatch
-from ._tensors import rows, with_leading_dims
+from . import checks, composite, dispatch, saving
+from ._tensors import rows, rows_facts, tensor_facts, with_leading_dims
 from .activations import SEED_FORM, Form
 from .backends import Backend
 
@@ -88,20 +82,6 @@ def _backend_choice():
     return _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR)
 
 
-def rows_facts(t: Tensor) -> tuple:
-    """``(M, facts)`` of an operand whose row count varies: M and everything else a plan depends on."""
-    s = t.shape
-    n = s[-1]
-    m = s[0] if len(s) == 2 else t.numel() // n
-    # The row bucket (the dispatch's and autotuners' key) and the class Triton specializes an int on.
-    return m, (t.dtype, t.device, n, True if t.is_contiguous() else (t.stride(), s[1:-1]), t.data_ptr() & 15,
-               (m - 1).bit_length(), m == 1, m & 15 == 0, m >> 31)
-
-
-def tensor_facts(t: Tensor | None) -> tuple | None:
-    return None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
-
-
 def planned(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:
     """``(backend.<name>(*tensors, *args, **kwargs), run)`` where ``run(*tensors)`` computes it again for new
     tensors of the same signature: the backend's own ``plan_<name>`` where it has one, else a call of ``<name>``."""
@@ -133,17 +113,16 @@ class Run:
 
 
 def needs_autograd(*tensors: Tensor | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---- the block ------------------------------------------------------------------------------------------------
 
 def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None,
-              form: Form) -> Tensor:
+              form: Form, mode: int = saving.DEFAULT) -> Tensor:
     """The block on a call's operands (``x`` of any leading dims): its plan, or the layered path that validates
-    them and builds one. Under autocast the linears run in its dtype and the output has the reference's dtype."""
+    them and builds one. Under autocast the linears run in its dtype and the output has the reference's dtype.
+    ``mode``: what a training call keeps for backward (``saving.py``: the default, or a recompute mode)."""
     key, m, low = None, 0, None
     if ENABLED and not (_functorch_on() or _compiling()):
         try:  # the key, written out: this runs on every call
@@ -163,7 +142,7 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
                                         w2.requires_grad, b2 is not None and b2.requires_grad,
                                         ws is not None and ws.requires_grad),
                    _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR),
-                   x.dtype is _F32 and _tf32(), low)
+                   x.dtype is _F32 and _tf32(), low, mode)
             plan = _plans[key]
         except Exception:  # a new signature (KeyError), or operands the key cannot describe: the layered path
             pass
@@ -174,20 +153,26 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
     given = (w1, b1, w2, b2, ws)
     w1, b1, w2, b2, ws, out_dtype = checks.block_operands(x, w1, b1, w2, b2, ws, form)
     training = needs_autograd(x, w1, b1, w2, b2, ws)
-    chosen = dispatch.route(x, w1, ws, form, training)
+    if mode != saving.DEFAULT and _functorch_on():  # transforms take the plain composite: no saved-tensor hooks
+        mode = saving.DEFAULT
+    chosen = dispatch.route(x, w1, ws, form, training, mode != saving.DEFAULT)
     if chosen.op:  # torch.compile is tracing: the registered op (ops.py)
-        out, _ = torch.ops.fused_residual.block_forward(rows(x), w1, b1, w2, b2, ws, *form)
+        keep = saving.block_keeps(form, (x.requires_grad, w1.requires_grad, b1 is not None and b1.requires_grad,
+                                         w2.requires_grad, b2 is not None and b2.requires_grad,
+                                         ws is not None and ws.requires_grad) if training else (False,) * 6, mode)
+        out, _ = torch.ops.fused_residual.block_forward(rows(x), w1, b1, w2, b2, ws, *form, mode,
+                                                        keep[saving.HIDDEN], keep[saving.SIGNS])
         out = with_leading_dims(out, x, w2.shape[0])
     else:
         grad_dtype = form.output_dtype(x.dtype, w1.dtype, ws is not None) if training else None
         needs = tuple(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, ws)) if training else None
         plan = BlockPlan(chosen, dispatch.kernel_variants(chosen, x, w1, ws, form, grad_dtype), form, needs,
-                         x.dtype, dispatch.signature(x, w1, ws, form) if chosen.may_fall_back else ())
+                         x.dtype, mode, dispatch.signature(x, w1, ws, form) if chosen.may_fall_back else ())
         try:
             out = plan(x, w1, b1, w2, b2, ws)
         except Exception as error:  # the kernels failed on an unverified family: the torch backend, or raise
             chosen = dispatch.fall_back(chosen, dispatch.signature(x, w1, ws, form), error)
-            plan = BlockPlan(chosen, (None, None), form, needs, x.dtype)
+            plan = BlockPlan(chosen, (None, None), form, needs, x.dtype, mode)
             out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
             cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
@@ -216,28 +201,28 @@ class BlockPlan:
     needs a gradient (``needs``: x, w1, b1, w2, b2, ws; part of the key) and so what the backward keeps
     (``keep``) are the plan's."""
 
-    __slots__ = ("backend", "variants", "form", "training", "forward", "backwards", "needs", "keep", "x_dtype",
-                 "chosen", "signature")
+    __slots__ = ("backend", "variants", "form", "training", "mode", "forward", "backwards", "needs", "keep",
+                 "x_dtype", "chosen", "signature")
 
     def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, needs: tuple[bool, ...] | None,
-                 x_dtype: torch.dtype, signature: tuple = ()):
+                 x_dtype: torch.dtype, mode: int = saving.DEFAULT, signature: tuple = ()):
         self.chosen, self.signature = chosen, signature  # for dispatch.fall_back
         self.backend: Backend | None = chosen.backend
         # training: under the block's Function (the composite runs under PyTorch's own autograd instead)
         self.variants, self.form, self.training = variants, form, needs is not None and chosen.backend is not None
+        self.mode = mode if needs is not None else saving.DEFAULT
         self.forward = None if chosen.backend is not None else composite.block_of_weights
         self.backwards: dict[tuple, object] = {}
         self.needs, self.x_dtype = needs, x_dtype
-        self.keep = block_keeps(form, needs) if needs is not None else None
+        self.keep = saving.block_keeps(form, needs, self.mode) if needs is not None else None
 
     def entry(self):
-        """What a cached call calls: in training the Function's C apply with this plan bound (no Python frame of
-        its own), else the plan."""
-        return functools.partial(_apply_block, self) if self.training else self
+        """What a cached call calls: in training the Function's C apply with this plan bound, else the plan."""
+        return functools.partial(_train_block, self) if self.training else self
 
     def __call__(self, x, w1, b1, w2, b2, ws):
         if self.training:
-            return _apply_block(self, x, w1, b1, w2, b2, ws)
+            return _apply_block(self, x, w1, b1, w2, b2, ws)[0]
         run = self.forward
         if run is None or self.backend is None:
             return self.first_or_composite(x, w1, b1, w2, b2, ws)
@@ -247,31 +232,34 @@ class BlockPlan:
 
     def first_or_composite(self, x, w1, b1, w2, b2, ws):
         if self.backend is None:
+            if self.mode != saving.DEFAULT:  # a forced composite: plain ops, recomputed by checkpointing
+                return checkpoint(composite.block_of_weights, x, w1, b1, w2, b2, ws, self.form, use_reentrant=False)
             return composite.block_of_weights(x, w1, b1, w2, b2, ws, self.form)
-        out = self.run_forward(x if x.dim() == 2 else rows(x), w1, b1, w2, b2, ws, False)[0]
+        out = self.run_forward(x if x.dim() == 2 else rows(x), w1, b1, w2, b2, ws, False, False)[0]
         return out if x.dim() == 2 else with_leading_dims(out, x, w2.shape[0])
 
-    def run_forward(self, x, w1, b1, w2, b2, ws, save):
+    def run_forward(self, x, w1, b1, w2, b2, ws, save, signs):
         run = self.forward
         if run is not None:
             return run(x, w1, b1, w2, b2, ws)
+        kwargs = {"signs": True} if signs else {}
         result, self.forward = planned(self.backend, "block_forward", (x, w1, b1, w2, b2, ws), self.form, save=save,
-                                        variant=self.variants[0])
+                                        variant=self.variants[0], **kwargs)
         return result
 
-    def run_backward(self, dout, x, saved, out, w1, w2, ws, needs, x_dtype):
+    def run_backward(self, dout, x, saved, out, w1, w2, ws, b1, bits):
         try:
             key = (_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15)
             run = self.backwards[key]
         except KeyError:
             pass
         else:
-            return run(dout, x, saved, out, w1, w2, ws)
+            return run(dout, x, saved, out, w1, w2, ws, b1, bits)
         if dispatch.backward_builds_graph():
             return None  # the Function differentiates through the composite
         try:
-            grads, run = planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws), self.form, needs,
-                                  dx_dtype=x_dtype, variant=self.variants[1])
+            grads, run = planned(self.backend, "block_backward", (dout, x, saved, out, w1, w2, ws, b1, bits),
+                                  self.form, self.needs, dx_dtype=self.x_dtype, variant=self.variants[1])
         except Exception as error:  # the kernels failed on an unverified family: the composite, or raise
             dispatch.fall_back(self.chosen, self.signature, error)
             return None
@@ -281,37 +269,51 @@ class BlockPlan:
 
 
 class ResidualBlockFunction(torch.autograd.Function):
+    """``(out, hidden)``: the block's output and, in the default mode, its kept hidden layer as a second output
+    (None where not kept), so that a double backward differentiates through it (``composite.block_grads``)."""
+
     @staticmethod
     def forward(ctx, plan, x, w1, b1, w2, b2, ws):  # type: ignore[override]
+        keep = plan.keep  # saving.KEPT's order
         run = plan.forward
         flat = x.dim() == 2
         if run is not None and flat:  # the cached call, written out
-            out, hidden = (run.function or run)(x, w1, b1, w2, b2, ws)
+            out, kept = (run.function or run)(x, w1, b1, w2, b2, ws)
         else:
-            out, hidden = plan.run_forward(x if flat else rows(x), w1, b1, w2, b2, ws, True)
+            out, kept = plan.run_forward(x if flat else rows(x), w1, b1, w2, b2, ws, keep[1], keep[3])
         ctx.plan = plan
-        keep = plan.keep  # block_keeps' order
-        ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, w1, b1 if keep[4] else None,
-                              w2, b2 if keep[6] else None, ws)
-        return out if flat else with_leading_dims(out, x, w2.shape[0])
+        if not flat:
+            ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)
+        hidden = kept if keep[1] else None
+        # Written out (this runs on every training call); the weights are always kept.
+        ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, kept if keep[3] else None,
+                              w1, b1 if keep[5] else None, w2, ws)
+        return (out if flat else with_leading_dims(out, x, w2.shape[0])), hidden
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout, dhidden):  # type: ignore[override]
         plan = ctx.plan
         saved = ctx.saved_tensors
-        x, hidden, out, w1, _, w2, _, ws = saved
-        if dout.dim() == 2:  # the cached call, written out
-            run = plan.backwards.get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
-            if run is not None:
-                return (None, *(run.function or run)(dout, x, hidden, out, w1, w2, ws))
-        nd = dout.dim() != 2
-        grads = plan.run_backward(rows(dout) if nd else dout, rows(x) if nd and x is not None else x, hidden,
-                                  out, w1, w2, ws, plan.needs, plan.x_dtype)
-        if grads is None:
-            return (None, *composite.block_grads(dout, saved, plan.form, plan.needs, plan.x_dtype))
+        grads = None
+        if dhidden is None:
+            if dout is None:
+                return (None,) * 7
+            x, hidden, out, bits, w1, b1, w2, ws = saved
+            if dout.dim() == 2:  # the cached call, written out
+                run = plan.backwards.get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
+                if run is not None:
+                    return (None, *(run.function or run)(dout, x, hidden, out, w1, w2, ws, b1, bits))
+                grads = plan.run_backward(dout, x, hidden, out, w1, w2, ws, b1, bits)
+            else:
+                grads = plan.run_backward(rows(dout), None if x is None else rows(x), hidden, out, w1, w2, ws, b1,
+                                          bits)
+        if grads is None:  # a backward that builds a graph, or a gradient through the kept hidden layer
+            grads = composite.block_grads(dout, dhidden, saved, plan.form, plan.needs, plan.x_dtype)
         dx = grads[0]
-        if dx is not None and nd:
-            dx = dx.view(*dout.shape[:-1], dx.shape[-1])
+        x_shape = getattr(ctx, "x_shape", None)
+        if dx is not None and x_shape is not None:
+            dx = dx.view(x_shape)
         return (None, dx, *grads[1:])
 
 
@@ -328,24 +330,8 @@ def _c_apply(function: type[torch.autograd.Function]):
 _apply_block = _c_apply(ResidualBlockFunction)
 
 
-def block_keeps(form: Form, needs: tuple[bool, ...]) -> tuple[bool, ...]:
-    """Which of ``(x, hidden, out, w1, b1, w2, b2, ws)`` the block's backward keeps, given ``needs`` (what needs a
-    gradient: x, w1, b1, w2, b2, ws): nothing if nothing does."""
-    if not any(needs[:6]):
-        return (False,) * 8
-    keep_x = any(needs[1:6]) or not form.hidden.piecewise_linear
-    keep_out = form.final_activation is not None
-    # The biases only serve the recompute of a double backward, which needs x too.
-    return keep_x, True, keep_out, True, keep_x, True, keep_x, True
-
-
-def save_block(ctx, form: Form, x: Tensor, hidden: Tensor, out: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
-               b2: Tensor | None, ws: Tensor | None) -> None:
-    """Keep what the block's backward needs (``needs_input_grad`` in the order x, w1, b1, w2, b2, ws)."""
-    keep = block_keeps(form, ctx.needs_input_grad)
-    if keep[1]:
-        ctx.save_for_backward(*(t if k else None for t, k in zip((x, hidden, out, w1, b1, w2, b2, ws), keep,
-                                                                 strict=True)))
+def _train_block(plan: BlockPlan, x, w1, b1, w2, b2, ws):
+    return _apply_block(plan, x, w1, b1, w2, b2, ws)[0]  # the output; the kept hidden layer serves double backward
 
 
 # ---- the single fused layer -----------------------------------------------------------------------------------

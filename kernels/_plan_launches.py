@@ -17,6 +17,7 @@ from . import whole_block as wb
 from . import whole_block_configs as wbc
 from ._common import next_power_of_2
 from ._plan import ROWS, PreparedLaunch, Recorder, RowsKey
+from ._signs import row_bytes
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
@@ -58,13 +59,14 @@ def _zero_columns(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", second=None, bias=None, residual=None,
                  relu_mask=None, mask_on: str = "a", gate=None, gate_activation: str = "relu", activation=None,
                  pre_out=None, b_activation=None, rowsum: str | None = None, split_k=None,
-                 out_dtype: torch.dtype | None = None) -> None:
+                 out_dtype: torch.dtype | None = None, mask_bits: int = 0, signs_out: str | None = None) -> None:
     """Record ``fl.fused_linear`` (same operands and meaning) into register ``out_name`` (and ``rowsum``, the row
     sums' register). Operands are register names or ``(name, True)`` for a transpose; ``rows_in``: whether M is
     the GEMM's "m" (a forward: rows of a) or its "k" (a weight gradient: a = g^T); ``split_k``: slices as a
     function of M (a ``RowsKey``; weight gradients only), recorded as a family."""
     operands = {"a": a, "b": b, "sa": second[0] if second else None, "sb": second[1] if second else None,
-                "bias": bias, "residual": residual, "mask": relu_mask, "gate": gate, "pre": pre_out}
+                "bias": bias, "residual": residual, "mask": relu_mask, "gate": gate,
+                "pre": pre_out if signs_out is None else signs_out}
     views = {k: _tile_safe(rec, f"{out_name}.{k}", op) for k, op in operands.items()}
     (a_name, a_t), (b_name, b_t), (sa_name, sa_t), (sb_name, sb_t) = (views[k] for k in ("a", "b", "sa", "sb"))
     M, K = a_t.shape
@@ -86,11 +88,11 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
         b_t = rec.call(b_name, _zeros, (1, N), b_t.dtype, device)
         K = 1
         if mask_on != "residual":
-            views["mask"], relu_mask = (None, None), None
+            views["mask"], relu_mask, mask_bits = (None, None), None, 0
     config = fl.INTERPRETER_CONFIG if _common.on_interpreter(device) else None
     mask = "none" if relu_mask is None else mask_on
     layout = ""
-    if a_t.dtype == b_t.dtype and _common.family(device).tma:
+    if a_t.dtype == b_t.dtype and _common.family(device).tma and not mask_bits:  # TMA reads no bits
         layout = fl.tma_layout(a_t, b_t, sa_t, sb_t, views["mask"][1] if mask == "a" else None)
     has_bias = bias is not None
     flags = {
@@ -98,7 +100,7 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
         "MASK": mask, "GATE": gate_activation if gate is not None else IDENTITY, "STORE_PRE": pre_out is not None,
         "ACTIVATION": activation or IDENTITY, "B_ACTIVATION": b_activation or IDENTITY, "HAS_ROWSUM": bool(rowsum),
         "INPUT_PRECISION": _common.input_precision(a_t if a_t.element_size() <= b_t.element_size() else b_t),
-        "TMA_LAYOUT": layout,
+        "TMA_LAYOUT": layout, "SIGN_BITS": mask_bits, "STORE_SIGNS": signs_out is not None,
     }
     # Tensor slots in the kernel's order; an absent operand reads C (as in the wrapper).
     slot_names = [a_name, b_name, sa_name or a_name, sb_name or b_name,
@@ -142,15 +144,21 @@ def fused_linear(rec: Recorder, out_name: str, a, b, *, rows_in: str = "m", seco
 
 
 def whole_block_forward(rec: Recorder, out_name: str, saved_name: str | None, x: str, w1: str, b1: str | None,
-                        w2: str, b2: str | None, *, activation: str, final_relu: bool, out_dtype: torch.dtype) -> None:
-    """Record ``wb.forward`` (``store_saved`` where ``saved_name`` is given) into the named registers."""
+                        w2: str, b2: str | None, *, activation: str, final_relu: bool, out_dtype: torch.dtype,
+                        store_signs: bool = False) -> None:
+    """Record ``wb.forward`` (``store_saved`` where ``saved_name`` is given, or ``store_signs`` into it) into the
+    named registers."""
     xt, w1t, w2t = rec[x], rec[w1], rec[w2]
     F = xt.shape[1]
     width = wbc.padded_width(F)
     out = rec.empty(out_name, (ROWS, F), out_dtype)
-    saved = rec.empty(saved_name, (ROWS, F), w1t.dtype) if saved_name else None
+    saved = None
+    if saved_name:
+        saved = (rec.empty(saved_name, (ROWS, row_bytes(F)), torch.uint8) if store_signs
+                 else rec.empty(saved_name, (ROWS, F), w1t.dtype))
     saved_arg = saved if saved is not None else out
-    flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_SAVED": saved is not None,
+    flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None,
+             "STORE_SAVED": saved is not None and not store_signs, "STORE_SIGNS": store_signs,
              "ACTIVATION": activation, "FROM_OUTPUT": ACTIVATIONS[activation].from_output, "FINAL_RELU": final_relu,
              "INPUT_PRECISION": _common.input_precision(w1t), "WIDTH": width}
     post = (F, *xt.stride(), *w1t.stride(), *w2t.stride(), *out.stride(), *saved_arg.stride(),
@@ -170,18 +178,20 @@ def whole_block_forward(rec: Recorder, out_name: str, saved_name: str | None, x:
     rec.run(PreparedLaunch(launcher, slots, (), post, kwargs, functools.partial(whole_block_forward_grid, sms)))
 
 
-def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, x: str | None, w1: str, w2: str,
-                         *, need_dx: bool, need_weights: bool, activation: str, final_relu: bool,
-                         dx_dtype: torch.dtype) -> None:
+def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str | None, x: str | None, w1: str,
+                         w2: str, *, need_dx: bool, need_weights: bool, activation: str, final_relu: bool,
+                         dx_dtype: torch.dtype, sign_bits: bool = False, b1: str | None = None) -> None:
     """Record ``wb.backward`` into registers ``dx`` (if ``need_dx``) and ``dw1, db1, dw2, db2`` (if
     ``need_weights``). Its program count, and so its grid, reduction group and workspace, follow the exact M:
-    recorded as a family keyed by the program count."""
+    recorded as a family keyed by the program count. ``saved`` None: ``recompute`` (with ``b1``'s register or
+    None); ``sign_bits``: ``out`` names the packed sign bits."""
+    recompute = saved is None
     dout_t, w1t = rec[dout], rec[w1]
     xt = rec[x] if x is not None else None
     F = dout_t.shape[1]
     width = wbc.padded_width(F)
     wide = max(xt.element_size() if xt is not None else 0, torch.finfo(dx_dtype).bits // 8) > w1t.element_size()
-    config = wbc.backward_config(width, w1t.element_size(), wide, _common.family(rec.device).name)
+    config = wbc.backward_config(width, w1t.element_size(), wide, _common.family(rec.device).name, recompute)
     if _common.on_interpreter(rec.device):
         config = config._replace(block_m=wbc.INTERPRETER_BLOCK_M, warps=4)
     block_m, warps, chunk = wbc.BackwardConfig(*config)
@@ -199,7 +209,9 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
     flags = {"NEED_DX": need_dx, "NEED_WEIGHTS": need_weights, "ACTIVATION": activation,
              "FROM_OUTPUT": ACTIVATIONS[activation].from_output, "FINAL_RELU": final_relu,
              "INPUT_PRECISION": _common.input_precision(w1t), "WIDTH": width, "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
-             "DX_SHARE": share, "num_warps": warps, "num_stages": 1}
+             "DX_SHARE": share, "SIGN_BITS": sign_bits and final_relu, "RECOMPUTE": recompute,
+             "HAS_B1": recompute and b1 is not None, "num_warps": warps, "num_stages": 1}
+    saved = (b1 or w1) if recompute else saved  # the recompute reads b1 there
 
     def record(programs: int, sub: Recorder) -> None:
         if chunk:
@@ -215,7 +227,7 @@ def whole_block_backward(rec: Recorder, dout: str, out: str | None, saved: str, 
             sub.counters(counters, reductions * _reduce.counters_needed(partials))
         names = (dout, out_name, saved, x_name, w1, w2, dx_name, *grads, ws, counters)
         t = {n: sub[n] for n in names}
-        post = (F, *t[dout].stride(), *t[out_name].stride(), *t[saved].stride(), *t[x_name].stride(),
+        post = (F, *t[dout].stride(), *t[out_name].stride(), *wb._matrix_strides(t[saved]), *t[x_name].stride(),
                 *t[w1].stride(), *t[w2].stride(), *t[dx_name].stride(), *wb._matrix_strides(t[grads[0]]),
                 *wb._matrix_strides(t[grads[2]]), _reduce.group_size(partials))
         sub.run(PreparedLaunch(wb._launch_backward, [sub.index(n) for n in names], (), post, flags,

@@ -31,7 +31,8 @@ def _as_config(entry: tuple) -> triton.Config:
 # TMA_LAYOUT is in the key (and, as a constexpr, in the launch cache's): a choice made where the operands qualify
 # for TMA is never reused for a call where they do not.
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "K2", "HAS_SECOND", "HAS_BIAS", "HAS_RESIDUAL", "MASK", "GATE",
-                 "STORE_PRE", "ACTIVATION", "B_ACTIVATION", "HAS_ROWSUM", "SPLIT_K", "INPUT_PRECISION", "TMA_LAYOUT"]
+                 "STORE_PRE", "ACTIVATION", "B_ACTIVATION", "HAS_ROWSUM", "SPLIT_K", "INPUT_PRECISION", "TMA_LAYOUT",
+                 "SIGN_BITS", "STORE_SIGNS"]
 fused_linear_autotuned = triton.autotune(
     configs=[_as_config(e) for e in ALL_ENTRIES],
     key=_AUTOTUNE_KEY,
@@ -90,6 +91,8 @@ def fused_linear(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     config: tuple | None = None,
+    mask_bits: int = 0,
+    signs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``C = epilogue(a @ b [+ sa @ sb])`` as ``fused_linear_kernel.py`` documents; returns ``(C, rowsum or None)``.
 
@@ -103,14 +106,19 @@ def fused_linear(
     other's dtype on chip. ``C`` is a new row-major ``(M, N)`` tensor of ``out_dtype`` (default ``a.dtype``), or
     ``out`` when given (any strides); ``rowsum`` ``(M,)`` has ``C``'s dtype. ``config`` forces one ``(BLOCK_M,
     BLOCK_N, BLOCK_K, num_stages, num_warps[, schedule])`` instead of autotuning (the interpreter always uses a
-    fixed one); a "tma" schedule needs operands that qualify (``tma_layout``).
+    fixed one); a "tma" schedule needs operands that qualify (``tma_layout``). ``mask_bits``: ``relu_mask`` is
+    instead ``Y``'s packed sign bits (``_signs.py``, uint8 ``(rows of Y, ceil(features / 8))``) with ``Y``'s rows
+    on the GEMM's m axis (1: ``a = dY``, or the residual) or its k axis (2: ``a = dY^T``). ``signs_out``: a uint8
+    ``(M, ceil(N / 8))`` tensor that gets ``C``'s packed sign bits (a recompute block's final ReLU; not with
+    ``pre_out``).
     """
     sa, sb = second if second is not None else (None, None)
     a, b, sa, sb, residual, relu_mask, gate = (_tile_safe(t) for t in (a, b, sa, sb, residual, relu_mask, gate))
     M, K = a.shape
     N = b.shape[1]
     K2 = sa.shape[1] if sa is not None else 0
-    has_epilogue = bias is not None or residual is not None or gate is not None or pre_out is not None or activation
+    has_epilogue = (bias is not None or residual is not None or gate is not None or pre_out is not None or activation
+                    or signs_out is not None)
     if split_k > 1 and (out is not None or sa is not None or has_epilogue):
         raise ValueError("fused_linear: split-K takes no epilogue and no second operand")
     out_dtype = out_dtype or a.dtype
@@ -127,6 +135,7 @@ def fused_linear(
         # No K loop at all: the accumulator is 0 and the epilogue alone decides.
         a, K, relu_mask = a.new_zeros((M, 1)), 1, relu_mask if mask_on == "residual" else None
         b = b.new_zeros((1, N))
+        mask_bits = mask_bits if relu_mask is not None else 0
     if config is None and _common.on_interpreter(a.device):
         config = INTERPRETER_CONFIG
     ws = counters = c
@@ -137,7 +146,7 @@ def fused_linear(
         counters = used_counters = _reduce.arrival_counters(a.device, counter_count)
     mask = "none" if relu_mask is None else mask_on
     layout = ""
-    if a.dtype == b.dtype and _common.family(a.device).tma:
+    if a.dtype == b.dtype and _common.family(a.device).tma and not mask_bits:  # TMA reads no bits
         layout = tma_layout(a, b, sa, sb, relu_mask if mask == "a" else None)
         if layout and _common.is_gpu(a.device):
             ensure_scratch_allocator()
@@ -145,11 +154,12 @@ def fused_linear(
         a, b, sa if sa is not None else a, sb if sb is not None else b,
         bias if bias is not None else c, residual if residual is not None else c,
         relu_mask if relu_mask is not None else c, gate if gate is not None else c,
-        pre_out if pre_out is not None else c,
+        pre_out if pre_out is not None else signs_out if signs_out is not None else c,
         c, sums if sums is not None else c, ws, counters,
         M, N, K, K2,
         *a.stride(), *b.stride(), *_strides(sa), *_strides(sb),
-        *_strides(residual), *_strides(relu_mask), *_strides(gate), *_strides(pre_out), *c.stride(),
+        *_strides(residual), *_strides(relu_mask), *_strides(gate),
+        *_strides(pre_out if signs_out is None else signs_out), *c.stride(),
         _reduce.group_size(split_k), next_power_of_2(M), next_power_of_2(K),
     )
     flags = {
@@ -159,7 +169,7 @@ def fused_linear(
         "ACTIVATION": activation or IDENTITY, "B_ACTIVATION": b_activation or IDENTITY, "HAS_ROWSUM": rowsum,
         "SPLIT_K": split_k,
         "INPUT_PRECISION": _common.input_precision(a if a.element_size() <= b.element_size() else b),
-        "TMA_LAYOUT": layout,
+        "TMA_LAYOUT": layout, "SIGN_BITS": mask_bits, "STORE_SIGNS": signs_out is not None,
     }
     with _common.launch_device(a.device), _reduce.reset_on_failure(used_counters):
         if config is None:

@@ -15,7 +15,13 @@ Math, per output element (all arithmetic in fp32, one rounding at the store):
                                                     and acc = G <= 0 ? 0 : acc, the rule aten.threshold_backward uses)
     pre[m, n]  = acc                              (STORE_PRE: the pre-activation, saved for backward)
     C[m, n]    = act(acc)                         (ACTIVATION; ReLU keeps NaN, as torch.relu)
+    signs(C)                                      (STORE_SIGNS: C's packed sign bits, ``_signs.py``, through pre_ptr
+                                                    and its row stride stride_pm; a recompute block's final ReLU)
     rowsum[m]  = sum_k A'[m, k]                   (HAS_ROWSUM: with A = dY^T this is the bias gradient)
+
+The ReLU masks may come as packed sign bits (SIGN_BITS, ``_signs.py``) instead of Q: Y's row stride is stride_qm,
+and Y's rows lie on the kernel's m axis (1: A = dY, or the residual) or its k axis (2: A = dY^T, a weight
+gradient); ``M K / 8`` (or ``M N / 8``) bytes are read instead of Q. Only the classic schedule reads them.
 
 Activations (relu, gelu, gelu_tanh, silu, identity) come from ``kernels/activations.py`` by constexpr name.
 Every layer of the residual block is one call: forward ``h = act(x W1^T + b1)`` (and the pre-activation in
@@ -57,11 +63,11 @@ classic configs, and the autotuner keeps whichever is faster). The math above is
 
 Grid: classic and "tma": ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; "persistent": as above. Tiles walk
 GROUP_M row-tiles at a time so that the B tiles they share stay in L2.
-FLOPs: ``2 M N (K + K2)``, in every schedule. Bytes moved (each operand once; A is re-read per column tile, B per
-row tile; TMA changes who issues the copies, not the bytes): ``(M K + K N + M K2 + K2 N) * in_bytes + M N *
-out_bytes`` (+ ``M K`` for Q with MASK "a"; + ``M N`` per residual, Q with MASK "residual", gate, pre; + N for
-bias); split-K adds ``~(S + 2 sqrt(S)) M N`` fp32 partials written and read once, S = SPLIT_K (or the
-persistent schedule's splits).
+FLOPs: ``2 M N (K + K2)``, in every schedule. Bytes moved (each operand once; A is re-read per column tile, B per row
+tile; TMA changes who issues the copies, not the bytes): ``(M K + K N + M K2 + K2 N) * in_bytes + M N * out_bytes``
+(+ ``M K`` for Q with MASK "a"; + ``M N`` per residual, Q with MASK "residual", gate, pre; + N for bias; with
+SIGN_BITS ``M K / 8`` or ``M N / 8`` bytes in Q's place; + ``M N / 8`` bytes with STORE_SIGNS); split-K adds ``~(S +
+2 sqrt(S)) M N`` fp32 partials written and read once, S = SPLIT_K (or the persistent schedule's splits).
 
 Beside this file: the autotune candidates and their pruning (``fused_linear_configs.py``), the TMA pieces
 (``_tma.py``) and the host wrapper with the autotuner (``fused_linear.py``).
@@ -74,6 +80,7 @@ import triton.language as tl
 
 from ._cast import narrowed
 from ._reduce import sum_slots_in_order
+from ._signs import sign_passes, store_signs
 from ._tma import descriptor, tma_dot
 from .activations import apply, gradient
 
@@ -84,7 +91,8 @@ def _epilogue(acc, row0, col0, tile_m, mask_m, N,
               stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
               stride_cm, stride_cn,
               HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK: tl.constexpr, GATE: tl.constexpr,
-              STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr, WIDTH: tl.constexpr):
+              STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr, WIDTH: tl.constexpr, SIGN_BITS: tl.constexpr,
+              STORE_SIGNS: tl.constexpr):
     """Bias, residual, gate, pre-activation and activation on the (BLOCK_M, WIDTH) accumulator tile whose first
     column is ``col0``, then the store of C."""
     tile_n = tl.arange(0, WIDTH)
@@ -97,9 +105,14 @@ def _epilogue(acc, row0, col0, tile_m, mask_m, N,
                     + (tile_m[:, None] * stride_rm + tile_n[None, :] * stride_rn))
         residual = tl.load(res_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
         if MASK == "residual":  # residual = dY * (Y > 0), as MASK "a"
-            mask_tile = (mask_ptr + row0 * stride_qm + col0 * stride_qk
-                         + (tile_m[:, None] * stride_qm + tile_n[None, :] * stride_qk))
-            residual = tl.where(tl.load(mask_tile, mask=mask_mn, other=0.0) <= 0, 0.0, residual)
+            if SIGN_BITS:
+                passes = sign_passes(mask_ptr + row0 * stride_qm, tile_m[:, None], (col0 + tile_n)[None, :],
+                                     stride_qm, mask_mn)
+                residual = tl.where(passes, residual, 0.0)
+            else:
+                mask_tile = (mask_ptr + row0 * stride_qm + col0 * stride_qk
+                             + (tile_m[:, None] * stride_qm + tile_n[None, :] * stride_qk))
+                residual = tl.where(tl.load(mask_tile, mask=mask_mn, other=0.0) <= 0, 0.0, residual)
         acc += residual
     if GATE != "identity":  # backward through the activation: acc * act'(saved)
         gate_ptrs = (gate_ptr + row0 * stride_gm + col0 * stride_gn
@@ -112,6 +125,8 @@ def _epilogue(acc, row0, col0, tile_m, mask_m, N,
     acc = apply(acc, ACTIVATION)
     c_ptrs = c_ptr + row0 * stride_cm + col0 * stride_cn + (tile_m[:, None] * stride_cm + tile_n[None, :] * stride_cn)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_mn)
+    if STORE_SIGNS:  # from C as stored, the values a backward that kept C would read
+        store_signs(pre_ptr, acc.to(c_ptr.dtype.element_ty), row0, col0, tile_m, mask_m, N, stride_pm, WIDTH)
 
 
 @triton.jit
@@ -130,7 +145,7 @@ def _tile(
     HAS_ROWSUM: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE_SPLIT: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr, SIGN_BITS: tl.constexpr, STORE_SIGNS: tl.constexpr,
 ):
     """Output tile ``tile`` (GROUP_M order), K slice ``split`` of ``splits``: the whole of one program's work
     without a persistent schedule, one iteration of its tile loop with one."""
@@ -178,8 +193,19 @@ def _tile(
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if MASK == "a":  # A = dY * (Y > 0), the ReLU backward on load (aten's rule: 0 where Y <= 0)
-                a = tl.where(tl.load(q_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0) <= 0, 0.0, a)
-                q_ptrs += q_step
+                if SIGN_BITS == 1:  # Y's rows on m, its features on k
+                    passes = sign_passes(mask_ptr + row0 * stride_qm, tile_m[:, None],
+                                         (k_start + k * BLOCK_K + offs_k)[None, :], stride_qm,
+                                         mask_m[:, None] & mask_k[None, :])
+                    a = tl.where(passes, a, 0.0)
+                elif SIGN_BITS == 2:  # Y's rows on k (A = dY^T), its features on m
+                    passes = sign_passes(mask_ptr + (tl.cast(k_start, tl.int64) + k * BLOCK_K) * stride_qm,
+                                         offs_k[None, :], (row0 + tile_m)[:, None], stride_qm,
+                                         mask_m[:, None] & mask_k[None, :])
+                    a = tl.where(passes, a, 0.0)
+                else:
+                    a = tl.where(tl.load(q_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0) <= 0, 0.0, a)
+                    q_ptrs += q_step
             if B_ACTIVATION != "identity":  # B = act(pre) from a saved pre-activation, computed on load
                 b = apply(b.to(tl.float32), B_ACTIVATION).to(b.dtype)
             a = narrowed(a, b)
@@ -234,15 +260,17 @@ def _tile(
             left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _epilogue(left, row0, col0, tile_m, mask_m, N, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr,
                       stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
-                      stride_cm, stride_cn, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, BLOCK_N // 2)
+                      stride_cm, stride_cn, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, BLOCK_N // 2,
+                      SIGN_BITS, STORE_SIGNS)
             _epilogue(right, row0, col0 + BLOCK_N // 2, tile_m, mask_m, N, bias_ptr, res_ptr, mask_ptr, gate_ptr,
                       pre_ptr, c_ptr, stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm,
                       stride_pn, stride_cm, stride_cn, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION,
-                      BLOCK_N // 2)
+                      BLOCK_N // 2, SIGN_BITS, STORE_SIGNS)
         else:
             _epilogue(acc, row0, col0, tile_m, mask_m, N, bias_ptr, res_ptr, mask_ptr, gate_ptr, pre_ptr, c_ptr,
                       stride_rm, stride_rn, stride_qm, stride_qk, stride_gm, stride_gn, stride_pm, stride_pn,
-                      stride_cm, stride_cn, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, BLOCK_N)
+                      stride_cm, stride_cn, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, BLOCK_N,
+                      SIGN_BITS, STORE_SIGNS)
         if HAS_ROWSUM:
             if pid_n == 0:
                 tl.store(rowsum_ptr + row0 + tile_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
@@ -268,12 +296,15 @@ def fused_linear_kernel(
     # The Hopper schedule (HOPPER_SCHEDULES); the defaults are the classic kernel.
     TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
     EPILOGUE_SPLIT: tl.constexpr = 1,
+    # Packed sign bits (_signs.py): the masks read from them (1: Y's rows on m, 2: on k), C's written to pre_ptr.
+    SIGN_BITS: tl.constexpr = 0, STORE_SIGNS: tl.constexpr = False,
 ):
     A_T: tl.constexpr = TMA_LAYOUT == "mk" or TMA_LAYOUT == "mn"  # A stored M-contiguous (A = g^T)
     B_T: tl.constexpr = TMA_LAYOUT == "kk" or TMA_LAYOUT == "mk"  # B stored K-contiguous (B = W^T)
     a_desc, b_desc, q_desc, sa_desc, sb_desc = a_ptr, b_ptr, mask_ptr, sa_ptr, sb_ptr
     if TMA:
         tl.static_assert(TMA_LAYOUT != "", "TMA schedules run only where tma_layout() qualifies the operands")
+        tl.static_assert(SIGN_BITS == 0, "TMA schedules read a mask Q, not packed sign bits")
         a_desc = descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_T)
         b_desc = descriptor(b_ptr, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T)
         if MASK == "a":
@@ -281,6 +312,7 @@ def fused_linear_kernel(
         if HAS_SECOND:
             sa_desc = descriptor(sa_ptr, M, K2, stride_sam, stride_sak, BLOCK_M, BLOCK_K, A_T)
             sb_desc = descriptor(sb_ptr, K2, N, stride_sbk, stride_sbn, BLOCK_K, BLOCK_N, B_T)
+    tl.static_assert(not (STORE_SIGNS and STORE_PRE), "the signs are written through pre_ptr")
     if PERSISTENT:
         # Grid (programs, splits): program p of K slice s takes tiles p, p + programs, ... (persistent_grid()).
         for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
@@ -292,7 +324,7 @@ def fused_linear_kernel(
                   stride_cm, stride_cn, reduce_group,
                   HAS_SECOND, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, B_ACTIVATION, HAS_ROWSUM,
                   SPLIT_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T, WARP_SPECIALIZE,
-                  EPILOGUE_SPLIT)
+                  EPILOGUE_SPLIT, SIGN_BITS, STORE_SIGNS)
     else:
         # Grid (tiles, SPLIT_K).
         _tile(tl.program_id(0), tl.program_id(1), SPLIT_K,
@@ -303,4 +335,4 @@ def fused_linear_kernel(
               stride_cm, stride_cn, reduce_group,
               HAS_SECOND, HAS_BIAS, HAS_RESIDUAL, MASK, GATE, STORE_PRE, ACTIVATION, B_ACTIVATION, HAS_ROWSUM,
               SPLIT_K, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, A_T, B_T, WARP_SPECIALIZE,
-              EPILOGUE_SPLIT)
+              EPILOGUE_SPLIT, SIGN_BITS, STORE_SIGNS)

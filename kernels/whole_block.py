@@ -14,6 +14,7 @@ from ..activations import ACTIVATIONS
 from . import _common, _reduce
 from ._common import next_power_of_2
 from ._launch import CachedLauncher
+from ._signs import row_bytes
 from .whole_block_backward import whole_block_backward_kernel
 from .whole_block_configs import (
     ALL_FORWARD_CONFIGS,
@@ -33,7 +34,8 @@ whole_block_forward_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": c.block_m, "PROGRAMS_PER_SM": c.programs_per_sm,
                             "HIDDEN_CHUNK": c.hidden_chunk}, num_warps=c.warps, num_stages=c.stages)
              for c in ALL_FORWARD_CONFIGS],
-    key=["M_BUCKET", "F", "HAS_B1", "HAS_B2", "STORE_SAVED", "ACTIVATION", "FINAL_RELU", "INPUT_PRECISION", "WIDTH"],
+    key=["M_BUCKET", "F", "HAS_B1", "HAS_B2", "STORE_SAVED", "STORE_SIGNS", "ACTIVATION", "FINAL_RELU",
+         "INPUT_PRECISION", "WIDTH"],
     prune_configs_by={"early_config_prune": prune},
 )(whole_block_forward_kernel)
 _launch_forward_tuned = CachedLauncher(whole_block_forward_autotuned)
@@ -42,11 +44,14 @@ _launch_backward = CachedLauncher(whole_block_backward_kernel)
 
 
 def forward(x, w1, b1, w2, b2, *, store_saved: bool, activation: str = "relu", final_relu: bool = True,
-            out_dtype: torch.dtype | None = None, out=None, saved=None, config: tuple[int, ...] | None = None):
+            out_dtype: torch.dtype | None = None, out=None, saved=None, config: tuple[int, ...] | None = None,
+            store_signs: bool = False):
     """``(out, saved or None)`` of the identity-shortcut block for 2-D ``x`` of width ``F`` (padded, at most
     ``MAX_FORWARD_WIDTH``).
 
-    ``saved`` is what backward needs of the hidden layer (``activations.saved_of``), in the weights' dtype.
+    ``saved`` is what backward needs of the hidden layer (``activations.saved_of``), in the weights' dtype; with
+    ``store_signs`` (a recompute block, ``final_relu``, not ``store_saved``) it is the final ReLU's packed sign bits
+    instead (``_signs.py``: uint8, ``(M, ceil(F / 8))``).
     ``out`` (default dtype ``out_dtype``, else ``x``'s) / ``saved`` may be given (any strides), else they are
     allocated row-major. ``x`` may be wider than the weights (autocast). ``config`` (a ``ForwardConfig`` or its
     leading fields) skips the autotuner.
@@ -57,13 +62,16 @@ def forward(x, w1, b1, w2, b2, *, store_saved: bool, activation: str = "relu", f
         out = torch.empty((M, F), device=x.device, dtype=out_dtype or x.dtype)
     if store_saved and saved is None:
         saved = torch.empty((M, F), device=x.device, dtype=w1.dtype)
+    if store_signs and saved is None:
+        saved = torch.empty((M, row_bytes(F)), device=x.device, dtype=torch.uint8)
     if M == 0:
         return out, saved
     saved_arg = saved if saved is not None else out
     args = (x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out, saved_arg, M, F,
             *x.stride(), *w1.stride(), *w2.stride(), *out.stride(), *saved_arg.stride(), next_power_of_2(M))
     flags = {"HAS_B1": b1 is not None, "HAS_B2": b2 is not None, "STORE_SAVED": store_saved,
-             "ACTIVATION": activation, "FROM_OUTPUT": ACTIVATIONS[activation].from_output, "FINAL_RELU": final_relu,
+             "STORE_SIGNS": store_signs, "ACTIVATION": activation,
+             "FROM_OUTPUT": ACTIVATIONS[activation].from_output, "FINAL_RELU": final_relu,
              "INPUT_PRECISION": _common.input_precision(w1), "WIDTH": width}
     if config is None and _common.on_interpreter(x.device):
         streamed = width > WEIGHTS_ON_CHIP_WIDTH[w1.element_size()]
@@ -99,20 +107,22 @@ def max_programs(device: torch.device) -> int:
 
 def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, activation: str = "relu",
              final_relu: bool = True, dx_dtype: torch.dtype | None = None, dx=None,
-             config: tuple[int, ...] | None = None):
+             config: tuple[int, ...] | None = None, sign_bits: bool = False, recompute: bool = False, b1=None):
     """``(dx, dW1, db1, dW2, db2)`` (None where not asked) of the identity-shortcut block: one launch, the weight
     gradients summed over the persistent programs in slot order inside it and written in the weights' dtype.
 
     ``out`` is read only with ``final_relu`` (else it may be None); ``x`` only for the weight gradients. ``dout``
     and ``x`` may be wider than the weights (autocast); ``dx`` has ``dx_dtype`` (default ``dout``'s) or is given.
-    ``config``: a ``BackwardConfig`` (or its leading fields) instead of ``backward_config``'s.
+    ``config``: a ``BackwardConfig`` (or its leading fields) instead of ``backward_config``'s. ``sign_bits``: ``out``
+    is the final ReLU's packed sign bits (``_signs.py``). ``recompute``: ``saved`` is None, the hidden layer is
+    computed again on chip from ``x`` (then always given), ``w1`` and ``b1`` (or none).
     """
     M, F = dout.shape
     width = padded_width(F)
     if config is None:
         wide = max(x.element_size() if x is not None else 0, torch.finfo(dx_dtype or dout.dtype).bits // 8) > \
             w1.element_size()
-        config = backward_config(width, w1.element_size(), wide, _common.family(dout.device).name)
+        config = backward_config(width, w1.element_size(), wide, _common.family(dout.device).name, recompute)
         if _common.on_interpreter(dout.device):
             config = config._replace(block_m=INTERPRETER_BLOCK_M, warps=4)
     block_m, warps, chunk = BackwardConfig(*config)
@@ -143,16 +153,19 @@ def backward(dout, out, saved, x, w1, w2, *, need_dx: bool, need_weights: bool, 
         dx_arg = dx if dx is not None else dout
         x_arg = x if x is not None else dout
         out_arg = out if final_relu else dout
+        saved_arg = (b1 if b1 is not None else w1) if recompute else saved
         with _common.launch_device(dout.device), _reduce.reset_on_failure(counters if need_weights else None):
             _launch_backward(
                 (programs,),
-                dout, out_arg, saved, x_arg, w1, w2, dx_arg, dw1, db1, dw2, db2, ws, counters, M, F,
-                *dout.stride(), *out_arg.stride(), *saved.stride(), *x_arg.stride(), *w1.stride(), *w2.stride(),
+                dout, out_arg, saved_arg, x_arg, w1, w2, dx_arg, dw1, db1, dw2, db2, ws, counters, M, F,
+                *dout.stride(), *out_arg.stride(), *_matrix_strides(saved_arg), *x_arg.stride(), *w1.stride(),
+                *w2.stride(),
                 *dx_arg.stride(), *_matrix_strides(dw1), *_matrix_strides(dw2), _reduce.group_size(partials),
                 NEED_DX=need_dx, NEED_WEIGHTS=need_weights, ACTIVATION=activation,
                 FROM_OUTPUT=ACTIVATIONS[activation].from_output, FINAL_RELU=final_relu,
                 INPUT_PRECISION=_common.input_precision(w1), WIDTH=width, BLOCK_M=block_m, HIDDEN_CHUNK=chunk,
-                DX_SHARE=share, num_warps=warps, num_stages=1,
+                DX_SHARE=share, SIGN_BITS=sign_bits and final_relu, RECOMPUTE=recompute,
+                HAS_B1=recompute and b1 is not None, num_warps=warps, num_stages=1,
             )
     return dx, *grads
 

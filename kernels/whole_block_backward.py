@@ -31,6 +31,13 @@ Backward, a persistent grid whose programs loop over row tiles, in one of two fo
   reduction per chunk (chunk 0 writes db2). The programs of a group walk the same tiles, so dout, out, saved and
   x come from memory about once and from L2 for the other roles.
 
+A recompute block (RECOMPUTE) kept no hidden layer: every program that reads ``saved`` computes it again from the
+x tile and W1 on chip, ``saved = saved_of(x W1^T + b1)`` rounded as the forward rounded it (``saved_ptr`` is then
+``b1``, with HAS_B1): one GEMM more per tile (``2 M F^2`` FLOPs; split: in the dx programs and, per chunk, in the
+weight programs, which read the chunk's rows of W1), no further launch, ``saved`` never read. Its final ReLU's rule
+may come as packed sign bits (SIGN_BITS, ``_signs.py``): ``out_ptr`` then points to them and ``stride_om`` is their
+row stride (``M F / 8`` bytes read instead of ``M F`` elements).
+
 Shapes: x, out, saved, dout, dx (M, F) with any strides; W1, W2 (F, F); gradients as the weights.
 Offsets: int64 tile origins, int32 inside a tile.
 Grids: whole ``(P,)`` with ``P = min(tiles, 2 * SMs)``, split ``((S [NEED_DX] + F / C [NEED_WEIGHTS]) * G,)`` with
@@ -52,7 +59,8 @@ import triton.language as tl
 
 from ._cast import narrowed
 from ._reduce import sum_slots_in_order
-from .activations import gradient, output_from_saved
+from ._signs import sign_passes
+from .activations import apply, gradient, output_from_saved, saved_of
 
 
 @triton.jit
@@ -69,6 +77,9 @@ def whole_block_backward_kernel(
     FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
     HIDDEN_CHUNK: tl.constexpr,  # 0: every program computes everything; else programs split by role (see above)
     DX_SHARE: tl.constexpr,  # with HIDDEN_CHUNK: programs computing dx per group (see _backward_by_role)
+    SIGN_BITS: tl.constexpr = False,  # FINAL_RELU's rule from packed bits at out_ptr (row stride stride_om)
+    RECOMPUTE: tl.constexpr = False,  # saved computed again from x and W1; saved_ptr is b1 (HAS_B1)
+    HAS_B1: tl.constexpr = False,
 ):
     if HIDDEN_CHUNK > 0:
         _backward_by_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, dw1_ptr, db1_ptr, dw2_ptr,
@@ -77,7 +88,7 @@ def whole_block_backward_kernel(
                           stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
                           stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
                           NEED_DX, NEED_WEIGHTS, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
-                          BLOCK_M, HIDDEN_CHUNK, DX_SHARE)
+                          BLOCK_M, HIDDEN_CHUNK, DX_SHARE, SIGN_BITS, RECOMPUTE, HAS_B1)
     else:
         _backward_whole(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, dw1_ptr, db1_ptr, dw2_ptr,
                         db2_ptr, ws_ptr, counters_ptr, M, F,
@@ -85,7 +96,18 @@ def whole_block_backward_kernel(
                         stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
                         stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
                         NEED_DX, NEED_WEIGHTS, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
-                        BLOCK_M)
+                        BLOCK_M, SIGN_BITS, RECOMPUTE, HAS_B1)
+
+
+@triton.jit
+def _hidden_again(x, w1, b1, feats, F, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """``saved`` as the forward kept it, computed again: ``x W1^T + b1`` (``w1`` the rows of W1 as stored, ``feats``
+    their hidden units), the activation (or not, by FROM_OUTPUT), rounded to the weights' dtype."""
+    pre = tl.dot(narrowed(x, w1), tl.trans(w1), input_precision=INPUT_PRECISION) + b1[None, :]
+    # Padded hidden units are 0 * x, NaN where x is infinite: zero them, as the forward does.
+    pre = tl.where((feats >= F)[None, :], 0.0, pre)
+    return saved_of(pre.to(w1.dtype), apply(pre, ACTIVATION).to(w1.dtype), FROM_OUTPUT)
 
 
 @triton.jit
@@ -97,6 +119,7 @@ def _backward_whole(
     stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
     NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr,
     FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    SIGN_BITS: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_B1: tl.constexpr,
 ):
     """Every program computes dx and all the weight gradients of its tiles (HIDDEN_CHUNK = 0)."""
     pid = tl.program_id(0)
@@ -108,6 +131,8 @@ def _backward_whole(
     # Both weights as they are stored, (n, k): g2 @ W2 and g1 @ W1 read them untransposed.
     w1 = tl.load(w1_ptr + feats[:, None] * stride_w1n + feats[None, :] * stride_w1k, mask=weight_mask, other=0.0)
     w2 = tl.load(w2_ptr + feats[:, None] * stride_w2n + feats[None, :] * stride_w2k, mask=weight_mask, other=0.0)
+    if RECOMPUTE:
+        b1 = tl.load(saved_ptr + feats, mask=mask_f & HAS_B1, other=0.0).to(tl.float32)  # saved_ptr is b1
 
     dw1 = tl.zeros((WIDTH, WIDTH), dtype=tl.float32)
     dw2 = tl.zeros((WIDTH, WIDTH), dtype=tl.float32)
@@ -120,11 +145,20 @@ def _backward_whole(
         g2 = tl.load(dout_ptr + row0 * stride_dm + (inner_m * stride_dm + feats[None, :] * stride_df),
                      mask=tile_mask, other=0.0)
         if FINAL_RELU:
-            out = tl.load(out_ptr + row0 * stride_om + (inner_m * stride_om + feats[None, :] * stride_of),
-                          mask=tile_mask, other=0.0)
-            g2 = tl.where(out <= 0, 0.0, g2)
-        saved = tl.load(saved_ptr + row0 * stride_sm + (inner_m * stride_sm + feats[None, :] * stride_sf),
+            if SIGN_BITS:
+                g2 = tl.where(sign_passes(out_ptr + row0 * stride_om, inner_m, feats[None, :], stride_om, tile_mask),
+                              g2, 0.0)
+            else:
+                out = tl.load(out_ptr + row0 * stride_om + (inner_m * stride_om + feats[None, :] * stride_of),
+                              mask=tile_mask, other=0.0)
+                g2 = tl.where(out <= 0, 0.0, g2)
+        if RECOMPUTE:
+            x = tl.load(x_ptr + row0 * stride_xm + (inner_m * stride_xm + feats[None, :] * stride_xf),
                         mask=tile_mask, other=0.0)
+            saved = _hidden_again(x, w1, b1, feats, F, ACTIVATION, FROM_OUTPUT, INPUT_PRECISION)
+        else:
+            saved = tl.load(saved_ptr + row0 * stride_sm + (inner_m * stride_sm + feats[None, :] * stride_sf),
+                            mask=tile_mask, other=0.0)
         g2_low = narrowed(g2, w2)  # the dots run in the weights' dtype; dx adds g2 itself
         g1 = tl.dot(g2_low, w2, input_precision=INPUT_PRECISION)
         g1 = gradient(g1, saved, ACTIVATION).to(w1.dtype)
@@ -133,8 +167,9 @@ def _backward_whole(
             tl.store(dx_ptr + row0 * stride_dxm + (inner_m * stride_dxm + feats[None, :] * stride_dxf),
                      dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
         if NEED_WEIGHTS:
-            x = tl.load(x_ptr + row0 * stride_xm + (inner_m * stride_xm + feats[None, :] * stride_xf),
-                        mask=tile_mask, other=0.0)
+            if not RECOMPUTE:
+                x = tl.load(x_ptr + row0 * stride_xm + (inner_m * stride_xm + feats[None, :] * stride_xf),
+                            mask=tile_mask, other=0.0)
             h = output_from_saved(saved, ACTIVATION, FROM_OUTPUT)
             dw2 = tl.dot(tl.trans(g2_low), h, dw2, input_precision=INPUT_PRECISION)
             dw1 = tl.dot(tl.trans(g1), narrowed(x, w1), dw1, input_precision=INPUT_PRECISION)
@@ -158,12 +193,20 @@ def _backward_whole(
 
 
 @triton.jit
-def _masked_dout(dout_ptr, out_ptr, i, j, mask, stride_di, stride_dj, stride_oi, stride_oj, FINAL_RELU: tl.constexpr):
+def _masked_dout(dout_ptr, out_ptr, i, j, mask, stride_di, stride_dj, stride_oi, stride_oj, FINAL_RELU: tl.constexpr,
+                 SIGN_BITS: tl.constexpr, ROWS_ON_I: tl.constexpr):
     """The block ``g2[i, j] = dout[i, j] * (out[i, j] > 0)`` (aten's rule: 0 where out <= 0; ``dout`` itself without
-    a final ReLU), from pointers already at the tile's origin; the strides decide which of i, j are rows."""
+    a final ReLU), from pointers already at the tile's origin; the strides decide which of i, j are rows
+    (ROWS_ON_I says so for packed sign bits, whose row stride is then ``stride_oi`` or ``stride_oj``)."""
     if FINAL_RELU:  # as the load's predicate: g2 stays a plain load, which the GEMMs read without a copy each
-        out = tl.load(out_ptr + (i[:, None] * stride_oi + j[None, :] * stride_oj), mask=mask, other=0.0)
-        mask = mask & ~(out <= 0)
+        if SIGN_BITS:
+            if ROWS_ON_I:
+                mask = mask & sign_passes(out_ptr, i[:, None], j[None, :], stride_oi, mask)
+            else:
+                mask = mask & sign_passes(out_ptr, j[None, :], i[:, None], stride_oj, mask)
+        else:
+            out = tl.load(out_ptr + (i[:, None] * stride_oi + j[None, :] * stride_oj), mask=mask, other=0.0)
+            mask = mask & ~(out <= 0)
     return tl.load(dout_ptr + (i[:, None] * stride_di + j[None, :] * stride_dj), mask=mask, other=0.0)
 
 
@@ -176,7 +219,8 @@ def _backward_by_role(
     stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
     NEED_DX: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr,
     FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
-    HIDDEN_CHUNK: tl.constexpr, DX_SHARE: tl.constexpr,
+    HIDDEN_CHUNK: tl.constexpr, DX_SHARE: tl.constexpr, SIGN_BITS: tl.constexpr, RECOMPUTE: tl.constexpr,
+    HAS_B1: tl.constexpr,
 ):
     """Programs split by role (HIDDEN_CHUNK > 0). Programs form groups of ``roles`` consecutive ones: with NEED_DX
     the first DX_SHARE of a group compute dx, with NEED_WEIGHTS each of the next ones the weight gradients of one
@@ -192,37 +236,40 @@ def _backward_by_role(
     if NEED_DX:
         if NEED_WEIGHTS:
             if role < dx_share:
-                _dx_role(dout_ptr, out_ptr, saved_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, group * dx_share + role,
+                _dx_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, group * dx_share + role,
                          groups * dx_share, stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf,
-                         stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
-                         ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M)
+                         stride_xm, stride_xf, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
+                         ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M, SIGN_BITS, RECOMPUTE,
+                         HAS_B1)
             else:
-                _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
-                              ws_ptr, counters_ptr, M, F, role - dx_share, group, groups,
-                              stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm,
-                              stride_xf, stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n,
+                _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dw1_ptr, db1_ptr, dw2_ptr,
+                              db2_ptr, ws_ptr, counters_ptr, M, F, role - dx_share, group, groups,
+                              stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
+                              stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n,
                               stride_dw2k, reduce_group, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION,
-                              WIDTH, BLOCK_M, HIDDEN_CHUNK)
+                              WIDTH, BLOCK_M, HIDDEN_CHUNK, SIGN_BITS, RECOMPUTE, HAS_B1)
         else:
-            _dx_role(dout_ptr, out_ptr, saved_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, pid, tl.num_programs(0),
-                     stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf,
+            _dx_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, pid, tl.num_programs(0),
+                     stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
                      stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
-                     ACTIVATION, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M)
+                     ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M, SIGN_BITS, RECOMPUTE,
+                     HAS_B1)
     else:
-        _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+        _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
                       ws_ptr, counters_ptr, M, F, role, group, groups,
-                      stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm,
-                      stride_xf, stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n,
+                      stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
+                      stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n,
                       stride_dw2k, reduce_group, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
-                      BLOCK_M, HIDDEN_CHUNK)
+                      BLOCK_M, HIDDEN_CHUNK, SIGN_BITS, RECOMPUTE, HAS_B1)
 
 
 @triton.jit
-def _dx_role(dout_ptr, out_ptr, saved_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, index, programs,
-             stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf,
+def _dx_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, index, programs,
+             stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
              stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dxm, stride_dxf,
-             ACTIVATION: tl.constexpr, FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-             WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):
+             ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, SIGN_BITS: tl.constexpr,
+             RECOMPUTE: tl.constexpr, HAS_B1: tl.constexpr):
     """``dx = ((g2 W2) * act'(saved)) W1 + g2`` on tiles ``index, index + programs, ...``, both weights on chip."""
     rows = tl.arange(0, BLOCK_M)
     feats = tl.arange(0, WIDTH)
@@ -230,13 +277,20 @@ def _dx_role(dout_ptr, out_ptr, saved_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, index, 
     weight_mask = mask_f[:, None] & mask_f[None, :]
     w1 = tl.load(w1_ptr + feats[:, None] * stride_w1n + feats[None, :] * stride_w1k, mask=weight_mask, other=0.0)
     w2 = tl.load(w2_ptr + feats[:, None] * stride_w2n + feats[None, :] * stride_w2k, mask=weight_mask, other=0.0)
+    if RECOMPUTE:
+        b1 = tl.load(saved_ptr + feats, mask=mask_f & HAS_B1, other=0.0).to(tl.float32)  # saved_ptr is b1
     for tile in range(index, tl.cdiv(M, BLOCK_M), programs):
         row0 = tl.cast(tile, tl.int64) * BLOCK_M
         tile_mask = (rows < M - row0)[:, None] & mask_f[None, :]
         g2 = _masked_dout(dout_ptr + row0 * stride_dm, out_ptr + row0 * stride_om, rows, feats, tile_mask,
-                          stride_dm, stride_df, stride_om, stride_of, FINAL_RELU)
-        saved = tl.load(saved_ptr + row0 * stride_sm + (rows[:, None] * stride_sm + feats[None, :] * stride_sf),
+                          stride_dm, stride_df, stride_om, stride_of, FINAL_RELU, SIGN_BITS, True)
+        if RECOMPUTE:
+            x = tl.load(x_ptr + row0 * stride_xm + (rows[:, None] * stride_xm + feats[None, :] * stride_xf),
                         mask=tile_mask, other=0.0)
+            saved = _hidden_again(x, w1, b1, feats, F, ACTIVATION, FROM_OUTPUT, INPUT_PRECISION)
+        else:
+            saved = tl.load(saved_ptr + row0 * stride_sm + (rows[:, None] * stride_sm + feats[None, :] * stride_sf),
+                            mask=tile_mask, other=0.0)
         g1 = tl.dot(narrowed(g2, w2), w2, input_precision=INPUT_PRECISION)
         g1 = gradient(g1, saved, ACTIVATION).to(w1.dtype)
         dx = tl.dot(g1, w1, input_precision=INPUT_PRECISION) + g2.to(tl.float32)
@@ -245,18 +299,20 @@ def _dx_role(dout_ptr, out_ptr, saved_ptr, w1_ptr, w2_ptr, dx_ptr, M, F, index, 
 
 
 @triton.jit
-def _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+def _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w1_ptr, w2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
                   ws_ptr, counters_ptr, M, F, chunk, index, programs,
                   stride_dm, stride_df, stride_om, stride_of, stride_sm, stride_sf, stride_xm, stride_xf,
-                  stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k, reduce_group,
-                  ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr,
+                  stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_dw1n, stride_dw1k, stride_dw2n, stride_dw2k,
+                  reduce_group, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
-                  HIDDEN_CHUNK: tl.constexpr):
+                  HIDDEN_CHUNK: tl.constexpr, SIGN_BITS: tl.constexpr, RECOMPUTE: tl.constexpr,
+                  HAS_B1: tl.constexpr):
     """The weight gradients of hidden units ``c = chunk * HIDDEN_CHUNK ...`` on tiles ``index, index + programs,
     ...``, computed transposed so that every GEMM reads its operands as loaded (no transpose in registers):
     ``g1[:, c]^T = (W2[:, c]^T g2^T) * act'(saved[:, c]^T)``, ``dW2[:, c] += g2^T act(saved[:, c])``,
     ``dW1[c, :] += g1[:, c]^T x``, ``db1[c] += sum g1[:, c]``, ``db2 += sum g2``; then the chunk's programs sum
-    their partials in slot order (one reduction per chunk; chunk 0 writes db2)."""
+    their partials in slot order (one reduction per chunk; chunk 0 writes db2). RECOMPUTE: ``saved[:, c]`` from the
+    x tile and the chunk's rows of W1 (``saved[:, c]^T`` its transpose)."""
     rows = tl.arange(0, BLOCK_M)
     feats = tl.arange(0, WIDTH)
     units = tl.arange(0, HIDDEN_CHUNK)
@@ -267,6 +323,10 @@ def _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w2_ptr, dw1_ptr, db1_ptr,
     # W2[:, c]^T: element (j, n) = W2[n, c0 + j].
     w2ct = tl.load(w2_ptr + hidden[:, None] * stride_w2k + feats[None, :] * stride_w2n,
                    mask=mask_h[:, None] & mask_f[None, :], other=0.0)
+    if RECOMPUTE:  # W1[c, :] as stored, and b1[c] (saved_ptr is b1)
+        w1c = tl.load(w1_ptr + hidden[:, None] * stride_w1n + feats[None, :] * stride_w1k,
+                      mask=mask_h[:, None] & mask_f[None, :], other=0.0)
+        b1c = tl.load(saved_ptr + hidden, mask=mask_h & HAS_B1, other=0.0).to(tl.float32)
     dw1 = tl.zeros((HIDDEN_CHUNK, WIDTH), dtype=tl.float32)
     dw2 = tl.zeros((WIDTH, HIDDEN_CHUNK), dtype=tl.float32)
     db1 = tl.zeros((HIDDEN_CHUNK,), dtype=tl.float32)
@@ -277,13 +337,17 @@ def _weights_role(dout_ptr, out_ptr, saved_ptr, x_ptr, w2_ptr, dw1_ptr, db1_ptr,
         # g2^T (WIDTH, BLOCK_M) and saved[:, c]^T (HIDDEN_CHUNK, BLOCK_M), read transposed through the strides.
         g2t = narrowed(_masked_dout(dout_ptr + row0 * stride_dm, out_ptr + row0 * stride_om, feats, rows,
                                     mask_f[:, None] & mask_m[None, :], stride_df, stride_dm, stride_of, stride_om,
-                                    FINAL_RELU), w2ct)
-        saved_t = tl.load(saved_ptr + row0 * stride_sm + (hidden[:, None] * stride_sf + rows[None, :] * stride_sm),
-                          mask=mask_h[:, None] & mask_m[None, :], other=0.0)
-        saved = tl.load(saved_ptr + row0 * stride_sm + (rows[:, None] * stride_sm + hidden[None, :] * stride_sf),
-                        mask=mask_m[:, None] & mask_h[None, :], other=0.0)
+                                    FINAL_RELU, SIGN_BITS, False), w2ct)
         x = tl.load(x_ptr + row0 * stride_xm + (rows[:, None] * stride_xm + feats[None, :] * stride_xf),
                     mask=mask_m[:, None] & mask_f[None, :], other=0.0)
+        if RECOMPUTE:
+            saved = _hidden_again(x, w1c, b1c, hidden, F, ACTIVATION, FROM_OUTPUT, INPUT_PRECISION)
+            saved_t = tl.trans(saved)
+        else:
+            saved_t = tl.load(saved_ptr + row0 * stride_sm + (hidden[:, None] * stride_sf + rows[None, :] * stride_sm),
+                              mask=mask_h[:, None] & mask_m[None, :], other=0.0)
+            saved = tl.load(saved_ptr + row0 * stride_sm + (rows[:, None] * stride_sm + hidden[None, :] * stride_sf),
+                            mask=mask_m[:, None] & mask_h[None, :], other=0.0)
         g1t = tl.dot(w2ct, g2t, input_precision=INPUT_PRECISION)
         g1t = gradient(g1t, saved_t, ACTIVATION).to(w2ct.dtype)
         dw2 = tl.dot(g2t, output_from_saved(saved, ACTIVATION, FROM_OUTPUT), dw2, input_precision=INPUT_PRECISION)

@@ -135,7 +135,7 @@ def max_backward_width(family: str) -> int:
     return MAX_BACKWARD_WIDTH.get(family, 0)
 
 
-def backward_config(width: int, element_size: int, wide: bool, family: str) -> BackwardConfig:
+def backward_config(width: int, element_size: int, wide: bool, family: str, recompute: bool = False) -> BackwardConfig:
     """The backward's fixed choice on a device of ``family`` (its workspace size depends on the tile count, so it
     is not autotuned). ``wide``: x and dx in fp32 next to 16-bit weights (autocast): 64-row tiles spill at width 64
     on sm_90 (8-52 bytes), and 32-row ones lose wgmma below it. Compiled for the other families: on sm_100 under
@@ -143,13 +143,15 @@ def backward_config(width: int, element_size: int, wide: bool, family: str) -> B
     and fp32 32-row tiles compile to mma.sync; on sm_86 and sm_120, 8 warps spill at width 16 in 16-bit (12-24
     bytes, triton 3.6). (A wider ``dout`` spills more: ``takes_dout`` refuses it.)
     Beyond MAX_BACKWARD_WIDTH_WHOLE, roles with chunks of 32 hidden units: 16-bit 64 rows on 8 warps (212-222
-    registers on sm_90; 4 warps spill with an fp32 x), fp32 32 rows (127; 64 rows sit at 255)."""
+    registers on sm_90; 4 warps spill with an fp32 x), fp32 32 rows (127; 64 rows sit at 255). ``recompute``: the
+    hidden layer computed again on chip needs room for one more product: 32-row tiles in 16-bit beyond the whole
+    width (64 spill 8 bytes on sm_90 without a final ReLU) and with a wide x below width 64 (60 bytes on sm_80)."""
     if width > MAX_BACKWARD_WIDTH_WHOLE:
-        return BackwardConfig(64 if element_size == 2 else 32, 8, 32)
+        return BackwardConfig(64 if element_size == 2 and not recompute else 32, 8, 32)
     if wide:
-        if family == "blackwell":
+        if family == "blackwell" and not recompute:
             return BackwardConfig(64, 4) if width <= 16 else BackwardConfig(64, 8)
-        return BackwardConfig(32, 8) if width >= 64 else BackwardConfig(64, 8)
+        return BackwardConfig(32, 8) if width >= 64 or recompute else BackwardConfig(64, 8)
     if family == "blackwell" and element_size == 4 and width <= 32:
         return BackwardConfig(64, 8)  # (255 registers, no spill)
     if family in ("consumer", "blackwell_consumer") and element_size == 2 and width <= 16:

@@ -25,16 +25,19 @@ Forward, per tile of BLOCK_M rows, in one of two forms (HIDDEN_CHUNK, a config o
                                           acc += h_c W2[:, c]^T          (with STORE_SAVED also store h_c / pre_c)
     out = final(acc + b2 + x)             x re-read for the residual (from L2: the tile was just read)
 
-  x read once from memory, out written once (in out's dtype); with STORE_SAVED (training) the saved tensor is
-  written too: h where the registry's ``from_output`` says so (ReLU), else pre (``activations.saved_of``, by the
-  constexpr FROM_OUTPUT); else h never leaves the chip. The weights are read from L2 once per program: ``2 F^2``
-  elements per tile when streamed (so larger tiles read less), at most ``2 * 128 * 128`` on chip.
+  x read once from memory, out written once (in out's dtype); with STORE_SAVED (training) the saved tensor is written
+  too: h where the registry's ``from_output`` says so (ReLU), else pre (``activations.saved_of``, by the constexpr
+  FROM_OUTPUT); else h never leaves the chip. With STORE_SIGNS (training a recompute block, FINAL_RELU) the final
+  ReLU's backward rule is written instead, as packed bits (``_signs.py``: ``M F / 8`` bytes) through ``saved_ptr``
+  and its row stride ``stride_sm``; h is then computed again in backward. The weights are read from L2 once per
+  program: ``2 F^2`` elements per tile when streamed (so larger tiles read less), at most ``2 * 128 * 128`` on chip.
 
 Shapes: x, out, saved (M, F) with any strides; W1, W2 (F, F); b1, b2 (F,).
 Offsets: int64 tile origins, int32 inside a tile.
 Grid: ``(cdiv(M, BLOCK_M),)`` or ``(min(tiles, PROGRAMS_PER_SM * SMs),)``.
 FLOPs: ``4 M F^2``.
-Bytes: ``2 M F`` elements (``3 M F`` with the saved tensor), plus the weights from L2 as above.
+Bytes: ``2 M F`` elements (``3 M F`` with the saved tensor; ``2 M F`` and ``M F / 8`` bytes with the signs), plus
+the weights from L2 as above.
 
 Beside this file: the configurations and width limits (``whole_block_configs.py``), the backward
 (``whole_block_backward.py``), the host wrappers and the autotuner (``whole_block.py``).
@@ -46,15 +49,16 @@ import triton
 import triton.language as tl
 
 from ._cast import narrowed
+from ._signs import store_signs
 from .activations import apply, saved_of
 
 
 @triton.jit
 def _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
                   stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
-                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr, ACTIVATION: tl.constexpr,
-                  FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):
+                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr, STORE_SIGNS: tl.constexpr,
+                  ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):
     """One row tile of the block, the weights already on chip."""
     rows = tl.arange(0, BLOCK_M)
     feats = tl.arange(0, WIDTH)
@@ -78,6 +82,9 @@ def _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
         acc = apply(acc, "relu")
     tl.store(out_ptr + row0 * stride_om + (rows[:, None] * stride_om + feats[None, :] * stride_of),
              acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    if STORE_SIGNS:
+        # From out as stored (rounded to its dtype), the values the default mode's backward reads.
+        store_signs(saved_ptr, acc.to(out_ptr.dtype.element_ty), row0, 0, rows, rows < M - row0, F, stride_sm, WIDTH)
 
 
 @triton.jit
@@ -85,7 +92,8 @@ def _forward_tile_streamed(tile, x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                            stride_xm, stride_xf, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
                            stride_om, stride_of, stride_sm, stride_sf,
                            HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr,
-                           ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr, FINAL_RELU: tl.constexpr,
+                           STORE_SIGNS: tl.constexpr, ACTIVATION: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+                           FINAL_RELU: tl.constexpr,
                            INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
                            HIDDEN_CHUNK: tl.constexpr):
     """One row tile of the block with the weights streamed from L2, HIDDEN_CHUNK hidden units at a time."""
@@ -127,6 +135,8 @@ def _forward_tile_streamed(tile, x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
         acc = apply(acc, "relu")
     tl.store(out_ptr + row0 * stride_om + (rows[:, None] * stride_om + feats[None, :] * stride_of),
              acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    if STORE_SIGNS:
+        store_signs(saved_ptr, acc.to(out_ptr.dtype.element_ty), row0, 0, rows, mask_m, F, stride_sm, WIDTH)
 
 
 @triton.jit
@@ -138,6 +148,7 @@ def whole_block_forward_kernel(
     M_BUCKET,  # autotune key only
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, STORE_SAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     FROM_OUTPUT: tl.constexpr,  # the registry's from_output: the saved tensor is act(pre), else pre
+    STORE_SIGNS: tl.constexpr,  # the final ReLU's packed sign bits to saved_ptr (not with STORE_SAVED)
     FINAL_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # 0: a program per tile; else a persistent grid of this many per SM
     HIDDEN_CHUNK: tl.constexpr,  # 0: both weights on chip; else streamed from L2 this many hidden units at a time
@@ -145,8 +156,8 @@ def whole_block_forward_kernel(
     if HIDDEN_CHUNK > 0:
         _forward_tile_streamed(tl.program_id(0), x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, saved_ptr, M, F,
                                stride_xm, stride_xf, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
-                               stride_om, stride_of, stride_sm, stride_sf, HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION,
-                               FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M, HIDDEN_CHUNK)
+                               stride_om, stride_of, stride_sm, stride_sf, HAS_B1, HAS_B2, STORE_SAVED, STORE_SIGNS,
+                               ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH, BLOCK_M, HIDDEN_CHUNK)
     else:
         feats = tl.arange(0, WIDTH)
         mask_f = feats < F
@@ -159,11 +170,11 @@ def whole_block_forward_kernel(
         if PROGRAMS_PER_SM == 0:
             _forward_tile(tl.program_id(0), x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
                           stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
-                          HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION, WIDTH,
-                          BLOCK_M)
+                          HAS_B1, HAS_B2, STORE_SAVED, STORE_SIGNS, ACTIVATION, FROM_OUTPUT, FINAL_RELU,
+                          INPUT_PRECISION, WIDTH, BLOCK_M)
         else:
             for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
                 _forward_tile(tile, x_ptr, out_ptr, saved_ptr, w1t, w2t, b1, b2, M, F,
                               stride_xm, stride_xf, stride_om, stride_of, stride_sm, stride_sf,
-                              HAS_B1, HAS_B2, STORE_SAVED, ACTIVATION, FROM_OUTPUT, FINAL_RELU, INPUT_PRECISION,
-                              WIDTH, BLOCK_M)
+                              HAS_B1, HAS_B2, STORE_SAVED, STORE_SIGNS, ACTIVATION, FROM_OUTPUT, FINAL_RELU,
+                              INPUT_PRECISION, WIDTH, BLOCK_M)

@@ -85,6 +85,28 @@ def _activation_variants(act: str):
                ("a_ptr",))
 
 
+def sign_bit_twins(variants: list[tuple]) -> list[tuple]:
+    """The launches a recompute block makes in place of ``variants`` ((name, flags, layout, *rest)), each as
+    (name, flags, layout, *rest, bits pointers): a mask on A or on the residual read from packed sign bits
+    ("_bits": Y's rows on m, or on k for a weight gradient), and a forward with a residual or shortcut whose final
+    ReLU's bits are written ("_signs", without the mask of the superset variants)."""
+    twins = []
+    for name, flags, layout, *rest in variants:
+        if flags.get("MASK", "none") != "none":
+            bits = {**flags, "SIGN_BITS": 2 if layout == "gT_x" else 1}
+            twins.append((f"{name}_bits", bits, layout, *rest, ("mask_ptr",)))
+        forward = flags.get("HAS_RESIDUAL") or flags.get("HAS_SECOND")
+        if flags.get("ACTIVATION") == "relu" and forward and not flags.get("STORE_PRE"):
+            signs = {k: v for k, v in flags.items() if k != "MASK"} | {"STORE_SIGNS": True}
+            twins.append((f"{name}_signs", signs, layout, *rest, ("pre_ptr",)))
+    return twins
+
+
+def sign_bits_source(variant: str) -> str:
+    """The variant a "_bits" or "_signs" twin was made from (the variant itself otherwise)."""
+    return variant.removesuffix("_bits").removesuffix("_signs")
+
+
 SMALL_TILE = 64 * 32
 # Schedules (fused_linear_configs.SCHEDULES: TMA, persistent, warp-specialized; fp16/bf16 only): each in a
 # representative set of the launches the autotuner may give it, in bf16 (fp16 compiles the same code but for the
@@ -138,12 +160,28 @@ def _table(fl, target: str, size: int, flags: dict, wide: bool, tma: bool = Fals
 def fused_linear_cases():
     from fused_residual.kernels import fused_linear_configs as fl
 
-    def case(name, flags, layout, target, dtype, config, wide=()):
+    def case(name, flags, layout, target, dtype, config, wide=(), bits=()):
         return {"kernel": "fused_linear", "variant": name, "layout": layout, "flags": flags, "target": target,
-                "dtype": dtype, "config": list(config), "wide": list(wide)}
+                "dtype": dtype, "config": list(config), "wide": list(wide), "bits": list(bits)}
 
     for target in TARGETS:
         for dtype, size in DTYPES.items():
+            for name, flags, layout, bits in sign_bit_twins(FUSED_LINEAR_VARIANTS):
+                for config in _table(fl, target, size, flags, False):
+                    yield case(name, flags, layout, target, dtype, config, bits=bits)
+            for name, flags, layout, wide, bits in sign_bit_twins(AUTOCAST_VARIANTS):
+                if dtype in AUTOCAST_DTYPES:
+                    for config in _table(fl, target, size, flags, True):
+                        yield case(name, flags, layout, target, dtype, config, wide, bits)
+            for name, flags, layout, wide, bits in sign_bit_twins(activation_variants()):
+                if dtype not in ACTIVATION_DTYPES or (size == 4 and name.removesuffix("_bits").endswith("_ffn")):
+                    continue
+                wide = wide if size == 2 else ()
+                wide_configs = _table(fl, target, size, flags, True) if wide else []
+                for config in _table(fl, target, size, flags, False):
+                    if config[0] * config[1] > fl.SMALL_TILE:
+                        yield case(name, flags, layout, target, dtype, config, wide if config in wide_configs else (),
+                                   bits)
             for name, flags, layout in FUSED_LINEAR_VARIANTS:
                 for config in _table(fl, target, size, flags, False):
                     yield case(name, flags, layout, target, dtype, config)
@@ -214,6 +252,17 @@ WHOLE_BLOCK_BEYOND_ON_CHIP = {
     ("whole_block_backward", "sm_90", "bf16", "width128", 64),
     ("whole_block_backward", "sm_90", "fp16", "width128-wide_x", 64),
     ("whole_block_backward", "sm_90", "fp32", "width128", 32),
+    # A recompute block's: the forward writing the sign bits, the backward computing h on chip and reading them.
+    ("whole_block_forward", "sm_90", "bf16", "width256-signs", 64),
+    ("whole_block_forward", "sm_90", "bf16", "width256-signs", 128),
+    ("whole_block_forward", "sm_90", "bf16", "width256-wide_x-signs", 64),
+    ("whole_block_forward", "sm_80", "fp16", "width256-signs", 64),
+    ("whole_block_forward", "sm_90", "fp32", "width256-signs", 64),
+    ("whole_block_forward", "sm_80", "fp32", "width256-signs", 64),
+    ("whole_block_backward", "sm_90", "bf16", "width128-recompute", 32),
+    ("whole_block_backward", "sm_90", "fp16", "width128-wide_x-recompute", 32),
+    ("whole_block_backward", "sm_90", "fp16", "width128-no_final_relu-recompute", 32),
+    ("whole_block_backward", "sm_90", "fp32", "width128-recompute", 32),
 }
 WHOLE_BLOCK_WIDTHS = (16, 32, 64, 128, 256)
 
@@ -268,6 +317,12 @@ def _whole_block_cases(activation: str):
                                           "HIDDEN_CHUNK": config.hidden_chunk}}
                         if wanted(case, beyond):
                             yield case
+                        if final_relu:  # a recompute block's forward: the sign bits instead of the saved tensor
+                            flags = {**case["flags"], "STORE_SAVED": False, "STORE_SIGNS": True}
+                            variant = case["variant"].removesuffix(named) + "-signs" + named
+                            twin = {**case, "variant": variant, "flags": flags, "bits": ["saved_ptr"]}
+                            if wanted(twin, beyond):
+                                yield twin
                 if width <= backward_widest:
                     beyond = width > wb.MAX_BACKWARD_WIDTH_WHOLE
                     widest = width in (backward_widest, min(backward_widest, wb.MAX_BACKWARD_WIDTH_WHOLE))
@@ -286,6 +341,17 @@ def _whole_block_cases(activation: str):
                                               "DX_SHARE": wb.dx_share(width, chunk) if chunk else 1}}
                             if wanted(case, beyond):
                                 yield case
+                            # A recompute block's backward: h on chip from x and W1, the final ReLU's sign bits.
+                            block_m, warps, chunk = wb.backward_config(width, size, bool(wide), recompute=True)
+                            flags = {**case["flags"], "SIGN_BITS": final_relu, "RECOMPUTE": True, "HAS_B1": True,
+                                     "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
+                                     "DX_SHARE": wb.dx_share(width, chunk) if chunk else 1}
+                            variant = case["variant"].removesuffix(named) + "-recompute" + named
+                            config = [block_m, width, chunk or width, 1, warps]
+                            twin = {**case, "variant": variant, "flags": flags, "config": config,
+                                    "bits": ["out_ptr"] if final_relu else []}
+                            if wanted(twin, beyond):
+                                yield twin
 
 
 def whole_net_cases():
@@ -321,17 +387,19 @@ def _compile(case: dict) -> dict:
     block_m, block_n, block_k = case["config"][:3]
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
              "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
-             "SPLIT_K": 1, **case["flags"]}
-    # TMA_LAYOUT as the wrapper computes it for these unit strides (families with TMA, A and B of one dtype; ""
-    # elsewhere).
-    tma = family(case["target"]).tma and not {"a_ptr", "b_ptr"} & set(case["wide"])
+             "SPLIT_K": 1, "SIGN_BITS": 0, "STORE_SIGNS": False, **case["flags"]}
+    # TMA_LAYOUT as the wrapper computes it for these unit strides (families with TMA, A and B of one dtype, no sign
+    # bits to read; "" elsewhere).
+    tma = family(case["target"]).tma and not {"a_ptr", "b_ptr"} & set(case["wide"]) and not flags["SIGN_BITS"]
     layout = TMA_LAYOUTS[case["layout"]] if tma else ""
     schedule = fl.schedule_constexprs(tuple(case["config"]))
     options = {name: schedule.pop(name) for name, _ in fl.AMD_OPTIONS.values() if name in schedule}
     constexprs = {**flags, "INPUT_PRECISION": _precision(case),
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "TMA_LAYOUT": layout,
                   "TMA": False, "PERSISTENT": False, "WARP_SPECIALIZE": False, "EPILOGUE_SPLIT": 1, **schedule}
-    constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]]})
+    # Packed sign bits have a row stride of their own (stride_qm, stride_pm) and no feature stride.
+    bits_strides = ("stride_qm", "stride_qk") if flags["SIGN_BITS"] else ()
+    constexprs.update({s: 1 for s in UNIT_STRIDES[case["layout"]] if s not in bits_strides})
     fp32_args = ("ws_ptr",)
     return _build(case, kernel, names, constexprs, lambda arg: "*i32" if arg == "counters_ptr"
                   else "*fp32" if arg in fp32_args else f"*{case['dtype']}", options)
@@ -350,7 +418,8 @@ def _compile_whole_block(case: dict) -> dict:
     forward = case["kernel"] == "whole_block_forward"
     kernel = whole_block_forward_kernel if forward else whole_block_backward_kernel
     names = list(kernel.arg_names)
-    constexprs = {**case["flags"], "INPUT_PRECISION": _precision(case)}
+    defaults = {"STORE_SIGNS": False} if forward else {"SIGN_BITS": False, "RECOMPUTE": False, "HAS_B1": False}
+    constexprs = {**defaults, **case["flags"], "INPUT_PRECISION": _precision(case)}
     constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith(("f", "k"))})
     return _build(case, kernel, names, constexprs, lambda arg: "*i32" if arg == "counters_ptr"
                   else "*fp32" if arg == "ws_ptr" else f"*{case['dtype']}")
@@ -369,11 +438,11 @@ def _compile_whole_net(case: dict) -> dict:
 
 def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type, options: dict | None = None) -> dict:
     """Compile ``case`` for its target; its pointers have ``pointer_type(name)``, except those named in
-    ``case["wide"]``: fp32 activations next to fp16/bf16 weights (autocast). ``options``: compile options beside the
-    config's stages and warps (the AMD knobs)."""
-    wide = case.get("wide", ())
+    ``case["wide"]``: fp32 activations next to fp16/bf16 weights (autocast), and in ``case["bits"]``: packed sign
+    bits. ``options``: compile options beside the config's stages and warps (the AMD knobs)."""
+    wide, bits = case.get("wide", ()), case.get("bits", ())
     base_type = pointer_type
-    pointer_type = lambda arg: "*fp32" if arg in wide else base_type(arg)  # noqa: E731
+    pointer_type = lambda arg: "*fp32" if arg in wide else "*u8" if arg in bits else base_type(arg)  # noqa: E731
     signature, attrs = {}, {}
     for i, arg in enumerate(names):
         if arg in constexprs:

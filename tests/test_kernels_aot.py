@@ -131,7 +131,7 @@ def test_every_dtype_and_variant_is_covered(compiled, target):
         # with an fp32 A in bf16 only; "_unmasked": only where the masked-A rule drops a tile
         for variant in {v for k, _, v in seen if k == "fused_linear" and "unmasked" not in v
                         and not v.startswith("schedule_")}:
-            if variant in activation_variants:
+            if aot_compile.sign_bits_source(variant) in activation_variants:
                 wanted = dtype in aot_compile.ACTIVATION_DTYPES and (size == 2 or not variant.endswith("_ffn"))
             else:
                 wanted = size == 2 or "autocast" not in variant
@@ -180,9 +180,10 @@ def test_whole_block_beyond_on_chip_widths_is_covered(compiled, target):
                     key = ("whole_block_forward", size == 4, (c.block_m, width, c.hidden_chunk, c.stages, c.warps))
                     assert key in compiled_configs or width < wbc.max_forward_width(size), key
             if wbc.MAX_BACKWARD_WIDTH_WHOLE < width <= wbc.max_backward_width(fam.name):
-                c = wbc.backward_config(width, size, False, fam.name)
-                key = ("whole_block_backward", size == 4, (c.block_m, width, c.hidden_chunk, 1, c.warps))
-                assert key in compiled_configs, key
+                for recompute in (False, True):
+                    c = wbc.backward_config(width, size, False, fam.name, recompute)
+                    key = ("whole_block_backward", size == 4, (c.block_m, width, c.hidden_chunk, 1, c.warps))
+                    assert key in compiled_configs, key
     if target in aot_targets.EVERY_CASE_IN_CI:
         assert {(k, dtype, variant) for k, t, dtype, variant, _ in aot_compile.WHOLE_BLOCK_BEYOND_ON_CHIP
                 if t == target} <= {(c["kernel"], c["dtype"], c["variant"]) for c in _of(compiled, target)}
@@ -231,7 +232,7 @@ def test_compiled_configs_are_what_the_autotuner_may_run(compiled, target, monke
             masked = next(f for name, f, _ in aot_compile.FUSED_LINEAR_VARIANTS
                           if name == variant.removesuffix("_unmasked"))
             expected_plain -= _prune_hook_allows(monkeypatch, target, dtype, masked, "")
-        if variant in activation_variants:
+        if aot_compile.sign_bits_source(variant) in activation_variants:
             expected_wide = {c for c in expected_wide if c[0] * c[1] > fl.SMALL_TILE}
             expected_plain = {c for c in expected_plain if c[0] * c[1] > fl.SMALL_TILE}
         name = f"{target}-{dtype}-{variant}"

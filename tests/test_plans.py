@@ -352,8 +352,8 @@ def test_registered_ops_replay_their_plans(use_backend, fresh_plans, monkeypatch
     ops = torch.ops.fused_residual
 
     def both_ops(x, w1, b1, w2, b2, dout):
-        out, saved = ops.block_forward(x, w1, b1, w2, b2, None, "relu", "relu")
-        grads = ops.block_backward(dout, x, saved, out, w1, w2, None, "relu", "relu", [True] * 5 + [False],
+        out, saved = ops.block_forward(x, w1, b1, w2, b2, None, "relu", "relu", 0, True, False)  # default mode
+        grads = ops.block_backward(dout, x, saved, out, w1, w2, None, None, None, "relu", "relu", [True] * 5 + [False],
                                    torch.float32)
         return [out, saved, *grads]
 

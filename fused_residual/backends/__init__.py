@@ -11,7 +11,7 @@ A backend may also provide plans (the Triton backend does): ``plan_block_forward
 they are named after and return ``(its result, run)``, where ``run`` computes the same for every later call with
 operands like these (the same dtypes, device, shapes but the row count, strides, 16-byte alignment, and the row
 count's power-of-two bucket and class: 1, a multiple of 16, other), faster than the plain function; ``run`` takes
-the tensor arguments only: ``(x, w1, b1, w2, b2, ws)``, ``(dout, x, saved, out, w1, w2, ws)``,
+the tensor arguments only: ``(x, w1, b1, w2, b2, ws)``, ``(dout, x, saved, out, w1, w2, ws, b1, signs)``,
 ``(h, w, b, residual)`` (returning a 1-tuple), ``(dout, h, out, w)``. Without them, ``plans.py`` calls the plain
 function every time.
 
@@ -56,16 +56,20 @@ class Backend(Protocol):
 
     def block_forward(self, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
                       ws: Tensor | None, form: Form, *, save: bool, variant: str | None = None,
-                      ) -> tuple[Tensor, Tensor | None]:
+                      signs: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(out, saved)``: ``out (M, N)`` row-major; ``saved`` what backward needs of the hidden layer
         (``act(x W1^T + b1)`` if the activation's derivative reads its output, else ``x W1^T + b1``), or None
-        when not ``save``."""
+        when not ``save``. ``signs`` (a recompute block with a final ReLU, ``save`` False): ``saved`` is instead
+        ``out``'s packed sign bits (``signs.py``), written by the computation that writes ``out``."""
 
-    def block_backward(self, dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor,
-                       w2: Tensor, ws: Tensor | None, form: Form, needs: Needs, *, dx_dtype: torch.dtype,
-                       variant: str | None = None) -> Grads:
+    def block_backward(self, dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None,
+                       w1: Tensor, w2: Tensor, ws: Tensor | None, b1: Tensor | None, signs: Tensor | None,
+                       form: Form, needs: Needs, *, dx_dtype: torch.dtype, variant: str | None = None) -> Grads:
         """``(dx, dw1, db1, dw2, db2, dws)``, each only where ``needs`` asks (else None). ``x`` may be None when
-        no weight gradient is asked; ``out`` is None when the form has no final activation."""
+        no weight gradient is asked; ``out`` is None when the form has no final activation. A recompute block
+        passes ``saved`` None (the hidden layer is computed again from ``x``, ``w1`` and ``b1``: at most one GEMM
+        more, none more where one kernel computes the whole backward) and, for its final ReLU, ``signs`` (packed
+        bits, ``signs.py``) where ``out`` is None; ``b1`` and ``signs`` are None otherwise."""
 
     def linear(self, x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None) -> Tensor:
         """``act(x W^T + b)`` (plain linear for None)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import signs as signs_
 from ..activations import ACTIVATIONS, Form
 from ..kernels._common import is_gpu
 
@@ -78,9 +79,13 @@ def linear_residual_relu_backward(
 
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, form: Form,
-    *, save: bool, variant: str | None = None,
+    *, save: bool, variant: str | None = None, signs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """``out = final(act(x W1^T + b1) W2^T + b2 + shortcut)``; see ``Backend.block_forward``."""
+    """``out = final(act(x W1^T + b1) W2^T + b2 + shortcut)``; see ``Backend.block_forward``. With ``signs``
+    (a recompute block's final ReLU) the second result is ``out``'s packed sign bits instead of the hidden layer."""
+    if signs:
+        out, _ = block_forward(x, w1, b1, w2, b2, ws, form, save=False)
+        return out, signs_.pack(out)
     act = form.hidden
     x_lo = _as(x, w1.dtype)
     pre = linear(x_lo, w1, b1, "relu" if act.name == "relu" else None)
@@ -103,20 +108,30 @@ def block_forward(
 
 
 def block_backward(
-    dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
-    form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
+    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
+    ws: Tensor | None, b1: Tensor | None, signs: Tensor | None, form: Form, needs: tuple[bool, ...], *,
+    dx_dtype: torch.dtype, variant: str | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dw1, db1, dw2, db2, dws)``, each only if ``needs`` (same order) asks.
 
     ``g2 = dout * final'``, ``g1 = (g2 W2) * act'``, ``dx = g1 W1 + (g2 or g2 Ws)``, ``dW2 = g2^T h``,
-    ``dW1 = g1^T x``, ``dWs = g2^T x``, ``db = row sums``.
+    ``dW1 = g1^T x``, ``dWs = g2^T x``, ``db = row sums``. ``saved`` None: a recompute block, whose hidden layer
+    is computed again from ``x``, ``w1`` and ``b1`` (one GEMM), and whose final ReLU reads ``signs`` (packed
+    bits) where ``out`` is None.
     """
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
     act = form.hidden
     lo = w1.dtype
-    g2 = dout if form.final_activation is None else _relu_backward(dout, out, 0)
-    g2_lo = _as(g2, lo)
     x_lo = None if x is None else _as(x, lo)
+    if saved is None:  # what the forward would have kept: act(pre) where the derivative reads it, else pre
+        saved = linear(x_lo, w1, b1, act.name if act.from_output else None)
+    if form.final_activation is None:
+        g2 = dout
+    elif out is None:
+        g2 = signs_.relu_backward(dout, signs)
+    else:
+        g2 = _relu_backward(dout, out, 0)
+    g2_lo = _as(g2, lo)
     dw2 = g2_lo.t().mm(saved if act.from_output else act.forward(saved)) if need_w2 else None
     db2 = g2_lo.sum(0) if need_b2 else None
     dws = g2_lo.t().mm(x_lo) if need_ws else None

@@ -47,10 +47,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import signs as signs_
 from ..activations import SEED_FORM, Form
 from ..kernels import _common, whole_block_configs, whole_net
 from ..kernels import _plan_launches as recorded
 from ..kernels._plan import NONE, ROWS, Recorder
+from ..kernels._signs import row_bytes
 from ..kernels.fused_linear import fused_linear
 
 NAME = "triton"
@@ -138,26 +140,30 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None = None
 
 def block_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, ws: Tensor | None, form: Form,
-    *, save: bool, variant: str | None = None,
+    *, save: bool, variant: str | None = None, signs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``(out, saved)`` of the block; see ``Backend.block_forward``. ``saved`` may be None when not ``save``.
     Under autocast ``x`` is read once in its own dtype by the kernels (rounded on chip for the GEMMs, added
     un-rounded as the shortcut): no rounded copy."""
-    return plan_block_forward(x, w1, b1, w2, b2, ws, form, save=save, variant=variant)[0]
+    return plan_block_forward(x, w1, b1, w2, b2, ws, form, save=save, variant=variant, signs=signs)[0]
 
 
-def plan_block_forward(x, w1, b1, w2, b2, ws, form, *, save, variant=None):
+def plan_block_forward(x, w1, b1, w2, b2, ws, form, *, save, variant=None, signs=False):
     """``block_forward``'s result and the steps that compute it for later calls of the same signature."""
     out_dtype = _output_dtype(x, w1, ws, form)
     if x.shape[0] == 0:
-        return (x.new_empty((0, w2.shape[0]), dtype=out_dtype), x.new_empty((0, w1.shape[0]), dtype=w1.dtype)), None
+        kept = (x.new_empty((0, signs_.row_bytes(w2.shape[0])), dtype=torch.uint8) if signs
+                else x.new_empty((0, w1.shape[0]), dtype=w1.dtype))
+        return (x.new_empty((0, w2.shape[0]), dtype=out_dtype), kept), None
     rec = Recorder({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "ws": ws}, x.device)
     b1_, b2_ = _vector(rec, "b1"), _vector(rec, "b2")
     final = form.final_activation
+    signs = signs and final == "relu"
     if variant == "whole_block":
-        saved = "saved" if save else NONE
-        recorded.whole_block_forward(rec, "out", saved if save else None, "x", "w1", b1_, "w2", b2_,
-                                  activation=form.activation, final_relu=final == "relu", out_dtype=out_dtype)
+        saved = "saved" if save or signs else NONE
+        recorded.whole_block_forward(rec, "out", None if saved == NONE else saved, "x", "w1", b1_, "w2", b2_,
+                                     activation=form.activation, final_relu=final == "relu", out_dtype=out_dtype,
+                                     store_signs=signs)
     else:
         act = form.hidden
         pre = None
@@ -165,63 +171,70 @@ def plan_block_forward(x, w1, b1, w2, b2, ws, form, *, save, variant=None):
             pre = "pre"
             rec.empty(pre, (ROWS, w1.shape[0]), w1.dtype)
         recorded.fused_linear(rec, "h", "x", ("w1", True), bias=b1_, activation=act.name, pre_out=pre,
-                           out_dtype=w1.dtype)
-        if ws is None:
-            recorded.fused_linear(rec, "out", "h", ("w2", True), bias=b2_, residual="x", activation=final,
-                               out_dtype=out_dtype)
-        else:
-            recorded.fused_linear(rec, "out", "h", ("w2", True), second=("x", ("ws", True)), bias=b2_,
-                               activation=final, out_dtype=out_dtype)
-        saved = "h" if act.from_output else (pre or NONE)
+                              out_dtype=w1.dtype)
+        if signs:  # the final ReLU's packed sign bits, written by the launch that writes out
+            rec.empty("signs", (ROWS, row_bytes(w2.shape[0])), torch.uint8)
+        second = {"residual": "x"} if ws is None else {"second": ("x", ("ws", True))}
+        recorded.fused_linear(rec, "out", "h", ("w2", True), bias=b2_, activation=final, out_dtype=out_dtype,
+                              signs_out="signs" if signs else None, **second)
+        saved = "signs" if signs else "h" if act.from_output else (pre or NONE)
     results = ("out", saved)
     return tuple(rec[r] for r in results), rec.steps_for(results)
 
 
 def block_backward(
-    dout: Tensor, x: Tensor | None, saved: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, ws: Tensor | None,
-    form: Form, needs: tuple[bool, ...], *, dx_dtype: torch.dtype, variant: str | None = None,
+    dout: Tensor, x: Tensor | None, saved: Tensor | None, out: Tensor | None, w1: Tensor, w2: Tensor,
+    ws: Tensor | None, b1: Tensor | None, signs: Tensor | None, form: Form, needs: tuple[bool, ...], *,
+    dx_dtype: torch.dtype, variant: str | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dw1, db1, dw2, db2, dws)``; see ``Backend.block_backward``. ``g2 = dout * (out > 0)`` is
     never written: each launch that reads it applies the mask on load."""
-    return plan_block_backward(dout, x, saved, out, w1, w2, ws, form, needs, dx_dtype=dx_dtype, variant=variant)[0]
+    return plan_block_backward(dout, x, saved, out, w1, w2, ws, b1, signs, form, needs, dx_dtype=dx_dtype,
+                               variant=variant)[0]
 
 
-def plan_block_backward(dout, x, saved, out, w1, w2, ws, form, needs, *, dx_dtype, variant=None):
+def plan_block_backward(dout, x, saved, out, w1, w2, ws, b1, signs, form, needs, *, dx_dtype, variant=None):
     """``block_backward``'s result and the steps that compute it for later calls of the same signature."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_ws = needs
     need_weights = need_w1 or need_b1 or need_w2 or need_b2
     final_relu = form.final_activation == "relu"
     if dout.shape[0] == 0:  # an empty batch: zero weight gradients, no launch
         return _empty_block_grads(dout, w1, w2, ws, needs, dx_dtype), None
-    rec = Recorder({"dout": dout, "x": x, "saved": saved, "out": out, "w1": w1, "w2": w2, "ws": ws},
-                   dout.device)
+    rec = Recorder({"dout": dout, "x": x, "saved": saved, "out": out, "w1": w1, "w2": w2, "ws": ws, "b1": b1,
+                    "signs": signs}, dout.device)
+    act = form.hidden
+    bits = final_relu and out is None  # a recompute block's final ReLU: its packed sign bits
+    mask = ("signs" if bits else "out") if final_relu else None
     if variant == "whole_block" and (need_x or need_weights):
-        recorded.whole_block_backward(rec, "dout", "out" if final_relu else None, "saved",
+        recorded.whole_block_backward(rec, "dout", mask, None if saved is None else "saved",
                                       "x" if x is not None else None, "w1", "w2", need_dx=need_x,
                                       need_weights=need_weights, activation=form.activation, final_relu=final_relu,
-                                      dx_dtype=dx_dtype)
+                                      dx_dtype=dx_dtype, sign_bits=bits, b1=_vector(rec, "b1"))
         results = tuple(name if need else NONE for name, need in zip(
             ("dx", "dw1", "db1", "dw2", "db2"), (need_x, need_w1, need_b1, need_w2, need_b2), strict=True)) + (NONE,)
         return tuple(rec[r] for r in results), rec.steps_for(results)
+    saved_name = "saved"
+    if saved is None:  # a recompute block: its hidden layer again, one launch
+        saved_name = "hidden"
+        recorded.fused_linear(rec, saved_name, "x", ("w1", True), bias=_vector(rec, "b1"),
+                              activation=act.name if act.from_output else None, out_dtype=w1.dtype)
     # Under autocast dout and x may be wider than the weights: each launch rounds them on chip for its GEMM.
-    act = form.hidden
-    relu_out = "out" if final_relu else None
-    dw2, db2 = _weight_grad(rec, "dw2", "dout", relu_out, "saved", need_w2, need_b2, w2.dtype,
+    on_a = {"relu_mask": mask, "mask_bits": 1 if bits else 0}  # dout's mask as the GEMM's A (rows on m)
+    dw2, db2 = _weight_grad(rec, "dw2", "dout", mask, bits, saved_name, need_w2, need_b2, w2.dtype,
                             None if act.from_output else act.name)
-    dws = _weight_grad(rec, "dws", "dout", relu_out, "x", True, False, ws.dtype)[0] if need_ws else NONE
+    dws = _weight_grad(rec, "dws", "dout", mask, bits, "x", True, False, ws.dtype)[0] if need_ws else NONE
     dx = dw1 = db1 = NONE
     if need_x or need_w1 or need_b1:
-        recorded.fused_linear(rec, "g1", "dout", "w2", relu_mask=relu_out, gate="saved", gate_activation=act.name,
-                           out_dtype=w1.dtype)
-        dw1, db1 = _weight_grad(rec, "dw1", "g1", None, "x", need_w1, need_b1, w1.dtype)
+        recorded.fused_linear(rec, "g1", "dout", "w2", gate=saved_name, gate_activation=act.name, out_dtype=w1.dtype,
+                              **on_a)
+        dw1, db1 = _weight_grad(rec, "dw1", "g1", None, False, "x", need_w1, need_b1, w1.dtype)
         if need_x:
             dx = "dx"
             if ws is None:
-                recorded.fused_linear(rec, dx, "g1", "w1", residual="dout", relu_mask=relu_out, mask_on="residual",
-                                   out_dtype=dx_dtype)
+                recorded.fused_linear(rec, dx, "g1", "w1", residual="dout", mask_on="residual", out_dtype=dx_dtype,
+                                      **on_a)
             else:
-                recorded.fused_linear(rec, dx, "dout", "ws", relu_mask=relu_out, second=("g1", "w1"),
-                                      out_dtype=dx_dtype)
+                recorded.fused_linear(rec, dx, "dout", "ws", second=("g1", "w1"), out_dtype=dx_dtype, **on_a)
     results = (dx, dw1, db1, dw2, db2, dws)
     return tuple(rec[r] for r in results), rec.steps_for(results)
 
@@ -234,11 +247,11 @@ def _empty_block_grads(dout, w1, w2, ws, needs, dx_dtype):
     return tuple(grads)
 
 
-def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str, need_w: bool, need_b: bool,
-                 dtype: torch.dtype, a_activation: str | None = None) -> tuple[str, str]:
+def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, bits: bool, a: str, need_w: bool,
+                 need_b: bool, dtype: torch.dtype, a_activation: str | None = None) -> tuple[str, str]:
     """Registers ``(g'^T act(a), column sums of g')``, each only if asked (NONE otherwise), in ``dtype``, where
-    ``g' = g * (relu_out > 0)`` (the mask applied on load) or ``g``, and ``act`` is ``a_activation`` applied on
-    load (or none): one launch, split-K reduced inside it."""
+    ``g' = g * (relu_out > 0)`` (the mask applied on load; ``bits``: ``relu_out`` names its packed sign bits) or
+    ``g``, and ``act`` is ``a_activation`` applied on load (or none): one launch, split-K reduced inside it."""
     g_t, a_t = rec[g], rec[a]
     if not need_w or g_t.shape[1] == 0 or a_t.shape[1] == 0:
         # No GEMM to run: the bias without its weight (e.g. frozen weights), or a weight with no elements (a
@@ -250,14 +263,19 @@ def _weight_grad(rec: Recorder, name: str, g: str, relu_out: str | None, a: str,
         if not need_b:
             return dw, NONE
         if relu_out is not None:
-            rec.call(f"{name}.masked", _relu_backward, g, relu_out, 0)
+            if bits:
+                rec.call(f"{name}.masked", signs_.relu_backward, g, relu_out)
+            else:
+                rec.call(f"{name}.masked", _relu_backward, g, relu_out, 0)
             g = f"{name}.masked"
         rec.call(f"{name}.bias", _row_sums, g, dtype)
         return dw, f"{name}.bias"
     split = recorded.split_k_slices(g_t.shape[1], a_t.shape[1], _common.multiprocessors(rec.device))
-    recorded.fused_linear(rec, name, (g, True), a, rows_in="k",
-                          relu_mask=None if relu_out is None else (relu_out, True), b_activation=a_activation,
-                          rowsum=f"{name}.rowsum" if need_b else None, split_k=split, out_dtype=dtype)
+    # The mask of A = g^T: Q = relu_out^T, or the bits of relu_out with its rows on the GEMM's k axis.
+    mask = None if relu_out is None else relu_out if bits else (relu_out, True)
+    recorded.fused_linear(rec, name, (g, True), a, rows_in="k", relu_mask=mask, mask_bits=2 if bits else 0,
+                          b_activation=a_activation, rowsum=f"{name}.rowsum" if need_b else None, split_k=split,
+                          out_dtype=dtype)
     return name, (f"{name}.rowsum" if need_b else NONE)
 
 
@@ -312,7 +330,7 @@ def plan_linear_residual_relu_backward(dout, h, out, w, needs, *, dh_dtype):
     if needs[0]:
         dh = "dh"
         recorded.fused_linear(rec, dh, g, "w", relu_mask=relu_out, out_dtype=dh_dtype)
-    dw, db = _weight_grad(rec, "dw", g, relu_out, "h", needs[1], needs[2], w.dtype)
+    dw, db = _weight_grad(rec, "dw", g, relu_out, False, "h", needs[1], needs[2], w.dtype)
     results = (dh, dw, db, g if needs[3] else NONE)
     return tuple(rec[r] for r in results), rec.steps_for(results)
 
