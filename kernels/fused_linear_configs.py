@@ -198,18 +198,27 @@ HEAVY_TILES["epilogue"][("blackwell", True)] = {(64, 128)}
 HEAVY_TILES["b"][("blackwell", False)] = {(64, 64)}
 HEAVY_TILES["b"][("blackwell_consumer", False)] = set()
 SMALL_TILE = 64 * 32
+# Launches with packed sign bits (the recompute path) spill where their Q-mask twins fit (compiled for sm_90 and
+# sm_80 with triton 3.6 and 3.9): reading a weight gradient's bits on k (SIGN_BITS == 2), 16-bit 128 x 256 tiles
+# (sm_90 324 bytes, sm_80 12-88 bytes: tiles above the tile epilogue's limit are dropped, on every family) and fp32
+# 64 x 128 with a heavy activation on B's load (sm_80 24 bytes: dropped wherever sm_80's heavy tiles are taken);
+# writing the bits (STORE_SIGNS), 16-bit 64 x 64 on sm_80 (12 bytes at 80 registers, triton 3.6).
+BITS_ON_K_HEAVY_B_SPILLS = {family: {(64, 128)} for family in ("ampere", "consumer", "blackwell_consumer", "cdna2",
+                                                                 "cdna3", "cdna4")}
+STORE_SIGNS_SPILLS = {("ampere", False): {(64, 64)}}
 
 
 def config_table(
     family: str, element_size: int, tile_epilogue: bool = False, masked_a: bool = False,
     wide: bool = False, heavy: tuple[str, ...] = (), tma: bool = False, warp_specialize: bool = False,
+    sign_bits: int = 0, store_signs: bool = False,
 ) -> list[tuple]:
     """The autotune candidates for a device of ``family`` (``_common.Family.name``), a GEMM in ``element_size``
     bytes, whether the epilogue reads a residual or gate tile, whether A is masked on load, whether an operand, the
     residual or the output is wider than the GEMM's dtype (autocast), where a heavy activation is computed
     (``"epilogue"``, ``"gate"``, ``"b"``: keys of HEAVY_TILES, ``heavy_places``), whether the operands qualify for
-    TMA (``tma_layout``), and whether the launch may be warp-specialized (no second operand pair, split-K or row
-    sums)."""
+    TMA (``tma_layout``), whether the launch may be warp-specialized (no second operand pair, split-K or row
+    sums), and whether it reads packed sign bits (``sign_bits``: the kernel's SIGN_BITS) or writes them."""
     bits16, bits32 = CLASSIC[family]
     table = bits32 if element_size >= 4 else bits16
     if element_size == 2 and not wide and not heavy:
@@ -227,6 +236,12 @@ def config_table(
     for place in heavy:
         keep = HEAVY_TILES[place].get((family, element_size >= 4), ())
         table = [e for e in table if e[:2] in keep or e[0] * e[1] <= SMALL_TILE]
+    if sign_bits == 2 and element_size == 2:
+        table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE[family]]
+    if sign_bits == 2 and element_size >= 4 and "b" in heavy:
+        table = [e for e in table if e[:2] not in BITS_ON_K_HEAVY_B_SPILLS.get(family, ())]
+    if store_signs:
+        table = [e for e in table if e[:2] not in STORE_SIGNS_SPILLS.get((family, element_size >= 4), ())]
     return table
 
 
@@ -272,7 +287,7 @@ def prune(configs, named_args, **kwargs):
     heavy = heavy_places(args["ACTIVATION"], args["GATE"], args["B_ACTIVATION"])
     warp_specialize = not (args["HAS_SECOND"] or args["HAS_ROWSUM"] or args["SPLIT_K"] > 1)
     allowed = set(config_table(_common.family(a.device).name, size, tile_epilogue, args["MASK"] == "a", wide, heavy,
-                               args["TMA_LAYOUT"] != "", warp_specialize))
+                               args["TMA_LAYOUT"] != "", warp_specialize, args["SIGN_BITS"], args["STORE_SIGNS"]))
     m, n, k = args["M"], args["N"], max(args["K"], args["K2"])
     fits = [c for c in configs if config_key(c) in allowed]
     small = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, next_power_of_2(n))

@@ -145,13 +145,19 @@ def backward_config(width: int, element_size: int, wide: bool, family: str, reco
     Beyond MAX_BACKWARD_WIDTH_WHOLE, roles with chunks of 32 hidden units: 16-bit 64 rows on 8 warps (212-222
     registers on sm_90; 4 warps spill with an fp32 x), fp32 32 rows (127; 64 rows sit at 255). ``recompute``: the
     hidden layer computed again on chip needs room for one more product: 32-row tiles in 16-bit beyond the whole
-    width (64 spill 8 bytes on sm_90 without a final ReLU) and with a wide x below width 64 (60 bytes on sm_80)."""
+    width (64 spill 8 bytes on sm_90 without a final ReLU) and with a wide x below width 64 (60 bytes on sm_80; on
+    sm_90 32 rows lose wgmma there, and 64 rows on 8 warps fit: 138-255 registers); on sm_90 in 16-bit at width 64
+    (64 rows spill 48 bytes with triton 3.6; 32 rows: 130-172 registers, wgmma kept)."""
     if width > MAX_BACKWARD_WIDTH_WHOLE:
         return BackwardConfig(64 if element_size == 2 and not recompute else 32, 8, 32)
     if wide:
         if family == "blackwell" and not recompute:
             return BackwardConfig(64, 4) if width <= 16 else BackwardConfig(64, 8)
+        if recompute and family == "hopper" and width < 64:
+            return BackwardConfig(64, 8)
         return BackwardConfig(32, 8) if width >= 64 or recompute else BackwardConfig(64, 8)
+    if recompute and family == "hopper" and element_size == 2 and width >= 64:
+        return BackwardConfig(32, 8)
     if family == "blackwell" and element_size == 4 and width <= 32:
         return BackwardConfig(64, 8)  # (255 registers, no spill)
     if family in ("consumer", "blackwell_consumer") and element_size == 2 and width <= 16:

@@ -154,7 +154,7 @@ def _table(fl, target: str, size: int, flags: dict, wide: bool, tma: bool = Fals
                             flags.get("B_ACTIVATION", "identity"))
     warp_specialize = not (flags.get("HAS_SECOND") or flags.get("HAS_ROWSUM") or flags.get("SPLIT_K", 1) > 1)
     return fl.config_table(family(target).name, size, tile_epilogue, flags.get("MASK") == "a", wide, heavy, tma,
-                           warp_specialize)
+                           warp_specialize, flags.get("SIGN_BITS", 0), flags.get("STORE_SIGNS", False))
 
 
 def fused_linear_cases():
@@ -342,7 +342,7 @@ def _whole_block_cases(activation: str):
                             if wanted(case, beyond):
                                 yield case
                             # A recompute block's backward: h on chip from x and W1, the final ReLU's sign bits.
-                            block_m, warps, chunk = wb.backward_config(width, size, bool(wide), recompute=True)
+                            block_m, warps, chunk = wb.backward_config(width, size, bool(wide), fam.name, True)
                             flags = {**case["flags"], "SIGN_BITS": final_relu, "RECOMPUTE": True, "HAS_B1": True,
                                      "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
                                      "DX_SHARE": wb.dx_share(width, chunk) if chunk else 1}

@@ -203,7 +203,7 @@ def _prune_hook_allows(monkeypatch, target, dtype, flags, layout, wide=()):
     args.update({"M": 1 << 16, "N": 4096, "K": 4096, "K2": 4096 if flags.get("HAS_SECOND") else 0})
     flags = {"HAS_SECOND": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "MASK": "none", "GATE": "identity",
              "STORE_PRE": False, "ACTIVATION": "identity", "B_ACTIVATION": "identity", "HAS_ROWSUM": False,
-             "SPLIT_K": 1, **flags, "TMA_LAYOUT": layout}
+             "SPLIT_K": 1, "SIGN_BITS": 0, "STORE_SIGNS": False, **flags, "TMA_LAYOUT": layout}
     return {fl.config_key(c) for c in tuner.early_config_prune(tuner.configs, args, **flags)}
 
 
