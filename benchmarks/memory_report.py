@@ -10,7 +10,7 @@ from .memory import IMPLS, TARGETS
 MIB = 1 << 20
 LABELS = {"reference": "reference (eager)", "fused": "fused, default", "recompute": "fused, recompute=True",
           "checkpoint": "checkpoint of the reference"}
-COLORS = {"reference": "#777777", "fused": "#1f77b4", "recompute": "#2ca02c", "checkpoint": "#d62728"}
+COLORS = {"reference": "tab:gray", "fused": "#1f77b4", "recompute": "#2ca02c", "checkpoint": "#d62728"}
 
 
 def _target(record: dict[str, Any], name: str) -> float | None:
@@ -94,7 +94,7 @@ def plot(found: list[dict[str, Any]], path: Path) -> Path:
                     if target is not None:
                         x0 = i + (k - (len(IMPLS) - 1) / 2) * width
                         ax.plot([x0 - width / 2, x0 + width / 2], [target, target], color="black", lw=1.5)
-        ax.axhline(1.0, color="#444444", lw=0.6, ls=":")
+        ax.axhline(1.0, color="0.27", lw=0.6, ls=":")
         ax.set_ylabel(title, fontsize=8)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([f"{r['kind']} {r['rows']}x{r['width']}\nx {'grad' if r['x_grad'] else 'frozen'}"
