@@ -287,7 +287,8 @@ class ResidualBlockFunction(torch.autograd.Function):
         ctx.plan = plan
         if not flat:
             ctx.x_shape = x.shape
-        ctx.set_materialize_grads(False)
+        if plan.two:  # a gradient for one output alone: the other stays None
+            ctx.set_materialize_grads(False)
         hidden = kept if keep[1] else None
         # Written out (this runs on every training call); the weights are always kept.
         ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, kept if keep[3] else None,
