@@ -67,12 +67,13 @@ def block_grads(dout: Tensor | None, dhidden: Tensor | None, saved: tuple[Tensor
     block kept (``saved = (x, hidden, out, signs, w1, b1, w2, ws)``, ``saving.block_keeps``), for a backward that
     builds a graph (double backward, gradient penalties) or that receives a gradient for the kept hidden layer.
 
-    The default mode keeps the hidden layer as a second output of its Function (its pre-activation for a smooth
-    activation, else its output), so autograd differentiates through it back into the Function: a second-order
-    term through the hidden layer comes back as ``dhidden``, and becomes ``dpre = act'(saved) dhidden``, ``dx +=
-    dpre W1``, ``dW1 += dpre^T x``, ``db1 += sum dpre``: neither the biases nor (for a smooth activation) ``x`` need
-    be kept for it. A recompute block computes its hidden layer again here from ``x``, ``w1`` and ``b1``, the
-    inputs themselves, so autograd sees it whole. The final ReLU enters only through its mask (from ``out`` or its
+    Where the block keeps no ``x`` (``saving.returns_hidden``), its Function returns the kept hidden layer as a
+    second output (its pre-activation for a smooth activation, else its output), so autograd differentiates through
+    it back into the Function: a second-order term through the hidden layer comes back as ``dhidden``, and becomes
+    ``dpre = act'(saved) dhidden``, ``dx += dpre W1``, ``dW1 += dpre^T x``, ``db1 += sum dpre``: neither the biases
+    nor (for a smooth activation) ``x`` need be kept for it. Where ``x`` is kept (and in a recompute block), the
+    hidden layer is computed again here from ``x``, ``w1`` and ``b1`` (``hidden`` passed as None), the inputs
+    themselves, so autograd sees it whole. The final ReLU enters only through its mask (from ``out`` or its
     packed sign bits), whose derivative is 0.
     """
     x, hidden, out, bits, w1, b1, w2, ws = saved

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import checks, composite, dispatch, saving
+from ._functions import c_apply, direct_backward
 from ._tensors import rows, rows_facts, tensor_facts, with_leading_dims
 from .activations import SEED_FORM, Form
 from .backends import Backend
@@ -202,7 +203,7 @@ class BlockPlan:
     (``keep``) are the plan's."""
 
     __slots__ = ("backend", "variants", "form", "training", "mode", "forward", "backwards", "needs", "keep",
-                 "x_dtype", "chosen", "signature")
+                 "x_dtype", "chosen", "signature", "two")
 
     def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, needs: tuple[bool, ...] | None,
                  x_dtype: torch.dtype, mode: int = saving.DEFAULT, signature: tuple = ()):
@@ -215,14 +216,16 @@ class BlockPlan:
         self.backwards: dict[tuple, object] = {}
         self.needs, self.x_dtype = needs, x_dtype
         self.keep = saving.block_keeps(form, needs, self.mode) if needs is not None else None
+        self.two = self.keep is not None and saving.returns_hidden(self.keep)  # the Function's outputs: (out, hidden)
 
     def entry(self):
         """What a cached call calls: in training the Function's C apply with this plan bound, else the plan."""
-        return functools.partial(_train_block, self) if self.training else self
+        return functools.partial(_train_block if self.two else _apply_block, self) if self.training else self
 
     def __call__(self, x, w1, b1, w2, b2, ws):
         if self.training:
-            return _apply_block(self, x, w1, b1, w2, b2, ws)[0]
+            out = _apply_block(self, x, w1, b1, w2, b2, ws)
+            return out[0] if self.two else out
         run = self.forward
         if run is None or self.backend is None:
             return self.first_or_composite(x, w1, b1, w2, b2, ws)
@@ -269,8 +272,8 @@ class BlockPlan:
 
 
 class ResidualBlockFunction(torch.autograd.Function):
-    """``(out, hidden)``: the block's output and, in the default mode, its kept hidden layer as a second output
-    (None where not kept), so that a double backward differentiates through it (``composite.block_grads``)."""
+    """The block's output and, where ``saving.returns_hidden`` (the plan's ``two``), its kept hidden layer, which a
+    double backward differentiates through (``composite.block_grads``; else it recomputes it from ``x``)."""
 
     @staticmethod
     def forward(ctx, plan, x, w1, b1, w2, b2, ws):  # type: ignore[override]
@@ -284,15 +287,18 @@ class ResidualBlockFunction(torch.autograd.Function):
         ctx.plan = plan
         if not flat:
             ctx.x_shape = x.shape
-        ctx.set_materialize_grads(False)
+        if plan.two:  # a gradient for one output alone: the other stays None
+            ctx.set_materialize_grads(False)
         hidden = kept if keep[1] else None
         # Written out (this runs on every training call); the weights are always kept.
         ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, kept if keep[3] else None,
                               w1, b1 if keep[5] else None, w2, ws)
-        return (out if flat else with_leading_dims(out, x, w2.shape[0])), hidden
+        if plan.two:
+            return (out if flat else with_leading_dims(out, x, w2.shape[0])), hidden
+        return out if flat else with_leading_dims(out, x, w2.shape[0])
 
     @staticmethod
-    def backward(ctx, dout, dhidden):  # type: ignore[override]
+    def backward(ctx, dout, dhidden=None):  # type: ignore[override]
         plan = ctx.plan
         saved = ctx.saved_tensors
         grads = None
@@ -309,6 +315,8 @@ class ResidualBlockFunction(torch.autograd.Function):
                 grads = plan.run_backward(rows(dout), None if x is None else rows(x), hidden, out, w1, w2, ws, b1,
                                           bits)
         if grads is None:  # a backward that builds a graph, or a gradient through the kept hidden layer
+            if not plan.two:  # the hidden layer is computed again from x (kept where it is needed)
+                saved = (saved[0], None, *saved[2:])
             grads = composite.block_grads(dout, dhidden, saved, plan.form, plan.needs, plan.x_dtype)
         dx = grads[0]
         x_shape = getattr(ctx, "x_shape", None)
@@ -317,21 +325,12 @@ class ResidualBlockFunction(torch.autograd.Function):
         return (None, dx, *grads[1:])
 
 
-def _c_apply(function: type[torch.autograd.Function]):
-    """``function.apply`` without its Python part. The Functions run only where no ``torch.func`` transform is
-    active (``dispatch.route`` sends those calls to the composite), and there ``Function.apply`` only unwraps
-    functorch's dead wrappers before it calls the C entry: a few microseconds per training call."""
-    try:
-        return super(torch.autograd.Function, function).apply
-    except AttributeError:  # another torch's layout of Function: its own apply
-        return function.apply
-
-
-_apply_block = _c_apply(ResidualBlockFunction)
+_apply_block = c_apply(ResidualBlockFunction)
+direct_backward(ResidualBlockFunction)
 
 
 def _train_block(plan: BlockPlan, x, w1, b1, w2, b2, ws):
-    return _apply_block(plan, x, w1, b1, w2, b2, ws)[0]  # the output; the kept hidden layer serves double backward
+    return _apply_block(plan, x, w1, b1, w2, b2, ws)[0]  # the output; the hidden layer serves double backward
 
 
 # ---- the single fused layer -----------------------------------------------------------------------------------
@@ -459,7 +458,8 @@ class LinearResidualReluFunction(torch.autograd.Function):
         return dh, dw, db, dres, None
 
 
-_apply_layer = _c_apply(LinearResidualReluFunction)
+_apply_layer = c_apply(LinearResidualReluFunction)
+direct_backward(LinearResidualReluFunction)
 
 
 def save_linear(ctx, h: Tensor, out: Tensor, w: Tensor) -> None:

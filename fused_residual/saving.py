@@ -7,8 +7,11 @@ see all of it), a subset of ``KEPT = (x, hidden, out, signs, w1, b1, w2, ws)``, 
   its derivative reads that, ReLU; else its input, the pre-activation) where ``g1`` or ``dW2`` needs it; ``out`` for
   the final ReLU's mask (eager keeps it too, and in a chain it is the next layer's kept input: the same storage);
   ``x`` only for ``dW1`` / ``dWs``; the weights (parameters: no memory of their own; the backward reads their dtypes
-  and shapes); the biases never. A double backward differentiates through ``hidden``, which the Function returns as
-  a second output (see ``composite.block_grads``), so it needs neither the biases nor ``x``.
+  and shapes); the biases never, but ``b1`` where ``x`` and ``hidden`` are both kept (a parameter: no memory of its
+  own). A double backward differentiates through ``hidden``: where ``x`` is not kept, the Function returns it as a
+  second output (``returns_hidden``; see ``composite.block_grads``), so it needs neither the biases nor ``x``; where
+  ``x`` is kept, it computes ``hidden`` again from ``x``, ``w1`` and ``b1`` (one GEMM in a double backward alone),
+  and the Function has one output (a second output costs every training call about a microsecond).
 - ``recompute``: ``x``, ``w1`` and ``b1`` (``hidden`` is computed again in backward: one GEMM) and, for a final
   ReLU, its packed sign bits (``signs.py``, 1 bit per element), or ``out`` itself where the caller keeps ``out``
   anyway (``RECOMPUTE_OUT_KEPT``: inside a net, a block's output is the next layer's kept input).
@@ -24,7 +27,7 @@ from .activations import Form
 
 KEPT = ("x", "hidden", "out", "signs", "w1", "b1", "w2", "ws")
 NOTHING = (False,) * len(KEPT)
-HIDDEN, SIGNS = KEPT.index("hidden"), KEPT.index("signs")
+X, HIDDEN, SIGNS = KEPT.index("x"), KEPT.index("hidden"), KEPT.index("signs")
 # A block's saving mode: the default, recompute (sign bits), recompute beside a caller that keeps ``out``.
 DEFAULT, RECOMPUTE, RECOMPUTE_OUT_KEPT = 0, 1, 2
 
@@ -43,4 +46,11 @@ def block_keeps(form: Form, needs: tuple[bool, ...], mode: int = DEFAULT) -> tup
     if mode != DEFAULT:
         out_kept = mode == RECOMPUTE_OUT_KEPT
         return (hidden or need_ws, False, final and out_kept, final and not out_kept, True, hidden, True, True)
-    return (need_w1 or need_ws, hidden, final, False, True, False, True, True)
+    keep_x = need_w1 or need_ws
+    return (keep_x, hidden, final, False, True, hidden and keep_x, True, True)
+
+
+def returns_hidden(keep: tuple[bool, ...]) -> bool:
+    """Whether the block's Function returns its kept hidden layer as a second output (for a double backward to
+    differentiate through): where it keeps ``hidden`` and not ``x`` (with ``x``, the hidden layer is computed again)."""
+    return keep[HIDDEN] and not keep[X]
