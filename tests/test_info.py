@@ -176,11 +176,11 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "(default: 4096)" in text and "(default: None)" not in text
 
 
-def test_the_family_hook_uses_the_device_facts_family_where_they_have_it(monkeypatch):
-    monkeypatch.delattr(_common, "family", raising=False)
-    assert info.device_family(torch.device("cpu")) == "compute capability 9.0 (this version has no family facts)"
-    monkeypatch.setattr(_common, "family", lambda device: types.SimpleNamespace(name="hopper"), raising=False)
-    assert info.device_family(torch.device("cpu")) == "hopper"
+def test_the_family_comes_from_the_device_facts(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_common, "family", lambda device: seen.append(device) or types.SimpleNamespace(name="cdna3"))
+    assert info.device_family(torch.device("cpu")) == "cdna3"
+    assert seen == [torch.device("cpu")]
 
 
 # ---- logging: once per new signature, at DEBUG, with the reason; nothing on a cached call -------------------------
