@@ -102,9 +102,11 @@ def test_saved_tensors_go_through_saved_tensor_hooks(use_backend, backend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out, grads = run_with_grads(block, x, dout)
-    # x, h, out, W1, W2 (the shortcut weight is None without a projection; no backward reads a bias).
-    assert len(packed) == len(unpacked) == 5
-    assert {tuple(t.shape) for t in packed} == {(7, 12), (12, 12)}
+    # x, h, out, W1, b1, W2: b1 because x is kept, so a double backward computes h again from x, W1 and b1 (the
+    # shortcut weight is None without a projection; no backward reads b2).
+    assert len(packed) == len(unpacked) == 6
+    assert sorted(tuple(t.shape) for t in packed) == [(7, 12)] * 3 + [(12,)] + [(12, 12)] * 2
+    assert any(t is block.linear1.bias for t in packed) and not any(t is block.linear2.bias for t in packed)
     assert_close(out, expected, "out")
     for name, grad in grads.items():
         assert_close(grad, expected_grads[name], f"grad {name}", scale=4)
