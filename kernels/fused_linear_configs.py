@@ -206,6 +206,10 @@ SMALL_TILE = 64 * 32
 BITS_ON_K_HEAVY_B_SPILLS = {family: {(64, 128)} for family in ("ampere", "consumer", "blackwell_consumer", "cdna2",
                                                                  "cdna3", "cdna4")}
 STORE_SIGNS_SPILLS = {("ampere", False): {(64, 64)}}
+# Reading a weight gradient's bits on k, sm_90's 64 x 32 x 32 tile loses its software pipeline: the masked A stays
+# in registers, one stage deep (12 KB of shared memory where three stages of A and B need 18 KB; the Q-mask twin
+# keeps all of A, B and Q in flight). Dropped there: the larger tiles pipeline.
+BITS_ON_K_UNPIPELINED = {"hopper": {(64, 32, 32)}}
 
 
 def config_table(
@@ -237,7 +241,8 @@ def config_table(
         keep = HEAVY_TILES[place].get((family, element_size >= 4), ())
         table = [e for e in table if e[:2] in keep or e[0] * e[1] <= SMALL_TILE]
     if sign_bits == 2 and element_size == 2:
-        table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE[family]]
+        table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE[family]
+                 and e[:3] not in BITS_ON_K_UNPIPELINED.get(family, ())]
     if sign_bits == 2 and element_size >= 4 and "b" in heavy:
         table = [e for e in table if e[:2] not in BITS_ON_K_HEAVY_B_SPILLS.get(family, ())]
     if store_signs:

@@ -462,7 +462,8 @@ def _build(case: dict, kernel, names: list[str], constexprs: dict, pointer_type,
 def representative(cases: list[dict]) -> list[dict]:
     """A representative set of one target's cases, for CI: each fused-linear config once per dtype class (16-bit in
     bf16), the variants taken in turn; each whole-block kernel per dtype class on chip and beyond (streamed forward,
-    role-split backward), at its widest width in its largest config; the whole-net kernel at its widest."""
+    role-split backward; the recompute backward apart), at its widest width in its largest config; the whole-net
+    kernel at its widest."""
     order = {"bf16": 0, "fp16": 1, "fp32": 2}
     groups: dict[tuple, list[dict]] = {}
     for c in sorted(cases, key=lambda c: order[c["dtype"]]):  # stable: generation order within a dtype
@@ -471,8 +472,9 @@ def representative(cases: list[dict]) -> list[dict]:
             key = (c["kernel"], fp32, str(c["config"]))
         elif c["kernel"] == "whole_net_forward":
             key = (c["kernel"], False, "")
-        else:  # [BLOCK_M, WIDTH, HIDDEN_CHUNK or WIDTH, stages, warps]: chunked beyond the on-chip widths
-            key = (c["kernel"], fp32, str(c["config"][2] != c["config"][1]))
+        else:  # [BLOCK_M, WIDTH, HIDDEN_CHUNK or WIDTH, stages, warps]: chunked beyond the on-chip widths; a
+            # recompute backward has configs of its own
+            key = (c["kernel"], fp32, str(c["config"][2] != c["config"][1]), str(c["flags"].get("RECOMPUTE", False)))
         groups.setdefault(key, []).append(c)
     chosen = []
     for i, key in enumerate(sorted(groups)):
