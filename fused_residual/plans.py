@@ -310,11 +310,9 @@ class ResidualBlockFunction(torch.autograd.Function):
             run = plan.backwards.get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
             if run is not None:
                 return (None, *(run.function or run)(dout, x, hidden, out, w1, w2, ws, b1, bits))
-            if dout.dim() == 2:
-                grads = plan.run_backward(dout, x, hidden, out, w1, w2, ws, b1, bits)
-            else:
-                grads = plan.run_backward(rows(dout), None if x is None else rows(x), hidden, out, w1, w2, ws, b1,
-                                          bits)
+            flat = dout.dim() == 2
+            grads = plan.run_backward(dout if flat else rows(dout), x if flat or x is None else rows(x), hidden, out,
+                                      w1, w2, ws, b1, bits)
         if grads is None:  # a backward that builds a graph, or a gradient through the kept hidden layer
             if not plan.two:  # the hidden layer is computed again from x (kept where it is needed)
                 saved = (saved[0], None, *saved[2:])
