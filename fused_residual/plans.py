@@ -306,14 +306,13 @@ class ResidualBlockFunction(torch.autograd.Function):
             if dout is None:
                 return (None,) * 7
             x, hidden, out, bits, w1, b1, w2, ws = saved
-            if dout.dim() == 2:  # the cached call, written out
-                run = plan.backwards.get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
-                if run is not None:
-                    return (None, *(run.function or run)(dout, x, hidden, out, w1, w2, ws, b1, bits))
-                grads = plan.run_backward(dout, x, hidden, out, w1, w2, ws, b1, bits)
-            else:
-                grads = plan.run_backward(rows(dout), None if x is None else rows(x), hidden, out, w1, w2, ws, b1,
-                                          bits)
+            # The cached call, written out; the plans' keys hold 2-D strides, so a hit is a 2-D gradient.
+            run = plan.backwards.get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
+            if run is not None:
+                return (None, *(run.function or run)(dout, x, hidden, out, w1, w2, ws, b1, bits))
+            flat = dout.dim() == 2
+            grads = plan.run_backward(dout if flat else rows(dout), x if flat or x is None else rows(x), hidden, out,
+                                      w1, w2, ws, b1, bits)
         if grads is None:  # a backward that builds a graph, or a gradient through the kept hidden layer
             if not plan.two:  # the hidden layer is computed again from x (kept where it is needed)
                 saved = (saved[0], None, *saved[2:])

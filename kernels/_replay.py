@@ -35,6 +35,15 @@ class Source:
 
     def __init__(self, space: dict, n_regs: int, local: bool):
         self.space, self.n_regs, self.local = space, n_regs, local
+        self.captured = False  # whether ``capturing`` is set on every path to the line being written
+
+    def capturing(self) -> list[str]:
+        """Lines that set ``capturing`` (whether the current stream is capturing a CUDA graph) where it is not yet
+        set: asked once per call however many cached buffers the steps look up."""
+        if self.captured:
+            return []
+        self.captured = True
+        return ["capturing = torch.cuda.is_current_stream_capturing()"]
 
     def reg(self, i: int) -> str:
         return f"r{i}" if self.local else f"regs[{i}]"
@@ -62,13 +71,16 @@ class Source:
     def body(self, steps: list, prefix: str = "s") -> list[str] | None:
         """The lines of ``steps`` (each bound to ``{prefix}{j}``); None while one cannot be written out yet."""
         lines = []
+        captured = self.captured  # what a branch (a family's member) sets is not set after it
         for j, step in enumerate(steps):
             name = f"{prefix}{j}"
             self.space[name] = step
             emitted = step.emit(name, self)
             if emitted is None:
+                self.captured = captured
                 return None
             lines += emitted
+        self.captured = captured
         return lines
 
 

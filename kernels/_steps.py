@@ -90,8 +90,7 @@ class PreparedLaunch:
         before, middle = src.spelled(before, f"{name}_b"), src.spelled(middle, f"{name}_m")
         args = ", ".join([*(src.reg(i) for i in self.slots), *src.spelled(self.pre, f"{name}_p"), "rows",
                           *src.spelled(after, f"{name}_a")])
-        lines = [f"_COUNTS[{self.name!r}] += 1",
-                 f"g0 = min(-(-rows // {block}) * {mult}, {cap})" if block else f"g0 = {cap}"]
+        lines = [f"_COUNTS[{self.name!r}] += 1", *_grid_lines(block, mult, cap)]
         if packed is None:
             if self.allocator:
                 lines.append("ensure_scratch_allocator()")
@@ -186,8 +185,8 @@ class Workspace:
         regs[self.index] = buffer
 
     def emit(self, name: str, src: _replay.Source) -> list[str]:
-        return [f"b = _WORKSPACES.get(({self.device_index!r}, stream))",
-                f"if b is None or b.numel() < {self.elements} or torch.cuda.is_current_stream_capturing():",
+        return [*src.capturing(), f"b = _WORKSPACES.get(({self.device_index!r}, stream))",
+                f"if b is None or b.numel() < {self.elements} or capturing:",
                 *_replay.indented(src.run_step(name, (self.index,))),
                 "else:",
                 f"    {src.reg(self.index)} = b"]
@@ -216,8 +215,8 @@ class Counters:
         regs[self.index] = _reduce.arrival_counters(self.device, self.count)
 
     def emit(self, name: str, src: _replay.Source) -> list[str]:
-        return [f"b = _reduce._COUNTERS.get(({self.device_type!r}, {self.device_index}, stream))",
-                f"if b is None or b.numel() < {self.count} or torch.cuda.is_current_stream_capturing():",
+        return [*src.capturing(), f"b = _reduce._COUNTERS.get(({self.device_type!r}, {self.device_index}, stream))",
+                f"if b is None or b.numel() < {self.count} or capturing:",
                 *_replay.indented(src.run_step(name, (self.index,))),
                 "else:",
                 f"    {src.reg(self.index)} = b"]
@@ -295,7 +294,9 @@ class Family:
             other.append(f"if _TAKEN[0] != {_TAKEN[0]}: _stale()")
         if not branches:
             return other
-        return [f"k = max(1, min((rows + {add}) // {div}, {cap}))", *branches, "else:", *_replay.indented(other)]
+        # max(1, min(..., cap)) written as comparisons: no builtin calls
+        return [f"k = (rows + {add}) // {div}", f"if k > {cap}:", f"    k = {cap}", "if k < 1:", "    k = 1",
+                *branches, "else:", *_replay.indented(other)]
 
 
 def _run(steps: list, rows: int, regs: list, stream) -> None:
@@ -351,3 +352,11 @@ def names(**more) -> dict:
 def grid_of(form: tuple[int, int, int, int], rows: int) -> tuple[int, int]:
     block, mult, cap, g1 = form
     return (min(-(-rows // block) * mult, cap) if block else cap), g1
+
+
+def _grid_lines(block: int, mult: int, cap: int) -> list[str]:
+    """``g0`` of ``grid_of`` as source: ``min(cdiv(M, block) * mult, cap)`` written as a comparison (no builtin
+    calls, no multiplication by 1)."""
+    if not block:
+        return [f"g0 = {cap}"]
+    return [f"g0 = -(-rows // {block})" + (f" * {mult}" if mult != 1 else ""), f"if g0 > {cap}:", f"    g0 = {cap}"]
