@@ -91,12 +91,12 @@ def route_name(device: str, dtype: torch.dtype, rows: int, width: int, hidden: i
     """The route ``auto`` (or the forced backend) takes for such a block call, e.g. "triton:whole_block",
     "torch", "composite"; "unknown" where it cannot be told (metadata only: never fails a benchmark)."""
     from fused_residual import dispatch
-    from fused_residual.activations import SEED_FORM, Form
+    from fused_residual.activations import REFERENCE_FORM, Form
 
     try:
         probe = torch.empty(1, width, device=device, dtype=dtype).expand(rows, width)
         weight = torch.empty(hidden, width, device=device, dtype=dtype)
-        form = Form("gelu", None) if ffn else SEED_FORM
+        form = Form("gelu", None) if ffn else REFERENCE_FORM
         return dispatch.route(probe, weight, None, form, training).name
     except (TypeError, AttributeError, RuntimeError, ValueError):
         return "unknown"

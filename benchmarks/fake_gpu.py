@@ -199,12 +199,12 @@ def _temporary_patches(stack: contextlib.ExitStack) -> list[str]:
     applies. Returns what was patched."""
     import importlib
 
-    from fused_residual.activations import SEED_FORM
+    from fused_residual.activations import REFERENCE_FORM
 
     applied = []
     triton_backend = importlib.import_module("fused_residual.backends.triton_backend")
     unavailable = getattr(triton_backend, "unavailable", None)
-    if unavailable is not None and unavailable(torch.device("meta"), torch.bfloat16, SEED_FORM) is not None:
+    if unavailable is not None and unavailable(torch.device("meta"), torch.bfloat16, REFERENCE_FORM) is not None:
         _rebind(stack, unavailable, _on_cuda(unavailable))
         applied.append("backends.triton_backend.unavailable")
     reduce = importlib.import_module("fused_residual.kernels._reduce")

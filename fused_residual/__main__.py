@@ -24,7 +24,7 @@ import torch
 
 from . import dispatch
 from ._cli import DTYPES, HelpWithDefaults, positive
-from .activations import SEED_FORM
+from .activations import REFERENCE_FORM
 from .modules import FusedResidualNet
 from .reference import ResidualNet
 
@@ -81,7 +81,7 @@ def example() -> None:
 
 def block_route(x: torch.Tensor, weight: torch.Tensor, training: bool) -> tuple[str, str]:
     """The route a residual block call on ``x`` takes and why: the one place this command asks the package."""
-    chosen, why = dispatch.decide(dispatch.requested(), x, weight, None, SEED_FORM, training)
+    chosen, why = dispatch.decide(dispatch.requested(), x, weight, None, REFERENCE_FORM, training)
     return chosen.name, why
 
 

@@ -98,7 +98,7 @@ class Form(NamedTuple):
         return torch.promote_types(x_dtype, compute_dtype)
 
 
-SEED_FORM = Form()
+REFERENCE_FORM = Form()
 
 
 def check_form(activation: object, final_activation: object) -> Form:

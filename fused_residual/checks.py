@@ -203,7 +203,7 @@ def block_operands(x: object, w1: object, b1: object, w2: object, b2: object, ws
 def net_operands(x: Tensor, w_in: Tensor, b_in: Tensor | None,
                  blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]], w_out: Tensor,
                  b_out: Tensor | None) -> None:
-    """Validate the operands of a net of seed-form blocks (``residual_net``)."""
+    """Validate the operands of a net of reference-form blocks (``residual_net``)."""
     op = "residual_net"
     weights = {"w_in": w_in, "w_out": w_out}
     biases = {"b_in": b_in, "b_out": b_out}

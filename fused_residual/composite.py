@@ -4,7 +4,7 @@ see every op.
 Used where the dispatch finds a Function not worth its cost, under ``torch.func`` transforms and while
 ``torch.export`` traces, for backward passes that build a graph (double backward), and by fused modules whose
 submodules must run as themselves (hooks, ``nn.Linear`` subclasses with their own ``forward``). Same semantics as
-the reference modules, including their dtypes under autocast: the seed form's output keeps the linears' dtype (the
+the reference modules, including their dtypes under autocast: the reference form's output keeps the linears' dtype (the
 reference adds the shortcut in place, ``out += x``), the FFN form's promotes.
 
 The math is written out once (``block_of_modules``); every other plain-PyTorch form of the block derives from it.

@@ -60,7 +60,7 @@ import torch
 
 from . import backends
 from . import tables as _tables
-from .activations import SEED_FORM, Form
+from .activations import REFERENCE_FORM, Form
 from .kernels._common import FAMILIES, capability, family, is_gpu
 from .tables import (  # noqa: F401 (the format's names, read here by tune and the tests)
     CACHE_ENV_VAR,
@@ -182,7 +182,7 @@ def _family_name(device: torch.device) -> str | None:
 
 def winner(device: torch.device, dtype: torch.dtype, width: int, hidden: int, rows: int, projection: bool,
            training: bool) -> str:
-    """The implementation for a seed-form block call on ``device``: a table's winner, else the rule."""
+    """The implementation for a reference-form block call on ``device``: a table's winner, else the rule."""
     return _winner(device, dtype, width, hidden, rows, projection, training)[0]
 
 
@@ -301,7 +301,7 @@ def ours_may_run(raw_choice: str | None, device: torch.device, dtype: torch.dtyp
         return choice != COMPOSITE_CHOICE
     if recomputes:
         return True
-    if form != SEED_FORM or projection or not is_gpu(device) or backends.missing_requirement("triton") is not None:
+    if form != REFERENCE_FORM or projection or not is_gpu(device) or backends.missing_requirement("triton") is not None:
         return False
     mode = "train" if training else "forward"
     key = (DTYPE_NAMES.get(dtype, str(dtype)), padded(width), padded(hidden), mode)
@@ -341,7 +341,7 @@ def decide(choice: str, x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, tr
 
 
 def _auto(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, rows_: int) -> tuple[Route, str]:
-    """``auto``: the dispatch tables' winner for a seed-form call (``winner``), among the candidates that can run
+    """``auto``: the dispatch tables' winner for a reference-form call (``winner``), among the candidates that can run
     it; the conservative rule for other forms and where the Triton kernels cannot run. With why."""
     dtype, device = w1.dtype, x.device
     family_name = _family_name(device)
@@ -354,7 +354,7 @@ def _auto(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form, training: bool, 
             triton_backend, why_not = None, "they failed on an earlier call of this signature"
     elif family_name is not None:
         why_not = f"{missing} is not installed"
-    if form == SEED_FORM:
+    if form == REFERENCE_FORM:
         found, why = _winner(device, dtype, x.shape[-1], w1.shape[0], rows_, ws is not None, training)
     else:  # only the reference form was measured: the rule's non-Triton choice (projection=True never takes Triton)
         found, why = _conservative(family_name, dtype, x.shape[-1], w1.shape[0], rows_, True, training)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import plans, saving
-from .activations import SEED_FORM, check_form
+from .activations import REFERENCE_FORM, check_form
 
 
 def residual_block(
@@ -44,7 +44,7 @@ def residual_block(
     ``"relu"`` (the reference block) or None (the transformer FFN form). ``recompute=True``: keep only ``x`` (and the
     final ReLU's sign bits) for backward, which computes the hidden layer again (see ``FusedResidualBlock``).
     """
-    form = SEED_FORM if activation == "relu" and final_activation == "relu" else check_form(activation,
+    form = REFERENCE_FORM if activation == "relu" and final_activation == "relu" else check_form(activation,
                                                                                           final_activation)
     return plans.run_block(x, w1, b1, w2, b2, shortcut_weight, form,
                            saving.RECOMPUTE if recompute else saving.DEFAULT)
@@ -58,7 +58,7 @@ def residual_net_inference(
     w_out: Tensor,
     b_out: Tensor | None,
 ) -> Tensor:
-    """``linear(blocks(relu(linear(x))))`` of seed-form blocks for inference: no autograd, no autocast (callers
+    """``linear(blocks(relu(linear(x))))`` of reference-form blocks for inference: no autograd, no autocast (callers
     check both). ``blocks`` holds each block's ``(w1, b1, w2, b2)``. Where the widths allow, the Triton backend
     runs the whole net in one kernel (activations never leave the chip)."""
     return plans.run_net_inference(x, w_in, b_in, blocks, w_out, b_out)

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import dispatch
 from ._cli import DTYPES, HelpWithDefaults, positive, positive_ints
-from .activations import SEED_FORM, Form
+from .activations import REFERENCE_FORM, Form
 from .kernels import _common
 from .modules import FusedResidualBlock, FusedResidualNet, block_parameters, global_hooks, net_parameters
 from .modules import why_not_plain as _why_not_plain
@@ -123,7 +123,8 @@ def shape_lines(widths: list[int], rows: int, dtype: torch.dtype, device: torch.
     lines = [f"routes of a reference-form block ({mode}, {rows} rows, {str(dtype).removeprefix('torch.')}, {device}):"]
     for width in widths:
         weight = torch.empty(1, 1, dtype=dtype, device=device).expand(width, width)
-        lines.append(f"  width {width}: {route_line(_probe(rows, width, weight), weight, None, SEED_FORM, training)}")
+        line = route_line(_probe(rows, width, weight), weight, None, REFERENCE_FORM, training)
+        lines.append(f"  width {width}: {line}")
     return lines
 
 
@@ -165,7 +166,7 @@ def model_lines(model: nn.Module, rows: int, training: bool) -> list[str]:
         w1 = module.linear1.weight
         shape = f"width {module.linear1.in_features}, hidden {module.linear1.out_features}, {str(w1.dtype)[6:]}"
         if isinstance(module, ResidualBlock):
-            route = route_line(_probe(rows, w1.shape[1], w1), w1, None, SEED_FORM, training)
+            route = route_line(_probe(rows, w1.shape[1], w1), w1, None, REFERENCE_FORM, training)
             lines.append(f"  {name} ({kind}, {shape}): the reference block, eager PyTorch; once fr.fuse(model) "
                          f"swaps it: {route}")
             continue
@@ -176,7 +177,7 @@ def model_lines(model: nn.Module, rows: int, training: bool) -> list[str]:
             continue
         form = module.form
         final = form.final_activation or "none"
-        form_text = "" if form == SEED_FORM else f", activation {form.activation}, final {final}"
+        form_text = "" if form == REFERENCE_FORM else f", activation {form.activation}, final {final}"
         route = route_line(_probe(rows, w1.shape[1], w1), w1, params[4], form, training)
         lines.append(f"  {name} ({kind}, {shape}{form_text}): {route}")
     if len(lines) == 1:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from . import composite, plans, saving
-from .activations import SEED_FORM, Form, check_form
+from .activations import REFERENCE_FORM, Form, check_form
 
 _Linear = nn.Linear
 
@@ -71,11 +71,11 @@ class FusedResidualBlock(nn.Module):
     def form(self) -> Form:
         activation, final = self.activation, self.final_activation
         # The reference block's form without building one (this runs on every call)
-        return SEED_FORM if activation == "relu" and final == "relu" else Form(activation, final)
+        return REFERENCE_FORM if activation == "relu" and final == "relu" else Form(activation, final)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activation, final = self.activation, self.final_activation
-        form = SEED_FORM if activation == "relu" and final == "relu" else Form(activation, final)  # self.form
+        form = REFERENCE_FORM if activation == "relu" and final == "relu" else Form(activation, final)  # self.form
         mode = saving.RECOMPUTE if self.recompute else saving.DEFAULT
         # block_parameters' common case, written out (this runs on every call): two plain nn.Linear without hooks,
         # no shortcut, no global hooks.
@@ -209,7 +209,7 @@ def why_not_plain(name: str, m: object) -> str | None:
 
 def net_parameters(net: nn.Module, x: object):
     """``(w_in, b_in, [(w1, b1, w2, b2), ...], w_out, b_out)`` when ``net`` may run as one unit, else None: no
-    autograd, no autocast, not compiling, no hooks, every part exactly a plain linear or seed-form block."""
+    autograd, no autocast, not compiling, no hooks, every part exactly a plain linear or reference-form block."""
     if not isinstance(x, Tensor) or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled():
         return None
     if torch._C._are_functorch_transforms_active() or has_hooks(net) or global_hooks():

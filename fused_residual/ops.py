@@ -63,7 +63,7 @@ from torch import Tensor
 
 from . import backends, composite, dispatch, plans, saving, signs
 from ._tensors import rows_facts, tensor_facts
-from .activations import SEED_FORM, Form
+from .activations import REFERENCE_FORM, Form
 from .backends import Backend
 from .plans import save_linear
 
@@ -215,7 +215,7 @@ block_forward.register_autograd(_block_backward, setup_context=_setup_block)
 )
 def linear_residual_relu_forward(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     """``relu(h @ w.T + b + residual)`` for 2-D ``h`` and ``residual``."""
-    backend, _ = _backend(h, w, None, SEED_FORM)
+    backend, _ = _backend(h, w, None, REFERENCE_FORM)
     return run_op(backend, "linear_residual_relu_forward", (h, w, b, residual))[0].contiguous()
 
 
@@ -233,7 +233,7 @@ def linear_residual_relu_backward(
     dout: Tensor, h: Tensor | None, out: Tensor, w: Tensor, needs: list[bool], dh_dtype: torch.dtype,
 ) -> list[Tensor]:
     """The gradients ``(dh, dw, db, dresidual)`` that ``needs`` asks for, in that order."""
-    backend, _ = _backend(dout, w, None, SEED_FORM)
+    backend, _ = _backend(dout, w, None, REFERENCE_FORM)
     grads = run_op(backend, "linear_residual_relu_backward", (dout, h, out, w), tuple(needs), dh_dtype=dh_dtype)
     return [g.contiguous() for g in grads if g is not None]
 

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from . import checks, composite, dispatch, saving
 from ._functions import c_apply, direct_backward
 from ._tensors import rows, rows_facts, tensor_facts, with_leading_dims
-from .activations import SEED_FORM, Form
+from .activations import REFERENCE_FORM, Form
 from .backends import Backend
 
 ENV_VAR = "FUSED_RESIDUAL_PLANS"
@@ -358,7 +358,7 @@ def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: T
     given = (h, w, b)
     h, w, b = checks.linear_residual_relu_operands(h, w, b, residual)
     training = needs_autograd(h, w, b, residual)
-    chosen = dispatch.route(h, w, None, SEED_FORM, training)
+    chosen = dispatch.route(h, w, None, REFERENCE_FORM, training)
     if chosen.op:
         out = torch.ops.fused_residual.linear_residual_relu_forward(rows(h), w, b, rows(residual))
         return with_leading_dims(out, h, w.shape[0])
@@ -366,7 +366,7 @@ def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: T
     try:
         out = plan(h, w, b, residual)
     except Exception as error:  # the kernels failed on an unverified family: the torch backend, or raise
-        plan = LayerPlan(dispatch.fall_back(chosen, dispatch.signature(h, w, None, SEED_FORM), error).backend,
+        plan = LayerPlan(dispatch.fall_back(chosen, dispatch.signature(h, w, None, REFERENCE_FORM), error).backend,
                          training)
         out = plan(h, w, b, residual)
     if key is not None and plan.forward is not None:
@@ -473,7 +473,7 @@ def save_linear(ctx, h: Tensor, out: Tensor, w: Tensor) -> None:
 def run_net_inference(x: Tensor, w_in: Tensor, b_in: Tensor | None,
                       blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]], w_out: Tensor,
                       b_out: Tensor | None) -> Tensor:
-    """``linear(blocks(relu(linear(x))))`` of seed-form blocks without autograd or autocast (callers check both),
+    """``linear(blocks(relu(linear(x))))`` of reference-form blocks without autograd or autocast (callers check both),
     validated here. A forced backend runs it as one unit where it has one (the Triton whole-net kernel), else
     layer by layer; ``auto`` runs each block as a block call (the whole-net kernel has no measured win yet)."""
     checks.net_operands(x, w_in, b_in, blocks, w_out, b_out)
@@ -482,18 +482,18 @@ def run_net_inference(x: Tensor, w_in: Tensor, b_in: Tensor | None,
     if choice in (dispatch.AUTO, dispatch.COMPOSITE_CHOICE):
         a = torch.relu_(F.linear(x2d, w_in, b_in))
         for w1, b1, w2, b2 in blocks:
-            a = run_block(a, w1, b1, w2, b2, None, SEED_FORM)
+            a = run_block(a, w1, b1, w2, b2, None, REFERENCE_FORM)
         y = F.linear(a, w_out, b_out)
     else:
-        chosen = dispatch.forced(choice, x.device, x.dtype, SEED_FORM)
+        chosen = dispatch.forced(choice, x.device, x.dtype, REFERENCE_FORM)
         backend: Backend = chosen.backend  # type: ignore[assignment]
         if dispatch.net_as_one(chosen, x2d, w_in, b_in, blocks, w_out, b_out):
             y = backend.net_forward(x2d, w_in, b_in, blocks, w_out, b_out)
         else:
             a = backend.linear(x2d, w_in, b_in, "relu")
             if blocks:
-                variant = dispatch.kernel_variants(chosen, a, blocks[0][0], None, SEED_FORM, None)[0]
+                variant = dispatch.kernel_variants(chosen, a, blocks[0][0], None, REFERENCE_FORM, None)[0]
             for w1, b1, w2, b2 in blocks:
-                a, _ = backend.block_forward(a, w1, b1, w2, b2, None, SEED_FORM, save=False, variant=variant)
+                a, _ = backend.block_forward(a, w1, b1, w2, b2, None, REFERENCE_FORM, save=False, variant=variant)
             y = backend.linear(a, w_out, b_out)
     return with_leading_dims(y, x, w_out.shape[0])

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from . import backends, dispatch
-from .activations import SEED_FORM
+from .activations import REFERENCE_FORM
 from .modules import FusedResidualBlock
 from .reference import ResidualBlock
 
@@ -71,11 +71,11 @@ def shapes(device_type: str, dtypes: list[str], widths: list[int] | None, rows: 
 
 
 def candidates(device: torch.device, dtype: torch.dtype, width: int, training: bool) -> list[str]:
-    """The candidates that can run a seed-form block of this width and dtype on ``device``."""
+    """The candidates that can run a reference-form block of this width and dtype on ``device``."""
     found = ["torch", "composite"]
     if device.type == "cuda" and backends.missing_requirement("triton") is None:
         backend = backends.get("triton")
-        if backend.unavailable(device, dtype, SEED_FORM) is None:
+        if backend.unavailable(device, dtype, REFERENCE_FORM) is None:
             probe = torch.empty(1, width, device=device, dtype=dtype)
             weight = torch.empty(width, width, device=device, dtype=dtype)
             if backend.whole_block_forward_fits(probe, weight, None):

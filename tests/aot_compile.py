@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 import aot_targets
 from aot_targets import TARGETS, family
 
-from fused_residual.activations import ACTIVATIONS, SEED_FORM
+from fused_residual.activations import ACTIVATIONS, REFERENCE_FORM
 
 DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -69,7 +69,7 @@ ACTIVATION_DTYPES = ("bf16", "fp32")
 
 def activation_variants() -> list[tuple]:
     """(name, flags, layout, wide pointers) of every activation variant."""
-    return [v for act in ACTIVATIONS if act != SEED_FORM.activation for v in _activation_variants(act)]
+    return [v for act in ACTIVATIONS if act != REFERENCE_FORM.activation for v in _activation_variants(act)]
 
 
 def _activation_variants(act: str):
@@ -281,7 +281,7 @@ def _whole_block_cases(activation: str):
     backward), in one config. Beyond the on-chip widths, WHOLE_BLOCK_BEYOND_ON_CHIP only, unless AOT_WHOLE_BLOCK=all."""
     from fused_residual.kernels import whole_block_configs as wb
 
-    named = "" if activation == SEED_FORM.activation else f"-{activation}"
+    named = "" if activation == REFERENCE_FORM.activation else f"-{activation}"
     from_output = ACTIVATIONS[activation].from_output
 
     every = os.environ.get("AOT_WHOLE_BLOCK") == "all"

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 import fused_residual as fr  # noqa: E402
 from fused_residual import backends, dispatch  # noqa: E402
-from fused_residual.activations import SEED_FORM  # noqa: E402
+from fused_residual.activations import REFERENCE_FORM  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -79,11 +79,11 @@ def block_reference(block: fr.FusedResidualBlock, x: torch.Tensor, dout: torch.T
     params = dict(block.named_parameters())
     with torch.no_grad():
         w1, ws = params["linear1.weight"], params.get("shortcut.weight")
-        chosen = dispatch.route(x2d, w1, ws, SEED_FORM, True)
+        chosen = dispatch.route(x2d, w1, ws, REFERENCE_FORM, True)
         backend = chosen.backend or backends.get("torch")
-        variant = dispatch.kernel_variants(chosen, x2d, w1, ws, SEED_FORM, None)[0]
+        variant = dispatch.kernel_variants(chosen, x2d, w1, ws, REFERENCE_FORM, None)[0]
         out_lp, h_lp = backend.block_forward(x2d, w1, params["linear1.bias"], params["linear2.weight"],
-                                             params["linear2.bias"], ws, SEED_FORM, save=True, variant=variant)
+                                             params["linear2.bias"], ws, REFERENCE_FORM, save=True, variant=variant)
     p64 = {name: t.detach().double().requires_grad_(True) for name, t in params.items()}
     x64 = x2d.detach().double().requires_grad_(True)
     pre1 = x64 @ p64["linear1.weight"].t() + p64["linear1.bias"]

@@ -88,7 +88,7 @@ def test_one_replaced_attribute_sends_meta_tensors_down_the_gpu_branch(monkeypat
     meta = torch.device("meta")
     assert _common.capability(meta) == (8, 6) and _common.multiprocessors(meta) == 46
     assert _common.input_precision(torch.empty(2, 2, device=meta)) == "tf32"
-    assert triton_backend.unavailable(meta, torch.float16, triton_backend.SEED_FORM) is None
+    assert triton_backend.unavailable(meta, torch.float16, triton_backend.REFERENCE_FORM) is None
     # sm_86: the whole-block backward stops at width 32 (sm_90 and the interpreter: 128).
     x, w = torch.empty(8, 64, device=meta, dtype=torch.float16), torch.empty(64, 64, device=meta, dtype=torch.float16)
     assert not triton_backend.whole_block_backward_fits(x, w, None)

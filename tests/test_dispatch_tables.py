@@ -12,7 +12,7 @@ import torch
 
 import fused_residual as fr
 from fused_residual import dispatch
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import REFERENCE_FORM
 
 
 def good_table(winner: str = "torch") -> dict:
@@ -64,7 +64,7 @@ def tables_here(tmp_path, monkeypatch, use_backend):
 
 
 def _train_route():
-    return dispatch.route(torch.empty(100, 32), torch.empty(32, 32), None, SEED_FORM, True)
+    return dispatch.route(torch.empty(100, 32), torch.empty(32, 32), None, REFERENCE_FORM, True)
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPT))

@@ -126,7 +126,7 @@ def test_export_under_autocast_keeps_the_blocks_dtypes(final_activation):
         eager = block(x)
     assert not fused_targets(exported.graph)
     out = exported.module()(x)
-    # The seed form keeps the autocast dtype, as fr.ResidualBlock's in-place `out += x` does; the FFN form
+    # The reference form keeps the autocast dtype, as fr.ResidualBlock's in-place `out += x` does; the FFN form
     # promotes to x's dtype (README, "Autocast").
     assert out.dtype == eager.dtype == (torch.bfloat16 if final_activation else torch.float32)
     w1, b1, w2, b2, _ = (None if t is None else t.to(torch.bfloat16) for t in block_operands(block))

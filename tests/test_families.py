@@ -21,7 +21,7 @@ from fused_residual.kernels import fused_linear_configs as flc
 from fused_residual.kernels import whole_block_configs as wbc
 
 from fused_residual import dispatch
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import REFERENCE_FORM
 
 CUDA = torch.device("cuda", 0)
 # (capability, gfx architecture or None) -> (family, TMA schedules, 16-bit classic tiles, whole-block backward's
@@ -194,5 +194,5 @@ def test_auto_on_an_unverified_family_falls_back_to_torch_once(use_backend, monk
         block(x)
     assert calls == ["triton", "triton"]
     with pytest.raises(RuntimeError, match="verified"):  # a route auto took on a verified family: raised too
-        dispatch.fall_back(dispatch.Route(triton_backend), dispatch.signature(x, w1, None, SEED_FORM),
+        dispatch.fall_back(dispatch.Route(triton_backend), dispatch.signature(x, w1, None, REFERENCE_FORM),
                            RuntimeError("verified"))

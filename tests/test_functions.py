@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fused_residual import _functions, plans, saving
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import REFERENCE_FORM
 
 
 def test_the_engine_calls_the_package_backwards_directly_on_this_torch():
@@ -61,10 +61,10 @@ def test_an_unknown_node_apply_is_left_alone(monkeypatch):
 def test_the_hidden_layer_is_a_second_output_only_where_x_is_not_kept():
     # x, w1, b1, w2, b2, ws: the weights trained keep x (the double backward recomputes the hidden layer from it,
     # with b1); only x trained keeps no x, and the hidden layer is returned for the double backward.
-    trained = saving.block_keeps(SEED_FORM, (True, True, True, True, True, False))
+    trained = saving.block_keeps(REFERENCE_FORM, (True, True, True, True, True, False))
     assert trained[saving.X] and trained[saving.HIDDEN] and trained[saving.KEPT.index("b1")]
     assert not saving.returns_hidden(trained)
-    frozen = saving.block_keeps(SEED_FORM, (True, False, False, False, False, False))
+    frozen = saving.block_keeps(REFERENCE_FORM, (True, False, False, False, False, False))
     assert not frozen[saving.X] and frozen[saving.HIDDEN] and not frozen[saving.KEPT.index("b1")]
     assert saving.returns_hidden(frozen)
-    assert not saving.returns_hidden(saving.block_keeps(SEED_FORM, (True,) * 5 + (False,), saving.RECOMPUTE))
+    assert not saving.returns_hidden(saving.block_keeps(REFERENCE_FORM, (True,) * 5 + (False,), saving.RECOMPUTE))

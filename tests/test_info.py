@@ -19,7 +19,7 @@ from fused_residual.kernels import _common
 import fused_residual as fr
 from fused_residual import __main__ as main_command
 from fused_residual import dispatch, info
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import REFERENCE_FORM
 
 
 def run_info(capsys, *args: str) -> str:
@@ -190,8 +190,8 @@ def test_route_decisions_are_logged_once_per_new_signature(caplog, use_backend):
     x, w = torch.empty(64, 16), torch.empty(16, 16)
     with caplog.at_level(logging.DEBUG, logger="fused_residual"):
         for _ in range(3):
-            dispatch.route(x, w, None, SEED_FORM, False)
-        dispatch.route(torch.empty(5000, 16), w, None, SEED_FORM, False)  # another row bucket: a new signature
+            dispatch.route(x, w, None, REFERENCE_FORM, False)
+        dispatch.route(torch.empty(5000, 16), w, None, REFERENCE_FORM, False)  # another row bucket: a new signature
     messages = [r.getMessage() for r in caplog.records if r.name == "fused_residual"]
     assert len(messages) == 2, messages
     assert messages[0] == ("route torch for a block of width 16, hidden 16, identity shortcut, activation relu, "
@@ -205,7 +205,7 @@ def test_a_cached_route_decides_nothing(use_backend, monkeypatch):
     decide = dispatch.decide
     monkeypatch.setattr(dispatch, "decide", lambda *args: calls.append(args) or decide(*args))
     x, w = torch.empty(64, 16), torch.empty(16, 16)
-    first = dispatch.route(x, w, None, SEED_FORM, True)
+    first = dispatch.route(x, w, None, REFERENCE_FORM, True)
     for _ in range(5):
-        assert dispatch.route(x, w, None, SEED_FORM, True) is first
+        assert dispatch.route(x, w, None, REFERENCE_FORM, True) is first
     assert len(calls) == 1

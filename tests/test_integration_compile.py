@@ -14,7 +14,7 @@ from conftest import HAS_CUDA, assert_close, backend_choices, device_params, flo
 
 import fused_residual as fr
 from fused_residual import ops, saving
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import REFERENCE_FORM
 
 # The device of the backend-parametrized tests: CUDA where there is one, else the CPU, where the Triton kernels
 # run in the interpreter (conftest sets TRITON_INTERPRET=1 there).
@@ -92,24 +92,25 @@ def test_opcheck_block_ops(use_backend, backend, variant):
     # The default mode (the hidden layer kept), a recompute block (its sign bits), one whose output is kept anyway.
     modes = ((saving.DEFAULT, True, False), (saving.RECOMPUTE, False, True), (saving.RECOMPUTE_OUT_KEPT, False, False))
     for mode in modes:
-        torch.library.opcheck(BLOCK_OPS[0], (x, w1, b1, w2, b2, ws, *SEED_FORM, *mode))
+        torch.library.opcheck(BLOCK_OPS[0], (x, w1, b1, w2, b2, ws, *REFERENCE_FORM, *mode))
     # The backward op alone, for each set of gradients autograd may ask for.
     plain = [t if t is None else t.detach() for t in (x, w1, b1, w2, b2, ws)]
-    out, h = ops.block_forward(*plain, *SEED_FORM, *modes[0])
-    _, bits = ops.block_forward(*plain, *SEED_FORM, *modes[1])
+    out, h = ops.block_forward(*plain, *REFERENCE_FORM, *modes[0])
+    _, bits = ops.block_forward(*plain, *REFERENCE_FORM, *modes[1])
     dout = torch.randn_like(out)
     x, w1, b1, w2, _, ws = plain
     for needs in ([True] * 5 + [ws is not None], [True, False, False, False, False, False],
                   [False, True, False, True, True, False]):
-        torch.library.opcheck(BLOCK_OPS[1], (dout, x, h, out, w1, w2, ws, None, None, *SEED_FORM, needs, x.dtype))
+        torch.library.opcheck(BLOCK_OPS[1], (dout, x, h, out, w1, w2, ws, None, None, *REFERENCE_FORM, needs, x.dtype))
         # A recompute block: x, b1 and the packed sign bits (or out) instead of h and out.
-        torch.library.opcheck(BLOCK_OPS[1], (dout, x, None, None, w1, w2, ws, b1, bits, *SEED_FORM, needs, x.dtype))
-        torch.library.opcheck(BLOCK_OPS[1], (dout, x, None, out, w1, w2, ws, b1, None, *SEED_FORM, needs, x.dtype))
+        torch.library.opcheck(BLOCK_OPS[1],
+                              (dout, x, None, None, w1, w2, ws, b1, bits, *REFERENCE_FORM, needs, x.dtype))
+        torch.library.opcheck(BLOCK_OPS[1], (dout, x, None, out, w1, w2, ws, b1, None, *REFERENCE_FORM, needs, x.dtype))
     # A column-major gradient from downstream: the gradients still come out row-major, as the fake says.
-    torch.library.opcheck(BLOCK_OPS[1], (dout.t().contiguous().t(), x, h, out, w1, w2, ws, None, None, *SEED_FORM,
+    torch.library.opcheck(BLOCK_OPS[1], (dout.t().contiguous().t(), x, h, out, w1, w2, ws, None, None, *REFERENCE_FORM,
                                          [True] * 5 + [ws is not None], x.dtype))
     # x is not saved when no weight gradient needs it: the op takes None there.
-    torch.library.opcheck(BLOCK_OPS[1], (dout, None, h, out, w1, w2, ws, None, None, *SEED_FORM,
+    torch.library.opcheck(BLOCK_OPS[1], (dout, None, h, out, w1, w2, ws, None, None, *REFERENCE_FORM,
                                          [True, False, False, True, True, False], x.dtype))
 
 

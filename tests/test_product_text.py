@@ -20,7 +20,7 @@ UPSTREAM = re.compile(r"\b(?:triton|pytorch)#[0-9]+", re.IGNORECASE)
 # The team's notes live beside the repository, not in it: users do not have them.
 OUTSIDE = re.compile(r"\.\./shared\b|(?<![\w.])shared/(?:design|measurements|notes)\b")
 # "the seed block": seed means a random seed to a reader; the block is the reference block.
-SEED_BLOCK = re.compile(r"\bseed(?:'s|\s+block|\s+example)\b", re.IGNORECASE)
+SEED_BLOCK = re.compile(r"\bseed(?:'s|[\s_-]+block|[\s_-]+form|\s+example)\b", re.IGNORECASE)
 MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 MAX_RESULT_LINES = 10_000
 
@@ -74,6 +74,7 @@ def test_the_patterns_catch_what_they_are_for():
     assert not TRACKER.search(UPSTREAM.sub("", "a workaround for triton#4321"))
     assert OUTSIDE.search("(../shared/measurements/h200.md)") and not OUTSIDE.search("shared memory")
     assert SEED_BLOCK.search("the seed block") and not SEED_BLOCK.search("a seed gives identical parameters")
+    assert SEED_BLOCK.search("seed-form blocks") and SEED_BLOCK.search("SEED_FORM")
 
 
 def markdown_files() -> list[Path]:

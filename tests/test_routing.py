@@ -12,11 +12,11 @@ from conftest import TRITON_INSTALLED
 
 import fused_residual as fr
 from fused_residual import backends, dispatch
-from fused_residual.activations import SEED_FORM, Form
+from fused_residual.activations import REFERENCE_FORM, Form
 from fused_residual.backends import Backend
 
 
-def _route(x, training=False, form=SEED_FORM):
+def _route(x, training=False, form=REFERENCE_FORM):
     return dispatch.route(x, torch.empty(x.shape[-1], x.shape[-1], dtype=x.dtype), None, form, training)
 
 
@@ -96,8 +96,8 @@ def test_auto_without_triton_uses_torch_or_the_composite_even_for_cuda(use_backe
     use_backend("auto")
     monkeypatch.setattr(backends, "missing_requirement", lambda name: "triton" if name == "triton" else None)
     x, w = _fake_cuda()
-    assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
-    assert dispatch.route(x, w, None, SEED_FORM, True) is dispatch.COMPOSITE
+    assert dispatch.route(x, w, None, REFERENCE_FORM, False).name == "torch"
+    assert dispatch.route(x, w, None, REFERENCE_FORM, True) is dispatch.COMPOSITE
 
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
@@ -111,19 +111,19 @@ def test_auto_on_cuda_follows_the_dispatch_winner(use_backend, monkeypatch, h200
 
     monkeypatch.setattr(dispatch, "_winner", winner)  # the choice and why (dispatch.winner keeps the choice)
     x, w = _fake_cuda(torch.bfloat16, rows=1000)
-    assert dispatch.route(x, w, None, SEED_FORM, False).name == "triton:whole_block"
-    assert dispatch.route(x, w, None, SEED_FORM, True) is dispatch.COMPOSITE
+    assert dispatch.route(x, w, None, REFERENCE_FORM, False).name == "triton:whole_block"
+    assert dispatch.route(x, w, None, REFERENCE_FORM, True) is dispatch.COMPOSITE
     assert seen == [(torch.bfloat16, 128, 128, 1000, False, False), (torch.bfloat16, 128, 128, 1000, False, True)]
     # Decisions are cached per row bucket: another batch size in the same bucket asks no more.
     x2, _ = _fake_cuda(torch.bfloat16, rows=900)
-    dispatch.route(x2, w, None, SEED_FORM, False)
+    dispatch.route(x2, w, None, REFERENCE_FORM, False)
     assert len(seen) == 2
 
 
 def test_auto_sends_float64_to_torch_and_forced_triton_refuses_it(use_backend, no_tables, h200):
     use_backend("auto")
     x, w = _fake_cuda(torch.float64)
-    assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
+    assert dispatch.route(x, w, None, REFERENCE_FORM, False).name == "torch"
     if TRITON_INSTALLED:
         use_backend("triton")
         with pytest.raises(RuntimeError, match="float16, bfloat16 or float32, not torch.float64"):
@@ -222,13 +222,13 @@ def test_conservative_rule_takes_triton_only_where_the_first_measurement_found_i
     use_backend("auto")
     for dtype in (torch.bfloat16, torch.float16):
         x, w = _fake_cuda(dtype, rows=65536, width=128)
-        assert dispatch.route(x, w, None, SEED_FORM, False).name == "triton:whole_block"
-        assert dispatch.route(x, w, None, SEED_FORM, True) is dispatch.COMPOSITE
+        assert dispatch.route(x, w, None, REFERENCE_FORM, False).name == "triton:whole_block"
+        assert dispatch.route(x, w, None, REFERENCE_FORM, True) is dispatch.COMPOSITE
         for rows, width in ((1024, 128), (65536, 64), (65536, 256)):
             x, w = _fake_cuda(dtype, rows=rows, width=width)
-            assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
+            assert dispatch.route(x, w, None, REFERENCE_FORM, False).name == "torch"
     x, w = _fake_cuda(torch.float32, rows=65536, width=128)
-    assert dispatch.route(x, w, None, SEED_FORM, False).name == "torch"
+    assert dispatch.route(x, w, None, REFERENCE_FORM, False).name == "torch"
 
 
 def test_dispatch_table_lookup_takes_the_nearest_row_bucket_of_the_same_widths(tmp_path, monkeypatch):
@@ -267,7 +267,7 @@ def test_a_malformed_dispatch_table_is_an_error_not_a_silent_default():
 
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 def test_unmeasured_forms_take_no_triton_route_under_auto(use_backend, no_tables, h200):
-    """Only the seed form was measured: a GELU block at the measured width gets the cuBLAS composite."""
+    """Only the reference form was measured: a GELU block at the measured width gets the cuBLAS composite."""
     use_backend("auto")
     x, w = _fake_cuda(torch.bfloat16, rows=65536, width=128)
     assert dispatch.route(x, w, None, Form("gelu", "relu"), False).name == "torch"

@@ -11,7 +11,7 @@ import torch
 from conftest import TRITON_INSTALLED
 
 from fused_residual import dispatch, tables
-from fused_residual.activations import SEED_FORM, Form
+from fused_residual.activations import REFERENCE_FORM, Form
 
 if TRITON_INSTALLED:
     import triton
@@ -139,7 +139,7 @@ def test_the_route_cache_under_threads_and_resets(use_backend, monkeypatch):
             for _ in range(200):
                 for rows, width, training in shapes:
                     x, w = operands[rows, width]
-                    got = dispatch.route(x, w, None, SEED_FORM, training).name
+                    got = dispatch.route(x, w, None, REFERENCE_FORM, training).name
                     want = "torch" if rows > 2048 else "composite"
                     assert got == want, f"{rows}x{width} training={training}: {got}, expected {want}"
         finally:

@@ -10,7 +10,7 @@ import torch
 
 import fused_residual as fr
 from fused_residual import dispatch, tune
-from fused_residual.activations import SEED_FORM
+from fused_residual.activations import REFERENCE_FORM
 
 
 def test_tune_writes_a_table_that_dispatch_reads(tmp_path):
@@ -73,8 +73,8 @@ def test_auto_follows_a_tuned_table_in_the_user_cache(tmp_path, monkeypatch, use
     dispatch.reset()
     try:
         x, w = torch.empty(100, 32), torch.empty(32, 32)
-        assert dispatch.route(x, w, None, SEED_FORM, True).name == winner
-        assert dispatch.route(x, w, None, SEED_FORM, False) is dispatch.COMPOSITE  # no forward entry: the CPU rule
+        assert dispatch.route(x, w, None, REFERENCE_FORM, True).name == winner
+        assert dispatch.route(x, w, None, REFERENCE_FORM, False) is dispatch.COMPOSITE  # no forward entry: the CPU rule
         block = fr.FusedResidualBlock(32, 32)
         block(torch.randn(100, 32, requires_grad=True)).sum().backward()
         assert block.linear1.weight.grad is not None

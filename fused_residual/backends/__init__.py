@@ -90,7 +90,7 @@ class Backend(Protocol):
     def net_forward(self, x: Tensor, w_in: Tensor, b_in: Tensor | None,
                     blocks: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]], w_out: Tensor,
                     b_out: Tensor | None) -> Tensor:
-        """``linear(blocks(relu(linear(x))))`` of seed-form blocks as one unit, without autograd, where
+        """``linear(blocks(relu(linear(x))))`` of reference-form blocks as one unit, without autograd, where
         ``dispatch.net_as_one`` sends it (``takes_net``); elsewhere the caller runs the net layer by layer."""
 
 

@@ -5,7 +5,7 @@ It computes the plain composite's math (``composite.py``) differently, which is 
 the block's ``autograd.Function`` (it writes its own backward), and for few passes over memory: the bias and the
 residual are folded into the GEMM's accumulator (``addmm_`` in place on ``x + b``), ReLUs run in place, and ReLU
 masks are applied by ``threshold_backward`` (one pass, no boolean temporaries). Under autocast (``x`` wider than
-the weights) the shortcut is added the way the reference block adds it: in place into the linears' dtype (seed
+the weights) the shortcut is added the way the reference block adds it: in place into the linears' dtype (reference
 form) or out of place (FFN form).
 """
 

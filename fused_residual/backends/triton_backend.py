@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import signs as signs_
-from ..activations import SEED_FORM, Form
+from ..activations import REFERENCE_FORM, Form
 from ..kernels import _common, whole_block_configs, whole_net
 from ..kernels import _plan_launches as recorded
 from ..kernels._plan import NONE, ROWS, Recorder
@@ -94,7 +94,7 @@ def _whole_block_shape(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form) -> 
     return ws is None and w1.shape[0] == w1.shape[1] == x.shape[-1] and form.hidden.register_class == "light"
 
 
-def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
+def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: Form = REFERENCE_FORM) -> bool:
     if not _whole_block_shape(x, w1, ws, form):
         return False
     return bool(whole_block_configs.runnable_forward_configs(
@@ -102,7 +102,7 @@ def whole_block_forward_fits(x: Tensor, w1: Tensor, ws: Tensor | None, form: For
         _common.family(x.device).name, _common.max_shared_memory(x.device)))
 
 
-def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = SEED_FORM) -> bool:
+def whole_block_backward_fits(dout: Tensor, w1: Tensor, ws: Tensor | None, form: Form = REFERENCE_FORM) -> bool:
     return _whole_block_shape(dout, w1, ws, form) and _backward_fits(dout.shape[-1], dout.element_size(),
                                                                       w1.element_size(), dout.device)
 
