@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import plans, saving
+from . import layer_plans, plans, saving
 from .activations import REFERENCE_FORM, check_form
 
 
@@ -70,4 +70,4 @@ def linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tenso
     Under autocast the linear runs in the autocast dtype and the sum promotes to the residual's dtype, as
     ``F.linear(h, w, b) + residual`` does there.
     """
-    return plans.run_linear_residual_relu(h, w, b, residual)
+    return layer_plans.run_linear_residual_relu(h, w, b, residual)

@@ -9,7 +9,7 @@ imported by the package's ``__init__``; it calls down and nothing imports it bac
 implementation asks ``dispatch.backend_route`` for the call's backend and ``dispatch.kernel_variants`` for its
 kernels, the same decisions an eager call gets (the plain-composite route runs the ``torch`` backend here: inside
 an op there is no autograd to see it), and their autograd keeps the same tensors as the eager path
-(``saving.block_keeps`` / ``plans.save_linear``).
+(``saving.block_keeps`` / ``layer_plans.save_linear``).
 
 Ops (all tensors 2-D; callers flatten):
 
@@ -65,7 +65,7 @@ from . import backends, composite, dispatch, plans, saving, signs
 from ._tensors import rows_facts, tensor_facts
 from .activations import REFERENCE_FORM, Form
 from .backends import Backend
-from .plans import save_linear
+from .layer_plans import save_linear
 
 
 def run_op(backend: Backend, name: str, tensors: tuple, *args, **kwargs) -> tuple:

@@ -1,12 +1,16 @@
 """Plans: a call's fixed cost is paid once per signature, not once per call.
 
-``run_block`` (the modules and ``functional.residual_block``) and ``run_linear_residual_relu`` first build a key of
-everything that decides how a call is computed: the form, what needs a gradient (nothing under ``no_grad``),
-``FUSED_RESIDUAL_BACKEND``, the saving mode; for ``x`` its dtype, device, width, layout (row-major, else strides and
-inner dims), 16-byte alignment and its row count M as the power-of-two bucket the dispatch and the autotuners key on
-and the class Triton specializes an int on (1, a multiple of 16, other); for each weight and bias its dtype, device,
-shape, strides and alignment; TF32 for float32; autocast's dtype.
+``run_block`` (the modules and ``functional.residual_block``; ``layer_plans.py`` does the same for the single
+layer) first builds a key of everything that decides how a call is computed: the form, what needs a gradient
+(nothing under ``no_grad``), ``FUSED_RESIDUAL_BACKEND``, the saving mode; for ``x`` its dtype, device, width,
+layout (row-major, else strides and inner dims), 16-byte alignment and its row count M as the power-of-two bucket
+the dispatch and the autotuners key on and the class Triton specializes an int on (1, a multiple of 16, other); for
+each weight and bias its dtype, device, shape, strides and alignment; TF32 for float32; autocast's dtype.
 
+The newest block plan also holds a guard (``_tensors.signature_guard``: PyTorch's C++ check of the operands'
+dtypes, devices, requires_grad, sizes and strides, any row count), so that a repeated signature is served with
+the key's other facts and that check alone, without building the key (whose reads in Python cost a few times
+the check).
 A key seen before finds its plan, which runs the call with nothing else decided, checked or built: the backend's
 recorded steps (``kernels/_plan.py``) or the composite. A new key takes the layered path once (``checks.py``,
 ``dispatch``, the backend recording its steps while it computes the call); the plan is stored only when finished,
@@ -38,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import checks, composite, dispatch, saving
 from ._functions import c_apply, direct_backward
-from ._tensors import rows, rows_facts, tensor_facts, with_leading_dims
+from ._tensors import rows, signature_guard, with_leading_dims
 from .activations import REFERENCE_FORM, Form
 from .backends import Backend
 
@@ -47,6 +51,7 @@ ENABLED: bool = os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false
 MAX_PLANS = 512
 
 _plans: dict[tuple, object] = {}
+_last: tuple | None = None  # run_block's newest plan with a guard
 _lock = threading.Lock()
 
 _environ_get = os.environ.get
@@ -65,7 +70,9 @@ _F32 = torch.float32
 
 def clear() -> None:
     """Forget every plan (the next call of each signature takes the layered path again)."""
+    global _last
     _plans.clear()
+    _last = None
 
 
 dispatch.on_reset(clear)
@@ -124,6 +131,7 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
     """The block on a call's operands (``x`` of any leading dims): its plan, or the layered path that validates
     them and builds one. Under autocast the linears run in its dtype and the output has the reference's dtype.
     ``mode``: what a training call keeps for backward (``saving.py``: the default, or a recompute mode)."""
+    global _last
     key, m, low = None, 0, None
     if ENABLED and not (_functorch_on() or _compiling()):
         try:  # the key, written out: this runs on every call
@@ -132,23 +140,34 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             shape = x.shape
             n = shape[-1]
             m = shape[0] if len(shape) == 2 else x.numel() // n
-            key = (form, x.dtype, x.device, n, True if x.is_contiguous() else (x.stride(), shape[1:-1]),
-                   x.data_ptr() & 15, (m - 1).bit_length(), m == 1, m & 15 == 0, m >> 31,
-                   w1.dtype, w1.device, w1.shape, w1.stride(), w1.data_ptr() & 15,
-                   w2.dtype, w2.device, w2.shape, w2.stride(), w2.data_ptr() & 15,
-                   b1 is not None and (b1.dtype, b1.device, b1.shape, b1.stride(), b1.data_ptr() & 15),
-                   b2 is not None and (b2.dtype, b2.device, b2.shape, b2.stride(), b2.data_ptr() & 15),
-                   ws is not None and (ws.dtype, ws.device, ws.shape, ws.stride(), ws.data_ptr() & 15),
-                   _grad_enabled() and (x.requires_grad, w1.requires_grad, b1 is not None and b1.requires_grad,
-                                        w2.requires_grad, b2 is not None and b2.requires_grad,
-                                        ws is not None and ws.requires_grad),
-                   _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR),
-                   x.dtype is _F32 and _tf32(), low, mode)
-            plan = _plans[key]
+            # The facts a TensorGuards check leaves out: pointers' alignment (-1 for no tensor), the row count's
+            # classes, the modes and settings.
+            facts = (form, mode, low, _grad_enabled(),
+                     _environ_data.get(_backend_key) if _fast_environ else _environ_get(dispatch.ENV_VAR),
+                     x.dtype is _F32 and _tf32(), (m - 1).bit_length(), m == 1, m & 15 == 0, m >> 31,
+                     x.data_ptr() & 15, w1.data_ptr() & 15, w2.data_ptr() & 15,
+                     -1 if b1 is None else b1.data_ptr() & 15, -1 if b2 is None else b2.data_ptr() & 15,
+                     -1 if ws is None else ws.data_ptr() & 15)
+            last = _last  # the newest plan with a guard (b1 and b2 given)
+            if last is not None and last.facts == facts and (last.guard.check(x, w1, b1, w2, b2) if ws is None
+                                                             else last.guard.check(x, w1, b1, w2, b2, ws)):
+                found = last
+            else:
+                key = (facts, x.dtype, x.device, n, True if x.is_contiguous() else (x.stride(), shape[1:-1]),
+                       w1.dtype, w1.device, w1.shape, w1.stride(), w2.dtype, w2.device, w2.shape, w2.stride(),
+                       b1 is not None and (b1.dtype, b1.device, b1.shape, b1.stride()),
+                       b2 is not None and (b2.dtype, b2.device, b2.shape, b2.stride()),
+                       ws is not None and (ws.dtype, ws.device, ws.shape, ws.stride()),
+                       facts[3] and (x.requires_grad, w1.requires_grad, b1 is not None and b1.requires_grad,
+                                     w2.requires_grad, b2 is not None and b2.requires_grad,
+                                     ws is not None and ws.requires_grad))
+                found = _plans[key]
+                if found.guard is not None:
+                    _last = found
         except Exception:  # a new signature (KeyError), or operands the key cannot describe: the layered path
             pass
-        else:
-            return plan(x, w1, b1, w2, b2, ws)  # type: ignore[operator]
+        else:  # (outside the try: what the call raises is the caller's)
+            return found.run(x, w1, b1, w2, b2, ws)
         if not m:
             key = None
     given = (w1, b1, w2, b2, ws)
@@ -177,8 +196,24 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             out = plan(x, w1, b1, w2, b2, ws)
         if key is not None and plan.forward is not None:
             cast = tuple(a is not b for a, b in zip((w1, b1, w2, b2, ws), given, strict=True))
-            store(key, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype))
+            g1, gb1, g2, gb2, gs = given  # the guard checks the tensors a call passes (before any autocast cast)
+            guard = signature_guard(x, g1, gb1, g2, gb2, *(() if gs is None else (gs,))) if (
+                low is None and gb1 is not None and gb2 is not None) else None
+            cached = Cached(key[0], guard, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype))
+            store(key, cached)
+            if guard is not None:
+                _last = cached
     return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
+
+
+class Cached:
+    """A block plan as stored: the facts a guard leaves out (the key's first part), the guard (``signature_guard``;
+    None where there is none), and what a call runs (``BlockPlan.entry`` or an ``AutocastPlan``)."""
+
+    __slots__ = ("facts", "guard", "run")
+
+    def __init__(self, facts: tuple, guard, run):
+        self.facts, self.guard, self.run = facts, guard, run
 
 
 class AutocastPlan:
@@ -330,142 +365,6 @@ direct_backward(ResidualBlockFunction)
 
 def _train_block(plan: BlockPlan, x, w1, b1, w2, b2, ws):
     return _apply_block(plan, x, w1, b1, w2, b2, ws)[0]  # the output; the hidden layer serves double backward
-
-
-# ---- the single fused layer -----------------------------------------------------------------------------------
-
-def run_linear_residual_relu(h: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
-    """``relu(h W^T + b + residual)`` on a call's operands: its plan, or the layered path that validates them.
-    Under autocast the key holds its dtype, and the plan casts as the layered path does."""
-    key, m, low = None, 0, None
-    if ENABLED and not (_compiling() or _functorch_on()):
-        try:
-            if _autocast_on():
-                low = checks.autocast_dtype(h)
-            m, h_facts = rows_facts(h)
-            r_facts = rows_facts(residual)[1]
-            needs = (h.requires_grad, w.requires_grad, b is not None and b.requires_grad,
-                     residual.requires_grad) if _grad_enabled() else None
-            key = ("linear_residual_relu", needs, _backend_choice(), h_facts, r_facts, tensor_facts(w),
-                   tensor_facts(b), h.dtype is _F32 and _tf32(), low)
-            plan = _plans[key]
-        except Exception:
-            pass
-        else:
-            return plan(h, w, b, residual)  # type: ignore[operator]
-        if not m:
-            key = None
-    given = (h, w, b)
-    h, w, b = checks.linear_residual_relu_operands(h, w, b, residual)
-    training = needs_autograd(h, w, b, residual)
-    chosen = dispatch.route(h, w, None, REFERENCE_FORM, training)
-    if chosen.op:
-        out = torch.ops.fused_residual.linear_residual_relu_forward(rows(h), w, b, rows(residual))
-        return with_leading_dims(out, h, w.shape[0])
-    plan = LayerPlan(chosen.backend, training)
-    try:
-        out = plan(h, w, b, residual)
-    except Exception as error:  # the kernels failed on an unverified family: the torch backend, or raise
-        plan = LayerPlan(dispatch.fall_back(chosen, dispatch.signature(h, w, None, REFERENCE_FORM), error).backend,
-                         training)
-        out = plan(h, w, b, residual)
-    if key is not None and plan.forward is not None:
-        cast = tuple(a is not c for a, c in zip((h, w, b), given, strict=True))
-        store(key, plan if low is None else AutocastLayerPlan(plan, low, cast, w.dtype))
-    return out
-
-
-class AutocastLayerPlan:
-    """A single-layer plan under autocast: ``w`` and ``b`` cast to ``low`` and ``h`` to the weights' dtype where
-    ``checks.linear_residual_relu_operands`` casts them (``cast``: h, w, b)."""
-
-    __slots__ = ("plan", "low", "cast", "h_dtype")
-
-    def __init__(self, plan: LayerPlan, low: torch.dtype, cast: tuple[bool, ...], h_dtype: torch.dtype):
-        self.plan, self.low, self.cast, self.h_dtype = plan, low, cast, h_dtype
-
-    def __call__(self, h, w, b, residual):
-        cast_h, cast_w, cast_b = self.cast
-        return self.plan(h.to(self.h_dtype) if cast_h else h, w.to(self.low) if cast_w else w,
-                         b.to(self.low) if cast_b else b, residual)
-
-
-class LayerPlan:
-    """A single-layer call at one signature (as ``BlockPlan`` for the block)."""
-
-    __slots__ = ("backend", "training", "forward", "backwards")
-
-    def __init__(self, backend: Backend | None, training: bool):
-        self.backend, self.training = backend, training
-        self.forward = None if backend is not None else composite.linear_add_relu
-        self.backwards: dict[tuple, object] = {}
-
-    def __call__(self, h, w, b, residual):
-        if self.backend is None:
-            return composite.linear_add_relu(h, w, b, residual)
-        if self.training:
-            return _apply_layer(h, w, b, residual, self)
-        out = self.run_forward(rows(h), w, b, rows(residual))
-        return with_leading_dims(out, h, w.shape[0])
-
-    def run_forward(self, h, w, b, residual):
-        run = self.forward
-        if run is not None:
-            return run(h, w, b, residual)[0]
-        result, self.forward = planned(self.backend, "linear_residual_relu_forward", (h, w, b, residual))
-        return result[0]
-
-    def run_backward(self, dout, h, out, w, needs, h_dtype):
-        try:
-            key = (_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15)
-            run = self.backwards[key]
-        except KeyError:
-            pass
-        else:
-            return run(dout, h, out, w)
-        if dispatch.backward_builds_graph():
-            return None
-        grads, run = planned(self.backend, "linear_residual_relu_backward", (dout, h, out, w), needs,
-                              dh_dtype=h_dtype)
-        if run is not None and dout.shape[0]:
-            self.backwards[key] = run
-        return grads
-
-
-class LinearResidualReluFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, b, residual, plan):  # type: ignore[override]
-        out = plan.run_forward(rows(h), w, b, rows(residual))
-        ctx.plan, ctx.h_meta, ctx.residual_shape = plan, (h.shape, h.dtype), residual.shape
-        save_linear(ctx, h, out, w)
-        return with_leading_dims(out, h, w.shape[0])
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        h_shape, h_dtype = ctx.h_meta
-        needs = ctx.needs_input_grad[:4]
-        h, out, w = ctx.saved_tensors
-        h2d = None if h is None else rows(h)
-        grads = ctx.plan.run_backward(rows(dout), h2d, out, w, needs, h_dtype)
-        if grads is None:
-            grads = composite.linear_grads(rows(dout), h2d, out, w, needs, h_dtype)
-        dh, dw, db, dres = grads
-        if dh is not None:
-            dh = dh.view(h_shape)
-        if dres is not None:
-            dres = dres.view(ctx.residual_shape)
-        return dh, dw, db, dres, None
-
-
-_apply_layer = c_apply(LinearResidualReluFunction)
-direct_backward(LinearResidualReluFunction)
-
-
-def save_linear(ctx, h: Tensor, out: Tensor, w: Tensor) -> None:
-    """Keep what the single layer's backward needs; ``h`` only if ``dW`` is asked for."""
-    needs = ctx.needs_input_grad
-    if any(needs[:4]):
-        ctx.save_for_backward(h if needs[1] else None, out, w)
 
 
 # ---- the net without autograd ---------------------------------------------------------------------------------

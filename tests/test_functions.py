@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fused_residual import _functions, plans, saving
+from fused_residual import _functions, layer_plans, plans, saving
 from fused_residual.activations import REFERENCE_FORM
 
 
 def test_the_engine_calls_the_package_backwards_directly_on_this_torch():
     assert _functions.node_apply_hash() in _functions._KNOWN_NODE_APPLY
-    for function in (plans.ResidualBlockFunction, plans.LinearResidualReluFunction):
+    for function in (plans.ResidualBlockFunction, layer_plans.LinearResidualReluFunction):
         assert function._backward_cls.apply is function.backward
 
 

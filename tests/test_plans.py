@@ -14,7 +14,7 @@ import torch
 from conftest import TRITON_INSTALLED
 
 import fused_residual as fr
-from fused_residual import dispatch, plans
+from fused_residual import _tensors, dispatch, layer_plans, plans
 
 pytestmark = pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 
@@ -92,12 +92,62 @@ def _changes():
         "b1 absent": (with_op(2, lambda b: None), {}),
         "b2 strided": (with_op(4, lambda b: torch.randn(2 * b.shape[0])[::2]), {}),
         "x needs a gradient": (with_x(lambda x: x.detach().clone().requires_grad_(True)), {}),
+        "w1 needs a gradient": (with_op(1, lambda w: w.detach().clone().requires_grad_(True)), {}),
         "form": (lambda ops: ops, {"activation": "gelu"}),
         "final activation": (lambda ops: ops, {"final_activation": None}),
     }
 
 
 CHANGES = _changes()
+
+
+class CountingDict(dict):
+    lookups = 0
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("change", [transposed_layout, misaligned])
+@pytest.mark.parametrize("choice", ["triton", "torch"])
+def test_a_parameter_whose_data_is_replaced_in_place_misses(use_backend, fresh_plans, choice, change):
+    """``param.data = ...`` keeps the Parameter object (what a guard could remember) but changes its facts."""
+    use_backend(choice)
+    torch.manual_seed(5)
+    block = fr.FusedResidualBlock(24, 24)
+    x = torch.randn(20, 24)
+    block(x)
+    block(x)
+    assert len(plans._plans) == 1
+    block.linear2.weight.data = change(block.linear2.weight.data)
+    out = block(x)
+    assert len(plans._plans) == 2
+    assert_same_bits([out], [layered(lambda: block(x))])
+
+
+@pytest.mark.skipif(_tensors.TensorGuards is None, reason="this torch has no TensorGuards")
+@pytest.mark.parametrize("choice", ["triton", "torch", "composite"])
+def test_a_repeated_signature_is_served_by_the_guard_without_the_key(use_backend, fresh_plans, monkeypatch, choice):
+    """The newest plan's guard serves a call of its signature: no key is built or looked up; another signature
+    is looked up, and becomes the one the guard checks."""
+    use_backend(choice)
+    monkeypatch.setattr(plans, "_plans", CountingDict())
+    first, second = make_operands(), make_operands(rows=21, seed=1)
+    other = make_operands(width=16, seed=2)
+    run(*first)
+    assert plans._plans.lookups == 1  # the miss that built the plan
+    assert_same_bits(run(*second), layered(lambda: run(*second)))
+    assert plans._plans.lookups == 1
+    run(*other)  # a new plan
+    run(*first)  # the first plan again: looked up, then the guard's
+    assert plans._plans.lookups == 3
+    assert_same_bits(run(*second), layered(lambda: run(*second)))
+    assert plans._plans.lookups == 3
+    # Leading dims are outside the key (the plan flattens them) but not the guard's: the key serves them.
+    batched = [second[0].reshape(3, 7, second[0].shape[1]), *second[1:]]
+    assert_same_bits(run(*batched), layered(lambda: run(*batched)))
+    assert plans._plans.lookups == 4 and len(plans._plans) == 2
 
 
 @pytest.mark.parametrize("choice", ["triton", "triton:two_gemm", "torch", "composite"])
@@ -290,7 +340,7 @@ def test_the_single_layer_under_autocast_is_planned_and_casts_like_the_layered_p
         assert_same_bits(result, expected)
         assert not torch.equal(result[0], run_layer(*ops)[0]), "the GEMM ran in float16"
     assert len(plans._plans) == 2, "one plan without autocast, one with it"
-    assert sum(isinstance(p, plans.AutocastLayerPlan) for p in plans._plans.values()) == 1
+    assert sum(isinstance(p, layer_plans.AutocastLayerPlan) for p in plans._plans.values()) == 1
 
 
 def test_a_row_count_that_splits_k_after_one_that_did_not(use_backend, fresh_plans):
