@@ -205,11 +205,24 @@ SMALL_TILE = 64 * 32
 # writing the bits (STORE_SIGNS), 16-bit 64 x 64 on sm_80 (12 bytes at 80 registers, triton 3.6).
 BITS_ON_K_HEAVY_B_SPILLS = {family: {(64, 128)} for family in ("ampere", "consumer", "blackwell_consumer", "cdna2",
                                                                  "cdna3", "cdna4")}
-STORE_SIGNS_SPILLS = {("ampere", False): {(64, 64)}}
+# Also gfx942 16-bit 128 x 256 under autocast with a shortcut (4 SGPRs) and gfx950 16-bit 128 x 128 (2-8 SGPRs), 3.9.
+STORE_SIGNS_SPILLS = {("ampere", False): {(64, 64)}, ("cdna3", False): {(128, 256)}, ("cdna4", False): {(128, 128)}}
 # Reading a weight gradient's bits on k, sm_90's 64 x 32 x 32 tile loses its software pipeline: the masked A stays
 # in registers, one stage deep (12 KB of shared memory where three stages of A and B need 18 KB; the Q-mask twin
 # keeps all of A, B and Q in flight). Dropped there: the larger tiles pipeline.
 BITS_ON_K_UNPIPELINED = {"hopper": {(64, 32, 32)}}
+# Tiles that spill reading packed sign bits, keyed (family, fp32, SIGN_BITS): (BLOCK_M, BLOCK_N, BLOCK_K), from every
+# family's full ahead-of-time set with triton 3.6 and 3.9 (bytes on NVIDIA, registers on AMD; the weight gradient's
+# split-K, autocast and heavy-B variants on k, the gate on m): on k, 16-bit, sm_86 64 x 64 x 32 (24 bytes, 3.6);
+# sm_100 64 x 32 x 32 (8-16) and 128 x 64 x 64 (60-284, 3.9); sm_120 32 x 16 x 16 and 64 x 64 x 32 (28-36, 3.9),
+# fp32 64 x 64 x 32 (12, 3.9); gfx90a, gfx942 and gfx950 128 x 128 x 64 (4-36 SGPRs, 3.9). On m, fp32 with a heavy
+# gate, sm_120 64 x 64 x 32 (12 bytes, 3.6). Dropped for every launch reading bits there.
+SIGN_BITS_SPILLS = {
+    ("consumer", False, 2): {(64, 64, 32)}, ("blackwell", False, 2): {(64, 32, 32), (128, 64, 64)},
+    ("blackwell_consumer", False, 2): {(32, 16, 16), (64, 64, 32)}, ("blackwell_consumer", True, 2): {(64, 64, 32)},
+    ("blackwell_consumer", True, 1): {(64, 64, 32)},
+    **{(family, False, 2): {(128, 128, 64)} for family in ("cdna2", "cdna3", "cdna4")},
+}
 
 
 def config_table(
@@ -243,6 +256,8 @@ def config_table(
     if sign_bits == 2 and element_size == 2:
         table = [e for e in table if e[0] * e[1] <= MAX_TILE_WITH_TILE_EPILOGUE[family]
                  and e[:3] not in BITS_ON_K_UNPIPELINED.get(family, ())]
+    if sign_bits:
+        table = [e for e in table if e[:3] not in SIGN_BITS_SPILLS.get((family, element_size >= 4, sign_bits), ())]
     if sign_bits == 2 and element_size >= 4 and "b" in heavy:
         table = [e for e in table if e[:2] not in BITS_ON_K_HEAVY_B_SPILLS.get(family, ())]
     if store_signs:

@@ -51,20 +51,30 @@ FORWARD_CONFIGS = [ForwardConfig(64, 4, 0), ForwardConfig(128, 4, 0), ForwardCon
 # 3.6, fp32 18 bytes). A family missing here streams nothing at that element size: the forward stops at
 # WEIGHTS_ON_CHIP_WIDTH.
 _ROWS_64 = {2: [ForwardConfig(64, 8, 0, 32, 3)], 4: [ForwardConfig(64, 8, 0, 16, 3)]}
+# With the final ReLU's sign bits written (recompute), fp32 chunks spill on sm_86 and sm_120 (16 and 8 bytes, triton
+# 3.6): those families stream 16-bit weights only.
 STREAMED_CONFIGS = {
     ("hopper", 2): [ForwardConfig(64, 8, 0, 32, 3), ForwardConfig(128, 8, 0, 32, 2)], ("hopper", 4): _ROWS_64[4],
     **{(family, size): configs for family in ("ampere", "consumer", "blackwell", "blackwell_consumer", "cdna2",
-                                              "cdna3") for size, configs in _ROWS_64.items()},
+                                              "cdna3") for size, configs in _ROWS_64.items()
+       if not (size == 4 and family in ("consumer", "blackwell_consumer"))},
 }
 # On-chip candidates that spill on a family beyond width 32, keyed (family, element size): (BLOCK_M, warps).
-# gfx950 fp32 at width 64: 128 rows on 8 wavefronts (32 registers).
-FORWARD_SPILLS = {("cdna4", 4): {(128, 8)}}
+# gfx950 fp32 at width 64: 128 rows on 8 wavefronts (32 registers); 16-bit at width 128 writing the sign bits (16
+# VGPRs, triton 3.9).
+FORWARD_SPILLS = {("cdna4", 4): {(128, 8)}, ("cdna4", 2): {(128, 8)}}
+# On-chip candidates that spill at any width where the sign bits are written: sm_100 fp32 128 rows (8 warps: 64-96
+# bytes at width 32; 4 warps: 32 bytes at width 16, triton 3.9). Dropped there for every launch (the shape test
+# that decides the route does not know whether the bits are written).
+FORWARD_SPILLS_ANY_WIDTH = {("blackwell", 4): {(128, 8), (128, 4)}}
 ALL_FORWARD_CONFIGS = list(dict.fromkeys(FORWARD_CONFIGS + [c for cs in STREAMED_CONFIGS.values() for c in cs]))
 INTERPRETER_BLOCK_M = 32
 INTERPRETER_HIDDEN_CHUNK = 32
 # Families whose software pipeliner keeps every stage of the streamed weight chunks in shared memory (sm_90's
 # TMA/wgmma pipeline); the others keep one fewer (sm_80's cp.async pipeline keeps stages - 1 in flight).
 ALL_STAGES_BUFFERED = {"hopper", "blackwell"}
+# With an fp32 x (autocast), sm_100's keeps one fewer (90 KB where three stages need 96 KB, triton 3.6 and 3.9).
+ALL_STAGES_BUFFERED_WIDE_X = {"hopper"}
 
 # Widest padded feature count each kernel takes. Forward, by element size: both weights on chip up to
 # WEIGHTS_ON_CHIP_WIDTH (shared memory for both and two tiles), streamed beyond. Backward, by family: whole
@@ -115,6 +125,7 @@ def forward_configs(width: int, element_size: int, wide_x: bool, family: str) ->
         configs = STREAMED_CONFIGS.get((family, element_size), [])
         return [c for c in configs if not (wide_x and c.block_m > 64)]  # 128 rows spill with an fp32 x
     configs = FORWARD_CONFIGS if width <= 16 else [c for c in FORWARD_CONFIGS if c[:2] != (128, 4)]
+    configs = [c for c in configs if c[:2] not in FORWARD_SPILLS_ANY_WIDTH.get((family, element_size), ())]
     if width > 32:
         configs = [c for c in configs if c[:2] not in FORWARD_SPILLS.get((family, element_size), ())]
     if width > 64:  # and an fp32 x tile spills 64 rows on 4 warps (sm_80, 96 bytes)
@@ -147,16 +158,18 @@ def backward_config(width: int, element_size: int, wide: bool, family: str, reco
     hidden layer computed again on chip needs room for one more product: 32-row tiles in 16-bit beyond the whole
     width (64 spill 8 bytes on sm_90 without a final ReLU) and with a wide x below width 64 (60 bytes on sm_80; on
     sm_90 32 rows lose wgmma there, and 64 rows on 8 warps fit: 138-255 registers); on sm_90 in 16-bit at width 64
-    (64 rows spill 48 bytes with triton 3.6; 32 rows: 130-172 registers, wgmma kept)."""
+    (64 rows spill 48 bytes with triton 3.6; 32 rows: 130-172 registers, wgmma kept). sm_100 likewise (triton 3.6:
+    with a wide x below width 64, 32 rows lose tcgen05 and 64 rows on 8 warps fit, 163-246 registers; in 16-bit at
+    width 64, 64 rows spill 16-36 bytes and 32 rows keep tcgen05 at 80 registers)."""
     if width > MAX_BACKWARD_WIDTH_WHOLE:
         return BackwardConfig(64 if element_size == 2 and not recompute else 32, 8, 32)
     if wide:
         if family == "blackwell" and not recompute:
             return BackwardConfig(64, 4) if width <= 16 else BackwardConfig(64, 8)
-        if recompute and family == "hopper" and width < 64:
+        if recompute and family in ("hopper", "blackwell") and width < 64:
             return BackwardConfig(64, 8)
         return BackwardConfig(32, 8) if width >= 64 or recompute else BackwardConfig(64, 8)
-    if recompute and family == "hopper" and element_size == 2 and width >= 64:
+    if recompute and family in ("hopper", "blackwell") and element_size == 2 and width >= 64:
         return BackwardConfig(32, 8)
     if family == "blackwell" and element_size == 4 and width <= 32:
         return BackwardConfig(64, 8)  # (255 registers, no spill)
