@@ -342,12 +342,13 @@ def _whole_block_cases(activation: str):
                             if wanted(case, beyond):
                                 yield case
                             # A recompute block's backward: h on chip from x and W1, the final ReLU's sign bits.
-                            block_m, warps, chunk = wb.backward_config(width, size, bool(wide), fam.name, True)
+                            # (Names of its own: the loop's next case takes the plain backward's config.)
+                            r_rows, r_warps, r_chunk = wb.backward_config(width, size, bool(wide), fam.name, True)
                             flags = {**case["flags"], "SIGN_BITS": final_relu, "RECOMPUTE": True, "HAS_B1": True,
-                                     "BLOCK_M": block_m, "HIDDEN_CHUNK": chunk,
-                                     "DX_SHARE": wb.dx_share(width, chunk) if chunk else 1}
+                                     "BLOCK_M": r_rows, "HIDDEN_CHUNK": r_chunk,
+                                     "DX_SHARE": wb.dx_share(width, r_chunk) if r_chunk else 1}
                             variant = case["variant"].removesuffix(named) + "-recompute" + named
-                            config = [block_m, width, chunk or width, 1, warps]
+                            config = [r_rows, width, r_chunk or width, 1, r_warps]
                             twin = {**case, "variant": variant, "flags": flags, "config": config,
                                     "bits": ["out_ptr"] if final_relu else []}
                             if wanted(twin, beyond):

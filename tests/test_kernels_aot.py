@@ -190,6 +190,23 @@ def test_whole_block_beyond_on_chip_widths_is_covered(compiled, target):
                 if t == target} <= {(c["kernel"], c["dtype"], c["variant"]) for c in _of(compiled, target)}
 
 
+@per_target
+def test_whole_block_backward_cases_are_the_launched_configs(compiled, target):
+    """Each whole-block backward case compiles the tile its launch takes (``backward_config`` for its width, dtype,
+    fp32 x and recompute), not a neighbouring case's."""
+    from fused_residual.kernels import whole_block_configs as wbc
+
+    fam = _family(target)
+    cases = [c for c in _of(compiled, target) if c["kernel"] == "whole_block_backward"]
+    assert cases
+    for c in cases:
+        flags = c["flags"]
+        want = wbc.backward_config(flags["WIDTH"], ELEMENT[c["dtype"]], bool(c["wide"]), fam,
+                                   flags.get("RECOMPUTE", False))
+        assert (flags["BLOCK_M"], c["config"][0], c["config"][4], flags["HIDDEN_CHUNK"]) == \
+            (want.block_m, want.block_m, want.warps, want.hidden_chunk), _name(c)
+
+
 def _prune_hook_allows(monkeypatch, target, dtype, flags, layout, wide=()):
     """The configs fused_linear's prune hook keeps on a device of ``target``'s family at a large problem, for a
     launch with ``flags`` whose operands have TMA_LAYOUT ``layout`` (``wide``: the fp32 ones)."""
