@@ -4,6 +4,9 @@ same call (a few microseconds per training step, where the package's own work is
 - ``c_apply``: ``Function.apply``'s C entry. The Functions run only where no ``torch.func`` transform is active
   (``dispatch.route`` sends those calls to the composite), and there ``Function.apply`` only unwraps functorch's
   dead wrappers before it calls the C entry.
+- ``PLAIN_SAVE``: whether ``ctx.save_for_backward(*tensors)`` is ``ctx.to_save = tensors`` on this torch (its
+  syntax tree, hashed as below: ``_KNOWN_SAVE``); the Functions then set ``to_save`` themselves, and PyTorch
+  saves it after ``forward`` returns exactly as it saves what ``save_for_backward`` set.
 - ``direct_backward``: the autograd engine calls a Function's backward node's ``apply``, which torch writes in
   Python (``BackwardCFunction.apply``: pick the user's ``backward`` or ``vjp``, box the gradients if the Function
   asks for it, call it). For a Function that defines ``backward`` only and no ``boxed_grads_call``, that is
@@ -24,6 +27,8 @@ import torch
 # sha256 (first 16 hex digits) of ``BackwardCFunction.apply`` and ``_get_user_fn``'s syntax trees (``ast.dump``,
 # docstrings removed), as torch 2.13 writes them.
 _KNOWN_NODE_APPLY = {"043ac580d319fd80"}
+# The same of ``FunctionCtx.save_for_backward``.
+_KNOWN_SAVE = {"16d2049adc38ba4a"}
 
 
 def c_apply(function: type[torch.autograd.Function]):
@@ -70,3 +75,12 @@ def direct_backward(function: type[torch.autograd.Function]) -> bool:
         return False
     node.apply = function.backward
     return True
+
+
+def plain_save() -> bool:
+    """Whether this torch's ``save_for_backward`` only sets ``to_save`` (module docstring)."""
+    ctx = getattr(torch.autograd.function, "FunctionCtx", None)
+    return ctx is not None and _tree_hash(ctx.save_for_backward) in _KNOWN_SAVE
+
+
+PLAIN_SAVE = plain_save()

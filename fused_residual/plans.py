@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import checks, composite, dispatch, saving
-from ._functions import c_apply, direct_backward
+from ._functions import PLAIN_SAVE, c_apply, direct_backward
 from ._tensors import rows, signature_guard, with_leading_dims
 from .activations import REFERENCE_FORM, Form
 from .backends import Backend
@@ -326,8 +326,12 @@ class ResidualBlockFunction(torch.autograd.Function):
             ctx.set_materialize_grads(False)
         hidden = kept if keep[1] else None
         # Written out (this runs on every training call); the weights are always kept.
-        ctx.save_for_backward(x if keep[0] else None, hidden, out if keep[2] else None, kept if keep[3] else None,
-                              w1, b1 if keep[5] else None, w2, ws)
+        saved = (x if keep[0] else None, hidden, out if keep[2] else None, kept if keep[3] else None, w1,
+                 b1 if keep[5] else None, w2, ws)
+        if PLAIN_SAVE:
+            ctx.to_save = saved  # what save_for_backward does, without its frame (_functions.py)
+        else:
+            ctx.save_for_backward(*saved)
         if plan.two:
             return (out if flat else with_leading_dims(out, x, w2.shape[0])), hidden
         return out if flat else with_leading_dims(out, x, w2.shape[0])

@@ -151,6 +151,31 @@ def current_gpu() -> torch.device:
     return _CURRENT_GPU
 
 
+def current_device_reader(get_current_device):
+    """What a replay calls for the current device: a Triton driver's ``get_current_device``, or the C function it
+    calls where that is provably the same answer. Triton's driver under torch takes ``torch.cuda.current_device``,
+    which is ``_lazy_init()`` (it returns at once once CUDA is initialized) and ``torch._C._cuda_getDevice()``:
+    three Python frames fewer per replay."""
+    cuda, direct = torch.cuda, getattr(torch._C, "_cuda_getDevice", None)
+    code = getattr(get_current_device, "__code__", None)
+    if (direct is not None and get_current_device is cuda.current_device and cuda.is_initialized()
+            and code is not None and code.co_names == ("_lazy_init", "torch", "_C", "_cuda_getDevice")):
+        return direct
+    return get_current_device
+
+
+def capture_check():
+    """What a replay calls to ask whether the current stream is capturing a CUDA graph:
+    ``torch.cuda.is_current_stream_capturing``, or the C function that is its whole body (no Python frame)."""
+    check = torch.cuda.is_current_stream_capturing
+    code = getattr(check, "__code__", None)
+    if code is not None and code.co_names == ("_cuda_isCurrentStreamCapturing",):
+        direct = check.__globals__.get("_cuda_isCurrentStreamCapturing")
+        if callable(direct):
+            return direct
+    return check
+
+
 def input_precision(t: torch.Tensor) -> str:
     """``tl.dot``'s input precision: TF32 for fp32 inputs only where PyTorch's own matmuls may use it and the
     family's Triton backend takes it (not gfx90a or gfx950: IEEE there)."""

@@ -132,8 +132,17 @@ class Steps:
                 steps.function = None
 
         inputs = ", ".join(f"r{i}" for i in range(self.n_inputs))
-        head = [line.format(index=self.index, inputs=inputs) for line in _HEAD]
         space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale, _names=self.names)
+        drivers = _driver
+        active = drivers.active
+        if getattr(drivers, "_active", None) is active:  # Triton's DriverConfig: the active driver, read without
+            # its property; the driver's own device and stream getters, bound (the C ones where provably the same)
+            space.update(_drivers=drivers, _active=active, _device=_common.current_device_reader(
+                active.get_current_device), _stream=active.get_current_stream)
+            lines = _HEAD_BOUND
+        else:
+            lines = _HEAD
+        head = [line.format(index=self.index, inputs=inputs) for line in lines]
         return _replay.compile_function(self.steps, space, self.n_inputs, len(self.names), self.results, head,
                                         source)
 
@@ -149,6 +158,12 @@ _HEAD = ("rows = r0.shape[0]",
          "if active.get_current_device() != {index}:",
          "    return _steps().slow({inputs})",
          "stream = active.get_current_stream({index})")
+# The same with the active driver and its getters bound when the function was written: the driver checked by
+# identity (after ``triton.runtime.driver.set_active``, calls take ``slow``, Triton's way).
+_HEAD_BOUND = (*_HEAD[:6],
+               "if _plan._driver is not _drivers or _drivers._active is not _active or _device() != {index}:",
+               "    return _steps().slow({inputs})",
+               "stream = _stream({index})")
 
 
 class Recorder:

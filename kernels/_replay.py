@@ -43,7 +43,7 @@ class Source:
         if self.captured:
             return []
         self.captured = True
-        return ["capturing = torch.cuda.is_current_stream_capturing()"]
+        return ["capturing = _capturing()"]
 
     def reg(self, i: int) -> str:
         return f"r{i}" if self.local else f"regs[{i}]"

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from triton.runtime import _allocation
 
-from . import _reduce, _replay
+from . import _common, _reduce, _replay
 from ._direct import direct_launch
 from ._launch import _LAUNCHES as _COUNTS
 from ._launch import _HookChain
@@ -343,7 +343,8 @@ def compile_steps(steps: list) -> Callable | None:
 def names(**more) -> dict:
     """The names the generated sources use (and ``more``)."""
     return {"_COUNTS": _COUNTS, "_WORKSPACES": _WORKSPACES, "_reduce": _reduce, "torch": torch, "_TAKEN": _TAKEN,
-            "ensure_scratch_allocator": ensure_scratch_allocator, "_HookChain": _HookChain, **more}
+            "ensure_scratch_allocator": ensure_scratch_allocator, "_HookChain": _HookChain,
+            "_capturing": _common.capture_check(), **more}
 
 
 # A grid's form for one config: ``(block, mult, cap, g1)``, the grid ``(min(cdiv(M, block) * mult, cap), g1)`` for

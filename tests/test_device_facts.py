@@ -109,3 +109,30 @@ def test_one_replaced_attribute_sends_meta_tensors_down_the_gpu_branch(monkeypat
     assert linear_flags["TMA_LAYOUT"] == ""
     assert linear_grid == (46, 1) and block_grid == (46,)
     assert meta_is_a_gpu == [meta, meta]
+
+
+def test_a_replay_reads_the_current_device_and_capture_state_through_the_c_functions_torch_calls(monkeypatch):
+    """``torch.cuda.current_device`` (Triton's driver getter under torch) is read through the C function it calls
+    only once CUDA is initialized (before, its ``_lazy_init`` has work to do); any other getter is kept as it is.
+    ``is_current_stream_capturing`` is read through the C function that is its body."""
+    from fused_residual.kernels import _common
+
+    def c_get_device():
+        return 3
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", c_get_device, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert _common.current_device_reader(torch.cuda.current_device) is torch.cuda.current_device
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert _common.current_device_reader(torch.cuda.current_device) is c_get_device
+    other = SimpleNamespace(get=lambda: 0).get
+    assert _common.current_device_reader(other) is other
+
+    def c_capturing():
+        return True
+
+    monkeypatch.setattr(torch.cuda.graphs, "_cuda_isCurrentStreamCapturing", c_capturing)
+    assert _common.capture_check() is c_capturing and torch.cuda.is_current_stream_capturing() is True
+    replaced = SimpleNamespace(check=lambda: False).check  # a replaced torch function: kept as it is
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", replaced)
+    assert _common.capture_check() is replaced

@@ -266,3 +266,47 @@ def test_a_steps_whole_call_written_out_does_what_its_steps_do(recording_allocat
             assert (steps.function is None) == (inline > 3)
     assert sorted(family.members) == [2, 3, 4, 6, 8]
     assert steps.function is not None and ("k == 3" in inspect.getsource(steps.function)) == (inline > 3)
+
+
+def test_a_written_out_call_binds_the_active_driver_and_leaves_it_when_another_is_set(recording_allocator,
+                                                                                       monkeypatch):
+    """With Triton's own driver config, the written-out call reads the active driver without its property and
+    calls the getters it had when written; another active driver, or another current device, sends the call
+    back to the steps' own path, which asks the driver that is active then."""
+    from triton.runtime.driver import DriverConfig
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    first = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda index: 11)
+    second = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda index: 22)
+    drivers = DriverConfig()
+    drivers.set_active(first)
+    monkeypatch.setattr(_plan, "_driver", drivers)
+
+    class Step:  # out = x + 1; records the stream and whether the call was written out
+        seen: list = []
+
+        def __call__(self, rows, regs, stream):
+            self.seen.append(("steps", stream))
+            regs[1] = regs[0] + 1
+
+        def emit(self, name, src):
+            return [f"{name}.seen.append(('written', stream))", f"{src.reg(1)} = r0 + 1"]
+
+    steps = _plan.Steps([Step()], 1, ["x", "out"], (1,), torch.device("cpu"))
+    steps.gpu = True
+    x = torch.randn(3, 2)
+    for _ in range(2):  # the steps' own path writes the function, which runs the call
+        torch.testing.assert_close(steps(x)[0], x + 1)
+    source = steps.compile(source=True)
+    assert "_drivers._active is not _active" in source and "_plan._driver.active" not in source
+    assert Step.seen == [("written", 11)] * 2
+    drivers.set_active(second)  # another driver: the steps' own path, on its stream
+    torch.testing.assert_close(steps(x)[0], x + 1)
+    assert Step.seen[-1] == ("steps", 22)
+    drivers.set_active(first)
+    torch.testing.assert_close(steps(x)[0], x + 1)
+    assert Step.seen[-1] == ("written", 11)
+    first.get_current_device = lambda: 1  # another current device (the written-out call asks the getter it bound)
+    steps.function.__globals__["_device"] = first.get_current_device
+    torch.testing.assert_close(steps(x)[0], x + 1)
+    assert Step.seen[-1] == ("steps", None)
