@@ -198,7 +198,7 @@ def test_whole_block_backward_cases_are_the_launched_configs(compiled, target):
 
     fam = _family(target)
     cases = [c for c in _of(compiled, target) if c["kernel"] == "whole_block_backward"]
-    assert cases
+    assert cases or wbc.max_backward_width(fam) == 0
     for c in cases:
         flags = c["flags"]
         want = wbc.backward_config(flags["WIDTH"], ELEMENT[c["dtype"]], bool(c["wide"]), fam,
