@@ -9,8 +9,9 @@ Method:
 
 - Fused: ``FusedResidualBlock`` on ``meta`` tensors (shapes and strides, no data) inside ``fake_gpu()``
   (``benchmarks/fake_gpu.py``): everything the package and Triton do in Python per call runs; only the C launch
-  (a counting no-op), the driver's C utilities, ``torch.cuda``'s C entry points and the autotuner's timing (the
-  first candidate after the prune) are replaced, and the kernels are really compiled for sm_90. Routes are forced
+  (a no-op: a C call while timed, one that counts while counted), the driver's C utilities, ``torch.cuda``'s C
+  entry points and the autotuner's timing (the first candidate after the prune) are replaced, and the kernels are
+  really compiled for sm_90. Routes are forced
   with ``FUSED_RESIDUAL_BACKEND``: ``whole_block`` is ``triton`` (the whole-block kernels where they take the
   block: forward to width 256, backward to 128 on sm_90, else the two-GEMM kernels), ``two_gemm`` is
   ``triton:two_gemm``. The ``floor`` route (``--routes ...,floor``) is not the package: a Python autograd.Function
@@ -36,8 +37,9 @@ Method:
 Caveats: it does not see the CUDA caching allocator, the C launcher (Triton's parses ~50 arguments and calls
 ``data_ptr`` per tensor; aten's kernel launches), cuBLAS heuristics (and its extra kernels, e.g. split-K
 reductions), or the hand-off of ``backward()`` to the autograd device thread (on meta tensors backward runs on the
-calling thread). An allocation here is a new tensor, however the allocator serves it. The fake C launch is a Python
-call (``fake_gpu.py``) and adds a fraction of a microsecond per launch. CPUs differ: the GPU host's per-call costs
+calling thread). An allocation here is a new tensor, however the allocator serves it. While timed, the fake C launch
+is a C no-op (``FakeGpu.uncounted``: no Python frame, as eager's meta launches pay none); results before
+2026-12-05's ``uncounted`` paid a Python call per launch (0.3-0.7 us). CPUs differ: the GPU host's per-call costs
 may be several times this machine's, so ratios carry over better than microseconds; ``benchmarks/gpu_check.sh``
 runs this on the GPU host beside the real clocks. Other processes on the machine move the times (not the counts):
 compare ratios from one run.
@@ -191,10 +193,11 @@ def measure_case(gpu: FakeGpu, mode: str, width: int, rows: int, dtype: str, rou
             for _ in range(3):
                 impl.call()
         counted = {impl.name: count(impl, gpu) for impl in impls}
-        samples = time_interleaved(impls, rounds, inner)
-        if profile:
-            for impl in impls[1:]:
-                print(profile_table(impl, profile, f"{mode} w{width} {impl.name}"))
+        with gpu.uncounted():  # the C launch a C no-op: timed calls pay nothing for it
+            samples = time_interleaved(impls, rounds, inner)
+            if profile:
+                for impl in impls[1:]:
+                    print(profile_table(impl, profile, f"{mode} w{width} {impl.name}"))
     results = {}
     for impl in impls:
         info = {"host_us": _spread(samples[impl.name]), **counted[impl.name]}

@@ -96,6 +96,38 @@ def test_fake_gpu_answers_as_an_h200_inside_and_restores_everything_after():
     assert done.returncode == 0 and done.stdout.strip() == "restored", done.stdout[-2000:] + done.stderr[-3000:]
 
 
+UNCOUNTED_SCRIPT = """
+import torch
+import fused_residual as fr
+from benchmarks.fake_gpu import fake_gpu
+
+with fake_gpu() as gpu, torch.no_grad():
+    block = fr.FusedResidualBlock(64, 64, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(4096, 64, device="meta", dtype=torch.bfloat16)
+    for _ in range(3):
+        block(x)
+    launch = gpu.launch
+    assert sum(gpu.launches.values()) == 3, gpu.launches
+    with gpu.uncounted():  # what was bound (the replay's C launch) now does nothing, in C
+        assert gpu.launch is launch and launch.func == "".format
+        for _ in range(5):
+            block(x)
+    assert sum(gpu.launches.values()) == 3 and launch.func == gpu.count
+    block(x)
+    assert sum(gpu.launches.values()) == 4
+print("uncounted")
+"""
+
+
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton with its NVIDIA backend (compiles for sm_90)")
+def test_the_fake_launch_bound_by_a_plan_counts_except_while_timed():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FUSED_RESIDUAL_BACKEND"] = "triton"
+    done = subprocess.run([sys.executable, "-c", UNCOUNTED_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "uncounted", done.stdout[-2000:] + done.stderr[-3000:]
+
+
 @pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton with its NVIDIA backend (compiles for sm_90)")
 def test_two_gemm_allocates_no_more_than_eager():
     """At width 256 the two-GEMM kernels take TMA schedules on sm_90, whose device-side descriptors need Triton's
