@@ -88,16 +88,21 @@ class PreparedLaunch:
         block, mult, cap, g1, launch, before, middle, after, packed, per_program, _ = self.fast
         src.space[f"{name}_launch"] = launch
         before, middle = src.spelled(before, f"{name}_b"), src.spelled(middle, f"{name}_m")
-        args = ", ".join([*(src.reg(i) for i in self.slots), *src.spelled(self.pre, f"{name}_p"), "rows",
-                          *src.spelled(after, f"{name}_a")])
+        varying = ", ".join([*(src.reg(i) for i in self.slots), *src.spelled(self.pre, f"{name}_p"), "rows"])
         lines = [f"_COUNTS[{self.name!r}] += 1", *_grid_lines(block, mult, cap)]
         if packed is None:
             if self.allocator:
                 lines.append("ensure_scratch_allocator()")
+            args = ", ".join([varying, *src.spelled(after, f"{name}_a")])
             return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {', '.join([*before, args])})"]
         scratch = f"{name}.scratch(g0, {g1}, stream)" if per_program else "None"
         head = ", ".join([*before, scratch, "None", *middle])
-        return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {head}, " + (f"({args},))" if packed else f"{args})")]
+        if packed:  # one tuple: what varies, then the fixed arguments as one constant (a display of over 30
+            # items would be built item by item through a list, at twice the cost)
+            src.space[f"{name}_after"] = tuple(after)
+            return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {head}, ({varying},) + {name}_after)"]
+        args = ", ".join([varying, *src.spelled(after, f"{name}_a")])
+        return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {head}, {args})"]
 
     def through_triton(self, rows, regs) -> None:
         """The launch through ``CachedLauncher`` (Triton binds, compiles, autotunes); the first one that leaves a
