@@ -132,7 +132,8 @@ class Steps:
                 steps.function = None
 
         inputs = ", ".join(f"r{i}" for i in range(self.n_inputs))
-        space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale, _names=self.names)
+        space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale, _names=self.names,
+                      _runtime=_knobs.runtime)  # (never replaced: Triton sets and scopes its attributes)
         drivers = _driver
         active = drivers.active
         if getattr(drivers, "_active", None) is active:  # Triton's DriverConfig: the active driver, read without
@@ -149,8 +150,8 @@ class Steps:
 
 # The head of a Steps' generated function: ``Steps.slow``'s choice of the stream, written out.
 _HEAD = ("rows = r0.shape[0]",
-         "enter = _plan._knobs.runtime.launch_enter_hook",
-         "leave = _plan._knobs.runtime.launch_exit_hook",
+         "enter = _runtime.launch_enter_hook",
+         "leave = _runtime.launch_exit_hook",
          "if not ((enter is None or (type(enter) is _HookChain and not enter.calls))",
          "        and (leave is None or (type(leave) is _HookChain and not leave.calls))):",
          "    return _steps().slow({inputs})",

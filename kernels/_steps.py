@@ -50,7 +50,7 @@ class PreparedLaunch:
         if fast is None or stream is None:
             self.through_triton(rows, regs)
             return
-        _COUNTS[self.name] += 1
+        _COUNTS[self.name] = _COUNTS.get(self.name, 0) + 1
         block, mult, cap, g1, launch, before, middle, after, packed, per_program, align = fast
         g0 = min(-(-rows // block) * mult, cap) if block else cap
         args = (*self.gather(regs), *self.pre, rows, *after)
@@ -89,7 +89,7 @@ class PreparedLaunch:
         src.space[f"{name}_launch"] = launch
         before, middle = src.spelled(before, f"{name}_b"), src.spelled(middle, f"{name}_m")
         varying = ", ".join([*(src.reg(i) for i in self.slots), *src.spelled(self.pre, f"{name}_p"), "rows"])
-        lines = [f"_COUNTS[{self.name!r}] += 1", *_grid_lines(block, mult, cap)]
+        lines = [f"_COUNTS[{self.name!r}] = _COUNTS.get({self.name!r}, 0) + 1", *_grid_lines(block, mult, cap)]
         if packed is None:
             if self.allocator:
                 lines.append("ensure_scratch_allocator()")
