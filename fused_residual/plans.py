@@ -199,7 +199,8 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             g1, gb1, g2, gb2, gs = given  # the guard checks the tensors a call passes (before any autocast cast)
             guard = signature_guard(x, g1, gb1, g2, gb2, *(() if gs is None else (gs,))) if (
                 low is None and gb1 is not None and gb2 is not None) else None
-            cached = Cached(key[0], guard, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype))
+            cached = Cached(key[0], guard, plan.entry() if low is None else AutocastPlan(plan, low, cast, out_dtype),
+                            plan)
             store(key, cached)
             if guard is not None:
                 _last = cached
@@ -208,12 +209,12 @@ def run_block(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
 
 class Cached:
     """A block plan as stored: the facts a guard leaves out (the key's first part), the guard (``signature_guard``;
-    None where there is none), and what a call runs (``BlockPlan.entry`` or an ``AutocastPlan``)."""
+    None where there is none), what a call runs (``BlockPlan.entry`` or an ``AutocastPlan``) and the plan."""
 
-    __slots__ = ("facts", "guard", "run")
+    __slots__ = ("facts", "guard", "run", "plan")
 
-    def __init__(self, facts: tuple, guard, run):
-        self.facts, self.guard, self.run = facts, guard, run
+    def __init__(self, facts: tuple, guard, run, plan: BlockPlan):
+        self.facts, self.guard, self.run, self.plan = facts, guard, run, plan
 
 
 class AutocastPlan:
@@ -238,7 +239,7 @@ class BlockPlan:
     (``keep``) are the plan's."""
 
     __slots__ = ("backend", "variants", "form", "training", "mode", "forward", "backwards", "needs", "keep",
-                 "x_dtype", "chosen", "signature", "two")
+                 "x_dtype", "chosen", "signature", "two", "keeps_all")
 
     def __init__(self, chosen: dispatch.Route, variants: tuple, form: Form, needs: tuple[bool, ...] | None,
                  x_dtype: torch.dtype, mode: int = saving.DEFAULT, signature: tuple = ()):
@@ -252,10 +253,17 @@ class BlockPlan:
         self.needs, self.x_dtype = needs, x_dtype
         self.keep = saving.block_keeps(form, needs, self.mode) if needs is not None else None
         self.two = self.keep is not None and saving.returns_hidden(self.keep)  # the Function's outputs: (out, hidden)
+        # A training step's usual case: the Function keeps every slot but the signs, and sets to_save itself
+        self.keeps_all = PLAIN_SAVE and self.keep == _KEEPS_ALL
 
     def entry(self):
-        """What a cached call calls: in training the Function's C apply with this plan bound, else the plan."""
-        return functools.partial(_train_block if self.two else _apply_block, self) if self.training else self
+        """What a cached call calls: in training the Function's C apply with this plan bound (a Function of the
+        plan's own where it keeps every slot but the signs: ``_planned_function``), else the plan."""
+        if not self.training:
+            return self
+        if self.keeps_all and self.forward is not None:
+            return c_apply(_planned_function(self))
+        return functools.partial(_train_block if self.two else _apply_block, self)
 
     def __call__(self, x, w1, b1, w2, b2, ws):
         if self.training:
@@ -363,8 +371,39 @@ class ResidualBlockFunction(torch.autograd.Function):
         return (None, dx, *grads[1:])
 
 
+_KEEPS_ALL = tuple(name != "signs" for name in saving.KEPT)  # (not two: x is kept)
 _apply_block = c_apply(ResidualBlockFunction)
 direct_backward(ResidualBlockFunction)
+
+
+def _planned_function(plan: BlockPlan) -> type[torch.autograd.Function]:
+    """``ResidualBlockFunction`` for one plan's cached training calls (``keeps_all``: x, the hidden layer and the
+    output kept, one output), the plan bound in the class rather than passed to each apply and kept on each node
+    (a microsecond of a step's few tens): the recorded forward, ``to_save`` set in ``KEPT``'s order, the backward's
+    recorded steps for a gradient seen before; anything else through ``ResidualBlockFunction``'s own code."""
+    run, get = plan.forward, plan.backwards.get
+
+    class PlannedBlockFunction(ResidualBlockFunction):
+        @staticmethod
+        def forward(ctx, x, w1, b1, w2, b2, ws):  # type: ignore[override]
+            if x.dim() != 2:
+                return ResidualBlockFunction.forward(ctx, plan, x, w1, b1, w2, b2, ws)
+            out, kept = (run.function or run)(x, w1, b1, w2, b2, ws)
+            ctx.to_save = (x, kept, out, None, w1, b1, w2, ws)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):  # type: ignore[override]
+            if dout is not None:
+                x, hidden, out, bits, w1, b1, w2, ws = ctx.saved_tensors
+                step = get((_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15))
+                if step is not None:
+                    return (step.function or step)(dout, x, hidden, out, w1, w2, ws, b1, bits)
+            ctx.plan = plan
+            return ResidualBlockFunction.backward(ctx, dout)[1:]
+
+    direct_backward(PlannedBlockFunction)
+    return PlannedBlockFunction
 
 
 def _train_block(plan: BlockPlan, x, w1, b1, w2, b2, ws):

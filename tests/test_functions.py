@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import fused_residual as fr
 from fused_residual import _functions, layer_plans, plans, saving
 from fused_residual.activations import REFERENCE_FORM
 
@@ -121,3 +123,49 @@ def test_the_hidden_layer_is_a_second_output_only_where_x_is_not_kept():
     assert not frozen[saving.X] and frozen[saving.HIDDEN] and not frozen[saving.KEPT.index("b1")]
     assert saving.returns_hidden(frozen)
     assert not saving.returns_hidden(saving.block_keeps(REFERENCE_FORM, (True,) * 5 + (False,), saving.RECOMPUTE))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_cached_training_call_runs_its_plans_own_function_and_matches_the_layered_path(use_backend, monkeypatch,
+                                                                                         backend):
+    """A training step whose plan keeps x, the hidden layer and the output runs, once cached, a Function of the
+    plan's own (the plan bound in the class): its gradients equal the layered path's, bit for bit, for a 2-D x, a
+    3-D x of the same plan (the generic forward), a second backward through a retained graph, and a double
+    backward (the plain formulas)."""
+    use_backend(backend)
+    monkeypatch.setattr(plans, "ENABLED", True)
+    plans.clear()
+    torch.manual_seed(0)
+    block = fr.FusedResidualBlock(24, 24)
+    x = torch.randn(20, 24)
+
+    def step(inp, create_graph=False, retain=False):
+        inp = inp.detach().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        out = block(inp)
+        grads = torch.autograd.grad(out, (inp, *block.parameters()), out.detach() * 0.5 + 0.25,
+                                    create_graph=create_graph, retain_graph=retain or create_graph)
+        if retain:
+            again = torch.autograd.grad(out, (inp, *block.parameters()), out.detach() * 0.5 + 0.25)
+            assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True))
+        if create_graph:  # a gradient penalty's second backward, through the first
+            second = torch.autograd.grad(sum(g.square().sum() for g in grads), (inp, *block.parameters()))
+            return [out.detach(), *(g.detach() for g in grads), *second], out.grad_fn
+        return [out.detach(), *grads], out.grad_fn
+
+    def layered(*args, **kwargs):
+        monkeypatch.setattr(plans, "ENABLED", False)
+        try:
+            return step(*args, **kwargs)[0]
+        finally:
+            monkeypatch.setattr(plans, "ENABLED", True)
+
+    step(x)  # builds the plan
+    for inp, kwargs in ((x, {}), (x.view(4, 5, 24), {}), (x, {"retain": True}), (x, {"create_graph": True})):
+        results, node = step(inp, **kwargs)
+        assert type(node).__name__ == "PlannedBlockFunctionBackward", type(node).__name__
+        expected = layered(inp, **kwargs)
+        assert len(results) == len(expected)
+        for a, e in zip(results, expected, strict=True):
+            assert a.shape == e.shape and torch.equal(a, e)
+    plans.clear()

@@ -12,7 +12,6 @@ makes, counted the same way for the reference block.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import traceback
@@ -90,8 +89,7 @@ def gpu_path_without_a_gpu(monkeypatch):
                     stub(member.steps)
 
     for entry in plans._plans.values():
-        entry = entry.run if isinstance(entry, plans.Cached) else entry  # a block's plan as stored
-        plan = entry.args[0] if isinstance(entry, functools.partial) else entry  # a training plan: its Function's apply
+        plan = entry.plan if isinstance(entry, plans.Cached) else entry  # a block's plan as stored
         for run in (plan.forward, *plan.backwards.values()):
             if isinstance(run, _plan.Steps):
                 stub(run.steps)
