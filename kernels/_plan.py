@@ -134,12 +134,16 @@ class Steps:
         inputs = ", ".join(f"r{i}" for i in range(self.n_inputs))
         space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale, _names=self.names,
                       _runtime=_knobs.runtime)  # (never replaced: Triton sets and scopes its attributes)
-        drivers = _driver
-        active = drivers.active
-        if getattr(drivers, "_active", None) is active:  # Triton's DriverConfig: the active driver, read without
-            # its property; the driver's own device and stream getters, bound (the C ones where provably the same)
-            space.update(_drivers=drivers, _active=active, _device=_common.current_device_reader(
-                active.get_current_device), _stream=active.get_current_stream)
+        drivers, runtime = _driver, _knobs.runtime
+        active, enter, leave = drivers.active, runtime.launch_enter_hook, runtime.launch_exit_hook
+        if (getattr(drivers, "_active", None) is active and type(enter) is _HookChain and type(leave) is _HookChain
+                and not (enter.calls or leave.calls)):
+            # Triton's DriverConfig and hook chains: the active driver read without its property, the hook chains
+            # checked by identity; the driver's own device and stream getters, bound (the C ones where provably the
+            # same)
+            space.update(_drivers=drivers, _active=active, _enter=enter, _leave=leave,
+                         _stream=active.get_current_stream,
+                         _device=_common.current_device_reader(active.get_current_device))
             lines = _HEAD_BOUND
         else:
             lines = _HEAD
@@ -159,10 +163,13 @@ _HEAD = ("rows = r0.shape[0]",
          "if active.get_current_device() != {index}:",
          "    return _steps().slow({inputs})",
          "stream = active.get_current_stream({index})")
-# The same with the active driver and its getters bound when the function was written: the driver checked by
-# identity (after ``triton.runtime.driver.set_active``, calls take ``slow``, Triton's way).
-_HEAD_BOUND = (*_HEAD[:6],
-               "if _plan._driver is not _drivers or _drivers._active is not _active or _device() != {index}:",
+# The same with the hook chains, the active driver and its getters bound when the function was written, each
+# checked by identity (a hook chain or driver set since: the call takes ``slow``, Triton's way).
+_HEAD_BOUND = ("rows = r0.shape[0]",
+               "if (_runtime.launch_enter_hook is not _enter or _enter.calls",
+               "        or _runtime.launch_exit_hook is not _leave or _leave.calls",
+               "        or _plan._driver is not _drivers or _drivers._active is not _active",
+               "        or _device() != {index}):",
                "    return _steps().slow({inputs})",
                "stream = _stream({index})")
 
