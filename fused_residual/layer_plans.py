@@ -98,12 +98,8 @@ class LayerPlan:
         return result[0]
 
     def run_backward(self, dout, h, out, w, needs, h_dtype):
-        try:
-            key = (_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15)
-            run = self.backwards[key]
-        except KeyError:
-            pass
-        else:
+        run, key = plans.recorded_backward(self.backwards, dout)
+        if run is not None:
             return run(dout, h, out, w)
         if dispatch.backward_builds_graph():
             return None

@@ -120,6 +120,14 @@ class Run:
         return self.function(*tensors)
 
 
+def recorded_backward(backwards: dict, dout: Tensor) -> tuple:
+    """``(run, key)``: the backward recorded for an output gradient like ``dout`` (None where there is none) and
+    its key: grad mode (a backward that builds a graph), ``dout``'s dtype, strides and 16-byte alignment. (The
+    Functions' cached calls write the same key out.)"""
+    key = (_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15)
+    return backwards.get(key), key
+
+
 def needs_autograd(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -294,12 +302,8 @@ class BlockPlan:
         return result
 
     def run_backward(self, dout, x, saved, out, w1, w2, ws, b1, bits):
-        try:
-            key = (_grad_enabled(), dout.dtype, dout.stride(), dout.data_ptr() & 15)
-            run = self.backwards[key]
-        except KeyError:
-            pass
-        else:
+        run, key = recorded_backward(self.backwards, dout)
+        if run is not None:
             return run(dout, x, saved, out, w1, w2, ws, b1, bits)
         if dispatch.backward_builds_graph():
             return None  # the Function differentiates through the composite
