@@ -132,9 +132,8 @@ class Steps:
                 steps.function = None
 
         inputs = ", ".join(f"r{i}" for i in range(self.n_inputs))
-        space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale, _names=self.names,
-                      _runtime=_knobs.runtime)  # (never replaced: Triton sets and scopes its attributes)
-        drivers, runtime = _driver, _knobs.runtime
+        drivers, runtime = _driver, _knobs.runtime  # (runtime: never replaced; Triton sets and scopes its attributes)
+        space = names(_plan=sys.modules[__name__], _steps=ref, _stale=stale, _names=self.names, _runtime=runtime)
         active, enter, leave = drivers.active, runtime.launch_enter_hook, runtime.launch_exit_hook
         if (getattr(drivers, "_active", None) is active and type(enter) is _HookChain and type(leave) is _HookChain
                 and not (enter.calls or leave.calls)):

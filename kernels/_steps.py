@@ -89,19 +89,19 @@ class PreparedLaunch:
         src.space[f"{name}_launch"] = launch
         before, middle = src.spelled(before, f"{name}_b"), src.spelled(middle, f"{name}_m")
         varying = ", ".join([*(src.reg(i) for i in self.slots), *src.spelled(self.pre, f"{name}_p"), "rows"])
+        if packed:  # one tuple: what varies, then the fixed arguments as one constant (a display of over 30
+            # items would be built item by item through a list, at twice the cost)
+            src.space[f"{name}_after"] = tuple(after)
+            args = f"({varying},) + {name}_after"
+        else:
+            args = ", ".join([varying, *src.spelled(after, f"{name}_a")])
         lines = [f"_COUNTS[{self.name!r}] = _COUNTS.get({self.name!r}, 0) + 1", *_grid_lines(block, mult, cap)]
         if packed is None:
             if self.allocator:
                 lines.append("ensure_scratch_allocator()")
-            args = ", ".join([varying, *src.spelled(after, f"{name}_a")])
             return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {', '.join([*before, args])})"]
         scratch = f"{name}.scratch(g0, {g1}, stream)" if per_program else "None"
         head = ", ".join([*before, scratch, "None", *middle])
-        if packed:  # one tuple: what varies, then the fixed arguments as one constant (a display of over 30
-            # items would be built item by item through a list, at twice the cost)
-            src.space[f"{name}_after"] = tuple(after)
-            return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {head}, ({varying},) + {name}_after)"]
-        args = ", ".join([varying, *src.spelled(after, f"{name}_a")])
         return [*lines, f"{name}_launch(g0, {g1}, 1, stream, {head}, {args})"]
 
     def through_triton(self, rows, regs) -> None:
